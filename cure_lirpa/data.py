@@ -1,0 +1,190 @@
+"""Datasets in [0, 1] pixel space: the built-in MNIST sample, MNIST, CIFAR-10 and TinyImageNet.
+
+Every loader returns a ``torch.utils.data.Dataset`` of ``(image (C, H, W) float in [0, 1], label int)``.
+Normalisation is *not* applied here: models carry it (see :mod:`cure_lirpa.models`), so every eps and
+radius stays in pixel units.
+"""
+
+from __future__ import annotations
+
+import os
+import tarfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset, Subset, TensorDataset
+
+from .errors import UserError
+
+SAMPLE_PATH = Path(__file__).parent / "assets" / "mnist_sample.npz"
+DATASETS = ("sample", "mnist", "cifar10", "tinyimagenet")
+DATA_ENV = "CURE_LIRPA_DATA"
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    """Shape, class count and normalisation constants of a dataset."""
+
+    name: str
+    in_shape: tuple[int, int, int]
+    num_classes: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+
+_INFO = {
+    "sample": DatasetInfo("sample", (1, 28, 28), 10, (0.1307,), (0.3081,)),
+    "mnist": DatasetInfo("mnist", (1, 28, 28), 10, (0.1307,), (0.3081,)),
+    "cifar10": DatasetInfo(
+        "cifar10", (3, 32, 32), 10, (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
+    ),
+    "tinyimagenet": DatasetInfo(
+        "tinyimagenet", (3, 64, 64), 200, (0.4802, 0.4481, 0.3975), (0.2302, 0.2265, 0.2262)
+    ),
+}
+
+
+def dataset_info(name: str) -> DatasetInfo:
+    """The :class:`DatasetInfo` of ``name`` (one of :data:`DATASETS`)."""
+    if name not in _INFO:
+        raise UserError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
+    return _INFO[name]
+
+
+def load_dataset(
+    name: str, split: str = "test", root: Optional[str] = None, download: bool = False
+) -> Dataset:
+    """Load ``split`` ('train' or 'test') of dataset ``name`` from ``root``.
+
+    ``root`` defaults to ``$CURE_LIRPA_DATA`` and then ``./data``. ``sample`` needs no root: it is
+    shipped with the package. ``download=True`` lets torchvision fetch MNIST / CIFAR-10.
+    """
+    if split not in ("train", "test"):
+        raise UserError(f"split must be 'train' or 'test', got {split!r}")
+    dataset_info(name)
+    if name == "sample":
+        return load_sample(split)
+    base = Path(root or os.environ.get(DATA_ENV) or "data").expanduser()
+    if name == "mnist":
+        return _load_mnist(base, split, download)
+    if name == "cifar10":
+        return _load_cifar10(base, split, download)
+    return _load_tinyimagenet(base, split)
+
+
+def load_sample(split: str) -> TensorDataset:
+    """The built-in real MNIST sample (made by ``python -m cure_lirpa.sample``)."""
+    if not SAMPLE_PATH.exists():
+        raise UserError(
+            f"the built-in sample {SAMPLE_PATH} is missing; rebuild it with "
+            "'python -m cure_lirpa.sample --mnist-root ../shared/data'"
+        )
+    with np.load(SAMPLE_PATH) as arrays:
+        x = torch.from_numpy(arrays[f"x_{split}"]).float().div_(255.0).unsqueeze(1)
+        y = torch.from_numpy(arrays[f"y_{split}"]).long()
+    return TensorDataset(x, y)
+
+
+def _missing(name: str, looked: Sequence[Path], how: str) -> UserError:
+    places = ", ".join(str(p) for p in looked)
+    return UserError(f"{name} not found (looked in: {places}). {how}")
+
+
+def _load_mnist(base: Path, split: str, download: bool) -> Dataset:
+    from torchvision import datasets, transforms
+
+    if not download and not (base / "MNIST" / "raw").is_dir():
+        raise _missing(
+            "MNIST",
+            [base / "MNIST" / "raw"],
+            "Pass --data-root DIR where DIR/MNIST/raw holds the idx files, or --download.",
+        )
+    return datasets.MNIST(
+        str(base), train=split == "train", download=download, transform=transforms.ToTensor()
+    )
+
+
+def _extract(archive: Path, dest: Path) -> Path:
+    """Extract a .tar.gz once into ``dest`` (atomically: to a temporary folder, then renamed)."""
+    if dest.is_dir():
+        return dest
+    tmp = dest.with_name(dest.name + ".partial")
+    tmp.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(archive) as tar:
+        tar.extractall(tmp, filter="data") if hasattr(tarfile, "data_filter") else tar.extractall(tmp)
+    os.replace(tmp, dest)
+    return dest
+
+
+def _imagefolder_root(path: Path, split_dir: str) -> Optional[Path]:
+    """Find the folder holding ``split_dir/<class>/*`` at ``path`` or one level below."""
+    for cand in [path, *sorted(p for p in path.iterdir() if p.is_dir())] if path.is_dir() else []:
+        if (cand / split_dir).is_dir():
+            return cand
+    return None
+
+
+def _load_cifar10(base: Path, split: str, download: bool) -> Dataset:
+    from torchvision import datasets, transforms
+
+    to_tensor = transforms.ToTensor()
+    looked = [base / "cifar-10-batches-py", base]
+    if (base / "cifar-10-batches-py").is_dir() or download:
+        return datasets.CIFAR10(
+            str(base), train=split == "train", download=download, transform=to_tensor
+        )
+    archive = base if base.suffixes[-2:] == [".tar", ".gz"] else base / "cifar10-jpeg.tar.gz"
+    if archive.is_file():
+        cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "cure_lirpa"
+        base = _extract(archive, cache / "cifar10-jpeg")
+        looked.append(base)
+    folder = _imagefolder_root(base, "test")
+    if folder is None:
+        raise _missing(
+            "CIFAR-10",
+            looked,
+            "Pass --data-root DIR with DIR/cifar-10-batches-py (torchvision), an ImageFolder "
+            "layout DIR/train/<class>/, DIR/test/<class>/, or the cifar10-jpeg.tar.gz archive; "
+            "or pass --download.",
+        )
+    return datasets.ImageFolder(str(folder / split), transform=to_tensor)
+
+
+def _load_tinyimagenet(base: Path, split: str) -> Dataset:
+    from torchvision import datasets, transforms
+
+    split_dir = "train" if split == "train" else "val"
+    for cand in (base / "tiny-imagenet-200", base):
+        if (cand / split_dir).is_dir() and any((cand / split_dir).iterdir()):
+            sub = cand / split_dir
+            if (sub / "images").is_dir() and not any(
+                p.is_dir() for p in sub.iterdir() if p.name != "images"
+            ):
+                raise UserError(
+                    f"{sub} is in the raw TinyImageNet layout (val/images + val_annotations.txt); "
+                    "arrange it as val/<wnid>/*.JPEG (one folder per class) first."
+                )
+            return datasets.ImageFolder(str(sub), transform=transforms.ToTensor())
+    raise _missing(
+        "TinyImageNet",
+        [base / "tiny-imagenet-200", base],
+        "Pass --data-root DIR with DIR/train/<wnid>/ and DIR/val/<wnid>/ in ImageFolder layout.",
+    )
+
+
+def take(dataset: Dataset, start: int = 0, count: Optional[int] = None) -> Dataset:
+    """Samples ``start .. start+count-1`` of ``dataset`` (all from ``start`` when count is None)."""
+    n = len(dataset)
+    if start < 0 or start >= n:
+        raise UserError(f"--start {start} is outside the dataset (it has {n} samples)")
+    stop = n if count is None else min(n, start + count)
+    return Subset(dataset, range(start, stop))
+
+
+def stack(dataset: Dataset) -> tuple[torch.Tensor, torch.Tensor]:
+    """Materialise a (small) dataset as tensors ``x (N, C, H, W)`` and ``y (N,)``."""
+    xs, ys = zip(*(dataset[i] for i in range(len(dataset))))
+    return torch.stack(xs), torch.tensor(ys, dtype=torch.long)

@@ -1,0 +1,172 @@
+"""Model zoo: classifiers that take images in [0, 1] pixel space and carry their normalisation.
+
+Every zoo model is a :class:`Classifier`: a :class:`Normalize` layer followed by a plain
+``nn.Sequential`` body. Keeping the normalisation a separate, recognisable layer lets
+:mod:`cure_lirpa.bounds` fold it into the first affine layer before auto_LiRPA sees the graph
+(SPEC.md section 5, the l2 zero-width trap).
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Callable, Sequence
+
+import torch
+from torch import nn
+
+from .errors import UserError
+
+ARCHITECTURES = ("mlp", "cnn-small", "cnn5", "cnn7")
+
+
+class Normalize(nn.Module):
+    """Per-channel ``(x - mean) / std`` for inputs of shape (B, C, H, W) in [0, 1]."""
+
+    def __init__(self, mean: Sequence[float], std: Sequence[float]):
+        super().__init__()
+        if len(mean) != len(std):
+            raise UserError(f"normalisation mean has {len(mean)} channels but std has {len(std)}")
+        if any(s <= 0 for s in std):
+            raise UserError(f"normalisation std must be positive, got {list(std)}")
+        self.register_buffer("mean", torch.tensor(list(mean), dtype=torch.float32).view(-1, 1, 1))
+        self.register_buffer("std", torch.tensor(list(std), dtype=torch.float32).view(-1, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.mean) / self.std
+
+
+class Classifier(nn.Module):
+    """``body(normalize(x))``: a zoo classifier on [0, 1] inputs; returns logits of shape (B, K)."""
+
+    def __init__(self, body: nn.Sequential, mean: Sequence[float], std: Sequence[float]):
+        super().__init__()
+        self.normalize = Normalize(mean, std)
+        self.body = body
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(self.normalize(x))
+
+
+def _flat_size(in_shape: Sequence[int], layers: nn.Sequential) -> int:
+    with torch.no_grad():
+        return int(layers(torch.zeros(1, *in_shape)).numel())
+
+
+def mlp(in_shape: Sequence[int], num_classes: int, width: int = 256, depth: int = 3) -> nn.Sequential:
+    """Fully connected net: ``depth`` hidden layers of ``width`` ReLU units."""
+    d = 1
+    for s in in_shape:
+        d *= s
+    layers: list[nn.Module] = [nn.Flatten()]
+    for _ in range(depth):
+        layers += [nn.Linear(d, width), nn.ReLU()]
+        d = width
+    layers.append(nn.Linear(d, num_classes))
+    return nn.Sequential(*layers)
+
+
+def cnn_small(in_shape: Sequence[int], num_classes: int, width: int = 16) -> nn.Sequential:
+    """conv(w, 4x4, s2) - conv(2w, 4x4, s1) - fc100 - fc K (the SPEC.md pilot network, w = 16)."""
+    c = in_shape[0]
+    convs = nn.Sequential(
+        nn.Conv2d(c, width, 4, stride=2, padding=0),
+        nn.ReLU(),
+        nn.Conv2d(width, 2 * width, 4, stride=1, padding=0),
+        nn.ReLU(),
+        nn.Flatten(),
+    )
+    n = _flat_size(in_shape, convs)
+    return nn.Sequential(*convs, nn.Linear(n, 100), nn.ReLU(), nn.Linear(100, num_classes))
+
+
+def cnn5(in_shape: Sequence[int], num_classes: int, width: int = 16) -> nn.Sequential:
+    """Three convolutions (w, 2w, 4w; the last two stride 2) and two linear layers (256, K)."""
+    c = in_shape[0]
+    convs = nn.Sequential(
+        nn.Conv2d(c, width, 3, stride=1, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(width, 2 * width, 4, stride=2, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(2 * width, 4 * width, 4, stride=2, padding=1),
+        nn.ReLU(),
+        nn.Flatten(),
+    )
+    n = _flat_size(in_shape, convs)
+    return nn.Sequential(*convs, nn.Linear(n, 256), nn.ReLU(), nn.Linear(256, num_classes))
+
+
+def cnn7(in_shape: Sequence[int], num_classes: int, width: int = 64) -> nn.Sequential:
+    """CURE's / SABR's CNN7 with BatchNorm: conv w-w-2w-2w-2w (3x3, the third stride 2), fc 512.
+
+    ``width=64`` is the paper's network; smaller widths keep CPU runs affordable.
+    """
+    c = in_shape[0]
+    w1, w2 = width, 2 * width
+
+    def block(i: int, o: int, stride: int = 1) -> list[nn.Module]:
+        return [nn.Conv2d(i, o, 3, stride=stride, padding=1), nn.BatchNorm2d(o), nn.ReLU()]
+
+    convs = nn.Sequential(
+        *block(c, w1), *block(w1, w1), *block(w1, w2, 2), *block(w2, w2), *block(w2, w2), nn.Flatten()
+    )
+    n = _flat_size(in_shape, convs)
+    return nn.Sequential(
+        *convs, nn.Linear(n, 512), nn.BatchNorm1d(512), nn.ReLU(), nn.Linear(512, num_classes)
+    )
+
+
+_FACTORIES: dict[str, Callable[..., nn.Sequential]] = {
+    "mlp": mlp,
+    "cnn-small": cnn_small,
+    "cnn5": cnn5,
+    "cnn7": cnn7,
+}
+
+
+def build_model(
+    arch: str,
+    in_shape: Sequence[int],
+    num_classes: int,
+    mean: Sequence[float],
+    std: Sequence[float],
+    **kwargs,
+) -> nn.Module:
+    """Build a zoo :class:`Classifier` or a user model given as ``package.module:factory``.
+
+    A user factory is called as ``factory(in_shape=..., num_classes=..., **kwargs)`` and must return
+    an ``nn.Module`` that maps [0, 1] images of shape (B, *in_shape) to logits (B, num_classes).
+    User models get no normalisation layer added: they handle their own.
+    """
+    if ":" in arch:
+        return load_user_model(arch, in_shape=in_shape, num_classes=num_classes, **kwargs)
+    if arch not in _FACTORIES:
+        raise UserError(
+            f"unknown architecture {arch!r}; choose one of {', '.join(ARCHITECTURES)} "
+            "or give a user model as 'package.module:factory'"
+        )
+    body = _FACTORIES[arch](tuple(in_shape), num_classes, **kwargs)
+    return Classifier(body, mean, std)
+
+
+def load_user_model(spec: str, **kwargs) -> nn.Module:
+    """Import ``package.module:factory`` and call the factory with ``kwargs``."""
+    module_name, _, attr = spec.partition(":")
+    if not module_name or not attr:
+        raise UserError(f"user model {spec!r} must look like 'package.module:factory'")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise UserError(
+            f"cannot import module {module_name!r} for user model {spec!r}: {exc}. "
+            "Check that the module is on PYTHONPATH."
+        ) from exc
+    factory = getattr(module, attr, None)
+    if factory is None or not callable(factory):
+        raise UserError(f"module {module_name!r} has no callable {attr!r}")
+    try:
+        model = factory(**kwargs)
+    except TypeError:
+        model = factory()
+    if not isinstance(model, nn.Module):
+        raise UserError(f"{spec!r} returned {type(model).__name__}, expected a torch.nn.Module")
+    return model

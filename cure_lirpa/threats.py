@@ -1,0 +1,159 @@
+"""Threat models: the sets of inputs a certificate must cover, all in [0, 1] pixel units.
+
+A threat is parsed from a short string, as on the command line:
+
+* ``linf:0.1``, ``l2:0.5``, ``l1:1.0`` -- an lp ball of radius eps around x, intersected with [0, 1]^d
+  (:class:`NormBall`).
+* ``patch:2``, ``patch:5x5@2`` and geometric threats such as ``rotate:30`` -- a finite family of boxes,
+  one per patch location or parameter sub-interval; certified iff every box is certified
+  (:class:`BoxFamily`, registered from :mod:`cure_lirpa.patches` and :mod:`cure_lirpa.geometry`).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Iterator
+
+import torch
+
+from .errors import UserError
+
+NORMS = {"linf": math.inf, "l2": 2.0, "l1": 1.0}
+
+
+class Threat:
+    """Base class; ``name`` is the canonical string (``"l2:0.5"``) used in every results file."""
+
+    name: str
+
+    def __str__(self) -> str:
+        return self.name
+
+
+@dataclass(frozen=True)
+class NormBall(Threat):
+    """The lp ball ``{x' in [0,1]^d : ||x' - x||_p <= eps}``; ``p`` is ``math.inf``, 2.0 or 1.0."""
+
+    p: float
+    eps: float
+
+    @property
+    def norm(self) -> str:
+        return {math.inf: "linf", 2.0: "l2", 1.0: "l1"}[self.p]
+
+    @property
+    def name(self) -> str:  # type: ignore[override]
+        return f"{self.norm}:{self.eps:g}"
+
+    def scaled(self, eps: float) -> NormBall:
+        """The same norm with radius ``eps`` (used by eps schedules)."""
+        return NormBall(self.p, eps)
+
+    def project(self, x_adv: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """Project ``x_adv`` (B, ...) into the ball around ``x`` and then into [0, 1].
+
+        For l∞ the result is exactly in the threat set. For l2 / l1 the radial projection followed by
+        clipping to [0, 1] never increases the distance to ``x`` (x itself is in [0, 1]), so the result
+        stays in the set as well.
+        """
+        delta = x_adv - x
+        if self.p == math.inf:
+            delta = delta.clamp(-self.eps, self.eps)
+        elif self.p == 2.0:
+            norms = delta.flatten(1).norm(p=2, dim=1).clamp_min(1e-12)
+            delta = delta * (self.eps / norms).clamp(max=1.0).view(-1, *[1] * (x.dim() - 1))
+        else:
+            delta = project_l1(delta, self.eps)
+        return (x + delta).clamp(0.0, 1.0)
+
+    def contains(self, x_adv: torch.Tensor, x: torch.Tensor, tol: float = 1e-5) -> torch.Tensor:
+        """Boolean (B,): is each ``x_adv`` inside the threat set around ``x`` (up to ``tol``)?"""
+        dist = (x_adv - x).flatten(1).norm(p=self.p, dim=1)
+        in_box = (x_adv >= -tol).flatten(1).all(1) & (x_adv <= 1 + tol).flatten(1).all(1)
+        return (dist <= self.eps * (1 + tol) + tol) & in_box
+
+
+def project_l1(delta: torch.Tensor, eps: float) -> torch.Tensor:
+    """Euclidean projection of each row of ``delta`` (B, ...) onto the l1 ball of radius ``eps``.
+
+    Sort-based algorithm of Duchi et al. (2008), applied only to rows outside the ball.
+    """
+    shape = delta.shape
+    v = delta.flatten(1)
+    abs_v = v.abs()
+    outside = abs_v.sum(1) > eps
+    if not outside.any():
+        return delta
+    u = abs_v[outside]
+    mu, _ = torch.sort(u, dim=1, descending=True)
+    cums = mu.cumsum(1)
+    ks = torch.arange(1, u.shape[1] + 1, device=u.device, dtype=u.dtype)
+    cond = mu - (cums - eps) / ks > 0
+    rho = cond.to(u.dtype).cumsum(1).argmax(1, keepdim=True)
+    theta = (cums.gather(1, rho) - eps) / (rho + 1).to(u.dtype)
+    out = v.clone()
+    out[outside] = torch.sign(v[outside]) * (u - theta).clamp_min(0)
+    return out.view(shape)
+
+
+class BoxFamily(Threat):
+    """A threat given by many boxes per sample (patch locations, geometric sub-intervals).
+
+    Subclasses implement :meth:`boxes`, yielding chunks ``(x_L, x_U)`` of shape (B, M, C, H, W) with
+    M boxes per sample; a sample is certified iff the margins are positive on every box.
+    """
+
+    def num_boxes(self, in_shape: tuple[int, ...]) -> int:
+        raise NotImplementedError
+
+    def boxes(
+        self, x: torch.Tensor, chunk: int
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        raise NotImplementedError
+
+
+# Parsers for non-norm threats register here: key is the prefix before ':'.
+_PARSERS: dict[str, Callable[[str], Threat]] = {}
+
+
+def register_threat(prefix: str, parser: Callable[[str], Threat]) -> None:
+    """Let ``parse_threat`` build ``prefix:ARGS`` threats with ``parser(ARGS)``."""
+    _PARSERS[prefix] = parser
+
+
+def parse_threat(text: str) -> Threat:
+    """Parse ``linf:0.1``, ``l2:0.5``, ``l1:1.0`` or a registered family such as ``patch:2``."""
+    if isinstance(text, Threat):
+        return text
+    kind, sep, arg = text.strip().partition(":")
+    kind = kind.lower()
+    if kind in ("linf", "l_inf", "inf"):
+        kind = "linf"
+    if not sep or not arg:
+        raise UserError(
+            f"threat {text!r} must look like KIND:VALUE, e.g. linf:0.1, l2:0.5, l1:1.0, patch:2"
+        )
+    if kind in NORMS:
+        try:
+            eps = _parse_number(arg)
+        except ValueError:
+            raise UserError(
+                f"threat {text!r}: {arg!r} is not a number (write eps in [0, 1] pixel units, "
+                "e.g. linf:0.1 or linf:8/255)"
+            ) from None
+        if not eps >= 0 or math.isinf(eps):
+            raise UserError(f"threat {text!r}: eps must be a finite number >= 0")
+        return NormBall(NORMS[kind], eps)
+    if kind in _PARSERS:
+        return _PARSERS[kind.lower()](arg)
+    known = ", ".join(list(NORMS) + sorted(_PARSERS))
+    raise UserError(f"unknown threat kind {kind!r} in {text!r}; known kinds: {known}")
+
+
+def _parse_number(s: str) -> float:
+    """A float, or a fraction such as ``8/255``."""
+    if "/" in s:
+        num, den = s.split("/", 1)
+        return float(num) / float(den)
+    return float(s)
