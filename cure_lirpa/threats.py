@@ -145,10 +145,23 @@ def parse_threat(text: str) -> Threat:
         if not eps >= 0 or math.isinf(eps):
             raise UserError(f"threat {text!r}: eps must be a finite number >= 0")
         return NormBall(NORMS[kind], eps)
+    _load_families()
     if kind in _PARSERS:
-        return _PARSERS[kind.lower()](arg)
+        return _PARSERS[kind](arg)
     known = ", ".join(list(NORMS) + sorted(_PARSERS))
     raise UserError(f"unknown threat kind {kind!r} in {text!r}; known kinds: {known}")
+
+
+def _load_families() -> None:
+    """Import the modules that register patch and geometric threats (they import this one)."""
+    import importlib
+
+    for name in ("cure_lirpa.patches", "cure_lirpa.geometry"):
+        try:
+            importlib.import_module(name)
+        except ModuleNotFoundError as exc:
+            if exc.name != name:
+                raise
 
 
 def _parse_number(s: str) -> float:

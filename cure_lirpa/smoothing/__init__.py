@@ -1,0 +1,60 @@
+"""Randomized smoothing for several norms (Cohen et al. 2019; Nandi et al., the NU paper).
+
+Independent of auto_LiRPA: it works with any ``nn.Module`` classifier on [0, 1] inputs.
+
+- :mod:`.noise`: Gaussian, Uniform and Normal-Uniform noise, sampled on the model's device.
+- :mod:`.certifier`: :class:`Smooth` (CERTIFY / PREDICT), Clopper–Pearson bound, resumable TSVs.
+- :mod:`.hybrid`: the NU paper's Table 1 rule combining a Gaussian and a Uniform certificate.
+- :mod:`.training`: noise augmentation, Normal-Uniform noise + similarity regulariser, consistency.
+- :mod:`.analysis`: certified accuracy, ACR, curves, comparison at fixed clean accuracy.
+- :mod:`.cli`: the ``smooth`` click group (``cure-lirpa smooth ...``).
+"""
+
+from .certifier import (
+    ABSTAIN,
+    Certificate,
+    Smooth,
+    SmoothingWarning,
+    certify_dataset,
+    check_sampling,
+    clopper_pearson_lower,
+    min_certify_n,
+    min_predict_n,
+    predict_dataset,
+    read_tsv,
+    sample_seed,
+)
+from .hybrid import HybridCertificate, HybridSmooth, combine, split_alpha
+from .noise import (
+    GaussianNoise,
+    Noise,
+    NormalUniformNoise,
+    UniformNoise,
+    make_generator,
+    make_noise,
+)
+
+__all__ = [
+    "ABSTAIN",
+    "Certificate",
+    "GaussianNoise",
+    "HybridCertificate",
+    "HybridSmooth",
+    "Noise",
+    "NormalUniformNoise",
+    "Smooth",
+    "SmoothingWarning",
+    "UniformNoise",
+    "certify_dataset",
+    "check_sampling",
+    "clopper_pearson_lower",
+    "combine",
+    "make_generator",
+    "make_noise",
+    "min_certify_n",
+    "min_predict_n",
+    "predict_dataset",
+    "read_tsv",
+    "sample_seed",
+    "split_alpha",
+]

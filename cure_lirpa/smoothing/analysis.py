@@ -1,0 +1,298 @@
+"""Metrics of certification TSVs: certified accuracy, ACR, curves and the fixed-clean-accuracy view.
+
+- Certified accuracy at radius r (per norm): fraction of samples whose prediction is correct and
+  whose certified radius is >= r. At r = 0 this is the smoothed classifier's clean accuracy
+  (abstentions count as wrong).
+- ACR (Zhai et al., NU paper Eq. 1): mean over samples of ``radius * [prediction correct]``.
+- Comparison at fixed clean accuracy (NU paper Sec. 4.5): the runs of one method (different sigma)
+  give points (clean accuracy, ACR); the ACR at a requested clean accuracy is linearly interpolated
+  between the two neighbouring points (never extrapolated).
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Sequence, Union
+
+import numpy as np
+
+from ..checkpoint import atomic_write_json, atomic_write_text
+from ..errors import UserError
+from .certifier import read_tsv
+
+NORMS = ("l2", "l1")
+DEFAULT_RADII = (0.25, 0.5, 0.75, 1.0)
+DEFAULT_CLEAN_LEVELS = (0.45, 0.5, 0.55, 0.6, 0.65, 0.7, 0.75)
+PathLike = Union[str, Path]
+
+
+@dataclass
+class Run:
+    """The per-sample results of one certification run (possibly merged from shards)."""
+
+    name: str
+    method: str
+    header: dict[str, Any]
+    paths: list[str]
+    idx: np.ndarray
+    correct: np.ndarray
+    radius: dict[str, np.ndarray] = field(default_factory=dict)
+
+    @property
+    def size(self) -> int:
+        return int(self.idx.size)
+
+
+def _describe_noises(noises: Sequence[dict[str, Any]]) -> str:
+    return "+".join(f"{d.get('noise')}({d.get('sigma', '?'):g})" for d in noises)
+
+
+def default_method(header: dict[str, Any]) -> str:
+    """Method label of a run: training method and certification mode, e.g. ``nu-rs -> hybrid``."""
+    info, run = header.get("info", {}), header.get("run", {})
+    return f"{info.get('train_method') or 'model'} -> {run.get('mode', '?')}"
+
+
+def load_run(path: PathLike, method: Optional[str] = None) -> Run:
+    """Read a certification TSV written by ``smooth certify``."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path} does not exist; produce it with 'cure-lirpa smooth certify'")
+    header, _, rows = read_tsv(path)
+    if header.get("run", {}).get("command") != "certify":
+        raise UserError(f"{path} is not a certification TSV (it was written by 'smooth predict')")
+    if not rows:
+        raise UserError(f"{path} has no complete rows yet")
+    run = header.get("run", {})
+    info = header.get("info", {})
+    train = (
+        f"{info.get('train_method')}({info.get('train_sigma')})" if info.get("train_method") else ""
+    )
+    name = f"{path.stem}"
+    if train:
+        name += f" [{train} cert {_describe_noises(run.get('noises', []))}]"
+    return Run(
+        name=name,
+        method=method or default_method(header),
+        header=header,
+        paths=[str(path)],
+        idx=np.array([int(r["idx"]) for r in rows]),
+        correct=np.array([int(r["correct"]) for r in rows], dtype=bool),
+        radius={
+            "l1": np.array([float(r["radius_l1"]) for r in rows]),
+            "l2": np.array([float(r["radius_l2"]) for r in rows]),
+        },
+    )
+
+
+def merge_runs(runs: Sequence[Run]) -> list[Run]:
+    """Merge shards: runs with the same method and the same run configuration apart from
+    ``start`` become one run (a sample present twice is counted once)."""
+    merged: dict[str, Run] = {}
+    for r in runs:
+        cfg = {k: v for k, v in r.header.get("run", {}).items() if k not in ("start",)}
+        key = repr((r.method, sorted(cfg.items(), key=lambda kv: kv[0])))
+        if key not in merged:
+            merged[key] = r
+            continue
+        m = merged[key]
+        keep = ~np.isin(r.idx, m.idx)
+        if not keep.all():
+            warnings.warn(
+                f"{r.paths[0]} repeats samples of {m.paths}; counting them once", stacklevel=2
+            )
+        m.idx = np.concatenate([m.idx, r.idx[keep]])
+        m.correct = np.concatenate([m.correct, r.correct[keep]])
+        for norm in m.radius:
+            m.radius[norm] = np.concatenate([m.radius[norm], r.radius[norm][keep]])
+        m.paths.append(r.paths[0])
+    return list(merged.values())
+
+
+def certified_accuracy(radius: np.ndarray, correct: np.ndarray, r: float) -> float:
+    """Fraction of samples correct with certified radius >= r."""
+    if radius.size == 0:
+        return float("nan")
+    return float(np.mean(correct & (radius >= r)))
+
+
+def average_certified_radius(radius: np.ndarray, correct: np.ndarray) -> float:
+    """ACR: mean of ``radius * [correct]`` (NU paper Eq. 1)."""
+    if radius.size == 0:
+        return float("nan")
+    return float(np.mean(np.where(correct, radius, 0.0)))
+
+
+def summarize(
+    run: Run, radii: Sequence[float] = DEFAULT_RADII, radii_l1: Optional[Sequence[float]] = None
+) -> dict[str, Any]:
+    """Clean accuracy, certified accuracy at ``radii`` (l2) / ``radii_l1`` (l1), ACR per norm."""
+    radii_by_norm = {"l2": list(radii), "l1": list(radii if radii_l1 is None else radii_l1)}
+    cfg, info = run.header.get("run", {}), run.header.get("info", {})
+    return {
+        "name": run.name,
+        "method": run.method,
+        "files": run.paths,
+        "samples": run.size,
+        "mode": cfg.get("mode"),
+        "noises": cfg.get("noises"),
+        "n": cfg.get("n"),
+        "alpha": cfg.get("alpha"),
+        "alpha_each": cfg.get("alpha_each"),
+        "train": {k: v for k, v in info.items() if k.startswith("train_")},
+        "clean_accuracy": float(np.mean(run.correct)),
+        "abstain_or_wrong": float(1 - np.mean(run.correct)),
+        "certified_accuracy": {
+            norm: {
+                f"{r:g}": certified_accuracy(run.radius[norm], run.correct, r)
+                for r in radii_by_norm[norm]
+            }
+            for norm in NORMS
+        },
+        "acr": {norm: average_certified_radius(run.radius[norm], run.correct) for norm in NORMS},
+    }
+
+
+def interpolate_at(points: Sequence[tuple[float, float]], level: float) -> Optional[float]:
+    """Linear interpolation of y at x = ``level`` through ``points`` (x, y) sorted by x.
+
+    Points with equal x keep the largest y (the best run at that accuracy). Returns None outside
+    the range of x (no extrapolation).
+    """
+    best: dict[float, float] = {}
+    for x, y in points:
+        if not (math.isnan(x) or math.isnan(y)):
+            best[x] = max(y, best.get(x, -math.inf))
+    xs = sorted(best)
+    if not xs or level < xs[0] - 1e-12 or level > xs[-1] + 1e-12:
+        return None
+    return float(np.interp(level, xs, [best[x] for x in xs]))
+
+
+def compare_at_clean_accuracy(
+    summaries: Sequence[dict[str, Any]], levels: Sequence[float] = DEFAULT_CLEAN_LEVELS
+) -> dict[str, Any]:
+    """Per method, l1 and l2 ACR interpolated at each clean-accuracy ``level`` (fractions)."""
+    methods: dict[str, list[dict[str, Any]]] = {}
+    for s in summaries:
+        methods.setdefault(s["method"], []).append(s)
+    out: dict[str, Any] = {"levels": list(levels), "methods": {}}
+    for method, runs in methods.items():
+        entry: dict[str, Any] = {
+            "runs": [
+                {"name": r["name"], "clean_accuracy": r["clean_accuracy"], "acr": r["acr"]}
+                for r in runs
+            ],
+            "at_level": {},
+        }
+        for level in levels:
+            entry["at_level"][f"{level:g}"] = {
+                norm: interpolate_at([(r["clean_accuracy"], r["acr"][norm]) for r in runs], level)
+                for norm in NORMS
+            }
+        out["methods"][method] = entry
+    return out
+
+
+def plot_certified_accuracy(
+    runs: Sequence[Run], path: PathLike, max_radius: Optional[float] = None
+) -> Path:
+    """PNG of certified accuracy vs radius, one panel per norm (l2, l1), one curve per run."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    path = Path(path)
+    fig = Figure(figsize=(11, 4.2))  # Agg canvas, no pyplot: leaves the caller's backend alone
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, 2)
+    for ax, norm in zip(axes, NORMS):
+        top = (
+            max_radius or max([float(r.radius[norm].max(initial=0.0)) for r in runs] + [0.1]) * 1.05
+        )
+        grid = np.linspace(0.0, top, 300)
+        for r in runs:
+            acc = [certified_accuracy(r.radius[norm], r.correct, g) for g in grid]
+            ax.plot(grid, acc, label=r.name)
+        ax.set_xlabel(f"{norm} radius (pixel units)")
+        ax.set_ylabel("certified accuracy")
+        ax.set_ylim(0, 1.0)
+        ax.grid(alpha=0.3)
+        ax.set_title(f"certified accuracy vs {norm} radius")
+    axes[0].legend(fontsize=7, loc="lower left")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.tmp.png")
+    fig.savefig(tmp, dpi=120)
+    tmp.replace(path)
+    return path
+
+
+def _cell(v: Optional[float], digits: int = 3) -> str:
+    return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.{digits}f}"
+
+
+def markdown_report(
+    summaries: Sequence[dict[str, Any]], comparison: Optional[dict[str, Any]] = None
+) -> str:
+    """Markdown tables of the summaries (and of the fixed-clean-accuracy comparison)."""
+    if not summaries:
+        return "No runs.\n"
+    lines = ["## Certified accuracy and ACR", ""]
+    r2 = list(summaries[0]["certified_accuracy"]["l2"])
+    r1 = list(summaries[0]["certified_accuracy"]["l1"])
+    head = (
+        ["run", "method", "samples", "n", "clean"]
+        + [f"l2 {r}" for r in r2]
+        + [f"l1 {r}" for r in r1]
+    )
+    head += ["ACR l2", "ACR l1"]
+    lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for s in summaries:
+        ca = s["certified_accuracy"]
+        cells = [s["name"], s["method"], str(s["samples"]), str(s["n"]), _cell(s["clean_accuracy"])]
+        cells += [_cell(ca["l2"].get(r)) for r in r2] + [_cell(ca["l1"].get(r)) for r in r1]
+        cells += [_cell(s["acr"]["l2"]), _cell(s["acr"]["l1"])]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines.append("")
+    if comparison and comparison.get("methods"):
+        lines += [
+            "## ACR at fixed clean accuracy (linear interpolation between runs; '-' = outside the runs' range)",
+            "",
+        ]
+        levels = [f"{lv:g}" for lv in comparison["levels"]]
+        head = ["method"] + [f"clean {lv}: ACR l2 / l1" for lv in levels]
+        lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        for method, entry in comparison["methods"].items():
+            cells = [method]
+            for lv in levels:
+                v = entry["at_level"][lv]
+                cells.append(f"{_cell(v['l2'])} / {_cell(v['l1'])}")
+            lines.append("| " + " | ".join(cells) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def analyze(
+    inputs: Sequence[tuple[Optional[str], PathLike]],
+    out_dir: PathLike,
+    radii: Sequence[float] = DEFAULT_RADII,
+    radii_l1: Optional[Sequence[float]] = None,
+    clean_levels: Sequence[float] = DEFAULT_CLEAN_LEVELS,
+    max_radius: Optional[float] = None,
+) -> dict[str, Any]:
+    """Summarise certification TSVs; write ``summary.json``, ``summary.md`` and
+    ``certified_accuracy.png`` into ``out_dir``. ``inputs`` are ``(method label or None, path)``."""
+    if not inputs:
+        raise UserError("give at least one certification TSV to analyze")
+    runs = merge_runs([load_run(p, label) for label, p in inputs])
+    summaries = [summarize(r, radii, radii_l1) for r in runs]
+    comparison = compare_at_clean_accuracy(summaries, clean_levels)
+    out_dir = Path(out_dir)
+    result = {"runs": summaries, "fixed_clean_accuracy": comparison}
+    atomic_write_json(out_dir / "summary.json", result)
+    atomic_write_text(out_dir / "summary.md", markdown_report(summaries, comparison))
+    plot_certified_accuracy(runs, out_dir / "certified_accuracy.png", max_radius)
+    return result
