@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import copy
 import math
-import warnings
 from typing import Optional, Sequence
 
 import torch
@@ -125,14 +124,13 @@ class BoundedClassifier:
         self.traced = target.to(self.device)
         was_training = model.training
         try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                self.module = lirpa.BoundedModule(
-                    self.traced,
-                    torch.zeros(1, *self.in_shape, device=self.device),
-                    bound_opts=lirpa.bound_opts(alpha_iterations=alpha_iterations),
-                    device=self.device,
-                )
+            self.traced.eval()  # BatchNorm1d cannot be traced in train mode with a batch of one
+            self.module = lirpa.BoundedModule(
+                self.traced,
+                torch.zeros(1, *self.in_shape, device=self.device),
+                bound_opts=lirpa.bound_opts(alpha_iterations=alpha_iterations),
+                device=self.device,
+            )
         except UserError:
             raise
         except Exception as exc:
@@ -256,8 +254,7 @@ class BoundedClassifier:
             ptb = lirpa.perturbation(p, eps)
         C = margin_matrix(y, self.num_classes)
         grad = self.trainable and torch.is_grad_enabled()
-        with torch.set_grad_enabled(grad or method == "alpha-crown"), warnings.catch_warnings():
-            warnings.simplefilter("ignore")
+        with torch.set_grad_enabled(grad or method == "alpha-crown"):
             lb, _ = lirpa.compute_bounds(self.module, lirpa.BoundedTensor(center, ptb), C, method)
         if x is not None and eps > 0 and not self._checked_lp:
             self._check_lp_width(center, ptb)
@@ -272,8 +269,7 @@ class BoundedClassifier:
 
     def _check_lp_width(self, center: torch.Tensor, ptb) -> None:
         """Refuse models whose lp-ball IBP bounds have zero width (the perturbation was dropped)."""
-        with torch.no_grad(), warnings.catch_warnings():
-            warnings.simplefilter("ignore")
+        with torch.no_grad():
             lo, hi = self.module.compute_bounds(
                 x=(lirpa.BoundedTensor(center[:1], ptb),), method="IBP", C=None
             )

@@ -11,6 +11,7 @@ A checkpoint is a dict saved with ``torch.save``::
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import os
 import platform
@@ -34,22 +35,30 @@ def versions() -> dict[str, str]:
     from . import __version__
 
     out = {"cure_lirpa": __version__, "torch": torch.__version__, "python": platform.python_version()}
-    try:
-        from .lirpa import AUTO_LIRPA_VERSION
-
-        out["auto_LiRPA"] = AUTO_LIRPA_VERSION
-    except Exception:  # auto_LiRPA is optional for the smoothing side
+    try:  # read the metadata only: importing auto_LiRPA is slow and the smoothing side needs none
+        out["auto_LiRPA"] = importlib.metadata.version("auto-LiRPA")
+    except importlib.metadata.PackageNotFoundError:
         pass
     return out
+
+
+def _tempfile(path: Path) -> str:
+    """A temporary file beside ``path`` with the permissions a plain ``open`` would give."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)
+    return tmp
 
 
 def atomic_write_bytes(path: PathLike, data: bytes) -> None:
     """Write ``data`` to ``path`` through a temporary file in the same folder and ``os.replace``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp = _tempfile(path)
     try:
-        with os.fdopen(fd, "wb") as f:
+        with open(tmp, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
@@ -71,8 +80,7 @@ def atomic_torch_save(obj: Any, path: PathLike) -> None:
     """``torch.save`` that never leaves a half-written file behind."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
+    tmp = _tempfile(path)
     try:
         torch.save(obj, tmp)
         os.replace(tmp, path)

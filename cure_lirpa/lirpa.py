@@ -2,8 +2,18 @@
 
 PyPI has only auto-LiRPA 0.3 (2022), written for torch < 1.13 and numpy 1. On torch 2.x / numpy 2 it
 needs six fixes (SPEC.md section 5), applied here before or right after its import and only when the
-installed version lacks them. Newer auto_LiRPA releases (0.6+) get no patch, only the option renames
-that :func:`bound_opts` and :func:`compute_bounds` absorb.
+installed version lacks them. A seventh is needed from torch 2.14 on, whose ``torch.clamp`` has a zero
+derivative at its bounds: without it alpha-CROWN returns exactly the CROWN bound (:func:`clip_slope`).
+Newer auto_LiRPA releases (0.6+) get none of the six, only the option renames that :func:`bound_opts`
+and :func:`compute_bounds` absorb; the seventh depends on torch, not on auto_LiRPA (upstream 0.7.1 has
+the same ``torch.clamp``), so it is applied to any version when torch needs it. :data:`APPLIED_FIXES` lists what was applied.
+
+Noise, silenced without touching the user's warnings filters: importing auto_LiRPA 0.3 changes the
+root logger and the warnings filters (undone), triggers torch's ``torch.jit.script`` deprecation
+FutureWarning and a "No CUDA runtime" log line (dropped for the import only); parsing a model emits
+torch.onnx export warnings (ignored while parsing); lp bounds with ``norm=1`` divide by zero in numpy
+(the dual norm is set exactly); alpha-CROWN prints "Early stop ..." on stdout (sent to the
+``auto_LiRPA`` logger at DEBUG level instead).
 
 Everything else in cure_lirpa uses :data:`BoundedModule`, :data:`BoundedTensor`,
 :data:`PerturbationLpNorm`, :func:`bound_opts` and :func:`compute_bounds` from here.
@@ -12,6 +22,7 @@ Everything else in cure_lirpa uses :data:`BoundedModule`, :data:`BoundedTensor`,
 from __future__ import annotations
 
 import logging
+import re
 import sys
 import types
 import warnings
@@ -79,10 +90,73 @@ def _patch_before_import() -> None:
         APPLIED_FIXES.append("np_bool")
 
 
-def _patch_after_import(bounded_module_cls: type) -> None:
-    # Fix 4: torch 2 calls Module._named_members(..., remove_duplicate=...); 0.3's override lacks it.
+def clamp_passes_boundary_gradient() -> bool:
+    """Whether ``torch.clamp(t, 0, 1)`` has derivative 1 (not 0) at ``t = 0`` and ``t = 1``.
+
+    True up to torch 2.13. torch 2.14 switched scalar-bound clamp to the minimum-norm subgradient, 0 at
+    the bounds (pytorch/pytorch#184574), which freezes auto_LiRPA's alpha-CROWN slopes (fix 7).
+    """
+    t = torch.tensor([0.0, 1.0], requires_grad=True)
+    with torch.enable_grad():
+        (grad,) = torch.autograd.grad(torch.clamp(t, min=0.0, max=1.0).sum(), t)
+    return bool((grad == 1).all())
+
+
+def clip_slope(alpha: torch.Tensor, low: float = 0.0, high: float = 1.0) -> torch.Tensor:
+    """``alpha`` clipped to ``[low, high]`` with derivative 1 on the closed interval, 0 outside.
+
+    Same values as ``torch.clamp``; the derivative is the one torch.clamp had before torch 2.14, so a
+    slope sitting exactly on a bound still receives gradient and can move back inside.
+    """
+    inside = (alpha >= low) & (alpha <= high)
+    return torch.where(inside, alpha, alpha.clamp(low, high))
+
+
+def relu_lower_slopes(
+    lower: torch.Tensor,
+    upper: torch.Tensor,
+    lb_alpha: Optional[torch.Tensor],
+    ub_alpha: Optional[torch.Tensor],
+    leaky_alpha: float = 0.0,
+) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor], Any]:
+    """Slopes of the ReLU lower relaxations in alpha-CROWN (replaces ``BoundRelu._relu_mask_alpha``).
+
+    For pre-activation bounds ``lower <= z <= upper`` (each (B, *shape)) and optimisable slopes alpha
+    (spec, B, *shape; one set for the lower and one for the upper output bound, or None), alpha-CROWN
+    (Xu et al., ICLR 2021) bounds ``relu(z) >= d * z`` with ``d = 1`` on active neurons
+    (``lower >= 0``), ``d = leaky_alpha`` (0 for ReLU) on inactive ones (``upper <= 0``) and
+    ``d = alpha`` clipped to ``[leaky_alpha, 1]`` on unstable ones. Returns ``(d_lb, d_ub,
+    all_inactive)``, the values auto_LiRPA's own function returns; only the clip's derivative differs
+    (:func:`clip_slope`, fix 7).
+    """
+    active = (lower >= 0).to(lower.dtype)
+    inactive = upper <= 0
+    unstable = (1.0 - active) * (~inactive).to(lower.dtype)
+
+    def slopes(alpha: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+        if alpha is None:
+            return None
+        d = clip_slope(alpha, leaky_alpha, 1.0) * unstable + active
+        return d + inactive.to(lower.dtype) * leaky_alpha if leaky_alpha > 0 else d
+
+    all_inactive = False if leaky_alpha > 0 else inactive.all()
+    return slopes(lb_alpha), slopes(ub_alpha), all_inactive
+
+
+def dual_norm(p: float) -> float:
+    """The dual exponent q of an lp norm, 1/p + 1/q = 1 (p = 1 -> inf, p = inf -> 1)."""
+    if p == np.inf:
+        return 1.0
+    if p == 1:
+        return np.inf
+    return p / (p - 1.0)
+
+
+def _patch_after_import(auto_lirpa: types.ModuleType) -> None:
     import inspect
 
+    # Fix 4: torch 2 calls Module._named_members(..., remove_duplicate=...); 0.3's override lacks it.
+    bounded_module_cls = auto_lirpa.BoundedModule
     original = bounded_module_cls._named_members
     if "remove_duplicate" not in inspect.signature(original).parameters:
 
@@ -93,14 +167,93 @@ def _patch_after_import(bounded_module_cls: type) -> None:
         bounded_module_cls._named_members = _named_members
         APPLIED_FIXES.append("named_members_remove_duplicate")
 
+    # Fix 7 (torch >= 2.14): alpha-CROWN returned exactly the CROWN bound. auto_LiRPA clips each
+    # ReLU slope alpha inside the bound computation with torch.clamp(alpha, 0, 1). torch 2.14 gives
+    # scalar-bound clamp the derivative 0 at the bounds (it was 1 before). The slopes start at exactly
+    # 0 or 1 (CROWN's adaptive slopes) and are clipped back onto [0, 1] after every Adam step, so all
+    # of them sat on a bound with zero gradient and never moved. The bound still depends on alpha
+    # through autograd; only this derivative was lost. Replace the clip by one with the old derivative.
+    # Upstream 0.7.1 has the same torch.clamp, so this fix depends on torch, not on auto_LiRPA's
+    # version: it is applied whenever torch's clamp has lost the boundary gradient.
+    relu_cls = getattr(getattr(auto_lirpa, "operators", None), "BoundRelu", None)
+    if hasattr(relu_cls, "_relu_mask_alpha") and not clamp_passes_boundary_gradient():
+        relu_cls._relu_mask_alpha = staticmethod(relu_lower_slopes)
+        APPLIED_FIXES.append("alpha_clamp_gradient")
+
+    # Noise: for norm=1, PerturbationLpNorm and BoundLinear's IBP compute the dual norm as
+    # np.float64(1) / (1 - 1/1), which is inf (correct) with a numpy "divide by zero" RuntimeWarning
+    # on every call. Set PerturbationLpNorm's exactly; scope numpy's divide check out of the other.
+    ptb_cls = auto_lirpa.PerturbationLpNorm
+    with np.errstate(divide="raise"):
+        try:
+            ptb_cls(norm=1.0, eps=0.0)
+            lp1_divides = False
+        except FloatingPointError:
+            lp1_divides = True
+    if lp1_divides:
+        ptb_init = ptb_cls.__init__
+
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            with np.errstate(divide="ignore"):  # the 1 / 0 of norm=1, replaced right below
+                ptb_init(self, *args, **kwargs)
+            self.dual_norm = dual_norm(self.norm)
+
+        ptb_cls.__init__ = __init__
+        linear_cls = getattr(getattr(auto_lirpa, "operators", None), "BoundLinear", None)
+        if linear_cls is not None:
+            linear_ibp = linear_cls.interval_propagate
+
+            def interval_propagate(self, *args: Any, **kwargs: Any) -> Any:
+                with np.errstate(divide="ignore"):  # only numpy scalars divide here: 1 / 0 = inf
+                    return linear_ibp(self, *args, **kwargs)
+
+            linear_cls.interval_propagate = interval_propagate
+        APPLIED_FIXES.append("lp1_dual_norm")
+
+    # Noise: parsing a model goes through torch's TorchScript ONNX exporter, which warns about ONNX
+    # export details (e.g. "ONNX Preprocess - Removing mutation", "ONNX export mode is set to
+    # TrainingMode.EVAL") that do not apply here. Ignore torch.onnx's UserWarnings while parsing.
+    bound_general = getattr(auto_lirpa, "bound_general", None)
+    parse = getattr(bound_general, "parse_module", None)
+    if parse is not None:
+
+        def parse_module(*args: Any, **kwargs: Any) -> Any:
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", category=UserWarning, module=r"torch\.onnx\.")
+                return parse(*args, **kwargs)
+
+        bound_general.parse_module = parse_module
+
+    # Noise: alpha-CROWN prints "Early stop at ...th iter" on stdout on every call. A module-level
+    # `print` in auto_LiRPA's optimisation module sends its messages to the auto_LiRPA logger instead.
+    optimized_bounds = getattr(auto_lirpa, "optimized_bounds", None)
+    if optimized_bounds is not None and "print" not in vars(optimized_bounds):
+        log = logging.getLogger("auto_LiRPA")
+
+        def _print(*args: Any, **_: Any) -> None:
+            log.debug(" ".join(str(a) for a in args))
+
+        optimized_bounds.print = _print
+
+
+# torch.jit.script's deprecation message (auto_LiRPA 0.3's decorators trigger it at import).
+_JIT_DEPRECATION = r".*torch\.jit\.script` is (deprecated|not supported)"
+
 
 def _import() -> types.ModuleType:
     root = logging.getLogger()
     saved_handlers, saved_level = list(root.handlers), root.level
-    saved_filters = list(warnings.filters)
+    cpp_log = logging.getLogger("torch.utils.cpp_extension")
+    saved_cpp_level = cpp_log.level
     _patch_before_import()
     try:
-        import auto_LiRPA
+        # catch_warnings restores the filters auto_LiRPA changes (its `warnings.simplefilter('once')`
+        # would also override an "ignore" filter set here, hence record=True and a re-issue below).
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.filterwarnings("ignore", message=_JIT_DEPRECATION, category=FutureWarning)
+            # "No CUDA runtime is found" is logged when auto_LiRPA imports torch.utils.cpp_extension.
+            cpp_log.setLevel(logging.ERROR)
+            import auto_LiRPA
     except ImportError as exc:
         raise ImportError(
             "auto_LiRPA is not installed. Install it with "
@@ -108,11 +261,16 @@ def _import() -> types.ModuleType:
             "(or run 'make install')."
         ) from exc
     finally:
-        # Importing auto_LiRPA configures the root logger and the warnings filters; undo that.
+        # Importing auto_LiRPA configures the root logger (logging.basicConfig); undo that.
         root.handlers[:] = saved_handlers
         root.setLevel(saved_level)
-        warnings.filters[:] = saved_filters
-    _patch_after_import(auto_LiRPA.BoundedModule)
+        cpp_log.setLevel(saved_cpp_level)
+    for w in caught:  # all but the deprecation of torch.jit.script, which 0.3's decorators trigger
+        if not (
+            issubclass(w.category, FutureWarning) and re.match(_JIT_DEPRECATION, str(w.message))
+        ):
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    _patch_after_import(auto_LiRPA)
     logging.getLogger("auto_LiRPA").setLevel(logging.WARNING)
     return auto_LiRPA
 

@@ -44,11 +44,12 @@ DEFAULT_THREATS = {"mnist": ("linf:0.1", "l2:0.5"), "sample": ("linf:0.1", "l2:0
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Output folder. Default: <checkpoint folder>/verify-<hash of the options>.")
 @click.option("--resume", is_flag=True, help="Continue a killed run from its partial file.")
+@click.option("--overwrite", is_flag=True, help="Replace results already in --out.")
 @click.option("--device", type=DEVICE_CHOICE, default="auto")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def verify(checkpoint: Path, threats, methods, dataset: Optional[str], data_root, split, start,
            count, batch_size, memory_mb, attack, attack_steps, attack_restarts, out, resume,
-           device, quiet) -> None:
+           overwrite, device, quiet) -> None:
     """Certify CHECKPOINT under every --threat with every --method.
 
     Prints clean accuracy, certified accuracy per threat and method, best-of-methods and union
@@ -90,8 +91,11 @@ def verify(checkpoint: Path, threats, methods, dataset: Optional[str], data_root
         out = checkpoint.parent / f"verify-{digest}"
     partial = out / "samples.partial.jsonl"
     done = []
+    if overwrite:
+        for name in ("summary.json", "summary.md", "samples.csv", partial.name, "config.json"):
+            (out / name).unlink(missing_ok=True)
     if (out / "summary.json").exists() and not resume:
-        raise UserError(f"{out} already holds results; pass another --out, or delete it")
+        raise UserError(f"{out} already holds results; pass --overwrite or another --out")
     if partial.exists():
         if not resume:
             raise UserError(f"{partial} exists from a killed run; pass --resume to continue it")

@@ -1,0 +1,514 @@
+"""CURE on real MNIST: single-norm baselines vs multi-norm training, certified under l∞, l2 and l1.
+
+For each row (one trained model) this script
+
+1. trains the row's method on MNIST (``cure_lirpa.training.train``; resumes a half-finished run,
+   skips a finished one) into ``<results>/<row>/``;
+2. certifies the first ``--test-count`` test images (default 1000) under linf:0.1, l2:0.5 and
+   l1:1.0 with IBP and CROWN (``cure_lirpa.certification.certify_dataset``, plus a PGD cross-check)
+   into ``<results>/<row>/verify/`` (skipped when done for the same checkpoint);
+3. writes ``<results>/<row>/row.json`` and refreshes ``summary.md``, ``summary.json`` and
+   ``union_accuracy.png`` from every row present in the results folder.
+
+``--speed`` measures, on one batch of 256 training images, each row's optimizer-step time relative
+to a natural step (targets: IBP l∞ or l2 <= 3x; joint/max/random with ball IBP <= 5x; BA <= +10%)
+and writes ``speed.json`` / ``speed.md``.
+
+Rows can run as separate invocations sharing one results folder (cure-finetune needs ibp-linf)::
+
+    python benchmarks/cure_mnist.py --quick                        # a few minutes, built-in sample
+    python benchmarks/cure_mnist.py --rows natural,ibp-linf
+    python benchmarks/cure_mnist.py --rows cure-joint --rows cure-max
+    python benchmarks/cure_mnist.py --speed --rows none            # step times only
+    python benchmarks/cure_mnist.py --report-only
+
+Full mode: the whole MNIST training set from ``--data-root`` (default ../shared/data), cnn-small,
+10 epochs (1 warm-up epoch, eps ramp over 5 epochs, lr 5e-4 decayed x0.2 at epochs 8 and 9, batch
+256, natural-loss share kappa 0.5 -> 0), training eps linf 0.1 and l2 0.5 (``--train-l2-factor``
+scales the l2 training eps). About two hours for all rows on 2 CPU cores; ``--train-count`` trains
+on a subset when time is short. The multi-norm rows use the certifiable variants (l∞ IBP, exact
+l2-ball IBP); the ``cure-scratch`` row is Max + BA (eta 2, direction l2) + GP (beta 0.8) on that
+schedule; ``cure-finetune`` starts from the ibp-linf row (2 natural epochs, new ramp, Max + BA 0.5
++ GP 0.5, Adam 5e-4) with the cure-finetune preset's schedule scaled to ``--finetune-epochs``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import platform
+import time
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import click
+import torch
+
+from cure_lirpa.checkpoint import (
+    atomic_write_json,
+    atomic_write_text,
+    load_checkpoint,
+    model_from_checkpoint,
+    versions,
+)
+from cure_lirpa.data import load_dataset, stack, take
+from cure_lirpa.threats import parse_threat
+from cure_lirpa.training import CHECKPOINT, TrainConfig, apply_preset, step_time, train
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+DEFAULT_DATA = (REPO / ".." / "shared" / "data").resolve()
+THREATS = ("linf:0.1", "l2:0.5", "l1:1")
+BOUND_METHODS = ("ibp", "crown")
+
+# row -> (description, TrainConfig overrides)
+ROWS: dict[str, tuple[str, dict[str, Any]]] = {
+    "natural": ("natural training", {"method": "natural"}),
+    "ibp-linf": ("IBP l∞ 0.1", {"method": "ibp-linf"}),
+    "ibp-l2": ("IBP on the exact l2 ball 0.5", {"method": "ibp-l2"}),
+    "l2-defence": ("CURE's l2 defence (lambda2 1e-5)", {"method": "l2-defence"}),
+    "sabr-linf": ("SABR l∞ 0.1 (lambda 0.4)", {"method": "sabr-linf", "sabr_lambda": 0.4}),
+    "cure-joint": ("CURE-Joint (alpha 0.5)", {"method": "cure-joint"}),
+    "cure-max": ("CURE-Max", {"method": "cure-max"}),
+    "cure-random": ("CURE-Random", {"method": "cure-random"}),
+    "cure-max+ba": ("CURE-Max + BA (eta 2, q = l2)", {"method": "cure-max", "ba_eta": 2.0}),
+    "cure-scratch": (
+        "CURE-Scratch: Max + BA (eta 2) + GP (beta 0.8)",
+        {"method": "cure-max", "ba_eta": 2.0, "gp_beta": 0.8},
+    ),
+    "cure-finetune": ("CURE-Finetune from ibp-linf: Max + BA 0.5 + GP 0.5", {}),
+}
+FINETUNE_FROM = "ibp-linf"
+
+
+def settings(quick: bool) -> dict[str, Any]:
+    """Run sizes of full and quick mode."""
+    if quick:
+        return dict(
+            dataset="sample",
+            train_count=512,
+            epochs=2,
+            warmup_epochs=0.5,
+            ramp_epochs=1.0,
+            lr_milestones=(),
+            finetune_epochs=2,
+            test_count=100,
+            attack_steps=10,
+            speed_repeats=2,
+        )
+    return dict(
+        dataset="mnist",
+        train_count=None,
+        epochs=10,
+        warmup_epochs=1.0,
+        ramp_epochs=5.0,
+        lr_milestones=(8.0, 9.0),
+        finetune_epochs=6,
+        test_count=1000,
+        attack_steps=20,
+        speed_repeats=5,
+    )
+
+
+def row_config(
+    row: str,
+    s: dict[str, Any],
+    results: Path,
+    data_root: Optional[str],
+    l2_factor: float,
+    seed: int,
+) -> TrainConfig:
+    """The :class:`TrainConfig` of ``row`` under settings ``s``."""
+    base = TrainConfig(
+        dataset=s["dataset"],
+        data_root=data_root,
+        arch="cnn-small",
+        epochs=s["epochs"],
+        warmup_epochs=s["warmup_epochs"],
+        ramp_epochs=s["ramp_epochs"],
+        batch_size=256,
+        lr=5e-4,
+        lr_milestones=tuple(s["lr_milestones"]),
+        lr_factor=0.2,
+        kappa_start=0.5,
+        kappa_end=0.0,
+        eps_linf=0.1,
+        eps_l2=0.5,
+        train_eps_l2=0.5 * l2_factor,
+        train_count=s["train_count"],
+        seed=seed,
+        memory_mb=2048.0,
+    )
+    if row == "cure-finetune":
+        c = dataclasses.replace(
+            base,
+            epochs=s["finetune_epochs"],
+            init_from=str(results / FINETUNE_FROM / CHECKPOINT),
+            linf_variant="ibp",
+            l2_variant="ball",
+        )
+        # The preset's method, BA, GP and lr; keep the certifiable variants and this schedule's
+        # proportions (the preset's 20-epoch schedule scaled to finetune_epochs).
+        explicit = {"epochs", "linf_variant", "l2_variant", "batch_size", "sabr_lambda"}
+        return apply_preset(c, "cure-finetune", explicit).validated()
+    return dataclasses.replace(base, **ROWS[row][1]).validated()
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def run_row(row: str, cfg: TrainConfig, results: Path, s: dict[str, Any], log) -> dict[str, Any]:
+    """Train (or resume) and certify one row; write ``<row>/row.json``."""
+    from cure_lirpa.certification import certify_dataset, write_results
+
+    folder = results / row
+    ckpt_path = folder / CHECKPOINT
+    if cfg.init_from and not Path(cfg.init_from).is_file():
+        raise click.ClickException(
+            f"row {row} fine-tunes {cfg.init_from}; run the {FINETUNE_FROM} row first"
+        )
+    resume = ckpt_path.is_file()
+    if resume and load_checkpoint(ckpt_path).get("epoch", 0) >= cfg.epochs:
+        log(f"[{row}] already trained")
+    else:
+        log(f"[{row}] training {ROWS[row][0]} ({'resuming' if resume else 'from scratch'})")
+    result = train(cfg, folder, resume=resume, progress=None, log=lambda m: log(f"[{row}] {m}"))
+    history = result.history
+    train_seconds = history[-1].get("train_seconds", 0.0) if history else 0.0
+
+    ckpt = load_checkpoint(ckpt_path)
+    verify_dir = folder / "verify"
+    summary_path = verify_dir / "summary.json"
+    stamp = {"epoch": ckpt["epoch"], "test_count": s["test_count"], "threats": list(THREATS)}
+    summary = None
+    if summary_path.is_file():
+        import json
+
+        old = json.loads(summary_path.read_text())
+        if old.get("stamp") == stamp:
+            summary = old
+            log(f"[{row}] already verified")
+    if summary is None:
+        log(f"[{row}] certifying {s['test_count']} test images: {', '.join(THREATS)} x ibp, crown")
+        model = model_from_checkpoint(ckpt)
+        test = take(load_dataset(cfg.dataset, "test", cfg.data_root), 0, s["test_count"])
+        threats = [parse_threat(t) for t in THREATS]
+        rows, summary = certify_dataset(
+            model,
+            test,
+            threats,
+            list(BOUND_METHODS),
+            tuple(ckpt["dataset"]["in_shape"]),
+            batch_size=100,
+            memory_mb=2048.0,
+            attack=True,
+            attack_steps=s["attack_steps"],
+            attack_restarts=1,
+            progress=False,
+        )
+        summary["stamp"] = stamp
+        write_results(verify_dir, rows, summary, threats, list(BOUND_METHODS))
+    best = summary["certified_best"]
+    out = {
+        "row": row,
+        "description": ROWS[row][0],
+        "method": cfg.method,
+        "config": cfg.to_dict(),
+        "epochs": ckpt["epoch"],
+        "train_seconds": train_seconds,
+        "test_images": summary["samples"],
+        "clean": summary["clean_accuracy"],
+        "certified": {t: best[t] for t in THREATS},
+        "certified_by_method": summary["certified"],
+        "union": summary["union"]["best"],
+        "union_by_method": {m: summary["union"][m] for m in BOUND_METHODS},
+        "union_linf_l2": _union_of(verify_dir / "samples.csv", ("linf:0.1", "l2:0.5")),
+        "pgd_accuracy": summary.get("pgd_accuracy", {}),
+        "soundness_violations": summary.get("soundness_violations", {}),
+        "verify_seconds_total": summary.get("seconds_total"),
+        "last_epoch_train_metrics": history[-1] if history else {},
+        "versions": versions(),
+    }
+    atomic_write_json(folder / "row.json", out)
+    return out
+
+
+def _union_of(csv_path: Path, threats: Sequence[str]) -> Optional[float]:
+    """Union accuracy (%) over a subset of the threats, from the per-sample CSV."""
+    import csv
+
+    if not csv_path.is_file():
+        return None
+    with open(csv_path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    if not rows:
+        return None
+    hit = sum(all(r[f"{t}/certified"] == "1" for t in threats) for r in rows)
+    return 100.0 * hit / len(rows)
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def measure_speed(
+    rows: Sequence[str], s: dict[str, Any], results: Path, data_root, l2_factor, seed, log
+) -> dict[str, Any]:
+    """Seconds per optimizer step of each row's method on one batch of 256, and the ratio to a
+    natural step on the same batch (same process, same threads)."""
+    tmp_results = results  # cure-finetune's init checkpoint is not needed for timing
+    ds = load_dataset(s["dataset"], "train", data_root)
+    x, y = stack(take(ds, 0, 256))
+    reps = s["speed_repeats"]
+    natural = row_config("natural", s, tmp_results, data_root, l2_factor, seed)
+    t_nat = step_time(natural, x, y, repeats=reps)
+    out: dict[str, Any] = {"batch": 256, "repeats": reps, "natural_seconds": t_nat, "rows": {}}
+    for row in rows:
+        if row == "cure-finetune":
+            continue  # the same step as cure-max+ba with other weights
+        cfg = row_config(row, s, tmp_results, data_root, l2_factor, seed)
+        t = step_time(cfg, x, y, repeats=reps)
+        out["rows"][row] = {"seconds": t, "ratio": t / t_nat}
+        log(f"[speed] {row}: {t:.3f} s/step = {t / t_nat:.2f}x natural")
+    ratios = {r: v["ratio"] for r, v in out["rows"].items()}
+    if "cure-max" in ratios and "cure-max+ba" in ratios:
+        out["ba_overhead"] = ratios["cure-max+ba"] / ratios["cure-max"] - 1.0
+    targets = {
+        "ibp-linf": 3.0,
+        "ibp-l2": 3.0,
+        "cure-joint": 5.0,
+        "cure-max": 5.0,
+        "cure-random": 5.0,
+    }
+    out["targets"] = {
+        r: {"target": t, "ratio": ratios[r], "met": ratios[r] <= t}
+        for r, t in targets.items()
+        if r in ratios
+    }
+    if "ba_overhead" in out:
+        out["targets"]["ba_overhead"] = {
+            "target": 0.10,
+            "ratio": out["ba_overhead"],
+            "met": out["ba_overhead"] <= 0.10,
+        }
+    out["threads"] = torch.get_num_threads()
+    out["machine"] = {"cpus": os.cpu_count(), "platform": platform.platform()}
+    atomic_write_json(results / "speed.json", out)
+    lines = [
+        f"Optimizer-step time on one batch of 256 images, {torch.get_num_threads()} threads; "
+        f"natural step {t_nat:.3f} s.",
+        "",
+        "| row | s / step | x natural | target |",
+        "|---|---|---|---|",
+    ]
+    for r, v in out["rows"].items():
+        tgt = targets.get(r)
+        lines.append(
+            f"| {r} | {v['seconds']:.3f} | {v['ratio']:.2f} | "
+            + (f"<= {tgt:g}x {'met' if v['ratio'] <= tgt else 'MISSED'}" if tgt else "-")
+            + " |"
+        )
+    if "ba_overhead" in out:
+        ok = "met" if out["ba_overhead"] <= 0.10 else "MISSED"
+        lines.append(
+            f"\nBound alignment overhead (max+ba over max): {100 * out['ba_overhead']:+.1f}% "
+            f"(target <= +10%, {ok})."
+        )
+    atomic_write_text(results / "speed.md", "\n".join(lines) + "\n")
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def report(results: Path, log) -> None:
+    """Refresh summary.md / summary.json / union_accuracy.png from every row.json present."""
+    import json
+
+    found = []
+    for row in ROWS:
+        p = results / row / "row.json"
+        if p.is_file():
+            found.append(json.loads(p.read_text()))
+    if not found:
+        log("no finished rows yet")
+        return
+    head = (
+        "| row | method | clean | l∞ 0.1 | l2 0.5 | l1 1.0 | union | union l∞+l2 | training time |"
+    )
+    lines = [
+        "# CURE on MNIST: certified accuracy (%) on the first "
+        f"{found[0]['test_images']} test images, best of IBP and CROWN",
+        "",
+        head,
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in found:
+        c = r["certified"]
+        u2 = r.get("union_linf_l2")
+        lines.append(
+            f"| {r['row']} | {r['description']} | {r['clean']:.1f} | {c['linf:0.1']:.1f} | "
+            f"{c['l2:0.5']:.1f} | {c['l1:1']:.1f} | {r['union']:.1f} | "
+            f"{'-' if u2 is None else f'{u2:.1f}'} | {r['train_seconds']:.0f} s |"
+        )
+    lines += [
+        "",
+        "union = certified under all three threats at once; union l∞+l2 = under l∞ 0.1 and l2 0.5.",
+        "Per-method numbers (IBP, CROWN), PGD accuracy and soundness checks: summary.json and "
+        "<row>/verify/summary.md.",
+    ]
+    speed = results / "speed.md"
+    if speed.is_file():
+        lines += ["", "## Training step time", "", speed.read_text().strip()]
+    atomic_write_text(results / "summary.md", "\n".join(lines) + "\n")
+    atomic_write_json(results / "summary.json", {"rows": found})
+    plot(found, results / "union_accuracy.png")
+    log(f"wrote {results / 'summary.md'}")
+
+
+def plot(rows: list[dict[str, Any]], path: Path) -> None:
+    """Grouped bars: certified accuracy per threat and union accuracy, one group per row."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [r["row"] for r in rows]
+    series = [
+        ("l∞ 0.1", [r["certified"]["linf:0.1"] for r in rows]),
+        ("l2 0.5", [r["certified"]["l2:0.5"] for r in rows]),
+        ("l1 1.0", [r["certified"]["l1:1"] for r in rows]),
+        ("union", [r["union"] for r in rows]),
+    ]
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.1 * len(rows)), 4.0))
+    width = 0.8 / len(series)
+    for i, (label, vals) in enumerate(series):
+        xs = [j + (i - (len(series) - 1) / 2) * width for j in range(len(rows))]
+        ax.bar(xs, vals, width, label=label, color=None if label != "union" else "black")
+    ax.set_xticks(range(len(rows)))
+    ax.set_xticklabels(names, rotation=30, ha="right")
+    ax.set_ylabel("certified accuracy (%)")
+    ax.set_ylim(0, 100)
+    ax.set_title("MNIST: certified and union accuracy (best of IBP, CROWN)")
+    ax.legend(ncol=4, fontsize=8)
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+@click.command()
+@click.option(
+    "--rows",
+    "rows_opt",
+    multiple=True,
+    help="Rows to run (repeatable or comma-separated; 'none' for no row) [default: all]: "
+    + ", ".join(ROWS),
+)
+@click.option("--quick", is_flag=True, help="A smoke run on the built-in sample (minutes).")
+@click.option(
+    "--data-root",
+    type=click.Path(file_okay=False),
+    default=str(DEFAULT_DATA),
+    show_default=True,
+    help="Folder holding MNIST/raw.",
+)
+@click.option(
+    "--results",
+    type=click.Path(file_okay=False),
+    default=None,
+    help="Results folder [default: benchmarks/results/cure_mnist, or cure_mnist-quick].",
+)
+@click.option(
+    "--train-count",
+    type=click.IntRange(min=2),
+    default=None,
+    help="Train on the first N MNIST training images (when two hours are too many).",
+)
+@click.option(
+    "--test-count", type=click.IntRange(min=1), default=None, help="Test images to certify."
+)
+@click.option(
+    "--train-l2-factor",
+    type=click.FloatRange(min=0.0, min_open=True),
+    default=1.0,
+    show_default=True,
+    help="l2 training eps = factor x 0.5 (the SPEC pilot used 1.5).",
+)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--threads", type=click.IntRange(min=1), default=2, show_default=True)
+@click.option(
+    "--speed/--no-speed",
+    default=None,
+    help="Measure step times relative to a natural step [default: on for a run of all rows].",
+)
+@click.option("--report-only", is_flag=True, help="Only rebuild the summary from finished rows.")
+def main(
+    rows_opt: Sequence[str],
+    quick: bool,
+    data_root: str,
+    results: Optional[str],
+    train_count: Optional[int],
+    test_count: Optional[int],
+    train_l2_factor: float,
+    seed: int,
+    threads: int,
+    speed: Optional[bool],
+    report_only: bool,
+) -> None:
+    """Train and certify the CURE-on-MNIST rows; write the table, the plot and step times."""
+    torch.set_num_threads(threads)
+    s = settings(quick)
+    if train_count is not None:
+        s["train_count"] = train_count
+    if test_count is not None:
+        s["test_count"] = test_count
+    folder = (
+        Path(results)
+        if results
+        else HERE / "results" / ("cure_mnist-quick" if quick else "cure_mnist")
+    )
+    folder.mkdir(parents=True, exist_ok=True)
+
+    def log(msg: str) -> None:
+        click.echo(f"{time.strftime('%H:%M:%S')} {msg}", err=True)
+
+    if report_only:
+        report(folder, log)
+        return
+    picked: list[str] = []
+    for item in rows_opt:
+        picked += [r.strip() for r in item.split(",") if r.strip()]
+    if not rows_opt:
+        picked = list(ROWS)
+    picked = [r for r in picked if r != "none"]
+    unknown = [r for r in picked if r not in ROWS]
+    if unknown:
+        raise click.BadParameter(f"unknown rows {unknown}; choose from {', '.join(ROWS)}")
+    if FINETUNE_FROM in picked and "cure-finetune" in picked:  # the base model first
+        picked.remove("cure-finetune")
+        picked.insert(picked.index(FINETUNE_FROM) + 1, "cure-finetune")
+    root = None if s["dataset"] == "sample" else data_root
+    if speed is None:
+        speed = not rows_opt
+    if speed:
+        measure_speed(list(ROWS), s, folder, root, train_l2_factor, seed, log)
+    t0 = time.perf_counter()
+    for row in picked:
+        cfg = row_config(row, s, folder, root, train_l2_factor, seed)
+        out = run_row(row, cfg, folder, s, log)
+        log(
+            f"[{row}] clean {out['clean']:.1f}, l∞ {out['certified']['linf:0.1']:.1f}, "
+            f"l2 {out['certified']['l2:0.5']:.1f}, l1 {out['certified']['l1:1']:.1f}, "
+            f"union {out['union']:.1f} ({out['train_seconds']:.0f} s training)"
+        )
+        report(folder, log)
+    report(folder, log)
+    log(f"done in {time.perf_counter() - t0:.0f} s; results in {folder}")
+
+
+if __name__ == "__main__":
+    main()

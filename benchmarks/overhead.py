@@ -1,0 +1,164 @@
+"""Wrapper overhead and IBP training-step cost, as ratios from one run.
+
+1. ``BoundedClassifier.margin_lower_bounds`` against calling auto_LiRPA directly (a BoundedModule on
+   the same folded network, the same batch, the same margin matrix) for IBP and CROWN.
+   Target: ratio <= 1.10.
+2. One IBP certified training step (l∞ and l2 ball) against one natural training step of the small
+   CNN on the same batch. Target: ratio <= 3.0.
+
+Run:  python benchmarks/overhead.py [--batch 256] [--repeats 20] [--threads 2]
+Writes benchmarks/results/overhead/overhead.json and overhead.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import statistics
+import time
+import warnings
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from cure_lirpa import lirpa
+from cure_lirpa.bounds import BoundedClassifier, margin_matrix
+from cure_lirpa.checkpoint import atomic_write_json, atomic_write_text, versions
+from cure_lirpa.data import dataset_info, load_dataset, stack
+from cure_lirpa.losses import certified_ce
+from cure_lirpa.models import build_model
+from cure_lirpa.threats import NormBall
+
+OUT = Path(__file__).parent / "results" / "overhead"
+
+
+def _median_time(fn, repeats: int) -> float:
+    fn()  # warm-up
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def wrapper_overhead(model, x, y, repeats: int, crown_batch: int) -> dict:
+    """Median seconds of the wrapper and of direct auto_LiRPA calls, per method."""
+    info = dataset_info("sample")
+    bc = BoundedClassifier(model, info.in_shape, memory_mb=1e6)
+    direct = bc.module  # the same BoundedModule, called the way a user of auto_LiRPA would
+    eps = 0.1
+    out = {}
+    full_x, full_y = x, y
+    for method, name in (("ibp", "IBP"), ("crown", "backward")):
+        x, y = (full_x, full_y) if method == "ibp" else (full_x[:crown_batch], full_y[:crown_batch])
+        C = margin_matrix(y, 10)
+        mean = model.normalize.mean
+        x_shift = x - mean  # the wrapper's input shift, done once outside the timing
+        x_L, x_U = (x - eps).clamp(0, 1) - mean, (x + eps).clamp(0, 1) - mean
+        for threat in (NormBall(math.inf, eps), NormBall(2.0, 0.5)):
+
+            def run_direct():
+                if threat.p == math.inf:
+                    ptb = lirpa.PerturbationLpNorm(norm=float("inf"), eps=eps, x_L=x_L, x_U=x_U)
+                    center = (x_L + x_U) / 2
+                else:
+                    ptb = lirpa.PerturbationLpNorm(norm=2.0, eps=threat.eps)
+                    center = x_shift
+                with torch.no_grad():
+                    direct.compute_bounds(x=(lirpa.BoundedTensor(center, ptb),), C=C, method=name,
+                                          bound_upper=False)
+
+            def run_wrapper():
+                with torch.no_grad():
+                    bc.margin_lower_bounds(x, y, threat, method)
+
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                t_direct = _median_time(run_direct, repeats)
+                t_wrap = _median_time(run_wrapper, repeats)
+            out[f"{method}/{threat.name}"] = {
+                "batch": len(y), "direct_s": t_direct, "wrapper_s": t_wrap,
+                "ratio": t_wrap / t_direct,
+            }
+    return out
+
+
+def training_step_ratio(x, y, repeats: int) -> dict:
+    """Seconds of one natural and one IBP step (forward, backward, Adam) of the small CNN."""
+    info = dataset_info("sample")
+    torch.manual_seed(0)
+    model = build_model("cnn-small", info.in_shape, 10, info.mean, info.std).train()
+    opt = torch.optim.Adam(model.parameters(), lr=5e-4)
+    bc = BoundedClassifier(model, info.in_shape, trainable=True, memory_mb=1e6)
+
+    def natural():
+        loss = F.cross_entropy(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+    def ibp(threat):
+        def step():
+            lb = bc.margin_lower_bounds(x, y, threat, "ibp")
+            loss = certified_ce(lb, reduction="mean")
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+
+        return step
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        t_nat = _median_time(natural, repeats)
+        res = {"natural_s": t_nat}
+        for threat in (NormBall(math.inf, 0.1), NormBall(2.0, 0.5)):
+            t = _median_time(ibp(threat), repeats)
+            res[f"ibp/{threat.name}"] = {"seconds": t, "ratio": t / t_nat}
+    return res
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batch", type=int, default=256)
+    parser.add_argument("--crown-batch", type=int, default=16,
+                        help="batch of the CROWN overhead measurement (CROWN is costly)")
+    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--out", type=Path, default=OUT)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    info = dataset_info("sample")
+    x, y = stack(load_dataset("sample", "test"))
+    x, y = x[: args.batch], y[: args.batch]
+    torch.manual_seed(0)
+    model = build_model("cnn-small", info.in_shape, 10, info.mean, info.std).eval()
+    result = {
+        "batch": args.batch, "threads": args.threads, "repeats": args.repeats,
+        "machine": platform.processor() or platform.machine(), "versions": versions(),
+        "wrapper_overhead": wrapper_overhead(model, x, y, args.repeats, args.crown_batch),
+        "training_step": training_step_ratio(x, y, args.repeats),
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(args.out / "overhead.json", result)
+    lines = [f"# Overhead (cnn-small, batch {args.batch}, {args.threads} threads, median of "
+             f"{args.repeats})", "", "| bound call | batch | direct auto_LiRPA (s) | wrapper (s) | ratio "
+             "(target <= 1.10) |", "|---|---|---|---|---|"]
+    for k, v in result["wrapper_overhead"].items():
+        lines.append(f"| {k} | {v['batch']} | {v['direct_s']:.4f} | {v['wrapper_s']:.4f} | {v['ratio']:.3f} |")
+    ts = result["training_step"]
+    lines += ["", "| training step | seconds | ratio to natural (target <= 3.0) |", "|---|---|---|",
+              f"| natural | {ts['natural_s']:.4f} | 1.00 |"]
+    for k, v in ts.items():
+        if k != "natural_s":
+            lines.append(f"| {k} | {v['seconds']:.4f} | {v['ratio']:.2f} |")
+    atomic_write_text(args.out / "overhead.md", "\n".join(lines) + "\n")
+    print("\n".join(lines))
+    print(f"\nwrote {args.out}/overhead.json and overhead.md")
+
+
+if __name__ == "__main__":
+    main()

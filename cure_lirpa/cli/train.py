@@ -1,0 +1,411 @@
+"""``cure-lirpa train``: certified training (single-norm baselines and the CURE methods).
+
+A thin layer over :func:`cure_lirpa.training.train`: parse options, apply a preset to the options
+not given explicitly, print one line per epoch and a summary.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+from click.core import ParameterSource
+
+from ..data import DATASETS
+from ..errors import UserError
+from ..methods import L2_VARIANTS, LINF_VARIANTS, METHODS, NORMS, SINGLE_NORM_VARIANTS
+from ..training import CHECKPOINT, DEFAULT_METHOD, PRESETS, TrainConfig, apply_preset
+from ..training import train as run_training
+from .common import DEVICE_CHOICE, resolve_device
+
+_D = TrainConfig()  # the library's defaults, shown in --help
+NONNEG = click.FloatRange(min=0.0)
+UNIT = click.FloatRange(0.0, 1.0)
+POSITIVE = click.FloatRange(min=0.0, min_open=True)
+
+
+class FloatList(click.ParamType):
+    """Comma-separated non-negative numbers, e.g. ``50,60``; an empty string is the empty list."""
+
+    name = "EPOCHS"
+
+    def convert(self, value: Any, param: Any, ctx: Any) -> tuple[float, ...]:
+        if isinstance(value, (list, tuple)):
+            return tuple(float(v) for v in value)
+        try:
+            out = tuple(float(v) for v in str(value).split(",") if v.strip())
+        except ValueError:
+            self.fail(
+                f"{value!r} is not a comma-separated list of numbers (e.g. 50,60)", param, ctx
+            )
+        if any(not math.isfinite(v) or v < 0 for v in out):
+            self.fail(f"{value!r} must hold numbers >= 0", param, ctx)
+        return out
+
+
+# CLI option name -> TrainConfig field (options not listed map to themselves, dashes -> underscores)
+_FIELD = {"width": "arch_kwargs"}
+
+
+EPILOG = """
+\b
+Examples:
+  cure-lirpa train --out runs/demo
+      (cure-joint on the built-in MNIST sample, cnn-small, a few minutes on a CPU)
+  cure-lirpa verify runs/demo/checkpoint.pt --threat linf:0.1 --threat l2:0.5
+  cure-lirpa train --method ibp-linf --dataset mnist --data-root ../shared/data --out runs/ibp
+  cure-lirpa train --method cure-max --ba-eta 2 --gp-beta 0.8 --out runs/max-ba-gp
+  cure-lirpa train --preset cure-scratch --epochs 10 --dataset mnist --out runs/scratch
+  cure-lirpa train --preset cure-finetune --init-from runs/ibp/checkpoint.pt --out runs/ft
+  cure-lirpa train --out runs/demo --resume          (continue after a kill)
+"""
+
+
+@click.command("train", epilog=EPILOG)
+@click.option(
+    "--dataset",
+    type=click.Choice(DATASETS),
+    default=_D.dataset,
+    show_default=True,
+    help="Training data; 'sample' is the built-in 4000/1000 real MNIST sample.",
+)
+@click.option(
+    "--data-root",
+    type=click.Path(),
+    default=None,
+    help="Folder with the dataset (e.g. ../shared/data for MNIST/raw); not needed for 'sample'.",
+)
+@click.option(
+    "--arch",
+    default=_D.arch,
+    show_default=True,
+    help="mlp, cnn-small, cnn5, cnn7, or a user model 'package.module:factory'.",
+)
+@click.option(
+    "--width",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Width of the zoo architecture [default: the architecture's own, e.g. 16 for cnn-small].",
+)
+@click.option(
+    "--method",
+    type=click.Choice(list(METHODS)),
+    default=DEFAULT_METHOD,
+    show_default=True,
+    help="Training method. Single-norm: natural, ibp-linf, ibp-l2, sabr-linf, l2-defence. "
+    "Multi-norm (CURE): cure-joint, cure-max, cure-random.",
+)
+@click.option(
+    "--linf-variant",
+    type=click.Choice(LINF_VARIANTS),
+    default=_D.linf_variant,
+    show_default=True,
+    help="l∞ loss of the cure-* methods: 'ibp' (whole box) or 'sabr' (small box around a PGD point).",
+)
+@click.option(
+    "--l2-variant",
+    type=click.Choice(L2_VARIANTS),
+    default=_D.l2_variant,
+    show_default=True,
+    help="l2 loss of the cure-* methods: 'ball' (exact l2-ball IBP) or 'defence' (CURE's l2 "
+    "defence: box around an l2 PGD point).",
+)
+@click.option(
+    "--preset",
+    type=click.Choice(list(PRESETS)),
+    default=None,
+    help="The paper's settings: cure-scratch (Max+BA+GP) or cure-finetune (needs --init-from). "
+    "Options given explicitly override the preset; with --epochs the preset's schedule is scaled.",
+)
+@click.option(
+    "--eps-linf",
+    type=NONNEG,
+    default=_D.eps_linf,
+    show_default=True,
+    help="Target l∞ radius in [0, 1] pixel units (e.g. 0.1 on MNIST, 0.00784 = 2/255 on CIFAR-10).",
+)
+@click.option(
+    "--eps-l2", type=NONNEG, default=_D.eps_l2, show_default=True, help="Target l2 radius."
+)
+@click.option(
+    "--train-eps-linf",
+    type=NONNEG,
+    default=None,
+    help="l∞ radius used for training [default: --eps-linf].",
+)
+@click.option(
+    "--train-eps-l2",
+    type=NONNEG,
+    default=None,
+    help="l2 radius used for training [default: --eps-l2]; e.g. 0.75 = 1.5x trains for l2 0.5.",
+)
+@click.option("--epochs", type=click.IntRange(min=1), default=_D.epochs, show_default=True)
+@click.option(
+    "--warmup-epochs",
+    type=NONNEG,
+    default=_D.warmup_epochs,
+    show_default=True,
+    help="Epochs of natural training at eps 0 before the ramp (may be fractional).",
+)
+@click.option(
+    "--ramp-epochs",
+    type=NONNEG,
+    default=_D.ramp_epochs,
+    show_default=True,
+    help="Epochs over which eps ramps (smoothed) from 0 to the training eps.",
+)
+@click.option("--batch-size", type=click.IntRange(min=2), default=_D.batch_size, show_default=True)
+@click.option("--lr", type=POSITIVE, default=_D.lr, show_default=True, help="Adam learning rate.")
+@click.option(
+    "--lr-milestones",
+    type=FloatList(),
+    default="",
+    help="Epochs at which the learning rate is multiplied by --lr-factor, e.g. 50,60 [default: none].",
+)
+@click.option("--lr-factor", type=POSITIVE, default=_D.lr_factor, show_default=True)
+@click.option("--weight-decay", type=NONNEG, default=_D.weight_decay, show_default=True)
+@click.option(
+    "--grad-clip",
+    type=NONNEG,
+    default=_D.grad_clip,
+    show_default=True,
+    help="Clip the gradient norm to this value (0 = off).",
+)
+@click.option(
+    "--kappa-start",
+    type=UNIT,
+    default=_D.kappa_start,
+    show_default=True,
+    help="Natural-loss share at the start of the ramp: loss = kappa*CE + (1-kappa)*certified.",
+)
+@click.option(
+    "--kappa-end",
+    type=UNIT,
+    default=_D.kappa_end,
+    show_default=True,
+    help="Natural-loss share from the end of the ramp on (linear in between).",
+)
+@click.option(
+    "--crown-ibp/--no-crown-ibp",
+    default=_D.crown_ibp,
+    show_default=True,
+    help="Mix CROWN-IBP into the ball bounds, beta going 1 -> 0 over the ramp.",
+)
+@click.option(
+    "--sabr-lambda",
+    type=UNIT,
+    default=_D.sabr_lambda,
+    show_default=True,
+    help="SABR box radius as a fraction of eps (CURE: 0.4 MNIST 0.1, 0.6 MNIST 0.3, "
+    "0.1 CIFAR 2/255, 0.7 CIFAR 8/255).",
+)
+@click.option(
+    "--l2-lambda",
+    type=UNIT,
+    default=_D.l2_lambda,
+    show_default=True,
+    help="l2-defence box radius as a fraction of eps (CURE's scripts: 1e-5).",
+)
+@click.option(
+    "--alpha",
+    type=UNIT,
+    default=_D.alpha,
+    show_default=True,
+    help="cure-joint weight of the l∞ loss: alpha*L_inf + (1-alpha)*L_2.",
+)
+@click.option(
+    "--ba-eta",
+    type=NONNEG,
+    default=_D.ba_eta,
+    show_default=True,
+    help="Bound-alignment weight (0 = off; CURE: 2.0 from scratch, 0.5 fine-tuning). cure-* only.",
+)
+@click.option(
+    "--ba-direction",
+    type=click.Choice(NORMS),
+    default=None,
+    help="Norm q whose certified samples are aligned: KL(P_q || P_r) "
+    "[default: l2 on MNIST, linf on CIFAR-10/TinyImageNet].",
+)
+@click.option(
+    "--gp-beta",
+    type=UNIT,
+    default=_D.gp_beta,
+    show_default=True,
+    help="Gradient projection weight after the ramp (0 = off; CURE: 0.8, 0.5 fine-tuning).",
+)
+@click.option(
+    "--init-from",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="Start from this checkpoint's weights (fine-tuning); its --arch/--width/--dataset are "
+    "used unless given.",
+)
+@click.option(
+    "--out",
+    "-o",
+    required=True,
+    type=click.Path(file_okay=False),
+    help="Run folder: checkpoint.pt, metrics.jsonl, config.json.",
+)
+@click.option("--resume", is_flag=True, help="Continue the run in --out from its last epoch.")
+@click.option("--overwrite", is_flag=True, help="Replace the run in an existing --out.")
+@click.option("--seed", type=int, default=_D.seed, show_default=True)
+@click.option("--device", type=DEVICE_CHOICE, default="auto", show_default=True)
+@click.option(
+    "--train-count",
+    type=click.IntRange(min=2),
+    default=None,
+    help="Train on the first N training images only (quick runs) [default: all].",
+)
+@click.option(
+    "--memory-mb",
+    type=POSITIVE,
+    default=_D.memory_mb,
+    show_default=True,
+    help="Memory budget of one bound computation (larger batches are split).",
+)
+@click.option(
+    "--train-cert/--no-train-cert",
+    default=_D.train_cert,
+    show_default=True,
+    help="Report certified accuracy of the training batches for every norm (an extra no-grad IBP "
+    "pass for norms the method's loss does not certify, e.g. SABR).",
+)
+@click.option("--threads", type=click.IntRange(min=1), default=None, help="torch CPU threads.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bars and no per-epoch lines.")
+@click.pass_context
+def train_command(ctx: click.Context, **opts: Any) -> None:
+    """Certified training against l∞ and l2 perturbations (CURE and single-norm baselines).
+
+    Trains with eps ramped from 0 to the training radii, writes a checkpoint after every epoch
+    (resumable with --resume), logs loss parts, clean accuracy and certified accuracy of the
+    training batches per norm and for their union to metrics.jsonl, and prints the checkpoint path.
+    """
+    try:
+        _run(ctx, opts)
+    except UserError as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+def _explicit(ctx: click.Context) -> set[str]:
+    """Config fields the user set on the command line (not defaults)."""
+    out = set()
+    for name in ctx.params:
+        if ctx.get_parameter_source(name) not in (ParameterSource.DEFAULT, None):
+            out.add(_FIELD.get(name, name))
+    return out
+
+
+def _run(ctx: click.Context, o: dict[str, Any]) -> None:
+    import torch
+
+    if o["threads"]:
+        torch.set_num_threads(o["threads"])
+    explicit = _explicit(ctx)
+    if o["resume"] and o["overwrite"]:
+        raise UserError("--resume and --overwrite contradict each other; pass one of them")
+    method = o["method"]
+    if method in SINGLE_NORM_VARIANTS:
+        norm, variant = SINGLE_NORM_VARIANTS[method]
+        key = f"{norm}_variant"
+        if key in explicit and o[key] != variant:
+            raise UserError(
+                f"--method {method} fixes the {norm} variant to {variant!r}; drop "
+                f"--{key.replace('_', '-')} {o[key]} or use a cure-* method"
+            )
+    arch, arch_kwargs = o["arch"], ({"width": o["width"]} if o["width"] else {})
+    dataset = o["dataset"]
+    if o["init_from"]:
+        from ..checkpoint import load_checkpoint
+
+        init = load_checkpoint(o["init_from"])
+        if "arch" not in explicit and "arch_kwargs" not in explicit:
+            arch, arch_kwargs = init["arch"], dict(init.get("arch_kwargs") or {})
+        if "dataset" not in explicit:
+            dataset = (init.get("dataset") or {}).get("name", dataset)
+    config = TrainConfig(
+        dataset=dataset,
+        data_root=o["data_root"],
+        arch=arch,
+        arch_kwargs=arch_kwargs,
+        method=method,
+        linf_variant=o["linf_variant"],
+        l2_variant=o["l2_variant"],
+        eps_linf=o["eps_linf"],
+        eps_l2=o["eps_l2"],
+        train_eps_linf=o["train_eps_linf"],
+        train_eps_l2=o["train_eps_l2"],
+        epochs=o["epochs"],
+        warmup_epochs=o["warmup_epochs"],
+        ramp_epochs=o["ramp_epochs"],
+        batch_size=o["batch_size"],
+        lr=o["lr"],
+        lr_milestones=tuple(o["lr_milestones"]),
+        lr_factor=o["lr_factor"],
+        weight_decay=o["weight_decay"],
+        grad_clip=o["grad_clip"],
+        kappa_start=o["kappa_start"],
+        kappa_end=o["kappa_end"],
+        crown_ibp=o["crown_ibp"],
+        sabr_lambda=o["sabr_lambda"],
+        l2_lambda=o["l2_lambda"],
+        alpha=o["alpha"],
+        ba_eta=o["ba_eta"],
+        ba_direction=o["ba_direction"],
+        gp_beta=o["gp_beta"],
+        init_from=str(Path(o["init_from"]).resolve()) if o["init_from"] else None,
+        seed=o["seed"],
+        train_count=o["train_count"],
+        memory_mb=o["memory_mb"],
+        train_cert=o["train_cert"],
+    )
+    config = apply_preset(config, o["preset"], explicit).validated()
+    device = resolve_device(o["device"])
+    quiet = o["quiet"]
+
+    def log(msg: str) -> None:
+        click.echo(msg, err=True)
+
+    if not quiet:
+        extra = f", preset {config.preset}" if config.preset else ""
+        log(
+            f"training {config.method} ({config.arch}, {config.dataset}{extra}) for "
+            f"{config.epochs} epochs on {device}; eps linf {config.train_eps_linf:g}, "
+            f"l2 {config.train_eps_l2:g} -> {Path(o['out']) / CHECKPOINT}"
+        )
+    result = run_training(
+        config,
+        o["out"],
+        resume=o["resume"],
+        overwrite=o["overwrite"],
+        device=device,
+        progress=False if quiet else None,
+        log=None if quiet else log,
+    )
+    last = result.last
+    click.echo(str(result.checkpoint))
+    if last:
+        cert = ", ".join(f"{k} {100 * v:.1f}%" for k, v in last.get("certified", {}).items())
+        click.echo(
+            f"epochs {result.epoch}/{config.epochs}, training time {last.get('train_seconds', 0):.0f} s; "
+            f"last epoch on training batches (eps linf {last['eps']['linf']:g}, "
+            f"l2 {last['eps']['l2']:g}): clean {100 * last['clean_accuracy']:.1f}%"
+            + (f", certified {cert}" if cert else "")
+        )
+    if not quiet:
+        click.echo(
+            f"next: cure-lirpa verify {result.checkpoint} --threat linf:{config.eps_linf:g} "
+            f"--threat l2:{config.eps_l2:g}",
+            err=True,
+        )
+
+
+train = train_command
+"""The click command (``from cure_lirpa.cli.train import train``)."""
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(train_command())

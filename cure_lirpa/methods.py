@@ -1,0 +1,555 @@
+"""Certified-training methods: each turns a batch and the current eps into a loss.
+
+A method is a small object with ``norms`` (the norms it trains for) and
+``step(net, batch) -> StepOutput``: the scalar loss to minimise, its parts (floats, for the
+metrics) and, per norm, the boolean mask of samples whose *sound* bound at the current training eps
+is positive (certified). Methods know nothing about epochs, optimizers or checkpoints; the trainer
+knows nothing about method names (it builds the method with :func:`make_method` from its config).
+
+Building blocks (SPEC.md sections 3 and 4). ``lb`` are lower bounds (B, K-1) on the margins
+``f_y - f_j``; the per-sample certified loss of norm p is ``L_p = certified_ce(lb_p)``:
+
+* l∞ variants: ``ibp`` -- the box ``clip(x ± eps, 0, 1)`` through IBP (optionally mixed with
+  CROWN-IBP, ``lb = beta * lb_crown_ibp + (1 - beta) * lb_ibp``); ``sabr`` -- SABR's small box of radius
+  ``lambda * eps`` around a PGD point (:func:`cure_lirpa.attacks.sabr_box`).
+* l2 variants: ``ball`` -- the exact l2 ball through IBP; ``defence`` -- CURE's l2 defence box
+  (:func:`cure_lirpa.attacks.l2_defence_box`).
+* Natural-loss mix (Gowal et al.): ``loss = kappa * CE(f(x), y) + (1 - kappa) * L_robust``.
+* Multi-norm (CURE paper): L_Joint ``alpha * mean(L_inf) + (1 - alpha) * mean(L_2)``, L_Max
+  ``mean(max(L_inf, L_2))``, L_Random (disjoint random halves), and bound alignment L_BA added as
+  ``+ eta * L_BA`` (outside the kappa mix).
+
+At eps 0 no bound is computed: the exact margins ``f_y(x) - f_j(x)`` of the clean logits are the
+bounds, so every certified loss equals the natural cross-entropy (warm-up is natural training).
+
+All forward passes of training go through the bounded module (:class:`TrainingNetwork`), which owns
+the BatchNorm running statistics during training (auto_LiRPA keeps its own copies of buffers);
+:meth:`TrainingNetwork.sync_to_model` copies them back into the original model.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional, Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import losses
+from .attacks import l2_defence_box, sabr_box
+from .bounds import BoundedClassifier, certified
+from .errors import UserError
+from .models import Classifier
+from .threats import NormBall
+
+NORMS = ("linf", "l2")
+"""The norms of multi-norm training, in the order used everywhere (metrics, configs)."""
+P_OF = {"linf": math.inf, "l2": 2.0}
+LINF_VARIANTS = ("ibp", "sabr")
+L2_VARIANTS = ("ball", "defence")
+
+
+# ---------------------------------------------------------------------------------------------
+# The network as methods see it
+
+
+class TrainingNetwork:
+    """A model and its trainable :class:`BoundedClassifier`: logits, bounds and attacks for methods.
+
+    ``model`` maps [0, 1] images to logits. Build once per trainer; BatchNorm modes are set
+    explicitly with :meth:`train`. The bounded module shares the model's parameters but holds its
+    own copies of the buffers (BatchNorm running statistics): during training they live in the
+    bounded module, :meth:`sync_to_model` / :meth:`sync_from_model` copy them across.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        in_shape: tuple[int, ...],
+        device: str | torch.device = "cpu",
+        memory_mb: float = 2048.0,
+    ):
+        self.model = model
+        self.device = torch.device(device)
+        model.to(self.device)
+        model.eval()  # tracing a BatchNorm1d model in train mode fails on the batch-of-1 dummy input
+        self.bounded = BoundedClassifier(
+            model, in_shape, self.device, memory_mb=memory_mb, trainable=True
+        )
+        self.num_classes = self.bounded.num_classes
+        # Buffers of the bounded module (BoundBuffers nodes) and the model's buffers they copy.
+        target = self.bounded.traced
+        mine = dict(target.named_buffers())
+        self._buffer_pairs: list[tuple[torch.Tensor, torch.Tensor]] = []
+        for node in self.bounded.module.modules():
+            if type(node).__name__ == "BoundBuffers" and getattr(node, "ori_name", None) in mine:
+                self._buffer_pairs.append((node.buffer, mine[node.ori_name]))
+        self._probe_lp_ball(in_shape)
+        self.train(True)
+
+    @torch.no_grad()
+    def _probe_lp_ball(self, in_shape: tuple[int, ...]) -> None:
+        """Run the bounded classifier's one-time lp-ball soundness check now, with a clearly
+        non-zero radius on a mid-grey image, so that it never fires mid-training: at the start of a
+        smoothed ramp eps is ~1e-10 and float32 output widths round to 0."""
+        x = torch.full((1, *in_shape), 0.5, device=self.device)
+        y = torch.zeros(1, dtype=torch.long, device=self.device)
+        self.bounded.margin_lower_bounds(x, y, NormBall(2.0, 0.5), "ibp")
+
+    def train(self, mode: bool = True) -> TrainingNetwork:
+        """Train (batch statistics, running-stat updates) or eval mode for the model and bounds.
+
+        Keep train mode while training: auto_LiRPA's parameter nodes set ``requires_grad`` of the
+        shared parameters to the module's mode on every forward.
+        """
+        self.bounded.train(mode)
+        return self
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """Clean logits (B, K) through the bounded module (updates BatchNorm statistics in train mode).
+
+        Call it on the batch before computing bounds: in train mode auto_LiRPA's BatchNorm bounds use
+        the statistics of the last clean forward pass.
+        """
+        if isinstance(self.model, Classifier):  # the trainable bounded module sees normalised input
+            x = self.model.normalize(x)
+        return self.bounded.module(x)
+
+    def ball_bounds(
+        self, x: torch.Tensor, y: torch.Tensor, norm: str, eps: float, method: str = "ibp"
+    ) -> torch.Tensor:
+        """Margin lower bounds (B, K-1) over the ``norm`` ball of radius ``eps`` (with gradients)."""
+        return self.bounded.margin_lower_bounds(x, y, NormBall(P_OF[norm], eps), method)
+
+    def box_bounds(
+        self, x_l: torch.Tensor, x_u: torch.Tensor, y: torch.Tensor, method: str = "ibp"
+    ) -> torch.Tensor:
+        """Margin lower bounds (B, K-1) over the boxes ``[x_l, x_u]`` (with gradients)."""
+        return self.bounded.box_lower_bounds(x_l, x_u, y, method)
+
+    @torch.no_grad()
+    def certify(
+        self, x: torch.Tensor, y: torch.Tensor, logits: torch.Tensor, norm: str, eps: float
+    ) -> torch.Tensor:
+        """Bool (B,): IBP-certified under the ``norm`` ball of radius ``eps`` (no gradients).
+
+        Uses the BatchNorm statistics of the last :meth:`logits` call (the same batch).
+        """
+        if eps == 0:
+            return certified(exact_margins(logits, y))
+        return certified(self.ball_bounds(x, y, norm, eps, "ibp"))
+
+    @torch.no_grad()
+    def sync_to_model(self) -> None:
+        """Copy the bounded module's buffers (BatchNorm running statistics) into the model."""
+        for src, dst in self._buffer_pairs:
+            dst.copy_(src)
+
+    @torch.no_grad()
+    def sync_from_model(self) -> None:
+        """Copy the model's buffers into the bounded module (after loading weights into the model)."""
+        for dst, src in self._buffer_pairs:
+            dst.copy_(src)
+
+
+def exact_margins(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Margins ``f_y - f_j`` (B, K-1) for j != y in increasing j, as :func:`bounds.margin_matrix`."""
+    true = logits.gather(1, y[:, None])
+    keep = ~F.one_hot(y, logits.shape[1]).bool()
+    return (true - logits)[keep].view(logits.shape[0], logits.shape[1] - 1)
+
+
+# ---------------------------------------------------------------------------------------------
+# What a method receives and returns
+
+
+@dataclass
+class Batch:
+    """One training batch and the schedule values of the current step.
+
+    ``x`` (B, C, H, W) in [0, 1]; ``y`` (B,); ``logits`` the clean logits from
+    :meth:`TrainingNetwork.logits` (the trainer computes them, with gradients); ``eps`` the current
+    training radius per norm (``{'linf': ..., 'l2': ...}``, pixel units); ``kappa`` the natural-loss
+    share; ``crown_ibp_beta`` the CROWN-IBP mixing weight (0 = pure IBP); ``generator`` for the
+    method's randomness (attack starts, random halves), on the training device.
+    """
+
+    x: torch.Tensor
+    y: torch.Tensor
+    logits: torch.Tensor
+    eps: dict[str, float]
+    kappa: float = 0.0
+    crown_ibp_beta: float = 0.0
+    generator: Optional[torch.Generator] = None
+
+
+@dataclass
+class StepOutput:
+    """A method's answer: the scalar ``loss``, its ``parts`` (floats) and per-norm ``certified``
+    masks (bool (B,)) for the norms whose sound bound over the whole batch was computed."""
+
+    loss: torch.Tensor
+    parts: dict[str, float] = field(default_factory=dict)
+    certified: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+class Method(Protocol):
+    """What the trainer needs from a training method."""
+
+    name: str
+    norms: tuple[str, ...]
+
+    def step(self, net: TrainingNetwork, batch: Batch) -> StepOutput: ...
+
+
+# ---------------------------------------------------------------------------------------------
+# Per-norm bound blocks
+
+
+class Bound(Protocol):
+    """Lower bounds of one norm for a batch; ``sound`` says whether they certify the whole ball."""
+
+    norm: str
+    sound: bool
+
+    def __call__(self, net: TrainingNetwork, batch: Batch, idx: Optional[torch.Tensor]): ...
+
+
+def _select(batch: Batch, idx: Optional[torch.Tensor]):
+    if idx is None:
+        return batch.x, batch.y, batch.logits
+    return batch.x[idx], batch.y[idx], batch.logits[idx]
+
+
+class BallBound:
+    """IBP bounds over the whole ``norm`` ball (optionally mixed with CROWN-IBP); sound.
+
+    ``lb = beta * lb_crown_ibp + (1 - beta) * lb_ibp`` with ``beta = batch.crown_ibp_beta`` (a convex
+    combination of two lower bounds is a lower bound).
+    """
+
+    def __init__(self, norm: str):
+        self.norm = norm
+        self.sound = True
+
+    def __call__(self, net, batch, idx=None) -> torch.Tensor:
+        x, y, logits = _select(batch, idx)
+        eps = batch.eps[self.norm]
+        if eps == 0:
+            return exact_margins(logits, y)
+        lb = net.ball_bounds(x, y, self.norm, eps, "ibp")
+        beta = batch.crown_ibp_beta
+        if beta > 0:
+            lb = beta * net.ball_bounds(x, y, self.norm, eps, "crown-ibp") + (1 - beta) * lb
+        return lb
+
+
+class SabrBound:
+    """SABR (Müller et al. 2023): IBP over the box of radius ``lambda * eps`` around a PGD point.
+
+    Sound for the whole l∞ ball only when ``lambda = 1`` (then the box is the ball).
+    """
+
+    norm = "linf"
+
+    def __init__(self, lam: float, steps: int = 8):
+        if not 0.0 <= lam <= 1.0:
+            raise UserError(f"--sabr-lambda must be in [0, 1], got {lam}")
+        self.lam, self.steps = float(lam), int(steps)
+        self.sound = self.lam >= 1.0
+
+    def __call__(self, net, batch, idx=None) -> torch.Tensor:
+        x, y, logits = _select(batch, idx)
+        eps = batch.eps["linf"]
+        if eps == 0:
+            return exact_margins(logits, y)
+        x_l, x_u = sabr_box(
+            net.model, x, y, eps, self.lam * eps, steps=self.steps, generator=batch.generator
+        )
+        return net.box_bounds(x_l, x_u, y, "ibp")
+
+
+class L2DefenceBound:
+    """CURE's l2 defence: IBP over the l∞ box of radius ``lambda2 * eps`` around an l2 PGD point.
+
+    A training heuristic: the box neither lies in nor covers the l2 ball, so it is never sound.
+    """
+
+    norm = "l2"
+    sound = False
+
+    def __init__(self, lam: float, steps: int = 8):
+        if not 0.0 <= lam <= 1.0:
+            raise UserError(f"--l2-lambda must be in [0, 1], got {lam}")
+        self.lam, self.steps = float(lam), int(steps)
+
+    def __call__(self, net, batch, idx=None) -> torch.Tensor:
+        x, y, logits = _select(batch, idx)
+        eps = batch.eps["l2"]
+        if eps == 0:
+            return exact_margins(logits, y)
+        x_l, x_u = l2_defence_box(
+            net.model, x, y, eps, self.lam * eps, steps=self.steps, generator=batch.generator
+        )
+        return net.box_bounds(x_l, x_u, y, "ibp")
+
+
+def linf_bound(variant: str, sabr_lambda: float) -> Bound:
+    """The l∞ block: ``'ibp'`` (whole ball) or ``'sabr'`` (small box, radius ``sabr_lambda * eps``)."""
+    if variant == "ibp":
+        return BallBound("linf")
+    if variant == "sabr":
+        return SabrBound(sabr_lambda)
+    raise UserError(f"unknown l∞ variant {variant!r}; choose one of {', '.join(LINF_VARIANTS)}")
+
+
+def l2_bound(variant: str, l2_lambda: float) -> Bound:
+    """The l2 block: ``'ball'`` (exact l2-ball IBP) or ``'defence'`` (CURE's l2 defence box)."""
+    if variant == "ball":
+        return BallBound("l2")
+    if variant == "defence":
+        return L2DefenceBound(l2_lambda)
+    raise UserError(f"unknown l2 variant {variant!r}; choose one of {', '.join(L2_VARIANTS)}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Methods
+
+
+def _mix(batch: Batch, ce: torch.Tensor, robust: torch.Tensor) -> torch.Tensor:
+    """``kappa * CE + (1 - kappa) * robust`` (skipping a zero-weight term, so no NaN leaks in)."""
+    k = batch.kappa
+    if k >= 1.0:
+        return ce
+    if k <= 0.0:
+        return robust
+    return k * ce + (1.0 - k) * robust
+
+
+class Natural:
+    """Natural training: ``CE(f(x), y)`` on clean inputs."""
+
+    name = "natural"
+    norms: tuple[str, ...] = ()
+
+    def step(self, net: TrainingNetwork, batch: Batch) -> StepOutput:
+        ce = F.cross_entropy(batch.logits, batch.y)
+        return StepOutput(ce, {"ce": float(ce.detach())})
+
+
+class SingleNorm:
+    """Certified training for one norm: ``kappa * CE + (1 - kappa) * mean(certified_ce(lb))``.
+
+    ``ibp-linf`` (IBP, Gowal et al.; CROWN-IBP mixing optional), ``sabr-linf`` (SABR),
+    ``ibp-l2`` (exact l2-ball IBP) and ``l2-defence`` (CURE's l2 defence).
+    """
+
+    def __init__(self, name: str, bound: Bound):
+        self.name = name
+        self.bound = bound
+        self.norms = (bound.norm,)
+
+    def step(self, net: TrainingNetwork, batch: Batch) -> StepOutput:
+        ce = F.cross_entropy(batch.logits, batch.y)
+        lb = self.bound(net, batch)
+        robust = losses.certified_ce(lb).mean()
+        out = StepOutput(
+            _mix(batch, ce, robust),
+            {"ce": float(ce.detach()), self.bound.norm: float(robust.detach())},
+        )
+        if self.bound.sound or batch.eps[self.bound.norm] == 0:
+            out.certified[self.bound.norm] = certified(lb.detach())
+        return out
+
+
+COMBINERS = ("joint", "max", "random")
+
+
+class MultiNorm:
+    """CURE multi-norm training with l∞ and l2 per-sample certified losses ``L_inf``, ``L_2``.
+
+    ``combine``: ``'joint'`` (L_Joint, weight ``alpha`` on l∞), ``'max'`` (L_Max) or ``'random'``
+    (L_Random, disjoint random halves; without bound alignment each half's bound is computed only
+    for its own norm). Bound alignment (L_BA) with ``ba_eta > 0``: gamma = samples certified by the
+    training bound of norm ``ba_direction`` (q), ``L_BA = sum_gamma KL(P_q || P_r) / |gamma|`` with
+    ``P_p = softmax([0, -lb_p])``; total ``kappa * CE + (1 - kappa) * L_multi + eta * L_BA``.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        combine: str,
+        linf: Bound,
+        l2: Bound,
+        alpha: float = 0.5,
+        ba_eta: float = 0.0,
+        ba_direction: str = "l2",
+    ):
+        if combine not in COMBINERS:
+            raise UserError(f"unknown combiner {combine!r}; choose one of {', '.join(COMBINERS)}")
+        if not 0.0 <= alpha <= 1.0:
+            raise UserError(f"--alpha must be in [0, 1], got {alpha}")
+        if ba_eta < 0:
+            raise UserError(f"--ba-eta must be >= 0, got {ba_eta}")
+        if ba_direction not in NORMS:
+            raise UserError(
+                f"--ba-direction must be one of {', '.join(NORMS)}, got {ba_direction!r}"
+            )
+        self.name, self.combine = name, combine
+        self.blocks = {"linf": linf, "l2": l2}
+        self.alpha, self.ba_eta, self.ba_direction = float(alpha), float(ba_eta), ba_direction
+        self.norms = NORMS
+
+    def step(self, net: TrainingNetwork, batch: Batch) -> StepOutput:
+        ce = F.cross_entropy(batch.logits, batch.y)
+        b = batch.y.shape[0]
+        parts: dict[str, float] = {"ce": float(ce.detach())}
+        if self.combine == "random" and self.ba_eta == 0:
+            idx_a, idx_b = losses.random_halves(b, batch.generator)
+            idx_a, idx_b = idx_a.to(batch.y.device), idx_b.to(batch.y.device)
+            per = {}
+            for norm, idx in (("linf", idx_a), ("l2", idx_b)):
+                l_half = losses.certified_ce(self.blocks[norm](net, batch, idx))
+                per[norm] = torch.zeros(b, dtype=l_half.dtype, device=l_half.device).index_put(
+                    (idx,), l_half
+                )
+                parts[norm] = float(l_half.detach().mean()) if len(idx) else 0.0
+            robust = losses.random_loss(per["linf"], per["l2"], idx_a, idx_b)
+            parts["robust"] = float(robust.detach())
+            return StepOutput(_mix(batch, ce, robust), parts)
+
+        lbs = {norm: self.blocks[norm](net, batch) for norm in NORMS}
+        per = {norm: losses.certified_ce(lb) for norm, lb in lbs.items()}
+        for norm in NORMS:
+            parts[norm] = float(per[norm].detach().mean())
+        if self.combine == "joint":
+            robust = losses.joint(per["linf"], per["l2"], self.alpha)
+        elif self.combine == "max":
+            robust = losses.max_loss(per["linf"], per["l2"])
+        else:
+            idx_a, idx_b = losses.random_halves(b, batch.generator)
+            robust = losses.random_loss(per["linf"], per["l2"], idx_a, idx_b)
+        parts["robust"] = float(robust.detach())
+        loss = _mix(batch, ce, robust)
+        if self.ba_eta > 0:
+            q = self.ba_direction
+            r = "l2" if q == "linf" else "linf"
+            gamma = certified(lbs[q].detach())
+            ba = losses.bound_alignment(lbs[q], lbs[r], gamma)
+            parts["ba"] = float(ba.detach())
+            loss = loss + self.ba_eta * ba
+        out = StepOutput(loss, parts)
+        for norm in NORMS:
+            if self.blocks[norm].sound or batch.eps[norm] == 0:
+                out.certified[norm] = certified(lbs[norm].detach())
+        return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Registry: method name -> factory(options)
+
+
+@dataclass(frozen=True)
+class MethodOptions:
+    """The options methods are built from (a subset of the trainer's configuration)."""
+
+    linf_variant: str = "ibp"
+    l2_variant: str = "ball"
+    sabr_lambda: float = 0.4
+    l2_lambda: float = 1e-5
+    alpha: float = 0.5
+    ba_eta: float = 0.0
+    ba_direction: str = "l2"
+
+
+def _single(name: str, norm: str, variant: str) -> Callable[[MethodOptions], Method]:
+    def build(o: MethodOptions) -> Method:
+        block = (
+            linf_bound(variant, o.sabr_lambda) if norm == "linf" else l2_bound(variant, o.l2_lambda)
+        )
+        return SingleNorm(name, block)
+
+    return build
+
+
+def _multi(name: str, combine: str) -> Callable[[MethodOptions], Method]:
+    def build(o: MethodOptions) -> Method:
+        return MultiNorm(
+            name,
+            combine,
+            linf_bound(o.linf_variant, o.sabr_lambda),
+            l2_bound(o.l2_variant, o.l2_lambda),
+            o.alpha,
+            o.ba_eta,
+            o.ba_direction,
+        )
+
+    return build
+
+
+METHODS: dict[str, Callable[[MethodOptions], Method]] = {
+    "natural": lambda o: Natural(),
+    "ibp-linf": _single("ibp-linf", "linf", "ibp"),
+    "sabr-linf": _single("sabr-linf", "linf", "sabr"),
+    "ibp-l2": _single("ibp-l2", "l2", "ball"),
+    "l2-defence": _single("l2-defence", "l2", "defence"),
+    "cure-joint": _multi("cure-joint", "joint"),
+    "cure-max": _multi("cure-max", "max"),
+    "cure-random": _multi("cure-random", "random"),
+}
+"""Every method name the trainer and the CLI accept."""
+
+SINGLE_NORM_VARIANTS: dict[str, tuple[str, str]] = {
+    "ibp-linf": ("linf", "ibp"),
+    "sabr-linf": ("linf", "sabr"),
+    "ibp-l2": ("l2", "ball"),
+    "l2-defence": ("l2", "defence"),
+}
+"""Single-norm methods: the norm they train and the variant their name fixes."""
+
+MULTI_NORM = ("cure-joint", "cure-max", "cure-random")
+
+
+def is_multi_norm(name: str) -> bool:
+    return name in MULTI_NORM
+
+
+def make_method(name: str, options: MethodOptions | None = None, **kw: Any) -> Method:
+    """Build method ``name`` (one of :data:`METHODS`) from ``options`` (or keyword options)."""
+    if name not in METHODS:
+        raise UserError(f"unknown training method {name!r}; choose one of {', '.join(METHODS)}")
+    options = options if options is not None else MethodOptions(**kw)
+    if options.ba_eta > 0 and not is_multi_norm(name):
+        raise UserError(
+            f"bound alignment (--ba-eta {options.ba_eta:g}) needs a multi-norm method "
+            f"({', '.join(MULTI_NORM)}), not {name!r}"
+        )
+    return METHODS[name](options)
+
+
+__all__ = [
+    "Batch",
+    "BallBound",
+    "COMBINERS",
+    "L2DefenceBound",
+    "L2_VARIANTS",
+    "LINF_VARIANTS",
+    "METHODS",
+    "MULTI_NORM",
+    "Method",
+    "MethodOptions",
+    "MultiNorm",
+    "NORMS",
+    "Natural",
+    "SabrBound",
+    "SingleNorm",
+    "StepOutput",
+    "TrainingNetwork",
+    "exact_margins",
+    "is_multi_norm",
+    "l2_bound",
+    "linf_bound",
+    "make_method",
+]

@@ -1,0 +1,309 @@
+"""Certified training: every method lowers its loss, checkpoints load, resume is exact (also mid-GP)."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from cure_lirpa import losses
+from cure_lirpa.bounds import BoundedClassifier
+from cure_lirpa.checkpoint import load_checkpoint, model_from_checkpoint
+from cure_lirpa.errors import UserError
+from cure_lirpa.methods import (
+    METHODS,
+    Batch,
+    MethodOptions,
+    TrainingNetwork,
+    exact_margins,
+    make_method,
+)
+from cure_lirpa.models import build_model
+from cure_lirpa.threats import NormBall
+from cure_lirpa.training import (
+    TrainConfig,
+    apply_preset,
+    make_ramp,
+    preset_values,
+    schedule_at,
+    step_time,
+    train,
+)
+
+MNIST = ((1, 28, 28), 10, (0.1307,), (0.3081,))
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def tiny(**kw) -> TrainConfig:
+    """A few-second run: 192 sample images, cnn-small of width 4, batches of 64."""
+    base = dict(
+        arch="cnn-small",
+        arch_kwargs={"width": 4},
+        train_count=192,
+        batch_size=64,
+        epochs=3,
+        warmup_epochs=0.0,
+        ramp_epochs=0.0,
+        lr=5e-3,
+        kappa_start=0.0,
+        kappa_end=0.0,
+        train_eps_linf=0.05,
+        train_eps_l2=0.25,
+    )
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def weights(path) -> dict[str, torch.Tensor]:
+    return load_checkpoint(path)["state_dict"]
+
+
+def same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+# ---------------------------------------------------------------------------------------------
+# methods
+
+
+def test_exact_margins_are_the_bounds_at_eps_zero_and_give_cross_entropy():
+    torch.manual_seed(0)
+    model = build_model("cnn-small", *MNIST, width=4).eval()
+    x, y = torch.rand(5, 1, 28, 28), torch.tensor([0, 3, 9, 1, 1])
+    logits = model(x)
+    m = exact_margins(logits, y)
+    lb = BoundedClassifier(model, (1, 28, 28)).margin_lower_bounds(x, y, NormBall(math.inf, 0.0))
+    assert torch.allclose(m, lb, atol=1e-4)
+    assert torch.allclose(losses.certified_ce(m), F.cross_entropy(logits, y, reduction="none"))
+
+
+def _net_and_batch(eps_linf=0.05, eps_l2=0.25):
+    from cure_lirpa.data import load_dataset, stack, take
+
+    torch.manual_seed(0)
+    model = build_model("cnn-small", *MNIST, width=4)
+    net = TrainingNetwork(model, (1, 28, 28))
+    x, y = stack(take(load_dataset("sample", "train"), 0, 32))
+    logits = net.logits(x)
+    gen = torch.Generator().manual_seed(0)
+    return net, Batch(x, y, logits, {"linf": eps_linf, "l2": eps_l2}, 0.0, 0.0, gen)
+
+
+def test_multi_norm_losses_follow_their_formulas():
+    net, batch = _net_and_batch()
+    lb_inf = net.ball_bounds(batch.x, batch.y, "linf", 0.05)
+    lb_2 = net.ball_bounds(batch.x, batch.y, "l2", 0.25)
+    l_inf, l_2 = losses.certified_ce(lb_inf), losses.certified_ce(lb_2)
+    joint = make_method("cure-joint", alpha=0.3).step(net, batch)
+    assert joint.loss.item() == pytest.approx((0.3 * l_inf.mean() + 0.7 * l_2.mean()).item(), 1e-5)
+    mx = make_method("cure-max").step(net, batch)
+    assert mx.loss.item() == pytest.approx(torch.maximum(l_inf, l_2).mean().item(), rel=1e-5)
+    assert set(mx.certified) == {"linf", "l2"}
+    ba = make_method("cure-max", ba_eta=2.0, ba_direction="linf").step(net, batch)
+    gamma = (lb_inf > 0).all(1)
+    expected = torch.maximum(l_inf, l_2).mean() + 2.0 * losses.bound_alignment(lb_inf, lb_2, gamma)
+    assert ba.loss.item() == pytest.approx(expected.item(), rel=1e-5)
+    # CROWN-IBP mixing: lb = beta * lb_crown_ibp + (1 - beta) * lb_ibp
+    batch.crown_ibp_beta = 0.25
+    lb_cibp = net.ball_bounds(batch.x, batch.y, "linf", 0.05, "crown-ibp")
+    mixed = make_method("ibp-linf").step(net, batch)
+    expected = losses.certified_ce(0.25 * lb_cibp + 0.75 * lb_inf).mean()
+    assert mixed.loss.item() == pytest.approx(expected.item(), rel=1e-5)
+    batch.crown_ibp_beta = 0.0
+    # kappa mixes the natural loss in
+    batch.kappa = 0.25
+    single = make_method("ibp-linf").step(net, batch)
+    ce = F.cross_entropy(batch.logits, batch.y)
+    assert single.loss.item() == pytest.approx((0.25 * ce + 0.75 * l_inf.mean()).item(), rel=1e-5)
+
+
+def test_random_halves_without_ba_bound_each_half_for_its_norm():
+    net, batch = _net_and_batch()
+    state = batch.generator.get_state()
+    out = make_method("cure-random").step(net, batch)
+    batch.generator.set_state(state)
+    a, b = losses.random_halves(len(batch.y), batch.generator)
+    l_inf = losses.certified_ce(net.ball_bounds(batch.x, batch.y, "linf", 0.05))
+    l_2 = losses.certified_ce(net.ball_bounds(batch.x, batch.y, "l2", 0.25))
+    assert out.loss.item() == pytest.approx(losses.random_loss(l_inf, l_2, a, b).item(), rel=1e-4)
+    assert out.certified == {}  # partial bounds certify nobody: the trainer fills the masks in
+
+
+def test_unsound_training_bounds_report_no_certificates():
+    net, batch = _net_and_batch()
+    for name in ("sabr-linf", "l2-defence"):
+        assert make_method(name).step(net, batch).certified == {}
+    out = make_method("cure-joint", MethodOptions(linf_variant="sabr")).step(net, batch)
+    assert set(out.certified) == {"l2"}
+
+
+def test_ba_needs_a_multi_norm_method():
+    with pytest.raises(UserError, match="multi-norm"):
+        make_method("ibp-linf", ba_eta=1.0)
+    with pytest.raises(UserError, match="unknown training method"):
+        make_method("pgd")
+
+
+# ---------------------------------------------------------------------------------------------
+# training runs
+
+
+RUNS = [(name, {}) for name in METHODS] + [
+    ("cure-max", {"ba_eta": 2.0}),
+    ("cure-random", {"ba_eta": 0.5, "ba_direction": "linf"}),
+    ("cure-joint", {"linf_variant": "sabr", "l2_variant": "defence"}),
+]
+
+
+@pytest.mark.parametrize("method,extra", RUNS, ids=[f"{m}{'+' if e else ''}" for m, e in RUNS])
+def test_each_method_lowers_its_loss_and_writes_a_loadable_checkpoint(tmp_path, method, extra):
+    config = tiny(method=method, **extra)
+    result = train(config, tmp_path / "run", progress=False, log=None)
+    losses_ = [h["loss"] for h in result.history]
+    assert len(losses_) == 3 and all(math.isfinite(v) for v in losses_)
+    assert losses_[-1] < losses_[0], losses_
+    rec = result.history[-1]
+    assert set(rec["certified"]) == {"linf", "l2", "union"}
+    assert rec["certified"]["union"] <= min(rec["certified"]["linf"], rec["certified"]["l2"])
+    assert rec["eps"] == {"linf": 0.05, "l2": 0.25}
+    ckpt = load_checkpoint(result.checkpoint)
+    assert ckpt["epoch"] == 3 and ckpt["config"]["method"] == method
+    model = model_from_checkpoint(ckpt)
+    x = torch.rand(2, 1, 28, 28)
+    assert model(x).shape == (2, 10)
+    lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) == 3
+
+
+def test_warmup_is_natural_and_eps_ramps(tmp_path):
+    config = tiny(method="ibp-linf", epochs=3, warmup_epochs=1.0, ramp_epochs=1.0, kappa_start=0.5)
+    result = train(config, tmp_path / "run", progress=False, log=None)
+    h = result.history
+    assert h[0]["eps"]["linf"] == 0.0 and h[0]["parts"]["linf"] == pytest.approx(
+        h[0]["parts"]["ce"]
+    )
+    assert 0 < h[1]["eps"]["linf"] <= 0.05 and h[2]["eps"]["linf"] == 0.05
+    c = config.validated()
+    ramp = make_ramp(c, 3)
+    assert schedule_at(c, 0, 3, ramp).kappa == 0.5 and schedule_at(c, 6, 3, ramp).kappa == 0.0
+
+
+def test_resume_after_a_kill_gives_identical_weights(tmp_path):
+    config = tiny(
+        method="cure-max",
+        linf_variant="sabr",
+        ba_eta=1.0,
+        arch="cnn7",
+        arch_kwargs={"width": 2},
+        train_count=130,
+        warmup_epochs=0.5,
+        ramp_epochs=1.0,
+    )
+    full = train(config, tmp_path / "full", progress=False, log=None)
+    part = train(config, tmp_path / "part", progress=False, log=None, stop_after=2)
+    assert part.epoch == 2
+    again = train(config, tmp_path / "part", resume=True, progress=False, log=None)
+    assert again.epoch == 3
+    a, b = weights(full.checkpoint), weights(again.checkpoint)
+    assert same(a, b)
+    # BatchNorm running statistics reached the saved model (they live in the bounded module)
+    assert any("running_mean" in k and v.abs().sum() > 0 for k, v in a.items())
+    assert [h["loss"] for h in full.history] == [h["loss"] for h in again.history]
+
+
+def test_gradient_projection_resumes_exactly_after_a_kill_in_the_natural_half(tmp_path):
+    config = tiny(method="cure-joint", gp_beta=0.5, ramp_epochs=1.0, epochs=3)
+    full = train(config, tmp_path / "full", progress=False, log=None)
+    assert [h["gp"] for h in full.history] == [False, True, True]
+    assert "gp_natural_loss" in full.history[1]
+
+    class Kill(Exception):
+        pass
+
+    def kill(info):
+        if info["epoch"] == 1 and info["phase"] == "natural" and info["step"] == 1:
+            raise Kill
+
+    with pytest.raises(Kill):
+        train(config, tmp_path / "part", progress=False, log=None, callback=kill)
+    assert load_checkpoint(tmp_path / "part" / "checkpoint.pt")["epoch"] == 1
+    resumed = train(config, tmp_path / "part", resume=True, progress=False, log=None)
+    assert same(weights(full.checkpoint), weights(resumed.checkpoint))
+    state = load_checkpoint(resumed.checkpoint)["trainer_state"]
+    assert state["gp"]["epochs_done"] == 2
+
+
+def test_gradient_projection_merges_the_two_sub_epochs(tmp_path, monkeypatch):
+    """The GP epoch's weights are project_gradients(theta0, theta_c, theta_n, beta)."""
+    import cure_lirpa.training as training
+
+    seen = {}
+    real = training.project_gradients
+
+    def spy(theta0, theta_c, theta_n, beta):
+        seen.update(theta0=theta0, theta_c=theta_c, theta_n=theta_n, beta=beta)
+        return real(theta0, theta_c, theta_n, beta)
+
+    monkeypatch.setattr(training, "project_gradients", spy)
+    config = tiny(method="ibp-linf", gp_beta=0.8, ramp_epochs=1.0, epochs=2)
+    result = train(config, tmp_path / "run", progress=False, log=None)
+    assert seen["beta"] == 0.8
+    assert not same(seen["theta_c"], seen["theta_n"])
+    merged = real(seen["theta0"], seen["theta_c"], seen["theta_n"], 0.8)
+    assert same(weights(result.checkpoint), merged)
+
+
+def test_resume_refuses_another_configuration_and_extends_epochs(tmp_path):
+    config = tiny(method="ibp-l2", epochs=1)
+    train(config, tmp_path / "run", progress=False, log=None)
+    with pytest.raises(UserError, match="different configuration"):
+        train(dataclasses.replace(config, lr=1e-2), tmp_path / "run", resume=True, log=None)
+    with pytest.raises(UserError, match="already exists"):
+        train(config, tmp_path / "run", log=None)
+    more = train(dataclasses.replace(config, epochs=2), tmp_path / "run", resume=True, log=None)
+    assert more.epoch == 2 and len(more.history) == 2
+
+
+def test_fine_tuning_starts_from_the_checkpoint(tmp_path):
+    base = train(tiny(method="ibp-linf", epochs=1), tmp_path / "base", progress=False, log=None)
+    config = tiny(method="cure-max", ba_eta=0.5, epochs=1, lr=1e-12, init_from=str(base.checkpoint))
+    ft = train(config, tmp_path / "ft", progress=False, log=None)
+    a, b = weights(base.checkpoint), weights(ft.checkpoint)
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+    bad = dataclasses.replace(config, arch_kwargs={"width": 5})
+    with pytest.raises(UserError, match="--init-from"):
+        train(bad, tmp_path / "bad", log=None)
+    assert not (tmp_path / "bad").exists()
+
+
+def test_presets_set_the_paper_defaults_and_yield_to_explicit_options():
+    v = preset_values("cure-scratch", "mnist", 0.1)
+    assert (v["method"], v["ba_eta"], v["gp_beta"], v["lr"]) == ("cure-max", 2.0, 0.8, 5e-4)
+    assert v["sabr_lambda"] == 0.4 and v["ba_direction"] == "l2"
+    assert preset_values("cure-scratch", "cifar10", 8 / 255)["sabr_lambda"] == 0.7
+    assert preset_values("cure-scratch", "mnist", 0.3)["ba_eta"] == 0.5
+    c = apply_preset(TrainConfig(epochs=7, gp_beta=0.3), "cure-scratch", {"epochs", "gp_beta"})
+    assert c.gp_beta == 0.3 and c.ba_eta == 2.0 and c.epochs == 7
+    assert c.ramp_epochs == pytest.approx(2.0) and c.lr_milestones == (5.0, 6.0)
+    ft = apply_preset(TrainConfig(init_from="x.pt"), "cure-finetune", ())
+    assert (ft.ba_eta, ft.gp_beta, ft.warmup_epochs) == (0.5, 0.5, 2.0)
+    with pytest.raises(UserError, match="--init-from"):
+        apply_preset(TrainConfig(), "cure-finetune", ()).validated()
+
+
+def test_step_time_is_measured():
+    from cure_lirpa.data import load_dataset, stack, take
+
+    x, y = stack(take(load_dataset("sample", "train"), 0, 16))
+    t = step_time(tiny(method="ibp-linf"), x, y, repeats=1)
+    assert 0 < t < 30

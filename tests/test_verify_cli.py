@@ -1,0 +1,136 @@
+"""`cure-lirpa verify` end to end on the built-in sample, and its user errors."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from cure_lirpa.checkpoint import atomic_torch_save, make_checkpoint
+from cure_lirpa.cli import main
+from cure_lirpa.data import dataset_info, load_dataset, stack
+from cure_lirpa.models import build_model
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    """A small MLP trained naturally for a few hundred steps on the sample (certifies at small eps)."""
+    torch.manual_seed(0)
+    torch.set_num_threads(1)
+    info = dataset_info("sample")
+    model = build_model("mlp", info.in_shape, 10, info.mean, info.std, width=64, depth=2)
+    x, y = stack(load_dataset("sample", "train"))
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    for step in range(300):
+        idx = torch.randint(0, len(x), (64,))
+        loss = torch.nn.functional.cross_entropy(model(x[idx]), y[idx])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    path = tmp_path_factory.mktemp("ckpt") / "checkpoint.pt"
+    atomic_torch_save(make_checkpoint(model.eval(), "mlp", info, {"method": "natural"},
+                                      {"width": 64, "depth": 2}), path)
+    return path
+
+
+def _run(*args):
+    return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
+
+
+def test_verify_end_to_end_is_sound(checkpoint, tmp_path):
+    out = tmp_path / "v"
+    res = _run("verify", checkpoint, "--threat", "linf:0.01", "--threat", "l2:0.3",
+               "--threat", "l1:1.0", "--method", "ibp", "--method", "crown", "--method", "auto",
+               "--count", "40", "--batch-size", "16", "--out", out, "--quiet", "--device", "cpu")
+    assert res.exit_code == 0, res.output
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["samples"] == 40
+    assert summary["clean_accuracy"] > 70
+    assert summary["soundness_violations"] == {"linf:0.01": 0, "l2:0.3": 0, "l1:1": 0}
+    # The test must be able to fail: some samples are certified, and CROWN beats IBP.
+    cert = summary["certified"]
+    assert cert["linf:0.01"]["crown"] > 0 and cert["l2:0.3"]["crown"] > 0
+    assert cert["l2:0.3"]["crown"] >= cert["l2:0.3"]["ibp"]
+    # auto (the cascade) certifies exactly what some single method certifies (here ibp or crown,
+    # a subset of the cascade's methods), and at least as much as each of them.
+    for t in cert:
+        assert cert[t]["auto"] >= max(cert[t]["ibp"], cert[t]["crown"])
+    # Union accuracy is at most every per-threat certified accuracy.
+    assert summary["union"]["best"] <= min(summary["certified_best"].values())
+    rows = list(csv.DictReader((out / "samples.csv").open()))
+    assert len(rows) == 40
+    for r in rows:
+        for t in ("linf:0.01", "l2:0.3", "l1:1"):
+            if r[f"{t}/certified"] == "1":
+                assert r[f"{t}/pgd_robust"] == "1", (t, r)  # every certified sample survives PGD
+                assert r["correct"] == "1"
+        assert r["union/certified"] == str(int(all(r[f"{t}/certified"] == "1"
+                                                   for t in ("linf:0.01", "l2:0.3", "l1:1"))))
+    assert not (out / "samples.partial.jsonl").exists()
+    assert "union" in res.output
+
+
+def test_verify_resume_continues_partial_file(checkpoint, tmp_path):
+    out = tmp_path / "r"
+    args = ["verify", checkpoint, "--threat", "l2:0.3", "--method", "ibp", "--count", "24",
+            "--batch-size", "8", "--out", out, "--quiet", "--no-attack", "--device", "cpu"]
+    assert _run(*args).exit_code == 0
+    full = (out / "samples.csv").read_text()
+    # Simulate a kill after two batches: keep 16 rows and half of a third line.
+    (out / "summary.json").unlink()
+    from cure_lirpa.certification import row_to_json, SampleRow  # noqa: F401
+
+    lines = []
+    for row in list(csv.DictReader(full.splitlines()))[:16]:
+        lines.append(json.dumps({
+            "index": int(row["index"]), "label": int(row["label"]),
+            "prediction": int(row["prediction"]),
+            "margins": {"l2:0.3": {"ibp": float(row["l2:0.3/ibp/margin"])}},
+            "certified": {"l2:0.3": {"ibp": row["l2:0.3/ibp/certified"] == "1"}},
+            "decided_by": {}, "robust": {"l2:0.3": None}}))
+    (out / "samples.partial.jsonl").write_text("\n".join(lines) + "\n" + lines[0][:20])
+    res = _run(*args)
+    assert res.exit_code != 0 and "--resume" in res.output
+    res = _run(*args, "--resume")
+    assert res.exit_code == 0, res.output
+    assert (out / "samples.csv").read_text() == full
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["verify", "missing.pt"], "does not exist"),
+        (["verify", "{ckpt}", "--threat", "l3:0.1"], "unknown threat kind"),
+        (["verify", "{ckpt}", "--threat", "linf:abc"], "is not a number"),
+        (["verify", "{ckpt}", "--threat", "l2:-1"], "eps must be"),
+        (["verify", "{bad}"], "not a readable checkpoint"),
+        (["verify", "{ckpt}", "--start", "5000"], "outside the dataset"),
+        (["verify", "{ckpt}", "--dataset", "mnist", "--data-root", "{tmp}"], "MNIST not found"),
+    ],
+)
+def test_verify_user_errors(checkpoint, tmp_path, args, message):
+    bad = tmp_path / "bad.pt"
+    bad.write_text("not a checkpoint")
+    out = tmp_path / "out"
+    args = [a.format(ckpt=checkpoint, bad=bad, tmp=tmp_path) for a in args]
+    res = CliRunner().invoke(main, [*args, "--out", str(out), "--quiet"])
+    assert res.exit_code != 0
+    assert message in res.output, res.output
+    assert "Traceback" not in res.output
+    assert not out.exists()  # no partial output left behind
+
+
+def test_verify_refuses_wrong_input_shape(checkpoint, tmp_path):
+    ckpt = torch.load(checkpoint, weights_only=False)
+    ckpt["dataset"]["in_shape"] = [3, 28, 28]  # pretend the model takes 3 channels
+    ckpt["arch_kwargs"] = {"width": 64, "depth": 2}
+    bad = tmp_path / "shape.pt"
+    torch.save(ckpt, bad)
+    res = CliRunner().invoke(main, ["verify", str(bad), "--out", str(tmp_path / "o"), "--quiet"])
+    assert res.exit_code != 0
+    assert "Traceback" not in res.output
+    assert "do not match" in res.output or "shape" in res.output
+    assert not (tmp_path / "o").exists()
