@@ -13,7 +13,6 @@ Writes benchmarks/results/overhead/overhead.json and overhead.md.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import platform
 import statistics
@@ -35,14 +34,17 @@ from cure_lirpa.threats import NormBall
 OUT = Path(__file__).parent / "results" / "overhead"
 
 
-def _median_time(fn, repeats: int) -> float:
-    fn()  # warm-up
-    times = []
+def _median_times(fns, repeats: int) -> list[float]:
+    """Median seconds of each function, calls interleaved so that machine load hits all alike."""
+    for fn in fns:
+        fn()  # warm-up
+    times: list[list[float]] = [[] for _ in fns]
     for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+        for fn, ts in zip(fns, times):
+            t0 = time.perf_counter()
+            fn()
+            ts.append(time.perf_counter() - t0)
+    return [statistics.median(ts) for ts in times]
 
 
 def wrapper_overhead(model, x, y, repeats: int, crown_batch: int) -> dict:
@@ -61,7 +63,7 @@ def wrapper_overhead(model, x, y, repeats: int, crown_batch: int) -> dict:
         x_L, x_U = (x - eps).clamp(0, 1) - mean, (x + eps).clamp(0, 1) - mean
         for threat in (NormBall(math.inf, eps), NormBall(2.0, 0.5)):
 
-            def run_direct():
+            def run_direct(threat=threat, x_L=x_L, x_U=x_U, x_shift=x_shift, C=C, name=name):
                 if threat.p == math.inf:
                     ptb = lirpa.PerturbationLpNorm(norm=float("inf"), eps=eps, x_L=x_L, x_U=x_U)
                     center = (x_L + x_U) / 2
@@ -69,19 +71,21 @@ def wrapper_overhead(model, x, y, repeats: int, crown_batch: int) -> dict:
                     ptb = lirpa.PerturbationLpNorm(norm=2.0, eps=threat.eps)
                     center = x_shift
                 with torch.no_grad():
-                    direct.compute_bounds(x=(lirpa.BoundedTensor(center, ptb),), C=C, method=name,
-                                          bound_upper=False)
+                    direct.compute_bounds(
+                        x=(lirpa.BoundedTensor(center, ptb),), C=C, method=name, bound_upper=False
+                    )
 
-            def run_wrapper():
+            def run_wrapper(threat=threat, x=x, y=y, method=method):
                 with torch.no_grad():
                     bc.margin_lower_bounds(x, y, threat, method)
 
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                t_direct = _median_time(run_direct, repeats)
-                t_wrap = _median_time(run_wrapper, repeats)
+                t_direct, t_wrap = _median_times([run_direct, run_wrapper], repeats)
             out[f"{method}/{threat.name}"] = {
-                "batch": len(y), "direct_s": t_direct, "wrapper_s": t_wrap,
+                "batch": len(y),
+                "direct_s": t_direct,
+                "wrapper_s": t_wrap,
                 "ratio": t_wrap / t_direct,
             }
     return out
@@ -113,10 +117,10 @@ def training_step_ratio(x, y, repeats: int) -> dict:
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        t_nat = _median_time(natural, repeats)
+        threats = (NormBall(math.inf, 0.1), NormBall(2.0, 0.5))
+        t_nat, *t_ibp = _median_times([natural, *(ibp(t) for t in threats)], repeats)
         res = {"natural_s": t_nat}
-        for threat in (NormBall(math.inf, 0.1), NormBall(2.0, 0.5)):
-            t = _median_time(ibp(threat), repeats)
+        for threat, t in zip(threats, t_ibp):
             res[f"ibp/{threat.name}"] = {"seconds": t, "ratio": t / t_nat}
     return res
 
@@ -124,8 +128,12 @@ def training_step_ratio(x, y, repeats: int) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch", type=int, default=256)
-    parser.add_argument("--crown-batch", type=int, default=16,
-                        help="batch of the CROWN overhead measurement (CROWN is costly)")
+    parser.add_argument(
+        "--crown-batch",
+        type=int,
+        default=16,
+        help="batch of the CROWN overhead measurement (CROWN is costly)",
+    )
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path, default=OUT)
@@ -137,21 +145,34 @@ def main() -> None:
     torch.manual_seed(0)
     model = build_model("cnn-small", info.in_shape, 10, info.mean, info.std).eval()
     result = {
-        "batch": args.batch, "threads": args.threads, "repeats": args.repeats,
-        "machine": platform.processor() or platform.machine(), "versions": versions(),
+        "batch": args.batch,
+        "threads": args.threads,
+        "repeats": args.repeats,
+        "machine": platform.processor() or platform.machine(),
+        "versions": versions(),
         "wrapper_overhead": wrapper_overhead(model, x, y, args.repeats, args.crown_batch),
         "training_step": training_step_ratio(x, y, args.repeats),
     }
     args.out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(args.out / "overhead.json", result)
-    lines = [f"# Overhead (cnn-small, batch {args.batch}, {args.threads} threads, median of "
-             f"{args.repeats})", "", "| bound call | batch | direct auto_LiRPA (s) | wrapper (s) | ratio "
-             "(target <= 1.10) |", "|---|---|---|---|---|"]
+    lines = [
+        f"# Overhead (cnn-small, batch {args.batch}, {args.threads} threads, median of "
+        f"{args.repeats})",
+        "",
+        "| bound call | batch | direct auto_LiRPA (s) | wrapper (s) | ratio (target <= 1.10) |",
+        "|---|---|---|---|---|",
+    ]
     for k, v in result["wrapper_overhead"].items():
-        lines.append(f"| {k} | {v['batch']} | {v['direct_s']:.4f} | {v['wrapper_s']:.4f} | {v['ratio']:.3f} |")
+        lines.append(
+            f"| {k} | {v['batch']} | {v['direct_s']:.4f} | {v['wrapper_s']:.4f} | {v['ratio']:.3f} |"
+        )
     ts = result["training_step"]
-    lines += ["", "| training step | seconds | ratio to natural (target <= 3.0) |", "|---|---|---|",
-              f"| natural | {ts['natural_s']:.4f} | 1.00 |"]
+    lines += [
+        "",
+        "| training step | seconds | ratio to natural (target <= 3.0) |",
+        "|---|---|---|",
+        f"| natural | {ts['natural_s']:.4f} | 1.00 |",
+    ]
     for k, v in ts.items():
         if k != "natural_s":
             lines.append(f"| {k} | {v['seconds']:.4f} | {v['ratio']:.2f} |")

@@ -27,7 +27,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from .attacks import pgd
-from .bounds import METHODS, BoundedClassifier, certified
+from .bounds import METHODS, BoundedClassifier
 from .errors import UserError
 from .threats import NormBall, Threat
 
@@ -61,12 +61,20 @@ class SampleRow:
 
 
 def _cascade(
-    bc: BoundedClassifier, x: torch.Tensor, y: torch.Tensor, threat: Threat, times: dict
+    bc: BoundedClassifier,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    threat: Threat,
+    times: dict,
+    correct: torch.Tensor,
 ) -> tuple[torch.Tensor, list[str]]:
-    """Cheapest-first: returns the deciding margins (B,) and the deciding method per sample."""
+    """Cheapest-first: returns the deciding margins (B,) and the deciding method per sample.
+
+    Misclassified samples are never certifiable and skip every stage (margin -inf, "none").
+    """
     margin = torch.full((len(x),), -math.inf)
     by = ["none"] * len(x)
-    open_idx = torch.arange(len(x))
+    open_idx = torch.arange(len(x))[correct]
     for method in CASCADE:
         if len(open_idx) == 0:
             break
@@ -97,16 +105,14 @@ def certify_batch(
     times = times if times is not None else defaultdict(float)
     with torch.no_grad():
         pred = model(x.to(bc.device)).argmax(1).cpu()
-    rows = [
-        SampleRow(first_index + i, int(y[i]), int(pred[i])) for i in range(len(y))
-    ]
+    rows = [SampleRow(first_index + i, int(y[i]), int(pred[i])) for i in range(len(y))]
     correct = pred == y.cpu()
     for threat in threats:
         name = threat.name
         for method in methods:
             if method == "auto":
-                margin, by = _cascade(bc, x, y, threat, times)
-                for r, m, b in zip(rows, margin.tolist(), by):
+                margin, by = _cascade(bc, x, y, threat, times, correct)
+                for r, b in zip(rows, by):
                     r.decided_by[name] = b
             else:
                 t0 = time.perf_counter()
@@ -118,10 +124,16 @@ def certify_batch(
                 r.certified.setdefault(name, {})[method] = bool(c)
         if attack and isinstance(threat, NormBall):
             t0 = time.perf_counter()
-            x_adv = pgd(model, x.to(bc.device), y.to(bc.device), threat, steps=attack_steps,
-                        restarts=attack_restarts)
+            x_adv = pgd(
+                model,
+                x.to(bc.device),
+                y.to(bc.device),
+                threat,
+                steps=attack_steps,
+                restarts=attack_restarts,
+            )
             with torch.no_grad():
-                robust = (model(x_adv).argmax(1).cpu() == y.cpu())
+                robust = model(x_adv).argmax(1).cpu() == y.cpu()
             times[(name, "pgd")] += time.perf_counter() - t0
             for r, rb in zip(rows, robust.tolist()):
                 r.robust[name] = bool(rb)
@@ -147,7 +159,9 @@ def summarize(
     out: dict[str, Any] = {
         "samples": n,
         "clean_accuracy": pct(sum(r.correct for r in rows)),
-        "certified": {t: {m: pct(sum(r.certified[t][m] for r in rows)) for m in methods} for t in names},
+        "certified": {
+            t: {m: pct(sum(r.certified[t][m] for r in rows)) for m in methods} for t in names
+        },
         "certified_best": {t: pct(sum(r.best(t) for r in rows)) for t in names},
         "union": {
             "best": pct(sum(all(r.best(t) for t in names) for r in rows)),
@@ -229,7 +243,16 @@ def certify_dataset(
                 f"{tuple(in_shape)}; pick the dataset the checkpoint was trained on"
             )
         batch_rows = certify_batch(
-            bc, model, x, y, threats, methods, attack, attack_steps, attack_restarts, times,
+            bc,
+            model,
+            x,
+            y,
+            threats,
+            methods,
+            attack,
+            attack_steps,
+            attack_restarts,
+            times,
             first_index + seen + lo,
         )
         seen += lo + len(batch_rows)
@@ -290,12 +313,19 @@ def markdown_table(summary: dict[str, Any], methods: Sequence[str]) -> str:
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for t, per in summary["certified"].items():
         pgd_acc = summary["pgd_accuracy"].get(t)
-        cells = [t, *(f"{per[m]:.1f}" for m in methods), f"{summary['certified_best'][t]:.1f}",
-                 "-" if pgd_acc is None else f"{pgd_acc:.1f}"]
+        cells = [
+            t,
+            *(f"{per[m]:.1f}" for m in methods),
+            f"{summary['certified_best'][t]:.1f}",
+            "-" if pgd_acc is None else f"{pgd_acc:.1f}",
+        ]
         lines.append("| " + " | ".join(cells) + " |")
     u = summary["union"]
-    lines.append("| **union** | " + " | ".join(f"{u[m]:.1f}" for m in methods)
-                 + f" | **{u['best']:.1f}** | - |")
+    lines.append(
+        "| **union** | "
+        + " | ".join(f"{u[m]:.1f}" for m in methods)
+        + f" | **{u['best']:.1f}** | - |"
+    )
     return "\n".join(lines) + "\n"
 
 

@@ -34,7 +34,11 @@ def versions() -> dict[str, str]:
     """Versions of the packages a result depends on."""
     from . import __version__
 
-    out = {"cure_lirpa": __version__, "torch": torch.__version__, "python": platform.python_version()}
+    out = {
+        "cure_lirpa": __version__,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+    }
     try:  # read the metadata only: importing auto_LiRPA is slow and the smoothing side needs none
         out["auto_LiRPA"] = importlib.metadata.version("auto-LiRPA")
     except importlib.metadata.PackageNotFoundError:
@@ -126,7 +130,9 @@ def load_checkpoint(path: PathLike, map_location: str | torch.device = "cpu") ->
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=False)
     except Exception as exc:
-        raise UserError(f"{path} is not a readable checkpoint ({type(exc).__name__}: {exc})") from None
+        raise UserError(
+            f"{path} is not a readable checkpoint ({type(exc).__name__}: {exc})"
+        ) from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise UserError(
             f"{path} is not a cure-lirpa checkpoint (expected format {FORMAT!r}); "

@@ -114,7 +114,9 @@ def _extract(archive: Path, dest: Path) -> Path:
     tmp = dest.with_name(dest.name + ".partial")
     tmp.mkdir(parents=True, exist_ok=True)
     with tarfile.open(archive) as tar:
-        tar.extractall(tmp, filter="data") if hasattr(tarfile, "data_filter") else tar.extractall(tmp)
+        tar.extractall(tmp, filter="data") if hasattr(tarfile, "data_filter") else tar.extractall(
+            tmp
+        )
     os.replace(tmp, dest)
     return dest
 

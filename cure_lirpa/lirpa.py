@@ -297,10 +297,12 @@ def bound_opts(
 ) -> dict[str, Any]:
     """``bound_opts`` for ``BoundedModule`` with the option names of the installed version.
 
-    ``sparse_features_alpha`` is off: 0.3's sparse-alpha code crashes on CNNs with alpha-CROWN.
+    ``sparse_features_alpha`` and ``sparse_spec_alpha`` are off: 0.3's sparse-alpha code crashes with
+    alpha-CROWN (on CNNs, and on some images with an AssertionError in BoundRelu).
     """
     opts: dict[str, Any] = {
         "sparse_features_alpha": False,
+        "sparse_spec_alpha": False,
         "optimize_bound_args": {"iteration": alpha_iterations, "lr_alpha": alpha_lr},
     }
     opts["activation_bound_option" if NEW_API else "relu"] = relu

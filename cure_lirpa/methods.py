@@ -73,6 +73,9 @@ class TrainingNetwork:
     ):
         self.model = model
         self.device = torch.device(device)
+        # auto_LiRPA's parameter nodes set requires_grad = (module in train mode) on every forward;
+        # remember the model's own flags (e.g. frozen layers) to restore them in train mode.
+        self._requires_grad = [(p, p.requires_grad) for p in model.parameters()]
         model.to(self.device)
         model.eval()  # tracing a BatchNorm1d model in train mode fails on the batch-of-1 dummy input
         self.bounded = BoundedClassifier(
@@ -102,17 +105,30 @@ class TrainingNetwork:
         """Train (batch statistics, running-stat updates) or eval mode for the model and bounds.
 
         Keep train mode while training: auto_LiRPA's parameter nodes set ``requires_grad`` of the
-        shared parameters to the module's mode on every forward.
+        shared parameters to the module's mode on every forward; train mode restores the model's
+        own flags.
         """
         self.bounded.train(mode)
+        if mode:
+            for p, flag in self._requires_grad:
+                p.requires_grad_(flag)
         return self
 
-    def logits(self, x: torch.Tensor) -> torch.Tensor:
-        """Clean logits (B, K) through the bounded module (updates BatchNorm statistics in train mode).
+    @property
+    def has_buffers(self) -> bool:
+        """True for models with buffers in the bounded graph (BatchNorm running statistics)."""
+        return bool(self._buffer_pairs)
 
-        Call it on the batch before computing bounds: in train mode auto_LiRPA's BatchNorm bounds use
-        the statistics of the last clean forward pass.
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """Clean logits (B, K).
+
+        Models with BatchNorm run through the bounded module (it owns the running statistics, and
+        in train mode auto_LiRPA's BatchNorm bounds use the batch statistics of its last clean
+        forward pass: call this on the batch *before* computing its bounds). Other models run
+        through the plain model: the same parameters and operations, without auto_LiRPA's overhead.
         """
+        if not self.has_buffers:
+            return self.model(x)
         if isinstance(self.model, Classifier):  # the trainable bounded module sees normalised input
             x = self.model.normalize(x)
         return self.bounded.module(x)
@@ -135,7 +151,8 @@ class TrainingNetwork:
     ) -> torch.Tensor:
         """Bool (B,): IBP-certified under the ``norm`` ball of radius ``eps`` (no gradients).
 
-        Uses the BatchNorm statistics of the last :meth:`logits` call (the same batch).
+        ``logits`` are the batch's clean logits (used at eps 0). Uses the BatchNorm statistics of
+        the last :meth:`logits` call (the same batch).
         """
         if eps == 0:
             return certified(exact_margins(logits, y))
@@ -169,20 +186,39 @@ def exact_margins(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 class Batch:
     """One training batch and the schedule values of the current step.
 
-    ``x`` (B, C, H, W) in [0, 1]; ``y`` (B,); ``logits`` the clean logits from
-    :meth:`TrainingNetwork.logits` (the trainer computes them, with gradients); ``eps`` the current
-    training radius per norm (``{'linf': ..., 'l2': ...}``, pixel units); ``kappa`` the natural-loss
-    share; ``crown_ibp_beta`` the CROWN-IBP mixing weight (0 = pure IBP); ``generator`` for the
-    method's randomness (attack starts, random halves), on the training device.
+    ``x`` (B, C, H, W) in [0, 1]; ``y`` (B,); ``eps`` the current training radius per norm
+    (``{'linf': ..., 'l2': ...}``, pixel units); ``kappa`` the natural-loss share;
+    ``crown_ibp_beta`` the CROWN-IBP mixing weight (0 = pure IBP); ``generator`` for the method's
+    randomness (attack starts, random halves), on the training device; ``forward`` computes clean
+    logits (:meth:`TrainingNetwork.logits`). :attr:`logits` runs it once, with gradients, when a
+    method first needs it (a pure certified loss never does).
     """
 
     x: torch.Tensor
     y: torch.Tensor
-    logits: torch.Tensor
     eps: dict[str, float]
     kappa: float = 0.0
     crown_ibp_beta: float = 0.0
     generator: Optional[torch.Generator] = None
+    forward: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
+    _logits: Optional[torch.Tensor] = field(default=None, repr=False)
+
+    @property
+    def logits(self) -> torch.Tensor:
+        """Clean logits (B, K), computed on first use and cached."""
+        if self._logits is None:
+            if self.forward is None:
+                raise UserError("this batch has no forward function to compute clean logits")
+            self._logits = self.forward(self.x)
+        return self._logits
+
+    @property
+    def has_logits(self) -> bool:
+        return self._logits is not None
+
+    def ensure_logits(self) -> torch.Tensor:
+        """Compute the clean logits now (BatchNorm models: before any bound of this batch)."""
+        return self.logits
 
 
 @dataclass
@@ -219,8 +255,14 @@ class Bound(Protocol):
 
 def _select(batch: Batch, idx: Optional[torch.Tensor]):
     if idx is None:
-        return batch.x, batch.y, batch.logits
-    return batch.x[idx], batch.y[idx], batch.logits[idx]
+        return batch.x, batch.y
+    return batch.x[idx], batch.y[idx]
+
+
+def _margins(batch: Batch, idx: Optional[torch.Tensor]) -> torch.Tensor:
+    """The bounds at eps 0: exact margins of the clean logits (rows ``idx``)."""
+    logits = batch.logits if idx is None else batch.logits[idx]
+    return exact_margins(logits, batch.y if idx is None else batch.y[idx])
 
 
 class BallBound:
@@ -235,10 +277,10 @@ class BallBound:
         self.sound = True
 
     def __call__(self, net, batch, idx=None) -> torch.Tensor:
-        x, y, logits = _select(batch, idx)
         eps = batch.eps[self.norm]
         if eps == 0:
-            return exact_margins(logits, y)
+            return _margins(batch, idx)
+        x, y = _select(batch, idx)
         lb = net.ball_bounds(x, y, self.norm, eps, "ibp")
         beta = batch.crown_ibp_beta
         if beta > 0:
@@ -261,10 +303,10 @@ class SabrBound:
         self.sound = self.lam >= 1.0
 
     def __call__(self, net, batch, idx=None) -> torch.Tensor:
-        x, y, logits = _select(batch, idx)
         eps = batch.eps["linf"]
         if eps == 0:
-            return exact_margins(logits, y)
+            return _margins(batch, idx)
+        x, y = _select(batch, idx)
         x_l, x_u = sabr_box(
             net.model, x, y, eps, self.lam * eps, steps=self.steps, generator=batch.generator
         )
@@ -286,10 +328,10 @@ class L2DefenceBound:
         self.lam, self.steps = float(lam), int(steps)
 
     def __call__(self, net, batch, idx=None) -> torch.Tensor:
-        x, y, logits = _select(batch, idx)
         eps = batch.eps["l2"]
         if eps == 0:
-            return exact_margins(logits, y)
+            return _margins(batch, idx)
+        x, y = _select(batch, idx)
         x_l, x_u = l2_defence_box(
             net.model, x, y, eps, self.lam * eps, steps=self.steps, generator=batch.generator
         )
@@ -318,14 +360,19 @@ def l2_bound(variant: str, l2_lambda: float) -> Bound:
 # Methods
 
 
-def _mix(batch: Batch, ce: torch.Tensor, robust: torch.Tensor) -> torch.Tensor:
-    """``kappa * CE + (1 - kappa) * robust`` (skipping a zero-weight term, so no NaN leaks in)."""
+def _mix(batch: Batch, robust_fn: Callable[[], torch.Tensor], parts: dict[str, float]):
+    """``kappa * CE(f(x), y) + (1 - kappa) * robust``; a zero-weight term is not computed at all
+    (no clean forward pass for a pure certified loss, no bounds for a purely natural one)."""
     k = batch.kappa
-    if k >= 1.0:
-        return ce
-    if k <= 0.0:
-        return robust
-    return k * ce + (1.0 - k) * robust
+    loss = None
+    if k > 0.0:
+        ce = F.cross_entropy(batch.logits, batch.y)
+        parts["ce"] = float(ce.detach())
+        loss = ce if k >= 1.0 else k * ce
+    if k < 1.0:
+        robust = robust_fn()
+        loss = (1.0 - k) * robust if loss is None else loss + (1.0 - k) * robust
+    return loss
 
 
 class Natural:
@@ -352,15 +399,19 @@ class SingleNorm:
         self.norms = (bound.norm,)
 
     def step(self, net: TrainingNetwork, batch: Batch) -> StepOutput:
-        ce = F.cross_entropy(batch.logits, batch.y)
-        lb = self.bound(net, batch)
-        robust = losses.certified_ce(lb).mean()
-        out = StepOutput(
-            _mix(batch, ce, robust),
-            {"ce": float(ce.detach()), self.bound.norm: float(robust.detach())},
-        )
-        if self.bound.sound or batch.eps[self.bound.norm] == 0:
-            out.certified[self.bound.norm] = certified(lb.detach())
+        norm = self.bound.norm
+        parts: dict[str, float] = {}
+        lbs: dict[str, torch.Tensor] = {}
+
+        def robust() -> torch.Tensor:
+            lbs[norm] = self.bound(net, batch)
+            value = losses.certified_ce(lbs[norm]).mean()
+            parts[norm] = float(value.detach())
+            return value
+
+        out = StepOutput(_mix(batch, robust, parts), parts)
+        if norm in lbs and (self.bound.sound or batch.eps[norm] == 0):
+            out.certified[norm] = certified(lbs[norm].detach())
         return out
 
 
@@ -403,9 +454,25 @@ class MultiNorm:
         self.norms = NORMS
 
     def step(self, net: TrainingNetwork, batch: Batch) -> StepOutput:
-        ce = F.cross_entropy(batch.logits, batch.y)
+        parts: dict[str, float] = {}
+        lbs: dict[str, torch.Tensor] = {}
+        loss = _mix(batch, lambda: self._robust(net, batch, parts, lbs), parts)
+        if self.ba_eta > 0 and lbs:
+            q = self.ba_direction
+            r = "l2" if q == "linf" else "linf"
+            gamma = certified(lbs[q].detach())
+            ba = losses.bound_alignment(lbs[q], lbs[r], gamma)
+            parts["ba"] = float(ba.detach())
+            loss = loss + self.ba_eta * ba
+        out = StepOutput(loss, parts)
+        for norm, lb in lbs.items():
+            if self.blocks[norm].sound or batch.eps[norm] == 0:
+                out.certified[norm] = certified(lb.detach())
+        return out
+
+    def _robust(self, net, batch: Batch, parts: dict[str, float], lbs: dict) -> torch.Tensor:
+        """L_Joint, L_Max or L_Random; fills ``parts`` and (for full-batch bounds) ``lbs``."""
         b = batch.y.shape[0]
-        parts: dict[str, float] = {"ce": float(ce.detach())}
         if self.combine == "random" and self.ba_eta == 0:
             idx_a, idx_b = losses.random_halves(b, batch.generator)
             idx_a, idx_b = idx_a.to(batch.y.device), idx_b.to(batch.y.device)
@@ -418,9 +485,9 @@ class MultiNorm:
                 parts[norm] = float(l_half.detach().mean()) if len(idx) else 0.0
             robust = losses.random_loss(per["linf"], per["l2"], idx_a, idx_b)
             parts["robust"] = float(robust.detach())
-            return StepOutput(_mix(batch, ce, robust), parts)
-
-        lbs = {norm: self.blocks[norm](net, batch) for norm in NORMS}
+            return robust
+        for norm in NORMS:
+            lbs[norm] = self.blocks[norm](net, batch)
         per = {norm: losses.certified_ce(lb) for norm, lb in lbs.items()}
         for norm in NORMS:
             parts[norm] = float(per[norm].detach().mean())
@@ -432,19 +499,7 @@ class MultiNorm:
             idx_a, idx_b = losses.random_halves(b, batch.generator)
             robust = losses.random_loss(per["linf"], per["l2"], idx_a, idx_b)
         parts["robust"] = float(robust.detach())
-        loss = _mix(batch, ce, robust)
-        if self.ba_eta > 0:
-            q = self.ba_direction
-            r = "l2" if q == "linf" else "linf"
-            gamma = certified(lbs[q].detach())
-            ba = losses.bound_alignment(lbs[q], lbs[r], gamma)
-            parts["ba"] = float(ba.detach())
-            loss = loss + self.ba_eta * ba
-        out = StepOutput(loss, parts)
-        for norm in NORMS:
-            if self.blocks[norm].sound or batch.eps[norm] == 0:
-                out.certified[norm] = certified(lbs[norm].detach())
-        return out
+        return robust
 
 
 # ---------------------------------------------------------------------------------------------

@@ -52,7 +52,9 @@ def _flat_size(in_shape: Sequence[int], layers: nn.Sequential) -> int:
         return int(layers(torch.zeros(1, *in_shape)).numel())
 
 
-def mlp(in_shape: Sequence[int], num_classes: int, width: int = 256, depth: int = 3) -> nn.Sequential:
+def mlp(
+    in_shape: Sequence[int], num_classes: int, width: int = 256, depth: int = 3
+) -> nn.Sequential:
     """Fully connected net: ``depth`` hidden layers of ``width`` ReLU units."""
     d = 1
     for s in in_shape:
@@ -107,7 +109,12 @@ def cnn7(in_shape: Sequence[int], num_classes: int, width: int = 64) -> nn.Seque
         return [nn.Conv2d(i, o, 3, stride=stride, padding=1), nn.BatchNorm2d(o), nn.ReLU()]
 
     convs = nn.Sequential(
-        *block(c, w1), *block(w1, w1), *block(w1, w2, 2), *block(w2, w2), *block(w2, w2), nn.Flatten()
+        *block(c, w1),
+        *block(w1, w1),
+        *block(w1, w2, 2),
+        *block(w2, w2),
+        *block(w2, w2),
+        nn.Flatten(),
     )
     n = _flat_size(in_shape, convs)
     return nn.Sequential(

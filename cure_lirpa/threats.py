@@ -107,9 +107,7 @@ class BoxFamily(Threat):
     def num_boxes(self, in_shape: tuple[int, ...]) -> int:
         raise NotImplementedError
 
-    def boxes(
-        self, x: torch.Tensor, chunk: int
-    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def boxes(self, x: torch.Tensor, chunk: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         raise NotImplementedError
 
 

@@ -28,21 +28,38 @@ MEAN, STD = (0.45, 0.5), (0.22, 0.3)  # two channels with different std: the har
 
 
 def _mlp() -> nn.Sequential:
-    return nn.Sequential(nn.Flatten(), nn.Linear(128, 32), nn.ReLU(), nn.Linear(32, 24), nn.ReLU(),
-                         nn.Linear(24, K))
+    return nn.Sequential(
+        nn.Flatten(), nn.Linear(128, 32), nn.ReLU(), nn.Linear(32, 24), nn.ReLU(), nn.Linear(24, K)
+    )
 
 
 def _cnn() -> nn.Sequential:
-    return nn.Sequential(nn.Conv2d(2, 6, 3, padding=1), nn.ReLU(), nn.Conv2d(6, 8, 4, stride=2,
-                         padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(128, 20), nn.ReLU(),
-                         nn.Linear(20, K))
+    return nn.Sequential(
+        nn.Conv2d(2, 6, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(6, 8, 4, stride=2, padding=1),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(128, 20),
+        nn.ReLU(),
+        nn.Linear(20, K),
+    )
 
 
 def _cnn_bn() -> nn.Sequential:
-    return nn.Sequential(nn.Conv2d(2, 6, 3, padding=1), nn.BatchNorm2d(6), nn.ReLU(),
-                         nn.Conv2d(6, 8, 4, stride=2, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
-                         nn.Flatten(), nn.Linear(128, 20), nn.BatchNorm1d(20), nn.ReLU(),
-                         nn.Linear(20, K))
+    return nn.Sequential(
+        nn.Conv2d(2, 6, 3, padding=1),
+        nn.BatchNorm2d(6),
+        nn.ReLU(),
+        nn.Conv2d(6, 8, 4, stride=2, padding=1),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(128, 20),
+        nn.BatchNorm1d(20),
+        nn.ReLU(),
+        nn.Linear(20, K),
+    )
 
 
 def _make(kind: str, normalised: bool) -> nn.Module:
@@ -125,7 +142,7 @@ def test_linear_classifier_bounds_are_exact(threat, trainable):
     torch.manual_seed(3)
     lin = nn.Linear(128, K)
     std1 = (0.3, 0.3)  # one std: normalised-space bounds are exact too
-    for std in ((STD,) if not trainable else (std1,)):
+    for std in (STD,) if not trainable else (std1,):
         model = Classifier(nn.Sequential(nn.Flatten(), lin), MEAN, std).eval()
         x = 0.4 + 0.2 * torch.rand(3, *IN_SHAPE)  # far enough from 0 and 1
         y = torch.tensor([0, 2, 4])

@@ -24,15 +24,19 @@ def checkpoint(tmp_path_factory):
     model = build_model("mlp", info.in_shape, 10, info.mean, info.std, width=64, depth=2)
     x, y = stack(load_dataset("sample", "train"))
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-    for step in range(300):
+    for _ in range(300):
         idx = torch.randint(0, len(x), (64,))
         loss = torch.nn.functional.cross_entropy(model(x[idx]), y[idx])
         opt.zero_grad()
         loss.backward()
         opt.step()
     path = tmp_path_factory.mktemp("ckpt") / "checkpoint.pt"
-    atomic_torch_save(make_checkpoint(model.eval(), "mlp", info, {"method": "natural"},
-                                      {"width": 64, "depth": 2}), path)
+    atomic_torch_save(
+        make_checkpoint(
+            model.eval(), "mlp", info, {"method": "natural"}, {"width": 64, "depth": 2}
+        ),
+        path,
+    )
     return path
 
 
@@ -42,9 +46,31 @@ def _run(*args):
 
 def test_verify_end_to_end_is_sound(checkpoint, tmp_path):
     out = tmp_path / "v"
-    res = _run("verify", checkpoint, "--threat", "linf:0.01", "--threat", "l2:0.3",
-               "--threat", "l1:1.0", "--method", "ibp", "--method", "crown", "--method", "auto",
-               "--count", "40", "--batch-size", "16", "--out", out, "--quiet", "--device", "cpu")
+    res = _run(
+        "verify",
+        checkpoint,
+        "--threat",
+        "linf:0.01",
+        "--threat",
+        "l2:0.3",
+        "--threat",
+        "l1:1.0",
+        "--method",
+        "ibp",
+        "--method",
+        "crown",
+        "--method",
+        "auto",
+        "--count",
+        "40",
+        "--batch-size",
+        "16",
+        "--out",
+        out,
+        "--quiet",
+        "--device",
+        "cpu",
+    )
     assert res.exit_code == 0, res.output
     summary = json.loads((out / "summary.json").read_text())
     assert summary["samples"] == 40
@@ -67,30 +93,52 @@ def test_verify_end_to_end_is_sound(checkpoint, tmp_path):
             if r[f"{t}/certified"] == "1":
                 assert r[f"{t}/pgd_robust"] == "1", (t, r)  # every certified sample survives PGD
                 assert r["correct"] == "1"
-        assert r["union/certified"] == str(int(all(r[f"{t}/certified"] == "1"
-                                                   for t in ("linf:0.01", "l2:0.3", "l1:1"))))
+        assert r["union/certified"] == str(
+            int(all(r[f"{t}/certified"] == "1" for t in ("linf:0.01", "l2:0.3", "l1:1")))
+        )
     assert not (out / "samples.partial.jsonl").exists()
     assert "union" in res.output
 
 
 def test_verify_resume_continues_partial_file(checkpoint, tmp_path):
     out = tmp_path / "r"
-    args = ["verify", checkpoint, "--threat", "l2:0.3", "--method", "ibp", "--count", "24",
-            "--batch-size", "8", "--out", out, "--quiet", "--no-attack", "--device", "cpu"]
+    args = [
+        "verify",
+        checkpoint,
+        "--threat",
+        "l2:0.3",
+        "--method",
+        "ibp",
+        "--count",
+        "24",
+        "--batch-size",
+        "8",
+        "--out",
+        out,
+        "--quiet",
+        "--no-attack",
+        "--device",
+        "cpu",
+    ]
     assert _run(*args).exit_code == 0
     full = (out / "samples.csv").read_text()
     # Simulate a kill after two batches: keep 16 rows and half of a third line.
     (out / "summary.json").unlink()
-    from cure_lirpa.certification import row_to_json, SampleRow  # noqa: F401
-
     lines = []
     for row in list(csv.DictReader(full.splitlines()))[:16]:
-        lines.append(json.dumps({
-            "index": int(row["index"]), "label": int(row["label"]),
-            "prediction": int(row["prediction"]),
-            "margins": {"l2:0.3": {"ibp": float(row["l2:0.3/ibp/margin"])}},
-            "certified": {"l2:0.3": {"ibp": row["l2:0.3/ibp/certified"] == "1"}},
-            "decided_by": {}, "robust": {"l2:0.3": None}}))
+        lines.append(
+            json.dumps(
+                {
+                    "index": int(row["index"]),
+                    "label": int(row["label"]),
+                    "prediction": int(row["prediction"]),
+                    "margins": {"l2:0.3": {"ibp": float(row["l2:0.3/ibp/margin"])}},
+                    "certified": {"l2:0.3": {"ibp": row["l2:0.3/ibp/certified"] == "1"}},
+                    "decided_by": {},
+                    "robust": {"l2:0.3": None},
+                }
+            )
+        )
     (out / "samples.partial.jsonl").write_text("\n".join(lines) + "\n" + lines[0][:20])
     res = _run(*args)
     assert res.exit_code != 0 and "--resume" in res.output

@@ -44,7 +44,8 @@ def main() -> None:
     Examples:
       cure-lirpa train --method cure-joint --epochs 4 --out runs/demo
       cure-lirpa verify runs/demo/checkpoint.pt --threat linf:0.1 --threat l2:0.5
-      cure-lirpa smooth certify runs/smooth/checkpoint.pt --noise hybrid --sigma 0.5
+      cure-lirpa smooth train --method nu-rs --sigma 0.5 --out runs/nu.pt
+      cure-lirpa smooth certify -c runs/nu.pt --noise hybrid --sigma 0.5 -o runs/nu.tsv
     """
 
 

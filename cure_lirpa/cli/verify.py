@@ -12,44 +12,96 @@ import click
 from ..errors import UserError
 from .common import DEVICE_CHOICE, ThreatType, resolve_device
 
-DEFAULT_THREATS = {"mnist": ("linf:0.1", "l2:0.5"), "sample": ("linf:0.1", "l2:0.5"),
-                   "cifar10": ("linf:2/255", "l2:0.25"), "tinyimagenet": ("linf:1/255", "l2:36/255")}
+DEFAULT_THREATS = {
+    "mnist": ("linf:0.1", "l2:0.5"),
+    "sample": ("linf:0.1", "l2:0.5"),
+    "cifar10": ("linf:2/255", "l2:0.25"),
+    "tinyimagenet": ("linf:1/255", "l2:36/255"),
+}
 
 
 @click.command(context_settings={"show_default": True})
 @click.argument("checkpoint", type=click.Path(dir_okay=False, path_type=Path))
-@click.option("--threat", "threats", multiple=True, type=ThreatType(),
-              help="Threat model, repeatable: linf:EPS, l2:EPS, l1:EPS (pixel units, 8/255 allowed), "
-              "patch:K, rotate:DEG, ... Default: the checkpoint's dataset pair (MNIST linf:0.1 l2:0.5).")
-@click.option("--method", "methods", multiple=True,
-              type=click.Choice(["ibp", "crown-ibp", "crown", "alpha-crown", "auto"]),
-              default=("ibp", "crown-ibp"),
-              help="Bound method, repeatable; 'auto' is the cheapest-first cascade.")
-@click.option("--dataset", default=None,
-              type=click.Choice(["sample", "mnist", "cifar10", "tinyimagenet"]),
-              help="Dataset to certify on. Default: the checkpoint's.")
-@click.option("--data-root", type=click.Path(file_okay=True, path_type=Path), default=None,
-              help="Folder (or archive) holding the dataset; default $CURE_LIRPA_DATA or ./data.")
+@click.option(
+    "--threat",
+    "threats",
+    multiple=True,
+    type=ThreatType(),
+    help="Threat model, repeatable: linf:EPS, l2:EPS, l1:EPS (pixel units, 8/255 allowed), "
+    "patch:K, rotate:DEG, ... Default: the checkpoint's dataset pair (MNIST linf:0.1 l2:0.5).",
+)
+@click.option(
+    "--method",
+    "methods",
+    multiple=True,
+    type=click.Choice(["ibp", "crown-ibp", "crown", "alpha-crown", "auto"]),
+    default=("ibp", "crown-ibp"),
+    help="Bound method, repeatable; 'auto' is the cheapest-first cascade.",
+)
+@click.option(
+    "--dataset",
+    default=None,
+    type=click.Choice(["sample", "mnist", "cifar10", "tinyimagenet"]),
+    help="Dataset to certify on. Default: the checkpoint's.",
+)
+@click.option(
+    "--data-root",
+    type=click.Path(file_okay=True, path_type=Path),
+    default=None,
+    help="Folder (or archive) holding the dataset; default $CURE_LIRPA_DATA or ./data.",
+)
 @click.option("--split", type=click.Choice(["test", "train"]), default="test")
 @click.option("--start", type=click.IntRange(min=0), default=0, help="First sample (sharding).")
-@click.option("--count", type=click.IntRange(min=1), default=None,
-              help="Number of samples (default: all from --start).")
+@click.option(
+    "--count",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Number of samples (default: all from --start).",
+)
 @click.option("--batch-size", type=click.IntRange(min=1), default=64)
-@click.option("--memory-mb", type=click.FloatRange(min=64), default=4096.0,
-              help="Memory budget of one bound computation; CROWN batches are split to fit.")
-@click.option("--attack/--no-attack", default=True,
-              help="Run PGD per lp threat (empirical accuracy and a soundness cross-check).")
+@click.option(
+    "--memory-mb",
+    type=click.FloatRange(min=64),
+    default=4096.0,
+    help="Memory budget of one bound computation; CROWN batches are split to fit.",
+)
+@click.option(
+    "--attack/--no-attack",
+    default=True,
+    help="Run PGD per lp threat (empirical accuracy and a soundness cross-check).",
+)
 @click.option("--attack-steps", type=click.IntRange(min=1), default=50)
 @click.option("--attack-restarts", type=click.IntRange(min=1), default=2)
-@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
-              help="Output folder. Default: <checkpoint folder>/verify-<hash of the options>.")
+@click.option(
+    "--out",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Output folder. Default: <checkpoint folder>/verify-<hash of the options>.",
+)
 @click.option("--resume", is_flag=True, help="Continue a killed run from its partial file.")
 @click.option("--overwrite", is_flag=True, help="Replace results already in --out.")
 @click.option("--device", type=DEVICE_CHOICE, default="auto")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-def verify(checkpoint: Path, threats, methods, dataset: Optional[str], data_root, split, start,
-           count, batch_size, memory_mb, attack, attack_steps, attack_restarts, out, resume,
-           overwrite, device, quiet) -> None:
+def verify(
+    checkpoint: Path,
+    threats,
+    methods,
+    dataset: Optional[str],
+    data_root,
+    split,
+    start,
+    count,
+    batch_size,
+    memory_mb,
+    attack,
+    attack_steps,
+    attack_restarts,
+    out,
+    resume,
+    overwrite,
+    device,
+    quiet,
+) -> None:
     """Certify CHECKPOINT under every --threat with every --method.
 
     Prints clean accuracy, certified accuracy per threat and method, best-of-methods and union
@@ -69,7 +121,12 @@ def verify(checkpoint: Path, threats, methods, dataset: Optional[str], data_root
         row_to_json,
         write_results,
     )
-    from ..checkpoint import atomic_write_json, dataset_info_of, load_checkpoint, model_from_checkpoint
+    from ..checkpoint import (
+        atomic_write_json,
+        dataset_info_of,
+        load_checkpoint,
+        model_from_checkpoint,
+    )
     from ..data import load_dataset, take
     from ..threats import parse_threat
 
@@ -77,15 +134,27 @@ def verify(checkpoint: Path, threats, methods, dataset: Optional[str], data_root
     info = dataset_info_of(ckpt)
     dataset = dataset or info.name
     if not threats:
-        threats = tuple(parse_threat(t) for t in DEFAULT_THREATS.get(dataset, ("linf:0.1", "l2:0.5")))
+        threats = tuple(
+            parse_threat(t) for t in DEFAULT_THREATS.get(dataset, ("linf:0.1", "l2:0.5"))
+        )
     threats = tuple(dict.fromkeys(threats))
     methods = tuple(dict.fromkeys(methods))
     dev = resolve_device(device)
-    data = take(load_dataset(dataset, split, root=str(data_root) if data_root else None), start, count)
-    config = {"checkpoint": str(checkpoint.resolve()), "threats": [t.name for t in threats],
-              "methods": list(methods), "dataset": dataset, "split": split, "start": start,
-              "count": len(data), "attack": attack, "attack_steps": attack_steps,
-              "attack_restarts": attack_restarts}
+    data = take(
+        load_dataset(dataset, split, root=str(data_root) if data_root else None), start, count
+    )
+    config = {
+        "checkpoint": str(checkpoint.resolve()),
+        "threats": [t.name for t in threats],
+        "methods": list(methods),
+        "dataset": dataset,
+        "split": split,
+        "start": start,
+        "count": len(data),
+        "attack": attack,
+        "attack_steps": attack_steps,
+        "attack_restarts": attack_restarts,
+    }
     if out is None:
         digest = hashlib.sha1(json.dumps(config, sort_keys=True).encode()).hexdigest()[:8]
         out = checkpoint.parent / f"verify-{digest}"
@@ -121,9 +190,20 @@ def verify(checkpoint: Path, threats, methods, dataset: Optional[str], data_root
                 written += len(rows)
 
             rows, summary = certify_dataset(
-                model, data, threats, methods, info.in_shape, device=dev, batch_size=batch_size,
-                memory_mb=memory_mb, attack=attack, attack_steps=attack_steps,
-                attack_restarts=attack_restarts, first_index=start, done=done, on_batch=append,
+                model,
+                data,
+                threats,
+                methods,
+                info.in_shape,
+                device=dev,
+                batch_size=batch_size,
+                memory_mb=memory_mb,
+                attack=attack,
+                attack_steps=attack_steps,
+                attack_restarts=attack_restarts,
+                first_index=start,
+                done=done,
+                on_batch=append,
                 progress=not quiet,
             )
     except Exception:
@@ -136,12 +216,18 @@ def verify(checkpoint: Path, threats, methods, dataset: Optional[str], data_root
     summary["config"] = config
     write_results(out, rows, summary, threats, methods)
     partial.unlink()
-    click.echo(f"\n{len(rows)} samples of {dataset}/{split}, clean accuracy "
-               f"{summary['clean_accuracy']:.1f}%\n")
+    click.echo(
+        f"\n{len(rows)} samples of {dataset}/{split}, clean accuracy "
+        f"{summary['clean_accuracy']:.1f}%\n"
+    )
     click.echo(markdown_table(summary, methods))
     bad = {t: v for t, v in summary["soundness_violations"].items() if v}
     if bad:
-        click.secho(f"SOUNDNESS VIOLATION: certified samples broken by PGD: {bad}", fg="red", err=True)
-    click.echo(f"time {summary['seconds_total']:.1f} s ({summary['seconds_total'] / len(rows):.3f}"
-               f" s/image), peak memory {summary['peak_memory_mb']:.0f} MB")
+        click.secho(
+            f"SOUNDNESS VIOLATION: certified samples broken by PGD: {bad}", fg="red", err=True
+        )
+    click.echo(
+        f"time {summary['seconds_total']:.1f} s ({summary['seconds_total'] / len(rows):.3f}"
+        f" s/image), peak memory {summary['peak_memory_mb']:.0f} MB"
+    )
     click.echo(f"results: {out}/samples.csv, summary.json, summary.md")

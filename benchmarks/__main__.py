@@ -1,0 +1,191 @@
+"""Entry point of the benchmark suites: a small registry and three commands.
+
+::
+
+    python -m benchmarks list                                   # the suites and what they measure
+    python -m benchmarks run --suite certificates --quick       # run one (or several) suites
+    python -m benchmarks run --suite scaling -- --threads 2     # options after -- go to the suite
+    python -m benchmarks docs                                   # refresh docs/benchmarks.md
+
+A suite is a :class:`Suite` entry in :data:`SUITES`: the ``module:attribute`` of its ``main`` (a
+click command, or an argparse ``main()`` that reads ``sys.argv``), whether it has a ``--quick`` mode,
+and the Markdown fragments it writes that ``docs`` copies into docs/benchmarks.md. Adding a suite is
+adding an entry.
+"""
+
+from __future__ import annotations
+
+import importlib
+import re
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import click
+
+from benchmarks import REPO, RESULTS, log
+
+DOCS = REPO / "docs" / "benchmarks.md"
+
+
+@dataclass(frozen=True)
+class Suite:
+    """One registered suite."""
+
+    name: str
+    target: str
+    """``module:attribute`` of the suite's entry point."""
+    help: str
+    quick: bool = True
+    """The entry point accepts ``--quick``."""
+    fragments: tuple[tuple[str, str], ...] = ()
+    """``(marker, path relative to benchmarks/results)`` of Markdown that ``docs`` includes."""
+
+
+SUITES: dict[str, Suite] = {
+    s.name: s
+    for s in (
+        Suite(
+            "certificates",
+            "benchmarks.certificates:main",
+            "IBP / CROWN-IBP / CROWN / alpha-CROWN and the cascade on the same images: certified and "
+            "union accuracy, newly certified images, time per image, peak memory",
+            fragments=(
+                ("certificates-quick", "certificates-quick/summary.md"),
+                ("certificates", "certificates/summary.md"),
+            ),
+        ),
+        Suite(
+            "scaling",
+            "benchmarks.scaling:main",
+            "time and peak memory of each bound method against batch size and model width",
+            fragments=(
+                ("scaling-quick", "scaling-quick/summary.md"),
+                ("scaling", "scaling/summary.md"),
+            ),
+        ),
+        Suite(
+            "cure_mnist",
+            "benchmarks.cure_mnist:main",
+            "CURE on MNIST: single-norm baselines against multi-norm training (trains models)",
+        ),
+        Suite(
+            "generalisation",
+            "benchmarks.generalisation:main",
+            "certified models against unseen threats: patches, rotation, translation",
+        ),
+        Suite(
+            "overhead",
+            "benchmarks.overhead:main",
+            "wrapper overhead against auto_LiRPA and IBP training-step cost",
+            quick=False,
+        ),
+        Suite(
+            "smoothing_mnist",
+            "benchmarks.smoothing_mnist:main",
+            "randomized smoothing on MNIST (Gaussian, uniform, NU hybrid)",
+        ),
+        Suite(
+            "smoothing_speed",
+            "benchmarks.smoothing_speed:main",
+            "randomized smoothing certification speed",
+        ),
+    )
+}
+
+
+def run_suite(name: str, quick: bool, args: Sequence[str]) -> None:
+    """Import suite ``name`` and call its entry point with ``[--quick] *args``."""
+    if name not in SUITES:
+        raise click.BadParameter(f"unknown suite {name!r}; choose from {', '.join(SUITES)}")
+    suite = SUITES[name]
+    if quick and not suite.quick:
+        raise click.BadParameter(f"suite {name!r} has no --quick mode", param_hint="--quick")
+    argv = [*(["--quick"] if quick else []), *args]
+    module, _, attr = suite.target.partition(":")
+    entry = getattr(importlib.import_module(module), attr)
+    prog = f"python -m benchmarks run --suite {name}"
+    from cure_lirpa.errors import UserError
+
+    try:
+        if isinstance(entry, click.Command):
+            entry.main(args=argv, prog_name=prog, standalone_mode=False)
+            return
+        saved = sys.argv
+        sys.argv = [prog, *argv]
+        try:
+            entry()
+        finally:
+            sys.argv = saved
+    except UserError as exc:
+        raise click.ClickException(f"suite {name}: {exc}") from None
+
+
+@click.group()
+def cli() -> None:
+    """Benchmark suites of cure-lirpa (results in benchmarks/results/)."""
+
+
+@cli.command("list")
+def list_suites() -> None:
+    """List the registered suites."""
+    for s in SUITES.values():
+        click.echo(f"{s.name:16s} {'' if s.quick else '(no --quick) '}{s.help}")
+
+
+@cli.command("run", context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
+@click.option("--suite", "suites", multiple=True, required=True, help="Suite name, repeatable.")
+@click.option("--quick", is_flag=True, help="The suite's smoke-test mode (minutes).")
+@click.pass_context
+def run(ctx: click.Context, suites: Sequence[str], quick: bool) -> None:
+    """Run suites; further arguments (after --) go to every suite's own command line."""
+    unknown = [n for n in suites if n not in SUITES]
+    if unknown:
+        raise click.BadParameter(
+            f"unknown suite(s) {', '.join(unknown)}; choose from {', '.join(SUITES)}",
+            param_hint="--suite",
+        )
+    for name in suites:
+        log(f"suite {name}{' (quick)' if quick else ''}")
+        run_suite(name, quick, ctx.args)
+
+
+@cli.command("docs")
+@click.option(
+    "--file",
+    "path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=DOCS,
+    show_default=True,
+)
+def docs(path: Path) -> None:
+    """Copy each suite's latest Markdown fragment into the marked sections of docs/benchmarks.md.
+
+    A section is ``<!-- BEGIN results:MARKER -->`` ... ``<!-- END results:MARKER -->``; sections
+    whose fragment has not been generated yet are left as they are.
+    """
+    from cure_lirpa.checkpoint import atomic_write_text
+
+    text = path.read_text()
+    for suite in SUITES.values():
+        for marker, rel in suite.fragments:
+            frag = RESULTS / rel
+            pattern = re.compile(
+                rf"(<!-- BEGIN results:{re.escape(marker)} -->\n).*?(<!-- END results:"
+                rf"{re.escape(marker)} -->)",
+                re.S,
+            )
+            if not pattern.search(text):
+                continue
+            if not frag.is_file():
+                log(f"{marker}: {frag} not generated yet; section left unchanged")
+                continue
+            body = frag.read_text().rstrip("\n") + "\n"
+            text = pattern.sub(lambda m, b=body: m.group(1) + b + m.group(2), text)
+            log(f"{marker}: copied {frag.relative_to(REPO)}")
+    atomic_write_text(path, text)
+
+
+if __name__ == "__main__":
+    cli()

@@ -1,0 +1,130 @@
+"""Smoke test of the benchmark machinery: the ``certificates`` suite on one tiny model.
+
+One natural-trained MLP, six images, two threats, IBP and CROWN plus the cascade and PGD, every cell
+in its own child process. Checks that the outputs exist and agree with each other: union accuracy
+<= every per-threat certified accuracy, the cascade certifies a superset of every single method,
+the "newly certified" counts match the per-sample flags, and a rerun resumes (recomputes nothing).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+THREATS = ("linf:0.01", "l2:0.1")
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory) -> Path:
+    from cure_lirpa.training import TrainConfig, train
+
+    out = tmp_path_factory.mktemp("tiny")
+    cfg = TrainConfig(
+        dataset="sample",
+        arch="mlp",
+        arch_kwargs={"width": 16, "depth": 1},
+        method="natural",
+        epochs=2,
+        warmup_epochs=0.0,
+        ramp_epochs=0.0,
+        batch_size=100,
+        lr=3e-3,
+        train_count=1000,
+        train_cert=False,
+    )
+    return train(cfg, out, progress=False, log=None).checkpoint
+
+
+def test_registry_lists_suites():
+    from benchmarks.__main__ import SUITES, cli
+
+    res = CliRunner().invoke(cli, ["list"])
+    assert res.exit_code == 0, res.output
+    for name in ("certificates", "scaling", "cure_mnist"):
+        assert name in SUITES and name in res.output
+
+
+def test_certificates_suite_smoke(tiny_checkpoint: Path, tmp_path: Path):
+    from benchmarks.certificates import main
+
+    out = tmp_path / "cert"
+    args = [
+        "--quick",
+        "--checkpoint",
+        f"tiny={tiny_checkpoint}",
+        "--method",
+        "ibp",
+        "--method",
+        "crown",
+        "--count",
+        "6",
+        "--out",
+        str(out),
+    ]
+    for t in THREATS:
+        args += ["--threat", t]
+    res = CliRunner().invoke(main, args, catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    for name in ("results.json", "summary.md", "results.md", "certified.png", "cost.png"):
+        assert (out / name).is_file(), name
+    result = json.loads((out / "results.json").read_text())
+    (mo,) = result["models"]
+    assert mo["errors"] == {}
+    assert mo["samples"] == 6 and mo["predictions_consistent"]
+    cells = {}
+    for t in THREATS:
+        for m in ("ibp", "crown", "auto", "pgd"):
+            slug_t = t.replace(":", "_")
+            cells[(t, m)] = json.loads((out / "cells" / "tiny" / f"{slug_t}__{m}.json").read_text())
+    sets = {
+        k: {i for i, f in enumerate(c["certified"]) if f} for k, c in cells.items() if k[1] != "pgd"
+    }
+    for t in THREATS:
+        row = mo["cells"][t]
+        # the cascade certifies everything each single method certifies
+        assert sets[(t, "auto")] >= sets[(t, "ibp")] | sets[(t, "crown")]
+        assert row["auto"]["certified_pct"] >= max(
+            row["ibp"]["certified_pct"], row["crown"]["certified_pct"]
+        )
+        # "newly certified" counts agree with the per-sample flags
+        assert row["crown"]["prev"] == "ibp"
+        assert row["crown"]["new_vs_prev"] == len(sets[(t, "crown")] - sets[(t, "ibp")])
+        assert row["crown"]["lost_vs_prev"] == len(sets[(t, "ibp")] - sets[(t, "crown")])
+        assert (
+            row["crown"]["certified"] - row["ibp"]["certified"]
+            == row["crown"]["new_vs_prev"] - row["crown"]["lost_vs_prev"]
+        )
+        assert row["auto"]["new_vs_cheaper"] == len(
+            sets[(t, "auto")] - sets[(t, "ibp")] - sets[(t, "crown")]
+        )
+        assert row["ibp"]["new_vs_prev"] is None
+        # timing and memory are recorded per cell
+        assert row["crown"]["median_s"] > 0 and row["crown"]["peak_rss_mb"] > 0
+        assert len(cells[(t, "crown")]["seconds"]) == 6
+        casc = mo["cascade"][t]
+        assert sum(casc["decided_by"].values()) == 6
+        assert casc["certified_pct"] >= casc["best_single_pct"]
+        assert mo["pgd"][t]["soundness_violations"] == 0
+    # union accuracy never exceeds the accuracy under any single threat
+    for m in ("ibp", "crown", "auto"):
+        assert mo["union"][m] <= min(mo["cells"][t][m]["certified_pct"] for t in THREATS)
+        both = set.intersection(*(sets[(t, m)] for t in THREATS))
+        assert mo["union"][m] == pytest.approx(100.0 * len(both) / 6)
+    assert mo["union"]["best"] <= min(
+        100.0 * len(sets[(t, "ibp")] | sets[(t, "crown")]) / 6 for t in THREATS
+    )
+    assert "| tiny" in (out / "summary.md").read_text()
+
+    # a rerun resumes: every cell is already on disk, nothing is recomputed
+    stamps = {p: p.stat().st_mtime_ns for p in (out / "cells").rglob("*.json")}
+    res = CliRunner().invoke(main, args, catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    assert {p: p.stat().st_mtime_ns for p in (out / "cells").rglob("*.json")} == stamps
