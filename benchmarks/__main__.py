@@ -26,7 +26,7 @@ import click
 
 from benchmarks import REPO, RESULTS, log
 
-DOCS = REPO / "docs" / "benchmarks.md"
+DOCS = (REPO / "docs" / "benchmarks.md", REPO / "docs" / "results.md")
 
 
 @dataclass(frozen=True)
@@ -69,27 +69,35 @@ SUITES: dict[str, Suite] = {
             "cure_mnist",
             "benchmarks.cure_mnist:main",
             "CURE on MNIST: single-norm baselines against multi-norm training (trains models)",
+            fragments=(
+                ("cure_mnist", "cure_mnist/summary.md"),
+                ("cure_mnist-speed", "cure_mnist/speed.md"),
+            ),
         ),
         Suite(
             "generalisation",
             "benchmarks.generalisation:main",
             "certified models against unseen threats: patches, rotation, translation",
+            fragments=(("generalisation", "generalisation/generalisation.md"),),
         ),
         Suite(
             "overhead",
             "benchmarks.overhead:main",
             "wrapper overhead against auto_LiRPA and IBP training-step cost",
             quick=False,
+            fragments=(("overhead", "overhead/overhead.md"),),
         ),
         Suite(
             "smoothing_mnist",
             "benchmarks.smoothing_mnist:main",
             "randomized smoothing on MNIST (Gaussian, uniform, NU hybrid)",
+            fragments=(("smoothing_mnist", "smoothing/mnist/summary.md"),),
         ),
         Suite(
             "smoothing_speed",
             "benchmarks.smoothing_speed:main",
             "randomized smoothing certification speed",
+            fragments=(("smoothing_speed", "smoothing/speed/speed.md"),),
         ),
     )
 }
@@ -154,17 +162,23 @@ def run(ctx: click.Context, suites: Sequence[str], quick: bool) -> None:
 @cli.command("docs")
 @click.option(
     "--file",
-    "path",
+    "paths",
+    multiple=True,
     type=click.Path(dir_okay=False, path_type=Path),
     default=DOCS,
     show_default=True,
 )
-def docs(path: Path) -> None:
-    """Copy each suite's latest Markdown fragment into the marked sections of docs/benchmarks.md.
+def docs(paths: Sequence[Path]) -> None:
+    """Copy each suite's latest Markdown fragment into the marked sections of the docs pages.
 
     A section is ``<!-- BEGIN results:MARKER -->`` ... ``<!-- END results:MARKER -->``; sections
     whose fragment has not been generated yet are left as they are.
     """
+    for path in paths:
+        _fill(path)
+
+
+def _fill(path: Path) -> None:
     from cure_lirpa.checkpoint import atomic_write_text
 
     text = path.read_text()

@@ -54,8 +54,9 @@ from cure_lirpa.checkpoint import (
     versions,
 )
 from cure_lirpa.data import load_dataset, stack, take
+from cure_lirpa.errors import UserError
 from cure_lirpa.threats import parse_threat
-from cure_lirpa.training import CHECKPOINT, TrainConfig, apply_preset, step_time, train
+from cure_lirpa.training import CHECKPOINT, TrainConfig, apply_preset, step_times, train
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
@@ -90,19 +91,23 @@ def settings(quick: bool) -> dict[str, Any]:
     if quick:
         return dict(
             dataset="sample",
-            train_count=512,
-            epochs=2,
-            warmup_epochs=0.5,
-            ramp_epochs=1.0,
+            train_count=2048,
+            batch_size=32,
+            lr=1e-3,
+            epochs=5,
+            warmup_epochs=1.0,
+            ramp_epochs=3.0,
             lr_milestones=(),
-            finetune_epochs=2,
-            test_count=40,
+            finetune_epochs=3,
+            test_count=50,
             attack_steps=5,
             speed_repeats=3,
         )
     return dict(
         dataset="mnist",
         train_count=None,
+        batch_size=256,
+        lr=5e-4,
         epochs=6,
         warmup_epochs=1.0,
         ramp_epochs=3.0,
@@ -130,8 +135,8 @@ def row_config(
         epochs=s["epochs"],
         warmup_epochs=s["warmup_epochs"],
         ramp_epochs=s["ramp_epochs"],
-        batch_size=256,
-        lr=5e-4,
+        batch_size=s["batch_size"],
+        lr=s["lr"],
         lr_milestones=tuple(s["lr_milestones"]),
         lr_factor=0.2,
         kappa_start=0.5,
@@ -202,7 +207,22 @@ def run_row(row: str, cfg: TrainConfig, results: Path, s: dict[str, Any], log) -
         model = model_from_checkpoint(ckpt)
         test = take(load_dataset(cfg.dataset, "test", cfg.data_root), 0, s["test_count"])
         threats = [parse_threat(t) for t in THREATS]
-        rows, summary = certify(model, test, threats, tuple(ckpt["dataset"]["in_shape"]), s)
+        try:
+            rows, summary = certify(model, test, threats, tuple(ckpt["dataset"]["in_shape"]), s)
+        except UserError as exc:  # e.g. a collapsed (constant) model refused by the bounds
+            log(f"[{row}] certification failed: {exc}")
+            out = {
+                "row": row,
+                "description": ROWS[row][0],
+                "method": cfg.method,
+                "config": cfg.to_dict(),
+                "epochs": ckpt["epoch"],
+                "train_seconds": train_seconds,
+                "error": str(exc),
+                "last_epoch_train_metrics": history[-1] if history else {},
+            }
+            atomic_write_json(folder / "row.json", out)
+            return out
         summary["stamp"] = stamp
         write_results(verify_dir, rows, summary, threats, list(BOUND_METHODS))
     best = summary["certified_best"]
@@ -308,18 +328,18 @@ def measure_speed(
 ) -> dict[str, Any]:
     """Seconds per optimizer step of each row's method on one batch of 256, and the ratio to a
     natural step on the same batch (same process, same threads)."""
-    tmp_results = results  # cure-finetune's init checkpoint is not needed for timing
     ds = load_dataset(s["dataset"], "train", data_root)
     x, y = stack(take(ds, 0, 256))
     reps = s["speed_repeats"]
-    natural = row_config("natural", s, tmp_results, data_root, l2_factor, seed)
-    t_nat = step_time(natural, x, y, repeats=reps)
-    out: dict[str, Any] = {"batch": 256, "repeats": reps, "natural_seconds": t_nat, "rows": {}}
+    configs = {"natural (reference)": row_config("natural", s, results, data_root, l2_factor, seed)}
     for row in rows:
-        if row == "cure-finetune":
-            continue  # the same step as cure-max+ba with other weights
-        cfg = row_config(row, s, tmp_results, data_root, l2_factor, seed)
-        t = step_time(cfg, x, y, repeats=reps)
+        if row != "cure-finetune":  # the same step as cure-max+ba with other weights
+            configs[row] = row_config(row, s, results, data_root, l2_factor, seed)
+    log(f"[speed] timing {len(configs)} methods on one batch of 256, {reps} interleaved rounds")
+    times = step_times(configs, x, y, rounds=reps)
+    t_nat = times.pop("natural (reference)")
+    out: dict[str, Any] = {"batch": 256, "rounds": reps, "natural_seconds": t_nat, "rows": {}}
+    for row, t in times.items():
         out["rows"][row] = {"seconds": t, "ratio": t / t_nat}
         log(f"[speed] {row}: {t:.3f} s/step = {t / t_nat:.2f}x natural")
     ratios = {r: v["ratio"] for r, v in out["rows"].items()}
@@ -347,8 +367,8 @@ def measure_speed(
     out["machine"] = {"cpus": os.cpu_count(), "platform": platform.platform()}
     atomic_write_json(results / "speed.json", out)
     lines = [
-        f"Optimizer-step time on one batch of 256 images, {torch.get_num_threads()} threads; "
-        f"natural step {t_nat:.3f} s.",
+        f"Optimizer-step time on one batch of 256 images, {torch.get_num_threads()} threads, "
+        f"fastest of {reps} interleaved rounds; natural step {t_nat:.3f} s.",
         "",
         "| row | s / step | x natural | target |",
         "|---|---|---|---|",
@@ -382,20 +402,27 @@ def report(results: Path, log) -> None:
         p = results / row / "row.json"
         if p.is_file():
             found.append(json.loads(p.read_text()))
-    if not found:
-        log("no finished rows yet")
+    if not any(not r.get("error") for r in found):
+        log("no certified rows yet")
         return
     head = (
         "| row | method | clean | l∞ 0.1 | l2 0.5 | l1 1.0 | union | union l∞+l2 | training time |"
     )
     lines = [
         "# CURE on MNIST: certified accuracy (%) on the first "
-        f"{found[0]['test_images']} test images, best of IBP and CROWN",
+        f"{next(r for r in found if not r.get('error'))['test_images']} test images, "
+        "best of IBP and CROWN",
         "",
         head,
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in found:
+        if r.get("error"):
+            lines.append(
+                f"| {r['row']} | {r['description']} | certification failed: "
+                f"{r['error'][:80]}... | | | | | | {r['train_seconds']:.0f} s |"
+            )
+            continue
         c = r["certified"]
         u2 = r.get("union_linf_l2")
         lines.append(
@@ -416,7 +443,7 @@ def report(results: Path, log) -> None:
         lines += ["", "## Training step time", "", speed.read_text().strip()]
     atomic_write_text(results / "summary.md", "\n".join(lines) + "\n")
     atomic_write_json(results / "summary.json", {"rows": found})
-    plot(found, results / "union_accuracy.png")
+    plot([r for r in found if not r.get("error")], results / "union_accuracy.png")
     log(f"wrote {results / 'summary.md'}")
 
 
@@ -432,19 +459,21 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
         ("l∞ 0.1", [r["certified"]["linf:0.1"] for r in rows]),
         ("l2 0.5", [r["certified"]["l2:0.5"] for r in rows]),
         ("l1 1.0", [r["certified"]["l1:1"] for r in rows]),
-        ("union", [r["union"] for r in rows]),
+        ("union l∞+l2", [r.get("union_linf_l2") or 0.0 for r in rows]),
+        ("union (all)", [r["union"] for r in rows]),
     ]
     fig, ax = plt.subplots(figsize=(max(6.0, 1.1 * len(rows)), 4.0))
     width = 0.8 / len(series)
     for i, (label, vals) in enumerate(series):
         xs = [j + (i - (len(series) - 1) / 2) * width for j in range(len(rows))]
-        ax.bar(xs, vals, width, label=label, color=None if label != "union" else "black")
+        color = {"union l∞+l2": "dimgrey", "union (all)": "black"}.get(label)
+        ax.bar(xs, vals, width, label=label, color=color)
     ax.set_xticks(range(len(rows)))
     ax.set_xticklabels(names, rotation=30, ha="right")
     ax.set_ylabel("certified accuracy (%)")
     ax.set_ylim(0, 100)
     ax.set_title("MNIST: certified and union accuracy (best of IBP, CROWN)")
-    ax.legend(ncol=4, fontsize=8)
+    ax.legend(ncol=5, fontsize=8)
     fig.tight_layout()
     tmp = path.with_name(f".{path.name}.tmp.png")
     fig.savefig(tmp, dpi=120)
@@ -494,7 +523,13 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
     help="l2 training eps = factor x 0.5 (the SPEC pilot used 1.5).",
 )
 @click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--threads", type=click.IntRange(min=1), default=2, show_default=True)
+@click.option(
+    "--threads",
+    type=click.IntRange(min=1),
+    default=1,
+    show_default=True,
+    help="torch CPU threads (one is fastest for cnn-small, especially on a shared machine).",
+)
 @click.option(
     "--speed/--no-speed",
     default=None,
@@ -555,6 +590,9 @@ def main(
     for row in picked:
         cfg = row_config(row, s, folder, root, train_l2_factor, seed)
         out = run_row(row, cfg, folder, s, log)
+        if out.get("error"):
+            report(folder, log)
+            continue
         log(
             f"[{row}] clean {out['clean']:.1f}, l∞ {out['certified']['linf:0.1']:.1f}, "
             f"l2 {out['certified']['l2:0.5']:.1f}, l1 {out['certified']['l1:1']:.1f}, "

@@ -287,6 +287,12 @@ def report(out: Path, levels: Sequence[float] = (0.9, 0.92, 0.94, 0.96, 0.98)) -
 )
 @click.option("--threads", type=click.IntRange(min=1), default=1, show_default=True)
 @click.option(
+    "--images",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Evenly spaced test images certified with n = 10,000 [default: 500; 20 with --quick].",
+)
+@click.option(
     "--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True
 )
 @click.option(
@@ -297,7 +303,17 @@ def report(out: Path, levels: Sequence[float] = (0.9, 0.92, 0.94, 0.96, 0.98)) -
 )
 @click.option("--report-only", is_flag=True, help="Only rebuild the summary from rows already run.")
 def main(
-    quick, rows, data_root, out_dir, epochs, uniform_ratio, threads, device, clean_acc, report_only
+    quick,
+    rows,
+    data_root,
+    out_dir,
+    epochs,
+    uniform_ratio,
+    threads,
+    images,
+    device,
+    clean_acc,
+    report_only,
 ):
     """Train and certify smoothed MNIST classifiers; write JSON + Markdown + PNG results."""
     from cure_lirpa.smoothing.cli import resolve_device
@@ -309,6 +325,8 @@ def main(
         else HERE / "results" / "smoothing" / ("mnist-quick" if quick else "mnist")
     )
     cfg = settings(quick)
+    if images is not None:
+        cfg["images"] = images
     if not report_only:
         names = [r.strip() for r in rows.split(",") if r.strip()]
         unknown = [r for r in names if r not in ROWS]

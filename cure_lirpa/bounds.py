@@ -68,21 +68,16 @@ def fold_normalization(model: Classifier) -> Optional[nn.Module]:
     return nn.Sequential(*layers)
 
 
-def _activation_sizes(model: nn.Module, in_shape: Sequence[int]) -> list[int]:
-    """Numbers of neurons (per sample) entering each ReLU, in forward order."""
-    sizes: list[int] = []
-    hooks = [
-        m.register_forward_hook(lambda _m, inp, _o: sizes.append(inp[0][0].numel()))
-        for m in model.modules()
-        if isinstance(m, nn.ReLU)
+def _activation_sizes(module: nn.Module) -> list[int]:
+    """Numbers of neurons (per sample) of each ReLU of a traced ``BoundedModule``, in graph order.
+
+    Read from auto_LiRPA's ReLU nodes, so ``F.relu`` calls count as well as ``nn.ReLU`` modules.
+    """
+    return [
+        math.prod(m.output_shape[1:])
+        for m in module.modules()
+        if type(m).__name__ == "BoundRelu" and getattr(m, "output_shape", None) is not None
     ]
-    try:
-        with torch.no_grad():
-            model(torch.zeros(1, *in_shape))
-    finally:
-        for h in hooks:
-            h.remove()
-    return sizes
 
 
 class BoundedClassifier:
@@ -144,7 +139,7 @@ class BoundedClassifier:
             self.num_classes = int(
                 model(torch.zeros(1, *self.in_shape, device=self.device)).shape[1]
             )
-        self._sizes = _activation_sizes(self.traced, self.in_shape)
+        self._sizes = _activation_sizes(self.module)
 
     # ----------------------------------------------------------------------------------------
     def train(self, mode: bool = True) -> BoundedClassifier:
@@ -263,6 +258,16 @@ class BoundedClassifier:
             self._check_lp_width(center, ptb)
         return lb if grad else lb.detach()
 
+    def _constant_near(self, center: torch.Tensor, ptb) -> bool:
+        """Is the traced network constant on random points of the ball (zero width is then sound)?"""
+        gen = torch.Generator(device=center.device).manual_seed(0)
+        delta = torch.randn(16, *center.shape[1:], generator=gen, device=center.device)
+        norms = delta.flatten(1).norm(p=float(ptb.norm), dim=1).view(-1, *[1] * (center.dim() - 1))
+        with torch.no_grad():
+            out = self.traced(center + delta / norms * float(ptb.eps))
+            ref = self.traced(center)
+        return bool(torch.allclose(out, ref.expand_as(out), atol=1e-6, rtol=0))
+
     def _to_bound_space(self, x: torch.Tensor) -> torch.Tensor:
         if self._shift is not None:
             x = x - self._shift
@@ -276,7 +281,7 @@ class BoundedClassifier:
             lo, hi = self.module.compute_bounds(
                 x=(lirpa.BoundedTensor(center[:1], ptb),), method="IBP", C=None
             )
-        if float((hi - lo).max()) <= 0:
+        if float((hi - lo).max()) <= 0 and not self._constant_near(center[:1], ptb):
             raise UserError(
                 "l2/l1 bounds of this model have zero width: an operation before its first affine "
                 "layer (typically a (x - mean) / std normalisation) drops the lp-ball perturbation "

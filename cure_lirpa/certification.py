@@ -80,7 +80,7 @@ def _cascade(
             break
         t0 = time.perf_counter()
         lb = bc.margin_lower_bounds(x[open_idx], y[open_idx], threat, method).min(1).values.cpu()
-        times[(threat.name, method)] += time.perf_counter() - t0
+        times[(threat.name, f"auto:{method}")] += time.perf_counter() - t0
         for i, v in zip(open_idx.tolist(), lb.tolist()):
             margin[i] = v
             by[i] = method

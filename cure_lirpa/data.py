@@ -100,7 +100,8 @@ def _load_mnist(base: Path, split: str, download: bool) -> Dataset:
         raise _missing(
             "MNIST",
             [base / "MNIST" / "raw"],
-            "Pass --data-root DIR where DIR/MNIST/raw holds the idx files, or --download.",
+            "Pass --data-root DIR where DIR/MNIST/raw holds the idx files (on a connected machine, "
+            "cure_lirpa.data.load_dataset('mnist', root=DIR, download=True) fetches them once).",
         )
     return datasets.MNIST(
         str(base), train=split == "train", download=download, transform=transforms.ToTensor()
@@ -149,8 +150,8 @@ def _load_cifar10(base: Path, split: str, download: bool) -> Dataset:
             "CIFAR-10",
             looked,
             "Pass --data-root DIR with DIR/cifar-10-batches-py (torchvision), an ImageFolder "
-            "layout DIR/train/<class>/, DIR/test/<class>/, or the cifar10-jpeg.tar.gz archive; "
-            "or pass --download.",
+            "layout DIR/train/<class>/, DIR/test/<class>/, or the cifar10-jpeg.tar.gz archive "
+            "(on a connected machine, load_dataset('cifar10', root=DIR, download=True) fetches it).",
         )
     return datasets.ImageFolder(str(folder / split), transform=to_tensor)
 

@@ -593,6 +593,7 @@ def train(
         return result
 
     t_call = time.perf_counter()
+    warned = False
     ctx = _Loop(c, net, method, opt, data, ramp, steps, method_gen, device, progress, callback)
     for epoch in range(start, c.epochs):
         if stop_after is not None and epoch - start >= stop_after:
@@ -630,8 +631,21 @@ def train(
         atomic_write_text(out / METRICS, "".join(json.dumps(h) + "\n" for h in history))
         result.epoch = epoch + 1
         say(format_record(record, c.epochs))
+        if _collapsed(record, info.num_classes, epoch + 1, c.warmup_epochs) and not warned:
+            warned = True
+            say(
+                "warning: the model classifies the training batches at chance level -- certified "
+                "training has collapsed to a (nearly) constant classifier. Try a longer "
+                "--ramp-epochs, a smaller --batch-size (more steps), or keep "
+                "some natural loss with --kappa-end 0.2."
+            )
     result.seconds = round(time.perf_counter() - t_call, 2)
     return result
+
+
+def _collapsed(record: dict[str, Any], num_classes: int, epochs_done: int, warmup: float) -> bool:
+    """Clean training accuracy at chance level after the warm-up: a collapsed classifier."""
+    return epochs_done > warmup + 1 and record["clean_accuracy"] < 1.5 / num_classes
 
 
 def _gp_epoch(c: TrainConfig, epoch: int, steps: int, ramp: Ramp) -> bool:
@@ -817,6 +831,52 @@ def _norm(v: Any) -> Any:
 # Timing (for benchmarks): one method's optimizer step against a natural step
 
 
+def step_times(
+    configs: dict[str, TrainConfig],
+    x: torch.Tensor,
+    y: torch.Tensor,
+    rounds: int = 5,
+    device: Union[str, torch.device] = "cpu",
+) -> dict[str, float]:
+    """Seconds of one optimizer step for each named config on the batch ``(x, y)``, at the end of
+    the ramp (full training eps, ``kappa_end``).
+
+    All models are built first; then each round times one step of every config in turn (after one
+    untimed warm-up step each), and the fastest round counts: interleaving and the minimum keep the
+    comparison fair on a machine shared with other processes.
+    """
+    device = torch.device(device)
+    x, y = x.to(device), y.to(device)
+    steps: dict[str, Callable[[], float]] = {}
+    for name, config in configs.items():
+        c = dataclasses.replace(config, init_from=None).validated()
+        model, net = build_network(c, dataset_info(c.dataset), device)
+        method = make_method(c.method, c.method_options())
+        opt = torch.optim.Adam(model.parameters(), lr=c.lr)
+        gen = torch.Generator(device=device).manual_seed(c.seed)
+        eps = {"linf": c.train_eps_linf, "l2": c.train_eps_l2}
+
+        def one(net=net, method=method, opt=opt, gen=gen, eps=eps, kappa=c.kappa_end) -> float:
+            t0 = time.perf_counter()
+            batch = Batch(x, y, eps, kappa, 0.0, gen, forward=net.logits)
+            if net.has_buffers:
+                batch.ensure_logits()
+            out = method.step(net, batch)
+            opt.zero_grad(set_to_none=True)
+            out.loss.backward()
+            opt.step()
+            net.sync_to_model()
+            return time.perf_counter() - t0
+
+        one()
+        steps[name] = one
+    best = {name: math.inf for name in steps}
+    for _ in range(max(1, rounds)):
+        for name, one in steps.items():
+            best[name] = min(best[name], one())
+    return best
+
+
 def step_time(
     config: TrainConfig,
     x: torch.Tensor,
@@ -824,33 +884,9 @@ def step_time(
     repeats: int = 5,
     device: Union[str, torch.device] = "cpu",
 ) -> float:
-    """Seconds of one optimizer step of ``config``'s method on the batch ``(x, y)`` at the end of
-    the ramp (full training eps, ``kappa_end``): the fastest of ``repeats`` timed steps after one
-    untimed step (the minimum is the least disturbed by other processes on a shared machine)."""
-    c = dataclasses.replace(config, init_from=None).validated()
-    device = torch.device(device)
-    info = dataset_info(c.dataset)
-    model, net = build_network(c, info, device)
-    method = make_method(c.method, c.method_options())
-    opt = torch.optim.Adam(model.parameters(), lr=c.lr)
-    gen = torch.Generator(device=device).manual_seed(c.seed)
-    eps = {"linf": c.train_eps_linf, "l2": c.train_eps_l2}
-    x, y = x.to(device), y.to(device)
-
-    def one() -> float:
-        t0 = time.perf_counter()
-        batch = Batch(x, y, eps, c.kappa_end, 0.0, gen, forward=net.logits)
-        if net.has_buffers:
-            batch.ensure_logits()
-        out = method.step(net, batch)
-        opt.zero_grad(set_to_none=True)
-        out.loss.backward()
-        opt.step()
-        net.sync_to_model()
-        return time.perf_counter() - t0
-
-    one()
-    return min(one() for _ in range(max(1, repeats)))
+    """Seconds of one optimizer step of ``config`` (the fastest of ``repeats``, see
+    :func:`step_times`)."""
+    return step_times({"run": config}, x, y, repeats, device)["run"]
 
 
 __all__ = [
@@ -870,5 +906,6 @@ __all__ = [
     "preset_values",
     "schedule_at",
     "step_time",
+    "step_times",
     "train",
 ]

@@ -1,0 +1,186 @@
+"""The examples in ``examples/`` run in their short mode and print tables that make sense.
+
+Each example is imported from its file and its ``main(argv)`` called with ``--quick`` (one
+subprocess checks the real exit status of a script). MNIST runs on the shared MNIST folder when it
+exists, else on the built-in sample; CIFAR-10 and TinyImageNet run on tiny fake ImageFolder trees
+made here, so the file needs no downloaded data.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLES = ROOT / "examples"
+SHARED_DATA = ROOT.parent / "shared" / "data"
+
+
+def _load(name: str):
+    """Import ``examples/<name>.py`` as a module (registered, as dataclasses need)."""
+    spec = importlib.util.spec_from_file_location(f"example_{name}", EXAMPLES / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def _tables(text: str) -> list[list[dict[str, str]]]:
+    """Every Markdown-style table in ``text`` as a list of rows (dicts keyed by the header)."""
+    tables, block = [], []
+    for line in [*text.splitlines(), ""]:
+        if line.startswith("|"):
+            block.append([c.strip() for c in line.strip().strip("|").split("|")])
+        elif block:
+            head, rows = block[0], [r for r in block[1:] if not set("".join(r)) <= set("-")]
+            tables.append([dict(zip(head, r)) for r in rows])
+            block = []
+    return tables
+
+
+def _fake_imagefolder(root: Path, splits: tuple[str, str], size: int, classes: int = 3) -> Path:
+    """``root/<split>/<class>/*.png``: a few size x size RGB images per class, class-coloured."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for split in splits:
+        for c in range(classes):
+            folder = root / split / f"class{c}"
+            folder.mkdir(parents=True)
+            for i in range(6 if split == "train" else 3):
+                pixels = rng.random((size, size, 3)) * 60 + c * 90
+                Image.fromarray(pixels.astype(np.uint8)).save(folder / f"{i}.png")
+    return root
+
+
+def _check_comparison(out: str, rows: tuple[str, str], threats: tuple[str, str]) -> None:
+    """The comparison table has one row per model and union <= certified <= clean, PGD."""
+    table = next(t for t in _tables(out) if t and "union" in t[0] and "clean" in t[0])
+    assert [r["model"] for r in table] == list(rows)
+    for r in table:
+        certified = [float(r[t]) for t in threats]
+        assert float(r["union"]) <= min(certified) + 1e-9
+        for t, c in zip(threats, certified):
+            assert 0.0 <= c <= float(r["clean"]) <= 100.0
+            assert c <= float(r[f"PGD {t}"])  # a certified image is never broken by the attack
+    assert "union accuracy, CURE minus baseline:" in out
+
+
+def test_mnist_quick(tmp_path, capsys):
+    mnist = _load("mnist")
+    real = (SHARED_DATA / "MNIST" / "raw").is_dir()
+    data = ["--data-root", str(SHARED_DATA)] if real else ["--dataset", "sample"]
+    out = tmp_path / "run"
+    argv = ["--quick", "--count", "20", "--threads", "1", "--device", "cpu", "--out", str(out)]
+    assert mnist.main(argv + data) == 0
+    printed = capsys.readouterr().out
+    _check_comparison(printed, ("baseline: ibp-linf", "CURE: cure-joint"), ("linf:0.1", "l2:0.5"))
+    saved = json.loads((out / "comparison.json").read_text())
+    assert saved["threats"] == ["linf:0.1", "l2:0.5"]
+    for method in ("ibp-linf", "cure-joint"):
+        assert (out / method / "checkpoint.pt").is_file()
+        assert (out / method / "metrics.jsonl").is_file()
+        summary = json.loads((out / method / "verify" / "summary.json").read_text())
+        assert summary["samples"] == 20
+        assert summary["soundness_violations"] == {"linf:0.1": 0, "l2:0.5": 0}
+
+
+def test_cifar10_quick_on_a_fake_imagefolder(tmp_path, capsys):
+    cifar10 = _load("cifar10")
+    data = _fake_imagefolder(tmp_path / "cifar", ("train", "test"), 32)
+    argv = ["--quick", "--data-root", str(data), "--threads", "1", "--device", "cpu"]
+    assert cifar10.main(argv + ["--out", str(tmp_path / "run")]) == 0
+    printed = capsys.readouterr().out
+    _check_comparison(
+        printed, ("baseline: ibp-linf", "CURE: cure-joint"), ("linf:0.00784314", "l2:0.25")
+    )
+    assert "9 test images of cifar10" in printed  # 3 classes x 3 test images, all of them
+
+
+def test_tinyimagenet_missing_data_exits_with_a_clear_message(tmp_path):
+    script = EXAMPLES / "tinyimagenet.py"
+    missing = tmp_path / "no-such-folder"
+    proc = subprocess.run(
+        [sys.executable, str(script), "--quick", "--data-root", str(missing)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tmp_path,
+    )
+    assert proc.returncode == 2
+    assert "TinyImageNet not found" in proc.stderr
+    assert str(missing) in proc.stderr  # says where it looked
+    assert "tiny-imagenet-200.zip" in proc.stderr  # and how to get the data
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "runs").exists()
+
+
+def test_tinyimagenet_quick_on_a_fake_imagefolder(tmp_path, capsys):
+    tinyimagenet = _load("tinyimagenet")
+    data = _fake_imagefolder(tmp_path / "tin", ("train", "val"), 64)
+    argv = ["--quick", "--data-root", str(data), "--threads", "1", "--device", "cpu"]
+    assert tinyimagenet.main(argv + ["--out", str(tmp_path / "run")]) == 0
+    printed = capsys.readouterr().out
+    assert "3 class folders" in printed
+    _check_comparison(
+        printed, ("baseline: ibp-linf", "CURE: cure-joint"), ("linf:0.00392157", "l2:0.141176")
+    )
+
+
+def test_tinyimagenet_refuses_mismatched_class_folders(tmp_path, capsys):
+    tinyimagenet = _load("tinyimagenet")
+    data = _fake_imagefolder(tmp_path / "tin", ("train", "val"), 64)
+    (data / "val" / "class2").rename(data / "val" / "other")
+    assert tinyimagenet.main(["--quick", "--data-root", str(data)]) == 2
+    assert "not the same ones" in capsys.readouterr().err
+
+
+def test_own_model_quick(capsys):
+    own_model = _load("own_model")
+    assert own_model.main(["--quick", "--threads", "1", "--device", "cpu"]) == 0
+    printed = capsys.readouterr().out
+    assert "(agree)" in printed  # by-hand certificates == certify_dataset's
+    assert "refused: l2/l1 bounds of this model have zero width" in printed  # the trap
+    table = next(t for t in _tables(printed) if t and t[0].get("threat"))
+    assert [r["threat"] for r in table] == ["linf:0.1", "l2:0.5", "**union**"]
+    by_threat = {r["threat"]: r for r in table}
+    for method in ("ibp", "crown-ibp", "crown"):
+        union = float(by_threat["**union**"][method])
+        assert union <= min(float(by_threat[t][method]) for t in ("linf:0.1", "l2:0.5"))
+    for t in ("linf:0.1", "l2:0.5"):
+        assert float(by_threat[t]["best"]) <= float(by_threat[t]["PGD"])
+
+
+def test_smoothing_quick(tmp_path, capsys):
+    smoothing = _load("smoothing")
+    argv = ["--quick", "--count", "6", "--n", "400", "--threads", "1", "--device", "cpu"]
+    assert smoothing.main(argv + ["--out", str(tmp_path / "model.pt")]) == 0
+    printed = capsys.readouterr().out
+    per_image, summary = [t for t in _tables(printed) if t]
+    assert len(per_image) == 6
+    for r in per_image:  # Table 1 of the NU paper, applied to the printed certificates
+        g, u, h = (int(r[k]) for k in ("G label", "U label", "hybrid label"))
+        radii = {k: float(r[k]) for k in r if "r_l" in k}
+        if r["rule"] == "agree":
+            assert g == u == h
+            for norm in ("l2", "l1"):
+                assert radii[f"hybrid r_{norm}"] == max(radii[f"G r_{norm}"], radii[f"U r_{norm}"])
+        elif r["rule"] == "uniform-abstained":
+            assert (u, h) == (-1, g)
+            assert radii["hybrid r_l2"] == radii["G r_l2"]
+        elif r["rule"] == "gaussian-abstained":
+            assert (g, h) == (-1, u)
+            assert radii["hybrid r_l1"] == radii["U r_l1"]
+        else:
+            assert r["rule"] in ("both-abstained", "disagree")
+            assert h == -1 and radii["hybrid r_l2"] == radii["hybrid r_l1"] == 0.0
+    assert [r["certifier"] for r in summary] == ["gaussian", "uniform", "hybrid"]
+    for r in summary:
+        for norm in ("l2", "l1"):
+            curve = [float(r["clean"])] + [float(r[f"{norm} {x:g}"]) for x in smoothing.RADII]
+            assert all(a >= b for a, b in zip(curve, curve[1:]))  # certified accuracy falls with r
