@@ -97,7 +97,10 @@ SUITES: dict[str, Suite] = {
             "smoothing_speed",
             "benchmarks.smoothing_speed:main",
             "randomized smoothing certification speed",
-            fragments=(("smoothing_speed", "smoothing/speed/speed.md"),),
+            fragments=(
+                ("smoothing_speed-quick", "smoothing/speed-quick/speed.md"),
+                ("smoothing_speed", "smoothing/speed/speed.md"),
+            ),
         ),
     )
 }

@@ -107,9 +107,9 @@ class TrainConfig:
     eps_l2: float = 0.5
     train_eps_linf: Optional[float] = None
     train_eps_l2: Optional[float] = None
-    epochs: int = 8
+    epochs: int = 20
     warmup_epochs: float = 1.0
-    ramp_epochs: float = 4.0
+    ramp_epochs: float = 10.0
     ramp_shape: str = "smoothed"
     batch_size: int = 64
     lr: float = 1e-3

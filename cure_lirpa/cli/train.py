@@ -54,7 +54,7 @@ EPILOG = """
 \b
 Examples:
   cure-lirpa train --out runs/demo
-      (cure-joint on the built-in MNIST sample, cnn-small, a few minutes on a CPU)
+      (cure-joint on the built-in MNIST sample, cnn-small, about a minute on one CPU core)
   cure-lirpa verify runs/demo/checkpoint.pt --threat linf:0.1 --threat l2:0.5
   cure-lirpa train --method ibp-linf --dataset mnist --data-root ../shared/data --out runs/ibp
   cure-lirpa train --method cure-max --ba-eta 2 --gp-beta 0.8 --out runs/max-ba-gp
