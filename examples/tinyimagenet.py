@@ -30,54 +30,24 @@ Results go to ``--out`` (default ``runs/examples/tinyimagenet-<mode>``): per mod
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import math
-import os
 import sys
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Optional, Sequence
 
-import torch
 from torch.utils.data import Dataset, Subset
 from torchvision.datasets import DatasetFolder
 
-from cure_lirpa.certification import certify_dataset, write_results
-from cure_lirpa.checkpoint import (
-    atomic_write_json,
-    atomic_write_text,
-    load_checkpoint,
-    model_from_checkpoint,
-)
-from cure_lirpa.cli.common import resolve_device
 from cure_lirpa.data import dataset_info, load_dataset
 from cure_lirpa.errors import UserError
-from cure_lirpa.threats import NormBall, Threat, parse_threat
-from cure_lirpa.training import TrainConfig, apply_preset, train
+from cure_lirpa.training import TrainConfig
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # `common`, also when imported by path
+import common  # noqa: E402
+from common import Mode, radius  # noqa: E402
 
 DATASET = "tinyimagenet"
-REPO = Path(__file__).resolve().parents[1]
-DEFAULT_DATA = os.environ.get("CURE_LIRPA_DATA") or str(REPO.parent / "shared" / "data")
+DEFAULT_DATA = common.DEFAULT_DATA
 EPS_LINF, EPS_L2 = "1/255", "36/255"  # the CURE paper's TinyImageNet pair
-
-
-@dataclass(frozen=True)
-class Mode:
-    """Training and verification settings of one mode (the schedule is in epochs)."""
-
-    arch: str
-    width: Optional[int] = None  # None: the architecture's own width
-    train_count: Optional[int] = None  # None: the whole training set
-    epochs: int = 1
-    warmup_epochs: float = 0.0
-    ramp_epochs: float = 0.0
-    batch_size: int = 64
-    lr: float = 1e-3
-    l2_factor: float = 1.0  # CURE's l2 training radius over the evaluation radius
-    count: int = 50  # test images
-    methods: tuple[str, ...] = ("ibp", "crown-ibp")
-    attack_steps: int = 50
-
 
 MODES = {
     # Smoke run: one epoch over the first 2000 training images, 50 validation images, a narrow
@@ -113,119 +83,25 @@ MODES = {
 }
 
 
-def radius(text: str) -> float:
-    """A radius in [0, 1] pixel units: a number or a fraction such as ``1/255``."""
-    num, _, den = text.partition("/")
-    try:
-        return float(num) / float(den or 1)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number or a fraction") from None
-
-
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
+    return common.parse_args(
+        argv,
         description="Train a CURE multi-norm model and a single-norm baseline on TinyImageNet, "
         "certify both under l∞ and l2, and compare their union accuracy.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        quick_help="smoke run: 2000 images, 1 epoch",
+        data_root_help="folder with train/<wnid>/ and val/<wnid>/ (or with tiny-imagenet-200/ "
+        "holding them); default: $CURE_LIRPA_DATA, else the repo's ../shared/data",
+        eps_type=radius,
+        eps_defaults=(EPS_LINF, EPS_L2),
+        extra_threat_help="another threat to certify (e.g. patch:2, rotate:2); repeatable, enters "
+        "the union",
+        out_help="output folder [runs/examples/tinyimagenet-<mode>]",
     )
-    mode = p.add_mutually_exclusive_group()
-    mode.add_argument("--quick", action="store_true", help="smoke run: 2000 images, 1 epoch")
-    mode.add_argument("--paper", action="store_true", help="the paper's settings (GPU scale)")
-    p.add_argument(
-        "--data-root",
-        default=DEFAULT_DATA,
-        help="folder with train/<wnid>/ and val/<wnid>/ (or with tiny-imagenet-200/ holding "
-        "them); default: $CURE_LIRPA_DATA, else the repo's ../shared/data",
-    )
-    p.add_argument("--eps-linf", type=radius, default=EPS_LINF, help="l∞ radius, pixel units")
-    p.add_argument("--eps-l2", type=radius, default=EPS_L2, help="l2 radius, pixel units")
-    p.add_argument(
-        "--extra-threat",
-        action="append",
-        default=[],
-        metavar="THREAT",
-        help="another threat to certify (e.g. patch:2, rotate:2); repeatable, enters the union",
-    )
-    p.add_argument(
-        "--cure-method",
-        choices=("cure-joint", "cure-max", "cure-random"),
-        default="cure-joint",
-        help="multi-norm method (--paper: the cure-scratch preset)",
-    )
-    p.add_argument(
-        "--baseline",
-        choices=("ibp-linf", "sabr-linf", "ibp-l2", "l2-defence", "natural"),
-        default="ibp-linf",
-        help="single-norm method (--paper: sabr-linf)",
-    )
-    p.add_argument("--epochs", type=int, default=None, help="override the mode's epochs")
-    p.add_argument("--train-count", type=int, default=None, help="train on the first N images")
-    p.add_argument("--count", type=int, default=None, help="number of test images to certify")
-    p.add_argument(
-        "--methods",
-        default=None,
-        help="comma-separated bound methods: ibp, crown-ibp, crown, alpha-crown, auto",
-    )
-    p.add_argument(
-        "--memory-mb",
-        type=float,
-        default=4096.0,
-        help="memory budget of one bound computation (batches are split to fit)",
-    )
-    p.add_argument("--out", default=None, help="output folder [runs/examples/tinyimagenet-<mode>]")
-    p.add_argument(
-        "--resume",
-        action="store_true",
-        help="continue killed training runs in --out (otherwise they are replaced)",
-    )
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    p.add_argument("--seed", type=int, default=0)
-    return p.parse_args(argv)
 
 
 def make_configs(args: argparse.Namespace, mode: Mode) -> dict[str, TrainConfig]:
     """TrainConfigs of the baseline and of the CURE model, keyed by their row in the table."""
-    common: dict[str, Any] = dict(
-        dataset=DATASET,
-        data_root=args.data_root,
-        arch=mode.arch,
-        arch_kwargs={"width": mode.width} if mode.width else {},
-        eps_linf=args.eps_linf,
-        eps_l2=args.eps_l2,
-        seed=args.seed,
-        memory_mb=args.memory_mb,
-    )
-    if args.paper:
-        # The preset fills every field not named in `explicit`; an explicit --epochs scales the
-        # preset's warm-up, ramp and lr milestones along.
-        explicit = {"epochs"} if args.epochs else set()
-        if args.epochs:
-            common["epochs"] = args.epochs
-        cure = apply_preset(TrainConfig(**common), "cure-scratch", explicit)
-        # The baseline: the same recipe and schedule without the multi-norm parts (SABR l∞ alone).
-        base = apply_preset(
-            TrainConfig(method="sabr-linf", **common),
-            "cure-scratch",
-            explicit | {"method", "ba_eta", "gp_beta"},
-        )
-        return {
-            "baseline: sabr-linf": dataclasses.replace(base, preset=None),
-            "CURE: cure-scratch": cure,
-        }
-    schedule = dict(
-        epochs=args.epochs or mode.epochs,
-        warmup_epochs=mode.warmup_epochs,
-        ramp_epochs=mode.ramp_epochs,
-        batch_size=mode.batch_size,
-        lr=mode.lr,
-        train_count=args.train_count or mode.train_count,
-    )
-    base = TrainConfig(method=args.baseline, **common, **schedule)
-    cure = TrainConfig(
-        method=args.cure_method, train_eps_l2=mode.l2_factor * args.eps_l2, **common, **schedule
-    )
-    return {f"baseline: {args.baseline}": base, f"CURE: {args.cure_method}": cure}
+    return common.make_configs(args, mode, DATASET)
 
 
 def eval_images(test: Dataset, count: int) -> Dataset:
@@ -261,39 +137,13 @@ def load_data(args: argparse.Namespace) -> tuple[DatasetFolder, DatasetFolder]:
     return train_set, val
 
 
-def comparison_table(results: dict[str, dict[str, Any]], threats: Sequence[Threat]) -> str:
-    """One row per model: clean, certified per threat (best of the methods), union, PGD per threat."""
-    names = [t.name for t in threats]
-    rows = [["model", "clean", *names, "union", *(f"PGD {n}" for n in names)]]
-    for label, s in results.items():
-        pgd = s["pgd_accuracy"]
-        rows.append(
-            [label, f"{s['clean_accuracy']:.1f}"]
-            + [f"{s['certified_best'][n]:.1f}" for n in names]
-            + [f"{s['union']['best']:.1f}"]
-            + [f"{pgd[n]:.1f}" if n in pgd else "-" for n in names]
-        )
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    lines = ["| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |" for r in rows]
-    lines.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
-    return "\n".join(lines) + "\n"
-
-
 def run(args: argparse.Namespace) -> int:
-    name = "paper" if args.paper else "quick" if args.quick else "cpu"
-    mode = MODES[name]
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = resolve_device(args.device)
-    out = Path(args.out or f"runs/examples/{DATASET}-{name}")
-    threats: list[Threat] = [NormBall(math.inf, args.eps_linf), NormBall(2.0, args.eps_l2)]
-    threats += [parse_threat(t) for t in args.extra_threat]
-    methods = tuple(args.methods.split(",")) if args.methods else mode.methods
+    s = common.prepare(args, MODES, DATASET)
     info = dataset_info(DATASET)
     train_set, val = load_data(args)  # fails early, saying where it looked and what to do
-    test = eval_images(val, args.count or mode.count)
-    configs = make_configs(args, mode)
-    print(f"{name} run on {DATASET} ({device}); results in {out}")
+    test = eval_images(val, args.count or s.mode.count)
+    configs = make_configs(args, s.mode)
+    print(f"{s.name} run on {DATASET} ({s.device}); results in {s.out}")
     classes = len(train_set.classes)
     if classes < info.num_classes:
         print(
@@ -309,68 +159,13 @@ def run(args: argparse.Namespace) -> int:
             "beyond 'the pipeline works'"
         )
 
-    results: dict[str, dict[str, Any]] = {}
-    for label, config in configs.items():
-        run_dir = out / config.method
-        print(f"\n== {label}: training {config.arch} for {config.epochs} epoch(s)")
-        result = train(
-            config,
-            run_dir,
-            resume=args.resume and (run_dir / "checkpoint.pt").exists(),
-            overwrite=True,
-            device=device,
-            log=lambda msg: print("   " + msg),
-        )
-        model = model_from_checkpoint(load_checkpoint(result.checkpoint))
-        print(f"== {label}: certifying {len(test)} validation images ({', '.join(methods)}, PGD)")
-        rows, summary = certify_dataset(
-            model,
-            test,
-            threats,
-            methods,
-            info.in_shape,
-            device=device,
-            memory_mb=args.memory_mb,
-            attack_steps=mode.attack_steps,
-            attack_restarts=1,
-        )
-        write_results(run_dir / "verify", rows, summary, threats, methods)
-        results[label] = summary
-
-    table = comparison_table(results, threats)
-    (_, base), (_, cure) = results.items()
-    gain = cure["union"]["best"] - base["union"]["best"]
-    print(
-        f"\nCertified accuracy (%) on {len(test)} validation images of {DATASET}, best of "
-        f"{', '.join(methods)}; union = certified under all {len(threats)} threats at once\n"
+    return common.train_and_compare(
+        args, s, DATASET, configs, test, info.in_shape, images="validation"
     )
-    print(table)
-    print(f"union accuracy, CURE minus baseline: {gain:+.1f} points")
-    atomic_write_text(out / "comparison.md", table)
-    atomic_write_json(
-        out / "comparison.json",
-        {
-            "mode": name,
-            "threats": [t.name for t in threats],
-            "methods": list(methods),
-            "results": results,
-        },
-    )
-    print(f"files: {out}/comparison.md, {out}/<method>/verify/summary.md (per bound method)")
-    bad = {k: v for s in results.values() for k, v in s["soundness_violations"].items() if v}
-    if bad:  # a certified image broken by PGD would be a bug in the bounds: say so loudly
-        print(f"SOUNDNESS VIOLATION (certified but broken by PGD): {bad}", file=sys.stderr)
-        return 1
-    return 0
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    args = parse_args(argv)
-    try:
-        return run(args)
-    except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    return common.run_main(run, parse_args(argv))
 
 
 if __name__ == "__main__":
