@@ -29,7 +29,7 @@ demo: install
 		--method ibp --method crown-ibp --count 500 --out $(RUN)/verify --overwrite
 
 test: install
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest tests
 
 lint: install
 	$(VENV)/bin/ruff format --check cure_lirpa tests benchmarks examples
