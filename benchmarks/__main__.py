@@ -41,6 +41,8 @@ class Suite:
     """The entry point accepts ``--quick``."""
     fragments: tuple[tuple[str, str], ...] = ()
     """``(marker, path relative to benchmarks/results)`` of Markdown that ``docs`` includes."""
+    argv: tuple[str, ...] = ()
+    """Arguments always passed first (one script serving several suites)."""
 
 
 SUITES: dict[str, Suite] = {
@@ -67,12 +69,20 @@ SUITES: dict[str, Suite] = {
         ),
         Suite(
             "cure_mnist",
-            "benchmarks.cure_mnist:main",
+            "benchmarks.cure_training:main",
             "CURE on MNIST: single-norm baselines against multi-norm training (trains models)",
             fragments=(
                 ("cure_mnist", "cure_mnist/summary.md"),
                 ("cure_mnist-speed", "cure_mnist/speed.md"),
             ),
+            argv=("--dataset", "mnist"),
+        ),
+        Suite(
+            "cure_cifar10",
+            "benchmarks.cure_training:main",
+            "CURE on CIFAR-10 at reduced scale (cnn-small, l∞ 2/255, l2 0.25; trains models)",
+            fragments=(("cure_cifar10", "cure_cifar10/summary.md"),),
+            argv=("--dataset", "cifar10"),
         ),
         Suite(
             "generalisation",
@@ -113,7 +123,7 @@ def run_suite(name: str, quick: bool, args: Sequence[str]) -> None:
     suite = SUITES[name]
     if quick and not suite.quick:
         raise click.BadParameter(f"suite {name!r} has no --quick mode", param_hint="--quick")
-    argv = [*(["--quick"] if quick else []), *args]
+    argv = [*suite.argv, *(["--quick"] if quick else []), *args]
     module, _, attr = suite.target.partition(":")
     entry = getattr(importlib.import_module(module), attr)
     prog = f"python -m benchmarks run --suite {name}"

@@ -16,10 +16,11 @@ real per-image time) and records the peak. The child writes ``cells/<model>/<thr
 atomically; a rerun skips cells whose file exists with the same settings, so a killed run resumes.
 
 Models: ``--checkpoint NAME=PATH`` (repeatable) and/or ``--models DIR`` (every DIR/<name>/checkpoint.pt;
-default benchmarks/results/cure_mnist in full mode). When no model is found the suite trains small
-stand-ins with :func:`cure_lirpa.training.train` (quick mode always does: cnn-small of width 4 on the
-built-in MNIST sample, about a minute). Full mode also trains small CIFAR-10 stand-ins from
-``--data-root`` (skipped with a message when the data are missing).
+in full mode by default the models of the CURE runs in benchmarks/results/cure_mnist and
+cure_cifar10, the latter named ``cifar10-<row>``). For a dataset with no model found the suite
+trains small stand-ins with :func:`cure_lirpa.training.train` (quick mode always does: cnn-small of
+width 4 on the built-in MNIST sample, about a minute; CIFAR-10 stand-ins come from ``--data-root``
+and are skipped with a message when the data are missing).
 
 Outputs in benchmarks/results/certificates[-quick]/: ``results.json`` (everything), ``summary.md``
 (the compact tables docs/benchmarks.md includes), ``results.md`` (every cell), ``certified.png``
@@ -47,7 +48,10 @@ from typing import Any, Optional, Sequence
 
 import click
 
-from benchmarks import (
+if __package__ in (None, ""):  # run as `python benchmarks/<suite>.py`: the repository is the root
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks import (  # noqa: E402
     DEFAULT_DATA,
     RESULTS,
     exit_reason,
@@ -80,7 +84,9 @@ THREATS = {
     "mnist": ("linf:0.1", "l2:0.5", "l1:1"),
     "cifar10": ("linf:2/255", "l2:0.25", "l1:0.5"),
 }
-DEFAULT_MODELS = RESULTS / "cure_mnist"
+DEFAULT_MODELS = {RESULTS / "cure_mnist": "", RESULTS / "cure_cifar10": "cifar10-"}
+"""Folders of the CURE reproduction runs (``python -m benchmarks run --suite cure_mnist`` /
+``cure_cifar10``) read in full mode, with the prefix their model names get here."""
 DEFAULT_ROWS = ("natural", "ibp-linf", "ibp-l2", "cure-joint", "cure-max")
 """The models taken from DEFAULT_MODELS unless --only says otherwise (all if none of them exist)."""
 
@@ -1188,18 +1194,24 @@ def main(
         if not found:
             log(f"no <name>/checkpoint.pt in {models_dir}")
         paths.update(found)
-    elif not named and not quick and DEFAULT_MODELS.is_dir():
-        found = scan_models(DEFAULT_MODELS)
-        if not only:
-            found = {k: found[k] for k in DEFAULT_ROWS if k in found} or found
-        paths.update(found)
+    elif not named and not quick:
+        for folder, prefix in DEFAULT_MODELS.items():
+            found = scan_models(folder) if folder.is_dir() else {}
+            if not only:
+                found = {k: found[k] for k in DEFAULT_ROWS if k in found} or found
+            paths.update({prefix + k: v for k, v in found.items()})
     configs: dict[str, Any] = {}
     if not paths:
         log("no checkpoints given or found: using stand-in models trained by the suite")
     if not named:
         configs = standin_configs(quick, root, cifar and not quick)
-        if paths:  # real MNIST checkpoints found: only the CIFAR-10 stand-ins are needed
-            configs = {k: v for k, v in configs.items() if v.dataset == "cifar10"}
+        # stand-ins only for the datasets no real checkpoint was found for
+        have = {"cifar10" if k.startswith("cifar10-") else "mnist" for k in paths}
+        configs = {
+            k: v
+            for k, v in configs.items()
+            if ("cifar10" if v.dataset == "cifar10" else "mnist") not in have
+        }
     keep = set(_split(only))
     if keep:
         configs = {k: v for k, v in configs.items() if k in keep}

@@ -34,7 +34,10 @@ from typing import Any, Optional, Sequence
 
 import click
 
-from benchmarks import (
+if __package__ in (None, ""):  # run as `python benchmarks/<suite>.py`: the repository is the root
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks import (  # noqa: E402
     RESULTS,
     exit_reason,
     log,

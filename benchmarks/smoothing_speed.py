@@ -12,7 +12,7 @@ Writes ``speed.json`` and ``speed.md`` into ``benchmarks/results/smoothing/speed
 with ``--quick``). Usage::
 
     python benchmarks/smoothing_speed.py --quick
-    python benchmarks/smoothing_speed.py --threads 2
+    python benchmarks/smoothing_speed.py --threads 1
 """
 
 from __future__ import annotations

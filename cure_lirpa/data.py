@@ -179,15 +179,84 @@ def _load_tinyimagenet(base: Path, split: str) -> Dataset:
 
 
 def take(dataset: Dataset, start: int = 0, count: Optional[int] = None) -> Dataset:
-    """Samples ``start .. start+count-1`` of ``dataset`` (all from ``start`` when count is None)."""
+    """Samples ``start .. start+count-1`` of ``dataset`` in :func:`sample_order` (all from
+    ``start`` when count is None): the stored order, classes interleaved for ImageFolder data."""
     n = len(dataset)
     if start < 0 or start >= n:
         raise UserError(f"--start {start} is outside the dataset (it has {n} samples)")
     stop = n if count is None else min(n, start + count)
-    return Subset(dataset, range(start, stop))
+    return Subset(dataset, sample_order(dataset)[start:stop])
 
 
 def stack(dataset: Dataset) -> tuple[torch.Tensor, torch.Tensor]:
     """Materialise a (small) dataset as tensors ``x (N, C, H, W)`` and ``y (N,)``."""
     xs, ys = zip(*(dataset[i] for i in range(len(dataset))))
     return torch.stack(xs), torch.tensor(ys, dtype=torch.long)
+
+
+def sample_order(dataset: Dataset) -> Sequence[int]:
+    """The order in which runs take ``dataset``'s samples (``--start``/``--count``, training subsets).
+
+    Data already in random order (MNIST, torchvision CIFAR-10, the built-in sample) keep their stored
+    order, so "the first N test images" means what it means in the papers. Class-sorted data
+    (torchvision ``DatasetFolder``/``ImageFolder``: each class in one block) are interleaved round
+    robin, the first image of every class, then the second of every class, ..., so that every prefix
+    and every ``--start``/``--count`` range holds the classes in proportion.
+    """
+    from torchvision.datasets import DatasetFolder
+
+    if not isinstance(dataset, DatasetFolder):
+        return range(len(dataset))
+    blocks: dict[int, list[int]] = {}
+    for i, target in enumerate(dataset.targets):
+        blocks.setdefault(int(target), []).append(i)
+    queues = [blocks[c] for c in sorted(blocks)]
+    longest = max((len(q) for q in queues), default=0)
+    return [q[k] for k in range(longest) for q in queues if k < len(q)]
+
+
+def subset_indices(dataset: Dataset, count: Optional[int]) -> Sequence[int]:
+    """Indices of the ``count`` samples a run uses when it asks for fewer than all of ``dataset``:
+    the first ``count`` of :func:`sample_order` (every index when ``count`` is None or too large)."""
+    n = len(dataset)
+    if count is None or count >= n:
+        return range(n)
+    if count < 1:
+        raise UserError(f"a subset needs at least one sample, got count={count}")
+    return sample_order(dataset)[:count]
+
+
+def in_memory(
+    dataset: Dataset, indices: Sequence[int], max_mb: float = 2048.0
+) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
+    """``(x (N, C, H, W), y (N,))`` of ``dataset[indices]`` held in memory, or None when it would
+    take more than ``max_mb`` megabytes (then callers load items one by one).
+
+    The built-in sample and torchvision MNIST are sliced directly (the values ``ToTensor`` gives,
+    without a PIL round trip per image); other datasets (ImageFolder JPEGs) are decoded once.
+    """
+    idx = torch.as_tensor(list(indices), dtype=torch.long)
+    if isinstance(dataset, TensorDataset):
+        return dataset.tensors[0][idx], dataset.tensors[1][idx].long()
+    if isinstance(dataset, Subset) and isinstance(dataset.dataset, TensorDataset):
+        inner = torch.as_tensor(list(dataset.indices), dtype=torch.long)[idx]
+        return dataset.dataset.tensors[0][inner], dataset.dataset.tensors[1][inner].long()
+    from torchvision import datasets, transforms
+
+    if (
+        isinstance(dataset, datasets.MNIST)
+        and isinstance(dataset.transform, transforms.ToTensor)
+        and dataset.target_transform is None
+    ):
+        return dataset.data[idx].unsqueeze(1).float().div(255.0), dataset.targets[idx].long()
+    if len(idx) == 0:
+        return None
+    first = dataset[int(idx[0])][0]
+    if len(idx) * first.numel() * first.element_size() / 2**20 > max_mb:
+        return None
+    x = torch.empty((len(idx), *first.shape), dtype=first.dtype)
+    y = torch.empty(len(idx), dtype=torch.long)
+    for k, i in enumerate(idx.tolist()):
+        image, label = dataset[i]
+        x[k], y[k] = image, int(label)
+    return x, y

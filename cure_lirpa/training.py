@@ -45,7 +45,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import Dataset, Subset, TensorDataset
+from torch.utils.data import Dataset
 
 from .checkpoint import (
     atomic_torch_save,
@@ -54,7 +54,7 @@ from .checkpoint import (
     load_checkpoint,
     make_checkpoint,
 )
-from .data import DATASETS, DatasetInfo, dataset_info, load_dataset
+from .data import DATASETS, DatasetInfo, dataset_info, in_memory, load_dataset, subset_indices
 from .errors import UserError
 from .losses import project_gradients
 from .methods import (
@@ -338,17 +338,20 @@ def apply_preset(
 
 
 class TrainData:
-    """The training set as batches picked by index (in-memory tensors when cheap, else per item)."""
+    """The training images of a run, batched by index: in memory when that is cheap (see
+    :func:`~cure_lirpa.data.in_memory`), else loaded per item. ``count`` picks the subset of
+    :func:`~cure_lirpa.data.subset_indices` (classes interleaved for class-sorted ImageFolder data)."""
 
     def __init__(self, dataset: Dataset, count: Optional[int] = None):
-        n = len(dataset) if count is None else min(int(count), len(dataset))
-        self.dataset, self.size = dataset, n
-        self.tensors = _as_tensors(dataset, n)
+        self.dataset = dataset
+        self.indices = subset_indices(dataset, count)
+        self.size = len(self.indices)
+        self.tensors = in_memory(dataset, self.indices)
 
     def batch(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self.tensors is not None:
             return self.tensors[0][idx], self.tensors[1][idx]
-        items = [self.dataset[int(i)] for i in idx]
+        items = [self.dataset[self.indices[int(i)]] for i in idx]
         return torch.stack([it[0] for it in items]), torch.tensor([int(it[1]) for it in items])
 
     def order(self, batch_size: int, gen: torch.Generator) -> list[torch.Tensor]:
@@ -363,26 +366,6 @@ class TrainData:
     def steps_per_epoch(self, batch_size: int) -> int:
         n = math.ceil(self.size / batch_size)
         return n - 1 if n > 1 and self.size % batch_size == 1 else n
-
-
-def _as_tensors(dataset: Dataset, n: int) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
-    """Whole-tensor view of in-memory datasets (the sample, torchvision MNIST); None otherwise."""
-    if isinstance(dataset, TensorDataset):
-        return dataset.tensors[0][:n], dataset.tensors[1][:n].long()
-    if isinstance(dataset, Subset) and isinstance(dataset.dataset, TensorDataset):
-        idx = torch.as_tensor(list(dataset.indices)[:n])
-        return dataset.dataset.tensors[0][idx], dataset.dataset.tensors[1][idx].long()
-    try:
-        from torchvision import datasets, transforms
-    except ImportError:  # pragma: no cover
-        return None
-    if (
-        isinstance(dataset, datasets.MNIST)
-        and isinstance(dataset.transform, transforms.ToTensor)
-        and dataset.target_transform is None
-    ):  # the values ToTensor gives, without 60,000 PIL round trips per epoch
-        return dataset.data[:n].unsqueeze(1).float().div(255.0), dataset.targets[:n].long()
-    return None
 
 
 # ---------------------------------------------------------------------------------------------

@@ -107,7 +107,12 @@ def parse_args(
         help="single-norm method (--paper: sabr-linf)",
     )
     p.add_argument("--epochs", type=int, default=None, help="override the mode's epochs")
-    p.add_argument("--train-count", type=int, default=None, help="train on the first N images")
+    p.add_argument(
+        "--train-count",
+        type=int,
+        default=None,
+        help="train on N images (classes interleaved for class-sorted ImageFolder data)",
+    )
     p.add_argument("--count", type=int, default=None, help="number of test images to certify")
     p.add_argument(
         "--methods",

@@ -48,8 +48,35 @@ def test_registry_lists_suites():
 
     res = CliRunner().invoke(cli, ["list"])
     assert res.exit_code == 0, res.output
-    for name in ("certificates", "scaling", "cure_mnist"):
+    for name in ("certificates", "scaling", "cure_mnist", "cure_cifar10"):
         assert name in SUITES and name in res.output
+    assert SUITES["cure_cifar10"].argv == ("--dataset", "cifar10")
+
+
+def test_cure_training_report_uses_each_datasets_threats(tmp_path: Path):
+    """The CIFAR-10 table is keyed by its own threats (2/255 has a normalised name) and says so."""
+    from benchmarks.cure_training import THREATS, report, settings
+
+    s = settings(quick=False, dataset="cifar10")
+    assert s["threats"] == THREATS["cifar10"] and s["eps"] == (2 / 255, 0.25)
+    for row, values in (("natural", (6.0, 0.0, 0.0)), ("cure-joint", (21.0, 19.5, 19.0))):
+        (tmp_path / row).mkdir()
+        out = {
+            "row": row,
+            "description": row,
+            "test_images": 100,
+            "clean": 50.0,
+            "certified": dict(zip(THREATS["cifar10"], values)),
+            "union": min(values),
+            "union_linf_l2": min(values[:2]),
+            "train_seconds": 1.0,
+        }
+        (tmp_path / row / "row.json").write_text(json.dumps(out))
+    report(tmp_path, lambda msg: None, "cifar10")
+    text = (tmp_path / "summary.md").read_text()
+    assert "CURE on CIFAR-10" in text and "| l∞ 2/255 | l2 0.25 | l1 0.5 |" in text
+    assert "| cure-joint | cure-joint | 50.0 | 21.0 | 19.5 | 19.0 | 19.0 | 19.5 | 1 s |" in text
+    assert (tmp_path / "union_accuracy.png").is_file()
 
 
 def test_certificates_suite_smoke(tiny_checkpoint: Path, tmp_path: Path):

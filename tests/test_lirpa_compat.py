@@ -311,3 +311,38 @@ def test_import_restores_logger_and_warnings_and_is_quiet():
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "RESTORED"
     assert "FutureWarning" not in proc.stderr and "No CUDA runtime" not in proc.stderr, proc.stderr
+
+
+@pytest.mark.parametrize("threat,index", [("linf:0.1", 150), ("l2:0.5", 200)])
+def test_sparse_spec_alpha_assertion_falls_back_to_dense_slopes(monkeypatch, threat, index):
+    """auto_LiRPA 0.3's sparse-spec alpha asserts in BoundRelu on some images (tests/data/README.md
+    says how the stored model was made); alpha-CROWN then redoes the call with dense slopes."""
+    from pathlib import Path
+
+    from cure_lirpa.bounds import BoundedClassifier
+    from cure_lirpa.checkpoint import load_checkpoint, model_from_checkpoint
+    from cure_lirpa.data import load_dataset
+    from cure_lirpa.threats import parse_threat
+
+    model = model_from_checkpoint(
+        load_checkpoint(Path(__file__).parent / "data" / "sparse_alpha_case.pt")
+    ).eval()
+    image, label = load_dataset("sample", "test")[index]
+    x, y = image.unsqueeze(0), torch.tensor([label])
+    ball = parse_threat(threat)
+    bc = BoundedClassifier(model, (1, 28, 28), alpha_iterations=5)
+
+    with monkeypatch.context() as m:  # without the fallback: the upstream assertion
+        m.setattr(lirpa, "_raised_in_auto_lirpa", lambda exc: False)
+        with pytest.raises(AssertionError):
+            bc.margin_lower_bounds(x, y, ball, "alpha-crown")
+    alpha = bc.margin_lower_bounds(x, y, ball, "alpha-crown")
+    with lirpa.dense_spec_alpha(bc.module):
+        dense = bc.margin_lower_bounds(x, y, ball, "alpha-crown")
+    crown = bc.margin_lower_bounds(x, y, ball, "crown")
+    assert torch.allclose(alpha, dense, atol=1e-5)
+    assert (alpha >= crown - 1e-5).all()
+    with torch.no_grad():
+        z = x + _ball_samples(torch.zeros(1, 784), ball.p, ball.eps, 200).view(200, 1, 28, 28)
+        m_samples = _margins(model(z.clamp(0, 1)), y.repeat(200))
+    assert (alpha <= m_samples.min(0).values + 1e-5).all()

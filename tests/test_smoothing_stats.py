@@ -257,3 +257,43 @@ def test_certify_reproducible_under_seed():
     a = Smooth(model, 2, noise, seed=5).certify(torch.zeros(1), 10, 300, 0.01, 64)
     b = Smooth(model, 2, noise, seed=5).certify(torch.zeros(1), 10, 300, 0.01, 64)
     assert a == b
+
+
+def test_acr_and_certified_accuracy_count_only_correct_predictions():
+    from cure_lirpa.smoothing.analysis import average_certified_radius, certified_accuracy
+
+    radius = np.array([0.5, 1.0, 0.0, 2.0])  # 0 = abstained or radius 0
+    correct = np.array([True, True, False, False])
+    assert average_certified_radius(radius, correct) == pytest.approx(1.5 / 4)
+    assert certified_accuracy(radius, correct, 0.0) == pytest.approx(0.5)
+    assert certified_accuracy(radius, correct, 0.75) == pytest.approx(0.25)
+    assert certified_accuracy(radius, correct, 1.5) == 0.0  # the radius-2 sample is wrong
+
+
+def test_acr_at_fixed_clean_accuracy_interpolates_within_each_method():
+    from cure_lirpa.smoothing.analysis import compare_at_clean_accuracy, interpolate_at
+
+    assert interpolate_at([(0.6, 1.0), (0.8, 0.0)], 0.7) == pytest.approx(0.5)
+    assert interpolate_at([(0.8, 0.0), (0.6, 1.0)], 0.65) == pytest.approx(0.75)  # any order
+    assert interpolate_at([(0.6, 1.0), (0.8, 0.0)], 0.9) is None  # no extrapolation
+    assert interpolate_at([(0.7, 0.2), (0.7, 0.4)], 0.7) == pytest.approx(0.4)  # best of ties
+
+    def run(name, method, clean, l2, l1):
+        return {
+            "name": name,
+            "method": method,
+            "clean_accuracy": clean,
+            "acr": {"l2": l2, "l1": l1},
+        }
+
+    runs = [
+        run("g.25", "gaussian", 0.80, 0.4, 0.4),
+        run("g.50", "gaussian", 0.60, 0.8, 0.8),
+        run("h.25", "hybrid", 0.78, 0.4, 0.6),
+        run("h.50", "hybrid", 0.58, 0.8, 1.2),
+    ]
+    out = compare_at_clean_accuracy(runs, [0.7, 0.79])
+    g, h = out["methods"]["gaussian"]["at_level"], out["methods"]["hybrid"]["at_level"]
+    assert g["0.7"] == {"l2": pytest.approx(0.6), "l1": pytest.approx(0.6)}
+    assert h["0.7"]["l1"] == pytest.approx(0.6 + 0.6 * 0.08 / 0.2)
+    assert g["0.79"]["l2"] == pytest.approx(0.42) and h["0.79"] == {"l2": None, "l1": None}

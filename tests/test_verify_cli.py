@@ -182,3 +182,18 @@ def test_verify_refuses_wrong_input_shape(checkpoint, tmp_path):
     assert "Traceback" not in res.output
     assert "do not match" in res.output or "shape" in res.output
     assert not (tmp_path / "o").exists()
+
+
+def test_verify_defaults_to_the_radii_the_checkpoint_was_trained_for(checkpoint, tmp_path):
+    ckpt = torch.load(checkpoint, weights_only=False)
+    ckpt["config"] = {"method": "ibp-linf", "eps_linf": 0.02, "eps_l2": 0.3}
+    trained = tmp_path / "trained.pt"
+    atomic_torch_save(ckpt, trained)
+    for path, expected in (
+        (trained, ["linf:0.02", "l2:0.3"]),
+        (checkpoint, ["linf:0.1", "l2:0.5"]),
+    ):
+        out = tmp_path / f"v-{path.stem}"
+        res = _run("verify", path, "--count", 4, "--method", "ibp", "--no-attack", "--out", out)
+        assert res.exit_code == 0, res.output
+        assert json.loads((out / "summary.json").read_text())["config"]["threats"] == expected

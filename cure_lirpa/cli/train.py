@@ -259,7 +259,8 @@ Examples:
     "--train-count",
     type=click.IntRange(min=2),
     default=None,
-    help="Train on the first N training images only (quick runs) [default: all].",
+    help="Train on N training images only (quick runs): the first N, classes interleaved for "
+    "class-sorted ImageFolder data [default: all].",
 )
 @click.option(
     "--memory-mb",

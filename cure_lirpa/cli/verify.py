@@ -18,6 +18,18 @@ DEFAULT_THREATS = {
     "cifar10": ("linf:2/255", "l2:0.25"),
     "tinyimagenet": ("linf:1/255", "l2:36/255"),
 }
+"""Threats of checkpoints that do not record their own (no ``eps_linf``/``eps_l2`` in the config)."""
+
+
+def default_threats(ckpt: dict, dataset: str) -> tuple[str, ...]:
+    """The l∞ and l2 radii the checkpoint was trained for (``cure-lirpa train`` records them), else
+    the usual pair of ``dataset``."""
+    config = ckpt.get("config") or {}
+    eps_linf, eps_l2 = config.get("eps_linf"), config.get("eps_l2")
+    if isinstance(eps_linf, (int, float)) and isinstance(eps_l2, (int, float)):
+        if eps_linf > 0 and eps_l2 > 0:
+            return (f"linf:{eps_linf!r}", f"l2:{eps_l2!r}")
+    return DEFAULT_THREATS.get(dataset, ("linf:0.1", "l2:0.5"))
 
 
 @click.command(context_settings={"show_default": True})
@@ -28,7 +40,8 @@ DEFAULT_THREATS = {
     multiple=True,
     type=ThreatType(),
     help="Threat model, repeatable: linf:EPS, l2:EPS, l1:EPS (pixel units, 8/255 allowed), "
-    "patch:K, rotate:DEG, ... Default: the checkpoint's dataset pair (MNIST linf:0.1 l2:0.5).",
+    "patch:K, rotate:DEG, ... Default: the l∞ and l2 radii the checkpoint was trained for, "
+    "else the dataset's pair (MNIST linf:0.1 l2:0.5, CIFAR-10 linf:2/255 l2:0.25).",
 )
 @click.option(
     "--method",
@@ -134,9 +147,7 @@ def verify(
     info = dataset_info_of(ckpt)
     dataset = dataset or info.name
     if not threats:
-        threats = tuple(
-            parse_threat(t) for t in DEFAULT_THREATS.get(dataset, ("linf:0.1", "l2:0.5"))
-        )
+        threats = tuple(parse_threat(t) for t in default_threats(ckpt, dataset))
     threats = tuple(dict.fromkeys(threats))
     methods = tuple(dict.fromkeys(methods))
     dev = resolve_device(device)

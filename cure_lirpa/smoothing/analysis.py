@@ -263,10 +263,14 @@ def markdown_report(
             "",
         ]
         levels = [f"{lv:g}" for lv in comparison["levels"]]
-        head = ["method"] + [f"clean {lv}: ACR l2 / l1" for lv in levels]
+        head = ["method", "runs: clean range"] + [f"clean {lv}: ACR l2 / l1" for lv in levels]
         lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         for method, entry in comparison["methods"].items():
-            cells = [method]
+            clean = sorted(r["clean_accuracy"] for r in entry["runs"])
+            span = f"{len(clean)}: {_cell(clean[0])}" + (
+                f" - {_cell(clean[-1])}" if len(clean) > 1 else " (one run: no interpolation)"
+            )
+            cells = [method, span]
             for lv in levels:
                 v = entry["at_level"][lv]
                 cells.append(f"{_cell(v['l2'])} / {_cell(v['l1'])}")

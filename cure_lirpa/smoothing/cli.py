@@ -295,7 +295,8 @@ def smooth() -> None:
     "--train-count",
     type=click.IntRange(min=1),
     default=None,
-    help="Train on the first N training samples only (quick runs).",
+    help="Train on N training images only (quick runs): the first N, classes interleaved for "
+    "class-sorted ImageFolder data.",
 )
 @click.option(
     "--eval-count",

@@ -27,10 +27,10 @@ from typing import Any, Callable, Optional, Union
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import Dataset, Subset, TensorDataset
+from torch.utils.data import Dataset
 
 from ..checkpoint import atomic_torch_save, dataset_info_of, load_checkpoint, make_checkpoint
-from ..data import dataset_info, load_dataset
+from ..data import dataset_info, in_memory, load_dataset, subset_indices
 from ..errors import UserError
 from ..models import build_model
 from .noise import GaussianNoise, Noise, NormalUniformNoise, UniformNoise, make_generator
@@ -195,17 +195,19 @@ def make_method(config: TrainConfig):
 
 
 class _Batches:
-    """Random batches of a dataset from an explicit ``torch.Generator`` (reproducible, resumable)."""
+    """Random batches of a dataset's training subset (:func:`~cure_lirpa.data.subset_indices`) from
+    an explicit ``torch.Generator`` (reproducible, resumable)."""
 
     def __init__(self, dataset: Dataset, count: Optional[int] = None):
-        n = len(dataset) if count is None else min(count, len(dataset))
-        self.dataset, self.size = dataset, n
-        self.tensors = _as_tensors(dataset, n)
+        self.dataset = dataset
+        self.indices = subset_indices(dataset, count)
+        self.size = len(self.indices)
+        self.tensors = in_memory(dataset, self.indices)
 
     def get(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self.tensors is not None:
             return self.tensors[0][idx], self.tensors[1][idx]
-        items = [self.dataset[int(i)] for i in idx]
+        items = [self.dataset[self.indices[int(i)]] for i in idx]
         return torch.stack([it[0] for it in items]), torch.tensor([int(it[1]) for it in items])
 
     def epoch(self, batch_size: int, gen: Optional[torch.Generator]):
@@ -214,26 +216,6 @@ class _Batches:
         )
         for s in range(0, self.size, batch_size):
             yield self.get(order[s : s + batch_size])
-
-
-def _as_tensors(dataset: Dataset, n: int) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
-    """Whole-tensor view of in-memory datasets (the sample, torchvision MNIST); None otherwise."""
-    if isinstance(dataset, TensorDataset):
-        return dataset.tensors[0][:n], dataset.tensors[1][:n].long()
-    if isinstance(dataset, Subset) and isinstance(dataset.dataset, TensorDataset):
-        idx = torch.as_tensor(list(dataset.indices)[:n])
-        return dataset.dataset.tensors[0][idx], dataset.dataset.tensors[1][idx].long()
-    try:
-        from torchvision import datasets, transforms
-    except ImportError:  # pragma: no cover
-        return None
-    if (
-        isinstance(dataset, datasets.MNIST)
-        and isinstance(dataset.transform, transforms.ToTensor)
-        and dataset.target_transform is None
-    ):  # same values as ToTensor, without 60,000 PIL round trips per epoch
-        return dataset.data[:n].unsqueeze(1).float().div(255.0), dataset.targets[:n].long()
-    return None
 
 
 @torch.no_grad()
