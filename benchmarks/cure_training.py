@@ -221,6 +221,15 @@ def run_row(row: str, cfg: TrainConfig, results: Path, s: dict[str, Any], log) -
         "threats": list(s["threats"]),
         "procedure": "ibp on all, crown on the images ibp left open",
     }
+    base = {
+        "row": row,
+        "description": ROWS[row][0],
+        "method": cfg.method,
+        "config": cfg.to_dict(),
+        "epochs": ckpt["epoch"],
+        "train_seconds": train_seconds,
+        "last_epoch_train_metrics": history[-1] if history else {},
+    }
     summary = None
     if summary_path.is_file():
         import json
@@ -242,28 +251,14 @@ def run_row(row: str, cfg: TrainConfig, results: Path, s: dict[str, Any], log) -
             rows, summary = certify(model, test, threats, tuple(ckpt["dataset"]["in_shape"]), s)
         except UserError as exc:  # e.g. a collapsed (constant) model refused by the bounds
             log(f"[{row}] certification failed: {exc}")
-            out = {
-                "row": row,
-                "description": ROWS[row][0],
-                "method": cfg.method,
-                "config": cfg.to_dict(),
-                "epochs": ckpt["epoch"],
-                "train_seconds": train_seconds,
-                "error": str(exc),
-                "last_epoch_train_metrics": history[-1] if history else {},
-            }
+            out = dict(base, error=str(exc))
             atomic_write_json(folder / "row.json", out)
             return out
         summary["stamp"] = stamp
         write_results(verify_dir, rows, summary, threats, list(BOUND_METHODS))
     best = summary["certified_best"]
     out = {
-        "row": row,
-        "description": ROWS[row][0],
-        "method": cfg.method,
-        "config": cfg.to_dict(),
-        "epochs": ckpt["epoch"],
-        "train_seconds": train_seconds,
+        **base,
         "test_images": summary["samples"],
         "clean": summary["clean_accuracy"],
         "threats": list(s["threats"]),
@@ -279,7 +274,6 @@ def run_row(row: str, cfg: TrainConfig, results: Path, s: dict[str, Any], log) -
         "pgd_accuracy": summary.get("pgd_accuracy", {}),
         "soundness_violations": summary.get("soundness_violations", {}),
         "verify_seconds_total": summary.get("seconds_total"),
-        "last_epoch_train_metrics": history[-1] if history else {},
         "versions": versions(),
     }
     atomic_write_json(folder / "row.json", out)

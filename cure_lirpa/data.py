@@ -11,7 +11,7 @@ import os
 import tarfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Iterator, Optional, Sequence
 
 import numpy as np
 import torch
@@ -260,3 +260,43 @@ def in_memory(
         image, label = dataset[i]
         x[k], y[k] = image, int(label)
     return x, y
+
+
+class TrainData:
+    """The ``count`` images of :func:`subset_indices` batched by index: held in memory when that is
+    cheap (:func:`in_memory`), else loaded per item. Positions ``0 .. size-1`` index the subset."""
+
+    def __init__(self, dataset: Dataset, count: Optional[int] = None):
+        self.dataset = dataset
+        self.indices = subset_indices(dataset, count)
+        self.size = len(self.indices)
+        self.tensors = in_memory(dataset, self.indices)
+
+    def batch(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Images (B, C, H, W) and labels (B,) at subset positions ``idx``."""
+        if self.tensors is not None:
+            return self.tensors[0][idx], self.tensors[1][idx]
+        items = [self.dataset[self.indices[int(i)]] for i in idx]
+        return torch.stack([it[0] for it in items]), torch.tensor([int(it[1]) for it in items])
+
+    def order(self, batch_size: int, gen: Optional[torch.Generator]) -> list[torch.Tensor]:
+        """One epoch's batches of positions, shuffled by ``gen`` (in order when None); a trailing
+        batch of 1 joins the previous one (BatchNorm cannot train on a single sample)."""
+        perm = (
+            torch.randperm(self.size, generator=gen) if gen is not None else torch.arange(self.size)
+        )
+        chunks = list(perm.split(batch_size))
+        if len(chunks) > 1 and len(chunks[-1]) == 1:
+            chunks[-2] = torch.cat([chunks[-2], chunks.pop()])
+        return chunks
+
+    def steps_per_epoch(self, batch_size: int) -> int:
+        n = -(-self.size // batch_size)
+        return n - 1 if n > 1 and self.size % batch_size == 1 else n
+
+    def batches(
+        self, batch_size: int, gen: Optional[torch.Generator] = None
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """One epoch of ``(x, y)`` batches in the order of :meth:`order`."""
+        for idx in self.order(batch_size, gen):
+            yield self.batch(idx)

@@ -45,7 +45,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import Dataset
 
 from .checkpoint import (
     atomic_torch_save,
@@ -54,7 +53,7 @@ from .checkpoint import (
     load_checkpoint,
     make_checkpoint,
 )
-from .data import DATASETS, DatasetInfo, dataset_info, in_memory, load_dataset, subset_indices
+from .data import DATASETS, DatasetInfo, TrainData, dataset_info, load_dataset
 from .errors import UserError
 from .losses import project_gradients
 from .methods import (
@@ -335,37 +334,6 @@ def apply_preset(
 
 # ---------------------------------------------------------------------------------------------
 # Data
-
-
-class TrainData:
-    """The training images of a run, batched by index: in memory when that is cheap (see
-    :func:`~cure_lirpa.data.in_memory`), else loaded per item. ``count`` picks the subset of
-    :func:`~cure_lirpa.data.subset_indices` (classes interleaved for class-sorted ImageFolder data)."""
-
-    def __init__(self, dataset: Dataset, count: Optional[int] = None):
-        self.dataset = dataset
-        self.indices = subset_indices(dataset, count)
-        self.size = len(self.indices)
-        self.tensors = in_memory(dataset, self.indices)
-
-    def batch(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.tensors is not None:
-            return self.tensors[0][idx], self.tensors[1][idx]
-        items = [self.dataset[self.indices[int(i)]] for i in idx]
-        return torch.stack([it[0] for it in items]), torch.tensor([int(it[1]) for it in items])
-
-    def order(self, batch_size: int, gen: torch.Generator) -> list[torch.Tensor]:
-        """One epoch's batches of indices from ``gen``; a trailing batch of 1 joins the previous one
-        (BatchNorm cannot train on a single sample)."""
-        perm = torch.randperm(self.size, generator=gen)
-        chunks = list(perm.split(batch_size))
-        if len(chunks) > 1 and len(chunks[-1]) == 1:
-            chunks[-2] = torch.cat([chunks[-2], chunks.pop()])
-        return chunks
-
-    def steps_per_epoch(self, batch_size: int) -> int:
-        n = math.ceil(self.size / batch_size)
-        return n - 1 if n > 1 and self.size % batch_size == 1 else n
 
 
 # ---------------------------------------------------------------------------------------------

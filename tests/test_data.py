@@ -9,9 +9,8 @@ import pytest
 import torch
 from torchvision import datasets, transforms
 
-from cure_lirpa.data import in_memory, load_dataset, sample_order, subset_indices, take
+from cure_lirpa.data import TrainData, in_memory, load_dataset, sample_order, subset_indices, take
 from cure_lirpa.errors import UserError
-from cure_lirpa.training import TrainData
 
 
 def _sorted_imagefolder(root: Path, classes: int = 4, per_class: int = 5) -> datasets.ImageFolder:

@@ -18,7 +18,6 @@ uninterrupted run under the same seed.
 from __future__ import annotations
 
 import dataclasses
-import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,10 +26,9 @@ from typing import Any, Callable, Optional, Union
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import Dataset
 
 from ..checkpoint import atomic_torch_save, dataset_info_of, load_checkpoint, make_checkpoint
-from ..data import dataset_info, in_memory, load_dataset, subset_indices
+from ..data import TrainData, dataset_info, load_dataset
 from ..errors import UserError
 from ..models import build_model
 from .noise import GaussianNoise, Noise, NormalUniformNoise, UniformNoise, make_generator
@@ -194,34 +192,10 @@ def make_method(config: TrainConfig):
 # Data
 
 
-class _Batches:
-    """Random batches of a dataset's training subset (:func:`~cure_lirpa.data.subset_indices`) from
-    an explicit ``torch.Generator`` (reproducible, resumable)."""
-
-    def __init__(self, dataset: Dataset, count: Optional[int] = None):
-        self.dataset = dataset
-        self.indices = subset_indices(dataset, count)
-        self.size = len(self.indices)
-        self.tensors = in_memory(dataset, self.indices)
-
-    def get(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.tensors is not None:
-            return self.tensors[0][idx], self.tensors[1][idx]
-        items = [self.dataset[self.indices[int(i)]] for i in idx]
-        return torch.stack([it[0] for it in items]), torch.tensor([int(it[1]) for it in items])
-
-    def epoch(self, batch_size: int, gen: Optional[torch.Generator]):
-        order = (
-            torch.randperm(self.size, generator=gen) if gen is not None else torch.arange(self.size)
-        )
-        for s in range(0, self.size, batch_size):
-            yield self.get(order[s : s + batch_size])
-
-
 @torch.no_grad()
 def evaluate(
     model: nn.Module,
-    batches: _Batches,
+    batches: TrainData,
     noise: Optional[Noise],
     gen: Optional[torch.Generator],
     device: torch.device,
@@ -231,7 +205,7 @@ def evaluate(
     was = model.training
     model.eval()
     correct = 0
-    for x, y in batches.epoch(batch_size, None):
+    for x, y in batches.batches(batch_size):
         x, y = x.to(device), y.to(device)
         if noise is not None:
             x = noise.perturb(x, gen)
@@ -312,11 +286,11 @@ def train(
             log(f"{out} is already trained for {start} epochs; nothing to do")
             return {"out": str(out), "epoch": start, "history": history}
 
-    train_set = _Batches(load_dataset(c.dataset, "train", c.data_root), c.train_count)
+    train_set = TrainData(load_dataset(c.dataset, "train", c.data_root), c.train_count)
     test_batches = None
     if c.eval_count > 0:
-        test_batches = _Batches(load_dataset(c.dataset, "test", c.data_root), c.eval_count)
-    steps = math.ceil(train_set.size / c.batch_size)
+        test_batches = TrainData(load_dataset(c.dataset, "test", c.data_root), c.eval_count)
+    steps = train_set.steps_per_epoch(c.batch_size)
 
     done_now = 0
     for epoch in range(start, c.epochs):
@@ -332,7 +306,7 @@ def train(
             disable=None if progress is None else not progress,
             leave=False,
         )
-        for x, y in train_set.epoch(c.batch_size, data_gen):
+        for x, y in train_set.batches(c.batch_size, data_gen):
             x, y = x.to(device), y.to(device)
             loss, logits = method.loss(model, x, y, noise_gen)
             opt.zero_grad(set_to_none=True)
