@@ -31,15 +31,17 @@ the SPEC pilot's schedule: 6 epochs (1 warm-up epoch, eps ramp over 3 epochs, lr
 for the last epoch, batch 256, natural-loss share kappa 0.5 -> 0), training eps linf 0.1 and l2 0.5
 (``--train-l2-factor`` scales the l2 training eps). About two hours for the default rows on 2 CPU
 cores (sabr-linf alone ~20 min: 8 PGD steps per batch; the optional l2-defence row costs the same);
-``--train-count`` trains on a subset when time is short.
+``--train-count`` trains on a subset when time is short. The multi-norm rows use the certifiable
+variants (l∞ IBP, exact l2-ball IBP); the ``cure-scratch`` row is Max + BA (eta 2, direction l2) +
+GP (beta 0.8) on that schedule; ``cure-finetune`` starts from the ibp-linf row (2 natural epochs,
+new ramp, Max + BA 0.5 + GP 0.5, Adam 5e-4) with the cure-finetune preset's schedule scaled to 4
+epochs. The optional ``cure-joint-sabr`` row uses the public CURE code's blocks instead (SABR l∞
+and CURE's l2 defence).
 
 CIFAR-10 (``--dataset cifar10``, the JPEG archive or any layout :func:`cure_lirpa.data.load_dataset`
 reads) is a reduced-scale run for a CPU: the same cnn-small and schedule (lr 1e-3), 20,000 training
-images (2,000 per class), the CURE paper's smaller pair l∞ 2/255 and l2 0.25 (the
-paper trains CNN7 for 160 epochs on a GPU: ``examples/cifar10.py --paper``). The multi-norm rows use the certifiable variants (l∞ IBP, exact
-l2-ball IBP); the ``cure-scratch`` row is Max + BA (eta 2, direction l2) + GP (beta 0.8) on that
-schedule; ``cure-finetune`` starts from the ibp-linf row (2 natural epochs, new ramp, Max + BA 0.5
-+ GP 0.5, Adam 5e-4) with the cure-finetune preset's schedule scaled to ``--finetune-epochs``.
+images (2,000 per class), the CURE paper's smaller pair l∞ 2/255 and l2 0.25, SABR lambda 0.1 (the
+paper trains CNN7 for 160 epochs on a GPU: ``examples/cifar10.py --paper``).
 """
 
 from __future__ import annotations

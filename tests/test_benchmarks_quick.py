@@ -139,6 +139,9 @@ def test_certificates_suite_smoke(tiny_checkpoint: Path, tmp_path: Path):
         casc = mo["cascade"][t]
         assert sum(casc["decided_by"].values()) == 6
         assert casc["certified_pct"] >= casc["best_single_pct"]
+        # the stages before alpha-CROWN ran (IBP at least) and are part of the cascade's time
+        ran = [m for m in ("ibp", "crown-ibp", "crown") if f"auto:{m}" in casc["stage_seconds"]]
+        assert "ibp" in ran and 0 < casc["up_to_crown_s"] <= casc["total_s"] + 1e-6
         assert mo["pgd"][t]["soundness_violations"] == 0
     # union accuracy never exceeds the accuracy under any single threat
     for m in ("ibp", "crown", "auto"):

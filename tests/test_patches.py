@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from cure_lirpa.errors import UserError
+from cure_lirpa.methods import exact_margins
 from cure_lirpa.patches import PatchThreat, parse_patch
 from cure_lirpa.threats import BoxFamily, parse_threat
 
@@ -94,32 +94,15 @@ def test_apply_stays_in_its_box():
 # Certified soundness on a small trained model
 # ----------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def trained():
-    """A small MLP trained for 300 steps on the built-in MNIST sample, and 12 test images."""
-    from cure_lirpa.data import dataset_info, load_dataset, stack, take
-    from cure_lirpa.models import build_model
-
-    info = dataset_info("sample")
-    x_tr, y_tr = stack(load_dataset("sample", "train"))
-    x_te, y_te = stack(take(load_dataset("sample", "test"), 0, 12))
-    torch.manual_seed(0)
-    model = build_model("mlp", info.in_shape, 10, info.mean, info.std, width=32, depth=1)
-    opt = torch.optim.Adam(model.parameters(), 1e-2)
-    for _ in range(300):
-        idx = torch.randint(len(x_tr), (64,))
-        loss = F.cross_entropy(model(x_tr[idx]), y_tr[idx])
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    return model.eval(), info, x_te, y_te
+def trained(small_trained_mlp):
+    """The shared small trained MLP (tests/conftest.py) and 12 of its test images."""
+    model, info, x, y = small_trained_mlp
+    return model, info, x[:12], y[:12]
 
 
 def margins(model, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """Margins f_y - f_j (B, K-1) in the order of cure_lirpa.bounds.margin_matrix."""
-    from cure_lirpa.bounds import margin_matrix
-
-    logits = model(x)
-    return torch.einsum("bjk,bk->bj", margin_matrix(y, logits.shape[1]), logits)
+    return exact_margins(model(x), y)
 
 
 def patch_attack(model, threat: PatchThreat, x, y, steps: int = 5, seed: int = 0) -> torch.Tensor:
