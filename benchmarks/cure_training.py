@@ -143,7 +143,7 @@ def settings(quick: bool, dataset: str = "mnist") -> dict[str, Any]:
         finetune_epochs=4,
         test_count=1000,
         attack_steps=20,
-        speed_repeats=5,
+        speed_repeats=20,
     )
 
 
