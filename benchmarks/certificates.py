@@ -732,10 +732,7 @@ def analyse_model(
                 "certified_pct": _pct(len(cert[t][CASCADE]), n),
                 "best_single_pct": _pct(len(best), n),
                 "total_s": sum(_timed(c["seconds"])),
-                # stage times are keyed "auto:<method>" (older cells: "<method>")
-                "up_to_crown_s": sum(
-                    stages.get(f"{CASCADE}:{m}", stages.get(m, 0.0)) for m in METHODS[:3]
-                ),
+                "up_to_crown_s": sum(stages.get(f"{CASCADE}:{m}", 0.0) for m in METHODS[:3]),
                 "crown_total_s": sum(_timed(crown["seconds"])) if crown else None,
                 "stage_seconds": stages,
                 "decided_by": {

@@ -64,7 +64,7 @@ from cure_lirpa.checkpoint import (
     model_from_checkpoint,
     versions,
 )
-from cure_lirpa.data import load_dataset, stack, subset_indices
+from cure_lirpa.data import load_dataset, stack, take
 from cure_lirpa.errors import UserError
 from cure_lirpa.threats import parse_threat
 from cure_lirpa.training import CHECKPOINT, TrainConfig, apply_preset, step_times, train
@@ -246,8 +246,7 @@ def run_row(row: str, cfg: TrainConfig, results: Path, s: dict[str, Any], log) -
             "ibp, crown"
         )
         model = model_from_checkpoint(ckpt)
-        test_set = load_dataset(cfg.dataset, "test", cfg.data_root)
-        test = Subset(test_set, subset_indices(test_set, s["test_count"]))
+        test = take(load_dataset(cfg.dataset, "test", cfg.data_root), 0, s["test_count"])
         threats = [parse_threat(t) for t in s["threats"]]
         try:
             rows, summary = certify(model, test, threats, tuple(ckpt["dataset"]["in_shape"]), s)
@@ -357,7 +356,7 @@ def measure_speed(
     """Seconds per optimizer step of each row's method on one batch of 256, and the ratio to a
     natural step on the same batch (same process, same threads)."""
     ds = load_dataset(s["dataset"], "train", data_root)
-    x, y = stack(Subset(ds, subset_indices(ds, 256)))
+    x, y = stack(take(ds, 0, 256))
     reps = s["speed_repeats"]
     configs = {"natural (reference)": row_config("natural", s, results, data_root, l2_factor, seed)}
     for row in rows:

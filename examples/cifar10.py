@@ -31,9 +31,7 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
-from torch.utils.data import Dataset, Subset
-
-from cure_lirpa.data import dataset_info, load_dataset, subset_indices
+from cure_lirpa.data import dataset_info, load_dataset, take
 from cure_lirpa.training import TrainConfig
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # `common`, also when imported by path
@@ -97,16 +95,12 @@ def make_configs(args: argparse.Namespace, mode: Mode) -> dict[str, TrainConfig]
     return common.make_configs(args, mode, DATASET)
 
 
-def eval_images(test: Dataset, count: int) -> Dataset:
-    """``count`` test images: classes interleaved for class-sorted ImageFolder data, else the first."""
-    return Subset(test, subset_indices(test, count))
-
-
 def run(args: argparse.Namespace) -> int:
     s = common.prepare(args, MODES, DATASET)
     info = dataset_info(DATASET)
     # Fails early, with the places it looked in, when the data are missing.
-    test = eval_images(load_dataset(DATASET, "test", args.data_root), args.count or s.mode.count)
+    # the first images, classes interleaved for ImageFolder data (cure_lirpa.data.sample_order)
+    test = take(load_dataset(DATASET, "test", args.data_root), 0, args.count or s.mode.count)
     configs = make_configs(args, s.mode)
     print(f"{s.name} run on {DATASET} ({s.device}); results in {s.out}")
     return common.train_and_compare(args, s, DATASET, configs, test, info.in_shape)

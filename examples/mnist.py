@@ -24,9 +24,7 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
-from torch.utils.data import Dataset, Subset
-
-from cure_lirpa.data import dataset_info, load_dataset
+from cure_lirpa.data import dataset_info, load_dataset, take
 from cure_lirpa.training import TrainConfig
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # `common`, also when imported by path
@@ -100,16 +98,11 @@ def make_configs(args: argparse.Namespace, mode: Mode) -> dict[str, TrainConfig]
     return common.make_configs(args, mode, args.dataset)
 
 
-def eval_images(args: argparse.Namespace, count: int) -> Dataset:
-    """The first ``count`` test images (the CURE paper's protocol; MNIST's test order is mixed)."""
-    test = load_dataset(args.dataset, "test", args.data_root)
-    return Subset(test, range(min(count, len(test))))
-
-
 def run(args: argparse.Namespace) -> int:
     s = common.prepare(args, MODES, args.dataset)
     info = dataset_info(args.dataset)
-    test = eval_images(args, args.count or s.mode.count)  # fails early when the data are missing
+    # The first test images (the CURE paper's protocol); fails early when the data are missing.
+    test = take(load_dataset(args.dataset, "test", args.data_root), 0, args.count or s.mode.count)
     print(f"{s.name} run on {args.dataset} ({s.device}); results in {s.out}")
     configs = make_configs(args, s.mode)
     return common.train_and_compare(args, s, args.dataset, configs, test, info.in_shape)

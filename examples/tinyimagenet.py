@@ -34,10 +34,9 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
-from torch.utils.data import Dataset, Subset
 from torchvision.datasets import DatasetFolder
 
-from cure_lirpa.data import dataset_info, load_dataset, subset_indices
+from cure_lirpa.data import dataset_info, load_dataset, take
 from cure_lirpa.errors import UserError
 from cure_lirpa.training import TrainConfig
 
@@ -50,9 +49,8 @@ DEFAULT_DATA = common.DEFAULT_DATA
 EPS_LINF, EPS_L2 = "1/255", "36/255"  # the CURE paper's TinyImageNet pair
 
 MODES = {
-    # Smoke run: one epoch over the first 2000 training images, 50 validation images, a narrow
-    # network. It checks the pipeline; the first 2000 images of the class-sorted ImageFolder are
-    # only 4 of the 200 classes.
+    # Smoke run: one epoch over 2000 training images (10 per class: the ImageFolder's classes are
+    # interleaved), 50 validation images, a narrow network; it checks the pipeline.
     "quick": Mode(
         arch="cnn-small",
         width=8,
@@ -104,11 +102,6 @@ def make_configs(args: argparse.Namespace, mode: Mode) -> dict[str, TrainConfig]
     return common.make_configs(args, mode, DATASET)
 
 
-def eval_images(test: Dataset, count: int) -> Dataset:
-    """``count`` validation images, classes interleaved (:func:`cure_lirpa.data.sample_order`)."""
-    return Subset(test, subset_indices(test, count))
-
-
 HOW_TO_GET = (
     "TinyImageNet is not shipped with cure-lirpa and torchvision cannot download it: get "
     "http://cs231n.stanford.edu/tiny-imagenet-200.zip, unzip it, sort val/images/*.JPEG into "
@@ -140,7 +133,7 @@ def run(args: argparse.Namespace) -> int:
     s = common.prepare(args, MODES, DATASET)
     info = dataset_info(DATASET)
     train_set, val = load_data(args)  # fails early, saying where it looked and what to do
-    test = eval_images(val, args.count or s.mode.count)
+    test = take(val, 0, args.count or s.mode.count)  # classes interleaved (sample_order)
     configs = make_configs(args, s.mode)
     print(f"{s.name} run on {DATASET} ({s.device}); results in {s.out}")
     classes = len(train_set.classes)
