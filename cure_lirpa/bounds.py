@@ -21,7 +21,9 @@ as ``x_L = x_U = x`` plus the perturbation object, and only affine layers apply 
 from __future__ import annotations
 
 import copy
+import logging
 import math
+import warnings
 from typing import Optional, Sequence
 
 import torch
@@ -31,6 +33,8 @@ from . import lirpa
 from .errors import UserError
 from .models import Classifier
 from .threats import BoxFamily, NormBall, Threat
+
+_log = logging.getLogger(__name__)
 
 METHODS = tuple(lirpa.METHODS)  # ("ibp", "crown-ibp", "crown", "alpha-crown")
 _BYTES = 4
@@ -66,6 +70,37 @@ def fold_normalization(model: Classifier) -> Optional[nn.Module]:
         else:
             return None
     return nn.Sequential(*layers)
+
+
+class InputIdentity(nn.Module):
+    """The identity on inputs of shape (B, *in_shape), written as an affine layer auto_LiRPA bounds.
+
+    Prepended to models whose first operation on the input is not affine (a normalisation, a skip
+    path, a per-pixel scale): auto_LiRPA would drop an lp ball there. Through this layer an lp ball
+    of radius eps becomes its enclosing box ``x ± eps`` for IBP, and CROWN-type bounds, which
+    concretise at the input, are unchanged. A 1x1 convolution for (C, H, W) inputs, else a
+    ``Linear`` on the flattened input. Its weights are fixed (no gradient).
+    """
+
+    def __init__(self, in_shape: Sequence[int]):
+        super().__init__()
+        self.in_shape = tuple(in_shape)
+        if len(self.in_shape) == 3:
+            c = self.in_shape[0]
+            self.layer: nn.Module = nn.Conv2d(c, c, 1, bias=False)
+            weight = torch.eye(c).view(c, c, 1, 1)
+        else:
+            d = math.prod(self.in_shape)
+            self.layer = nn.Linear(d, d, bias=False)
+            weight = torch.eye(d)
+        with torch.no_grad():
+            self.layer.weight.copy_(weight)
+        self.layer.weight.requires_grad_(False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if len(self.in_shape) == 3:
+            return self.layer(x)
+        return self.layer(x.flatten(1)).view(-1, *self.in_shape)
 
 
 def _activation_sizes(module: nn.Module) -> list[int]:
@@ -106,10 +141,11 @@ class BoundedClassifier:
         self.device = torch.device(device)
         self.memory_mb = float(memory_mb)
         self.trainable = trainable
+        self.alpha_iterations = alpha_iterations
+        self._conv_mode = "patches"
         # Bounds are computed on (x - shift) / scale; identity unless the model is a Classifier.
         self._shift: Optional[torch.Tensor] = None
         self._scale: Optional[torch.Tensor] = None
-        self._checked_lp = False
         target = model
         if isinstance(model, Classifier):
             folded = None if trainable else fold_normalization(model)
@@ -117,15 +153,46 @@ class BoundedClassifier:
             self._shift = model.normalize.mean.to(self.device)
             self._scale = model.normalize.std.to(self.device) if folded is None else None
         self.traced = target.to(self.device)
+        self.module = self._trace(self.traced)
+        # An lp ball must reach an affine layer intact: otherwise prepend an identity affine layer
+        # (exact for CROWN, the enclosing box for IBP) so that no bound can drop the perturbation.
+        self.lp_droppers = lirpa.lp_ball_droppers(self.module)
+        if self.lp_droppers:
+            self.traced = nn.Sequential(InputIdentity(self.in_shape), self.traced).to(self.device)
+            self.module = self._trace(self.traced)
+            assert not lirpa.lp_ball_droppers(self.module)
+        self.train(trainable and model.training)
         was_training = model.training
-        try:
-            self.traced.eval()  # BatchNorm1d cannot be traced in train mode with a batch of one
-            self.module = lirpa.BoundedModule(
-                self.traced,
-                torch.zeros(1, *self.in_shape, device=self.device),
-                bound_opts=lirpa.bound_opts(alpha_iterations=alpha_iterations),
-                device=self.device,
+        # in eval mode: a forward in train mode would move BatchNorm's running statistics
+        with torch.no_grad():
+            out = model.eval()(torch.zeros(1, *self.in_shape, device=self.device))
+        model.train(was_training)
+        if out.dim() != 2:
+            raise UserError(
+                f"the model returns outputs of shape {tuple(out.shape)} for one input; a classifier "
+                "must return logits of shape (B, num_classes)"
             )
+        self.num_classes = int(out.shape[1])
+        self._sizes = _activation_sizes(self.module)
+        self._checked_threats: set[str] = set()
+
+    def _trace(self, target: nn.Module):
+        """``target`` as an auto_LiRPA ``BoundedModule``; refuses untraceable models and models whose
+        trace froze a data-dependent Python branch (torch.jit's "Converting a tensor to a Python
+        boolean/number" warning)."""
+        was_training = target.training
+        try:
+            target.eval()  # BatchNorm1d cannot be traced in train mode with a batch of one
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always", torch.jit.TracerWarning)
+                module = lirpa.BoundedModule(
+                    target,
+                    torch.zeros(1, *self.in_shape, device=self.device),
+                    bound_opts=lirpa.bound_opts(
+                        alpha_iterations=self.alpha_iterations, conv_mode=self._conv_mode
+                    ),
+                    device=self.device,
+                )
         except UserError:
             raise
         except Exception as exc:
@@ -134,18 +201,35 @@ class BoundedClassifier:
                 "Models must be traceable with torch.jit.trace and use standard layers "
                 "(Conv2d, Linear, ReLU, BatchNorm, Flatten, Normalize)."
             ) from None
-        self.train(was_training)  # wrapping can leave BatchNorm in eval mode (SPEC.md section 5)
-        with torch.no_grad():
-            self.num_classes = int(
-                model(torch.zeros(1, *self.in_shape, device=self.device)).shape[1]
-            )
-        self._sizes = _activation_sizes(self.module)
+        finally:
+            target.train(was_training)
+        for w in caught:
+            if issubclass(
+                w.category, torch.jit.TracerWarning
+            ) and "Converting a tensor to a Python" in str(w.message):
+                raise UserError(
+                    "the model's forward takes a Python decision on tensor values (an `if`, `int()` "
+                    "or `.item()` on a tensor), so the traced graph that bounds are computed on is "
+                    "only one branch of the model and certificates would describe another function. "
+                    "Rewrite the branch with tensor operations (torch.where, torch.clamp) or remove "
+                    f"it. torch.jit said: {str(w.message).splitlines()[0][:160]}"
+                )
+            if not issubclass(w.category, torch.jit.TracerWarning):
+                warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+        return module
 
     # ----------------------------------------------------------------------------------------
     def train(self, mode: bool = True) -> BoundedClassifier:
-        """Set train/eval mode on the bounded module (BatchNorm statistics) and the model."""
+        """Set train/eval mode on the bounded module (BatchNorm statistics) and the model.
+
+        Only a ``trainable`` classifier can be put in train mode: bounds for verification always use
+        the model in eval mode (BatchNorm with its running statistics), the function it computes at
+        test time, whatever mode the model was in when it was wrapped.
+        """
+        mode = bool(mode) and self.trainable
         self.module.train(mode)
-        self.model.train(mode)
+        if self.trainable:
+            self.model.train(mode)
         return self
 
     def bytes_per_sample(self, method: str) -> float:
@@ -192,7 +276,9 @@ class BoundedClassifier:
     ) -> torch.Tensor:
         """Lower bounds (B, K-1) on the margins over the boxes ``[x_L, x_U]`` (each (B, *in_shape))."""
         x_L, y = self._check_input(x_L, y)
-        x_U = x_U.to(self.device)
+        x_U, y = self._check_input(x_U, y)
+        if bool((x_L > x_U).any()):
+            raise UserError("box lower corners must not exceed their upper corners (x_L <= x_U)")
         return self._chunked(None, y, method, x_L=x_L, x_U=x_U)
 
     def _box_family_bounds(
@@ -241,10 +327,11 @@ class BoundedClassifier:
 
     def _bound(self, x, y, method, p, eps, x_L, x_U) -> torch.Tensor:
         """One auto_LiRPA call: either an lp ball (x, p, eps) or a box (x_L, x_U)."""
+        args = (x, y, method, p, eps, x_L, x_U)
         if x_L is not None:
-            x_L, x_U = self._to_bound_space(x_L), self._to_bound_space(x_U)
-            center = (x_L + x_U) / 2
-            ptb = lirpa.perturbation(math.inf, float((x_U - x_L).max()) / 2, x_L, x_U)
+            lo, hi = self._to_bound_space(x_L), self._to_bound_space(x_U)
+            center = (lo + hi) / 2
+            ptb = lirpa.perturbation(math.inf, float((hi - lo).max()) / 2, lo, hi)
         else:
             center = self._to_bound_space(x)
             if self._scale is not None:  # the ball of radius eps/min(std) covers the ellipsoid
@@ -253,10 +340,68 @@ class BoundedClassifier:
         C = margin_matrix(y, self.num_classes)
         grad = self.trainable and torch.is_grad_enabled()
         with torch.set_grad_enabled(grad or method == "alpha-crown"):
-            lb, _ = lirpa.compute_bounds(self.module, lirpa.BoundedTensor(center, ptb), C, method)
-        if x is not None and eps > 0 and not self._checked_lp:
-            self._check_lp_width(center, ptb)
+            try:
+                lb, _ = lirpa.compute_bounds(
+                    self.module, lirpa.BoundedTensor(center, ptb), C, method
+                )
+            except lirpa.BoundFailure as exc:
+                if self._conv_mode == "matrix":
+                    raise UserError(
+                        f"auto_LiRPA {lirpa.AUTO_LIRPA_VERSION} cannot compute {method} bounds for "
+                        f"this model ({exc}). IBP may still work; otherwise express the failing "
+                        "operation with standard layers (Conv2d, Linear, BatchNorm, ReLU)."
+                    ) from None
+                # auto_LiRPA 0.3's default "patches" mode for convolutions lacks some operators
+                # (e.g. a product with a learnt per-channel scale); its "matrix" mode has them.
+                _log.info(
+                    "%s bounds failed in patches mode (%s); retrying in matrix mode", method, exc
+                )
+                self._conv_mode = "matrix"
+                self.module = self._trace(self.traced)
+                self.train(self.trainable and self.model.training)
+                return self._bound(*args)
+        self._check_trace(center, ptb, p)
         return lb if grad else lb.detach()
+
+    def _check_trace(self, center: torch.Tensor, ptb, p: float) -> None:
+        """Once per norm: the traced graph computes the model's function on points of the threat set
+        (a frozen data-dependent branch or an untraceable op would make bounds describe another
+        function), and lp-ball bounds do not have zero width (a dropped perturbation)."""
+        key = "box" if p == math.inf else f"l{p:g}"
+        if key in self._checked_threats:
+            return
+        gen = torch.Generator(device=center.device).manual_seed(0)
+        x0 = center[:1]
+        if key == "box":
+            lo, hi = ptb.x_L[:1], ptb.x_U[:1]
+            u = torch.rand(8, *x0.shape[1:], generator=gen, device=x0.device)
+            points = torch.cat([x0, lo, hi, lo + u * (hi - lo)])
+        else:
+            delta = torch.randn(8, *x0.shape[1:], generator=gen, device=x0.device)
+            norms = delta.flatten(1).norm(p=p, dim=1).view(-1, *[1] * (x0.dim() - 1))
+            points = torch.cat([x0, x0 + delta / norms * float(ptb.eps)])
+        with torch.no_grad():
+            modes = self.module.training, self.traced.training
+            self.module.eval()
+            self.traced.eval()
+            try:
+                traced = self.module(points)
+                direct = self.traced(points)
+            finally:
+                self.module.train(modes[0])
+                self.traced.train(modes[1])
+        scale = 1e-4 * (1 + direct.abs().max())
+        if not torch.allclose(traced, direct, atol=float(scale), rtol=1e-4):
+            raise UserError(
+                "the graph auto_LiRPA traced from this model computes a different function than the "
+                "model on points of the threat set (max difference "
+                f"{float((traced - direct).abs().max()):.3g}): its forward has data-dependent "
+                "control flow or an operation the tracer cannot follow. Certificates would describe "
+                "another function; rewrite forward with tensor operations only."
+            )
+        if key != "box" and float(ptb.eps) > 0:
+            self._check_lp_width(center, ptb)
+        self._checked_threats.add(key)
 
     def _constant_near(self, center: torch.Tensor, ptb) -> bool:
         """Is the traced network constant on random points of the ball (zero width is then sound)?"""
@@ -282,14 +427,12 @@ class BoundedClassifier:
                 x=(lirpa.BoundedTensor(center[:1], ptb),), method="IBP", C=None
             )
         if float((hi - lo).max()) <= 0 and not self._constant_near(center[:1], ptb):
-            raise UserError(
+            raise UserError(  # a last guard: lp_ball_droppers and InputIdentity should prevent it
                 "l2/l1 bounds of this model have zero width: an operation before its first affine "
-                "layer (typically a (x - mean) / std normalisation) drops the lp-ball perturbation "
-                "in auto_LiRPA, which would make every certificate unsound. Wrap the model as "
-                "cure_lirpa.models.Classifier(body, mean, std) so the normalisation is folded, or "
-                "move the normalisation into the first Linear/Conv layer."
+                "layer drops the lp-ball perturbation in auto_LiRPA, which would make every "
+                "certificate unsound. Wrap the model as cure_lirpa.models.Classifier(body, mean, std) "
+                "so the normalisation is folded, or move it into the first Linear/Conv layer."
             )
-        self._checked_lp = True
 
     def _check_input(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if tuple(x.shape[1:]) != self.in_shape:
@@ -299,6 +442,18 @@ class BoundedClassifier:
             )
         if x.shape[0] != y.shape[0]:
             raise UserError(f"{x.shape[0]} inputs but {y.shape[0]} labels")
+        if len(x) and (float(x.min()) < -1e-6 or float(x.max()) > 1 + 1e-6):
+            raise UserError(
+                f"inputs must be images in [0, 1] (got values in [{float(x.min()):.3g}, "
+                f"{float(x.max()):.3g}]): threat sets are clipped to [0, 1] and radii are in pixel "
+                "units. Pass unnormalised images and put the normalisation in the model "
+                "(cure_lirpa.models.Classifier(body, mean, std))."
+            )
+        if len(y) and (int(y.min()) < 0 or int(y.max()) >= self.num_classes):
+            raise UserError(
+                f"labels must lie in [0, {self.num_classes - 1}] for a model with "
+                f"{self.num_classes} outputs (got {int(y.min())}..{int(y.max())})"
+            )
         return x.to(self.device), y.to(self.device)
 
 

@@ -26,6 +26,7 @@ import re
 import sys
 import types
 import warnings
+from pathlib import Path
 from typing import Any, Optional
 
 import numpy as np
@@ -210,6 +211,33 @@ def _patch_after_import(auto_lirpa: types.ModuleType) -> None:
             linear_cls.interval_propagate = interval_propagate
         APPLIED_FIXES.append("lp1_dual_norm")
 
+    # Tightness: BoundConv's IBP of an lp ball (p < inf) uses the l2 norm of each filter whatever p
+    # is. That is the dual norm for l2; for l1 the dual norm is l∞ (max |w|), up to sqrt(k) times
+    # smaller. Give l1 balls their dual norm (a sound and tighter interval).
+    conv_cls = getattr(getattr(auto_lirpa, "operators", None), "BoundConv", None)
+    if conv_cls is not None and not getattr(conv_cls, "_cure_l1_dual", False):
+        conv_ibp = conv_cls.interval_propagate
+
+        def conv_interval_propagate(self: Any, *v: Any, **kwargs: Any) -> Any:
+            ptb = getattr(v[0], "ptb", None)
+            if (
+                ptb is None
+                or float(getattr(ptb, "norm", np.inf)) != 1.0
+                or self.is_input_perturbed(1)
+            ):
+                return conv_ibp(self, *v, **kwargs)
+            weight = v[1][0]
+            bias = v[2][0] if self.has_bias else None
+            center = torch.nn.functional.conv2d(
+                v[0][1], weight, bias, self.stride, self.padding, self.dilation, self.groups
+            )
+            radius = weight.abs().amax(dim=(1, 2, 3)).view(1, -1, 1, 1) * ptb.eps
+            return center - radius, center + radius
+
+        conv_cls.interval_propagate = conv_interval_propagate
+        conv_cls._cure_l1_dual = True
+        APPLIED_FIXES.append("conv_l1_dual_norm")
+
     # Noise: parsing a model goes through torch's TorchScript ONNX exporter, which warns about ONNX
     # export details (e.g. "ONNX Preprocess - Removing mutation", "ONNX export mode is set to
     # TrainingMode.EVAL") that do not apply here. Ignore torch.onnx's UserWarnings while parsing.
@@ -335,8 +363,39 @@ def compute_bounds(
     kwargs: dict[str, Any] = {"x": (x,), "C": C, "method": METHODS[method], "bound_upper": False}
     if interm_bounds is not None:
         kwargs["interm_bounds" if NEW_API else "intermediate_layer_bounds"] = interm_bounds
-    if method != "alpha-crown":
-        return module.compute_bounds(**kwargs)
+    try:
+        if interm_bounds is None and method in ("crown", "alpha-crown"):
+            kwargs["reference_bounds"] = ibp_reference_bounds(module, x)
+        if method != "alpha-crown":
+            return module.compute_bounds(**kwargs)
+        return _alpha_crown(module, kwargs)
+    except Exception as exc:
+        if not _raised_in_auto_lirpa(exc):
+            raise
+        raise BoundFailure(
+            f"{type(exc).__name__} in auto_LiRPA's {_innermost_function(exc)}"
+            + (f": {str(exc)[:160]}" if str(exc) else "")
+        ) from exc
+
+
+class BoundFailure(RuntimeError):
+    """auto_LiRPA raised inside its own code while bounding (an operator or mode it lacks)."""
+
+
+def _innermost_function(exc: BaseException) -> str:
+    tb = exc.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    return (
+        "?"
+        if tb is None
+        else f"{tb.tb_frame.f_code.co_name} ({Path(tb.tb_frame.f_code.co_filename).name})"
+    )
+
+
+def _alpha_crown(
+    module: Any, kwargs: dict[str, Any]
+) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
     with torch.enable_grad():
         try:
             return module.compute_bounds(**kwargs)
@@ -354,6 +413,63 @@ def compute_bounds(
         for node in getattr(module, "optimizable_activations", ()):
             node.opt_end()  # leave the failed optimisation: CROWN must not read its slopes
         return module.compute_bounds(**dict(kwargs, method=METHODS["crown"]))
+
+
+def ibp_reference_bounds(
+    module: Any, x: torch.Tensor
+) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """IBP bounds of every intermediate node, as ``reference_bounds`` for a CROWN-type call.
+
+    auto_LiRPA bounds a pre-activation node by CROWN only on the neurons that IBP finds unstable in
+    *some* sample of the batch, and keeps the CROWN bound there even where the sample's own IBP bound
+    is tighter; which neurons those are depends on the other samples, so a sample's bound changed
+    with its batch companions. Given these IBP bounds as references, auto_LiRPA keeps the tighter of
+    the two on every neuron, so every sample gets ``IBP ∩ CROWN`` whatever else is in its batch.
+    """
+    with torch.no_grad():
+        module.compute_bounds(x=(x,), C=None, method="IBP", bound_upper=True)
+        refs = {}
+        for node in module._modules.values():
+            lower, upper = getattr(node, "lower", None), getattr(node, "upper", None)
+            if (
+                getattr(node, "perturbed", False)
+                and isinstance(lower, torch.Tensor)
+                and isinstance(upper, torch.Tensor)
+                and node.name not in module.output_name
+            ):
+                refs[node.name] = (lower.detach(), upper.detach())
+    return refs
+
+
+_LP_SAFE_READERS = ("BoundLinear", "BoundConv")
+_LP_SHAPE_ONLY = ("BoundReshape", "BoundFlatten")
+
+
+def lp_ball_droppers(module: Any) -> list[str]:
+    """Nodes that read the perturbed input of ``module`` without bounding an lp ball (p < inf).
+
+    auto_LiRPA carries an lp ball as ``x_L = x_U = x`` plus the perturbation object; only Linear and
+    Conv apply the dual norm to it. Any other consumer of the input (``x - mean``, ``x * w``, a ReLU,
+    a concatenation), reached directly or through reshapes, sees a zero-width box, and every bound
+    behind it is unsound for that ball. Returns ``"Type name"`` strings of those nodes (empty: safe).
+    """
+    nodes = {node.name: node for node in module._modules.values()}
+    inputs = [n for n in nodes.values() if type(n).__name__ == "BoundInput"]
+    bad: list[str] = []
+    stack = list(inputs)
+    while stack:
+        src = stack.pop()
+        for name in src.output_name:
+            node = nodes[name]
+            kind = type(node).__name__
+            reads_data = bool(node.inputs) and node.inputs[0] is src
+            if kind in _LP_SAFE_READERS and reads_data:
+                continue
+            if kind in _LP_SHAPE_ONLY and reads_data:
+                stack.append(node)
+                continue
+            bad.append(f"{kind[5:] if kind.startswith('Bound') else kind} {name}")
+    return bad
 
 
 def _raised_in_auto_lirpa(exc: BaseException) -> bool:

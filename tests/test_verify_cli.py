@@ -197,3 +197,36 @@ def test_verify_defaults_to_the_radii_the_checkpoint_was_trained_for(checkpoint,
         res = _run("verify", path, "--count", 4, "--method", "ibp", "--no-attack", "--out", out)
         assert res.exit_code == 0, res.output
         assert json.loads((out / "summary.json").read_text())["config"]["threats"] == expected
+
+
+def test_a_certificate_the_attack_breaks_is_withdrawn_and_fails_the_run(
+    checkpoint, tmp_path, monkeypatch
+):
+    """A deliberately unsound bound method (every margin bounded by +1): PGD breaks some of its
+    "certificates"; those samples must count as not certified anywhere, and verify must fail."""
+    from cure_lirpa.bounds import BoundedClassifier
+
+    def unsound(self, x, y, threat, method="ibp"):
+        return torch.ones(len(x), self.num_classes - 1)
+
+    monkeypatch.setattr(BoundedClassifier, "margin_lower_bounds", unsound)
+    out = tmp_path / "v"
+    res = CliRunner().invoke(
+        main,
+        ["verify", str(checkpoint), "--threat", "l2:2.0", "--method", "ibp", "--count", "16",
+         "--out", str(out), "--quiet", "--device", "cpu"],
+    )  # fmt: skip
+    assert res.exit_code != 0
+    assert "SOUNDNESS VIOLATION" in res.output and "bug" in res.output
+    summary = json.loads((out / "summary.json").read_text())
+    broken = summary["soundness_violations"]["l2:2"]
+    assert broken > 0
+    robust = summary["pgd_accuracy"]["l2:2"] * 16 / 100
+    # only samples PGD could not break may still count as certified
+    assert summary["certified"]["l2:2"]["ibp"] * 16 / 100 <= robust + 1e-9
+    assert summary["union"]["best"] == summary["certified_best"]["l2:2"]
+    with open(out / "samples.csv") as f:
+        rows = list(csv.DictReader(f))
+    for r in rows:
+        if r["l2:2/pgd_robust"] == "0":
+            assert r["l2:2/certified"] == "0" and r["union/certified"] == "0"
