@@ -103,8 +103,13 @@ def certify_batch(
     attack_restarts: int = 2,
     times: Optional[dict] = None,
     first_index: int = 0,
+    seed: int = 0,
 ) -> list[SampleRow]:
-    """Certify one batch ``x`` (B, C, H, W) in [0, 1] with labels ``y`` (B,)."""
+    """Certify one batch ``x`` (B, C, H, W) in [0, 1] with labels ``y`` (B,).
+
+    The PGD cross-check is seeded by ``seed`` and the batch's first sample index, so a resumed or
+    sharded run attacks every batch exactly as an uninterrupted one.
+    """
     times = times if times is not None else defaultdict(float)
     with torch.no_grad():
         pred = model(x.to(bc.device)).argmax(1).cpu()
@@ -134,6 +139,9 @@ def certify_batch(
                 threat,
                 steps=attack_steps,
                 restarts=attack_restarts,
+                generator=torch.Generator(device=bc.device).manual_seed(
+                    seed * 1_000_003 + first_index
+                ),
             )
             with torch.no_grad():
                 robust = model(x_adv).argmax(1).cpu() == y.cpu()
@@ -211,6 +219,7 @@ def certify_dataset(
     done: Iterable[SampleRow] = (),
     on_batch: Optional[Callable[[list[SampleRow]], None]] = None,
     progress: bool = False,
+    seed: int = 0,
 ) -> tuple[list[SampleRow], dict[str, Any]]:
     """Certify every sample of ``dataset``; ``done`` rows (from a resumed run) are skipped.
 
@@ -260,6 +269,7 @@ def certify_dataset(
             attack_restarts,
             times,
             first_index + seen + lo,
+            seed,
         )
         seen += lo + len(batch_rows)
         rows.extend(batch_rows)

@@ -1,6 +1,7 @@
 """The ``cure-lirpa`` command: thin click commands over the library (no logic of their own).
 
-Sub-commands: ``train`` (certified training), ``verify`` (multi-threat certification) and the
+Sub-commands: ``train`` (certified training), ``verify`` (multi-threat certification), ``merge``
+(the shards of a sharded verify run) and the
 ``smooth`` group (randomized smoothing). Every :class:`~cure_lirpa.errors.UserError` raised by the
 library ends as one clean message and exit code 1, never a traceback.
 """
@@ -51,11 +52,13 @@ def main() -> None:
 
 def _register() -> None:
     from ..smoothing.cli import smooth
+    from .merge import merge
     from .train import train
     from .verify import verify
 
     main.add_command(train)
     main.add_command(verify)
+    main.add_command(merge)
     main.add_command(smooth)
 
 

@@ -91,6 +91,14 @@ def default_threats(ckpt: dict, dataset: str) -> tuple[str, ...]:
     default=None,
     help="Output folder. Default: <checkpoint folder>/verify-<hash of the options>.",
 )
+@click.option(
+    "--shard",
+    default=None,
+    metavar="K/N",
+    help="Certify only shard K of N (0-based) into <out>/shard-K-of-N; merge the shards with "
+    "'cure-lirpa merge <out>'. Under torchrun or a Slurm array it is set from the rank.",
+)
+@click.option("--seed", type=click.IntRange(min=0), default=0, help="Seed of the PGD cross-check.")
 @click.option("--resume", is_flag=True, help="Continue a killed run from its partial file.")
 @click.option("--overwrite", is_flag=True, help="Replace results already in --out.")
 @click.option("--device", type=DEVICE_CHOICE, default="auto")
@@ -110,6 +118,8 @@ def verify(
     attack_steps,
     attack_restarts,
     out,
+    shard,
+    seed,
     resume,
     overwrite,
     device,
@@ -125,8 +135,11 @@ def verify(
     Examples:
       cure-lirpa verify runs/demo/checkpoint.pt
       cure-lirpa verify model.pt --threat linf:0.1 --threat l2:0.5 --method ibp --method crown
-      cure-lirpa verify model.pt --method auto --start 0 --count 1000 --out results/shard0
+      cure-lirpa verify model.pt --method auto --count 1000 --shard 0/4 --out results/v
+      cure-lirpa merge results/v
     """
+    from torch.utils.data import Subset
+
     from ..certification import (
         certify_dataset,
         markdown_table,
@@ -141,6 +154,7 @@ def verify(
         model_from_checkpoint,
     )
     from ..data import load_dataset, take
+    from ..shards import merge_when_all_done, parse_shard, shard_from_environment
     from ..threats import parse_threat
 
     ckpt = load_checkpoint(checkpoint)
@@ -165,14 +179,29 @@ def verify(
         "attack": attack,
         "attack_steps": attack_steps,
         "attack_restarts": attack_restarts,
+        "seed": seed,
     }
     if out is None:
         digest = hashlib.sha1(json.dumps(config, sort_keys=True).encode()).hexdigest()[:8]
         out = checkpoint.parent / f"verify-{digest}"
+    part = parse_shard(shard) if shard else shard_from_environment()
+    run_dir = out
+    if part is not None:
+        offset, length = part.block(len(data), batch_size)
+        if length == 0:
+            raise UserError(
+                f"shard {part.index}/{part.count} is empty: {len(data)} samples in "
+                f"batches of {batch_size} fill fewer shards; use a smaller N"
+            )
+        config.update(shard=f"{part.index}/{part.count}", shard_start=start + offset,
+                      shard_count=length)  # fmt: skip
+        data = Subset(data, range(offset, offset + length))
+        out = out / part.name
     partial = out / "samples.partial.jsonl"
     done = []
     if overwrite:
-        for name in ("summary.json", "summary.md", "samples.csv", partial.name, "config.json"):
+        names = ("summary.json", "summary.md", "samples.csv", "samples.jsonl", partial.name)
+        for name in (*names, "config.json"):
             (out / name).unlink(missing_ok=True)
     if (out / "summary.json").exists() and not resume:
         raise UserError(f"{out} already holds results; pass --overwrite or another --out")
@@ -212,7 +241,8 @@ def verify(
                 attack=attack,
                 attack_steps=attack_steps,
                 attack_restarts=attack_restarts,
-                first_index=start,
+                first_index=config.get("shard_start", start),
+                seed=seed,
                 done=done,
                 on_batch=append,
                 progress=not quiet,
@@ -226,7 +256,14 @@ def verify(
         raise
     summary["config"] = config
     write_results(out, rows, summary, threats, methods)
-    partial.unlink()
+    partial.replace(out / "samples.jsonl")  # the per-sample records, kept for merging
+    if part is not None:
+        click.echo(f"shard {part.index}/{part.count}: samples {config['shard_start']}.."
+                   f"{config['shard_start'] + len(rows) - 1} in {out}")  # fmt: skip
+        if shard is None:  # started by torchrun / a job array: rank 0 merges when all are done
+            merged = merge_when_all_done(run_dir, part)
+            if merged is not None:
+                click.echo(f"merged {part.count} shards into {run_dir}")
     click.echo(
         f"\n{len(rows)} samples of {dataset}/{split}, clean accuracy "
         f"{summary['clean_accuracy']:.1f}%\n"

@@ -1,0 +1,41 @@
+"""``cure-lirpa merge``: combine the shards of a sharded verify run into one result."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+
+@click.command(context_settings={"show_default": True})
+@click.argument("run", type=click.Path(file_okay=False, exists=True, path_type=Path))
+@click.argument("shards", nargs=-1, type=click.Path(file_okay=False, exists=True, path_type=Path))
+def merge(run: Path, shards: tuple[Path, ...]) -> None:
+    """Merge the shard-K-of-N folders of RUN (or the SHARDS given) into RUN.
+
+    Writes samples.csv, samples.jsonl, summary.json and summary.md exactly as an unsharded verify
+    run would (times are the sums over shards). Refuses shards made with different options and
+    lists the sample indices still missing.
+
+    \b
+    Examples:
+      cure-lirpa verify model.pt --count 1000 --shard 0/2 --out runs/v   # on one machine
+      cure-lirpa verify model.pt --count 1000 --shard 1/2 --out runs/v   # on another
+      cure-lirpa merge runs/v
+    """
+    from ..certification import markdown_table
+    from ..shards import merge_shards
+
+    summary = merge_shards(run, shards or None)
+    click.echo(
+        f"{summary['samples']} samples from {len(summary['merged_from'])} shards, clean accuracy "
+        f"{summary['clean_accuracy']:.1f}%\n"
+    )
+    click.echo(markdown_table(summary, summary["config"]["methods"]))
+    click.echo(f"results: {run}/samples.csv, summary.json, summary.md")
+    bad = {t: v for t, v in summary["soundness_violations"].items() if v}
+    if bad:
+        raise click.ClickException(
+            f"SOUNDNESS VIOLATION in the merged run ({bad}): those samples count as not "
+            "certified; this is a bug, please report it."
+        )

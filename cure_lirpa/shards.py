@@ -1,0 +1,177 @@
+"""Sharded certification: split one verify run into K/N shards, run them anywhere, merge them.
+
+A run certifies samples ``start .. start+count-1``. Shard K of N takes one contiguous block of them;
+blocks are whole multiples of the batch size, so every shard sees exactly the batches the unsharded
+run sees, and with verify's PGD seeded per batch (by the batch's first sample index) a merged run is
+the unsharded run: the same certified flags, margins, PGD results and summary (only times differ).
+
+Each shard writes to ``<out>/shard-K-of-N/`` (``config.json``, ``samples.jsonl``, ``samples.csv``,
+``summary.json``, ``summary.md``); :func:`merge_shards` checks that all shards share one config,
+lists missing sample indices, and writes the merged files into ``<out>``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+from .errors import UserError
+
+SHARD_DIR = re.compile(r"^shard-(\d+)-of-(\d+)$")
+
+
+@dataclass(frozen=True)
+class Shard:
+    """Shard ``index`` (0-based) of ``count``."""
+
+    index: int
+    count: int
+
+    @property
+    def name(self) -> str:
+        return f"shard-{self.index}-of-{self.count}"
+
+    def block(self, n: int, batch_size: int) -> tuple[int, int]:
+        """``(offset, length)`` of this shard's samples among n, in whole batches where possible."""
+        batches = -(-n // batch_size)
+        per = -(-batches // self.count)  # batches per shard, the last shards may get fewer
+        lo = min(n, self.index * per * batch_size)
+        hi = min(n, (self.index + 1) * per * batch_size)
+        return lo, hi - lo
+
+
+def parse_shard(text: str) -> Shard:
+    """``"K/N"`` (0 <= K < N) -> :class:`Shard`; a clear error otherwise."""
+    m = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", text or "")
+    if not m:
+        raise UserError(f"--shard {text!r}: expected K/N, e.g. --shard 0/4 (shard 0 of 4)")
+    k, n = int(m.group(1)), int(m.group(2))
+    if n < 1 or k >= n:
+        raise UserError(f"--shard {text!r}: K must lie in 0..N-1 and N >= 1")
+    return Shard(k, n)
+
+
+def shard_from_environment() -> Optional[Shard]:
+    """The shard of this process under torchrun (``RANK``/``WORLD_SIZE``) or a Slurm array
+    (``SLURM_ARRAY_TASK_ID``/``SLURM_ARRAY_TASK_COUNT``); None when run alone."""
+    for rank, size in (("RANK", "WORLD_SIZE"), ("SLURM_ARRAY_TASK_ID", "SLURM_ARRAY_TASK_COUNT")):
+        if os.environ.get(size, "1").isdigit() and int(os.environ.get(size, "1")) > 1:
+            return Shard(int(os.environ.get(rank, "0")), int(os.environ[size]))
+    return None
+
+
+def shard_dirs(out: Path) -> list[Path]:
+    """The ``shard-K-of-N`` folders in ``out``, sorted by K."""
+    found = [(int(m.group(1)), p) for p in out.iterdir() if (m := SHARD_DIR.match(p.name))]
+    return [p for _, p in sorted(found)]
+
+
+def _without_shard(config: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in config.items() if k not in ("shard", "shard_start", "shard_count")}
+
+
+def merge_shards(out: Path, shards: Optional[Sequence[Path]] = None) -> dict[str, Any]:
+    """Merge the shards in ``out`` (or the given shard folders) into ``out``; returns the summary.
+
+    Refuses shards made with different options (naming the keys), shards of different N, and
+    incomplete runs (naming the missing sample indices).
+    """
+    from .certification import SampleRow, row_from_json, summarize, write_results
+    from .checkpoint import atomic_write_json, atomic_write_text
+    from .threats import parse_threat
+
+    out = Path(out)
+    dirs = list(shards) if shards else (shard_dirs(out) if out.is_dir() else [])
+    if not dirs:
+        raise UserError(
+            f"no shard-K-of-N folders in {out}; run verify with --shard K/N --out {out}"
+        )
+    configs = []
+    for d in dirs:
+        path = Path(d) / "config.json"
+        if not path.exists():
+            raise UserError(f"{d} holds no config.json: not a verify shard")
+        configs.append(json.loads(path.read_text()))
+    base = _without_shard(configs[0])
+    for d, c in zip(dirs[1:], configs[1:]):
+        if _without_shard(c) != base:
+            keys = sorted(k for k in set(base) | set(_without_shard(c)) if base.get(k) != c.get(k))
+            raise UserError(f"{d} was made with other options than {dirs[0]} ({', '.join(keys)})")
+    counts = {c.get("shard", "0/1").split("/")[1] for c in configs}
+    if len(counts) > 1:
+        raise UserError(f"shards of different N cannot be merged: {sorted(counts)}")
+    rows: dict[int, SampleRow] = {}
+    for d in dirs:
+        records = Path(d) / "samples.jsonl"
+        partial = Path(d) / "samples.partial.jsonl"
+        source = records if records.exists() else partial
+        if not source.exists():
+            continue
+        for line in source.read_text().splitlines():
+            if line.strip().endswith("}"):
+                row = row_from_json(line)
+                rows[row.index] = row
+    expected = range(base["start"], base["start"] + base["count"])
+    missing = [i for i in expected if i not in rows]
+    if missing:
+        shown = ", ".join(map(str, missing[:30])) + (" ..." if len(missing) > 30 else "")
+        raise UserError(
+            f"{len(missing)} of {len(expected)} samples are missing (indices {shown}); run or "
+            "resume the shards that hold them (verify --shard K/N --resume), then merge again"
+        )
+    ordered = [rows[i] for i in expected]
+    threats = [parse_threat(t) for t in base["threats"]]
+    methods = base["methods"]
+    times: dict = {}
+    seconds = 0.0
+    for d in dirs:
+        summary_path = Path(d) / "summary.json"
+        if summary_path.exists():
+            s = json.loads(summary_path.read_text())
+            seconds += s.get("seconds_total", 0.0)
+            for key, per_image in s.get("seconds_per_image", {}).items():
+                t, m = key.rsplit("/", 1)
+                times[(t, m)] = times.get((t, m), 0.0) + per_image * s["samples"]
+    peaks = []
+    for d in dirs:
+        summary_path = Path(d) / "summary.json"
+        if summary_path.exists():
+            peaks.append(json.loads(summary_path.read_text()).get("peak_memory_mb", 0.0))
+    summary = summarize(ordered, threats, methods, times, seconds)
+    summary["peak_memory_mb"] = max(peaks, default=0.0)
+    summary["config"] = base
+    summary["merged_from"] = [str(Path(d).name) for d in dirs]
+    write_results(out, ordered, summary, threats, methods)
+    atomic_write_text(
+        out / "samples.jsonl", "".join(json.dumps(row_record(r)) + "\n" for r in ordered)
+    )
+    atomic_write_json(out / "config.json", base)
+    return summary
+
+
+def row_record(row: Any) -> dict[str, Any]:
+    """A sample row as the JSON object stored in ``samples.jsonl``."""
+    from dataclasses import asdict
+
+    return asdict(row)
+
+
+def merge_when_all_done(out: Path, shard: Shard) -> Optional[dict[str, Any]]:
+    """Under torchrun: wait for every rank (a gloo barrier), then merge on rank 0 (others: None)."""
+    import torch.distributed as dist
+
+    if not dist.is_available():
+        return merge_shards(out) if shard.index == 0 else None
+    own = not dist.is_initialized()
+    if own:
+        dist.init_process_group("gloo")
+    try:
+        dist.barrier()
+        return merge_shards(out) if dist.get_rank() == 0 else None
+    finally:
+        if own:
+            dist.destroy_process_group()
