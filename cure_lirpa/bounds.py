@@ -77,8 +77,8 @@ class InputIdentity(nn.Module):
 
     Prepended to models whose first operation on the input is not affine (a normalisation, a skip
     path, a per-pixel scale): auto_LiRPA would drop an lp ball there. Through this layer an lp ball
-    of radius eps becomes its enclosing box ``x ± eps`` for IBP, and CROWN-type bounds, which
-    concretise at the input, are unchanged. A 1x1 convolution for (C, H, W) inputs, else a
+    of radius eps becomes its enclosing box ``x ± eps`` for IBP; CROWN-type bounds still concretise
+    the ball at the input. A 1x1 convolution for (C, H, W) inputs, else a
     ``Linear`` on the flattened input. Its weights are fixed (no gradient).
     """
 
@@ -155,7 +155,7 @@ class BoundedClassifier:
         self.traced = target.to(self.device)
         self.module = self._trace(self.traced)
         # An lp ball must reach an affine layer intact: otherwise prepend an identity affine layer
-        # (exact for CROWN, the enclosing box for IBP) so that no bound can drop the perturbation.
+        # (CROWN still concretises the ball at the input; IBP gets the enclosing box there).
         self.lp_droppers = lirpa.lp_ball_droppers(self.module)
         if self.lp_droppers:
             self.traced = nn.Sequential(InputIdentity(self.in_shape), self.traced).to(self.device)
@@ -175,6 +175,13 @@ class BoundedClassifier:
         self.num_classes = int(out.shape[1])
         self._sizes = _activation_sizes(self.module)
         self._checked_threats: set[str] = set()
+        if trainable:
+            # Check the trace now, while the bounded module's BatchNorm statistics still equal the
+            # model's (in training they live in the bounded module and are copied back later).
+            x0 = self._to_bound_space(torch.full((1, *self.in_shape), 0.5, device=self.device))
+            for p in (math.inf, 2.0, 1.0):
+                box = (x0 - 0.1, x0 + 0.1) if p == math.inf else (None, None)
+                self._check_trace(x0, lirpa.perturbation(p, 0.1, *box), p)
 
     def _trace(self, target: nn.Module):
         """``target`` as an auto_LiRPA ``BoundedModule``; refuses untraceable models and models whose
@@ -360,7 +367,8 @@ class BoundedClassifier:
                 self.module = self._trace(self.traced)
                 self.train(self.trainable and self.model.training)
                 return self._bound(*args)
-        self._check_trace(center, ptb, p)
+        if not self.trainable:
+            self._check_trace(center, ptb, p)
         return lb if grad else lb.detach()
 
     def _check_trace(self, center: torch.Tensor, ptb, p: float) -> None:
