@@ -308,9 +308,12 @@ def csv_text(rows: Sequence[SampleRow], threats: Sequence[Threat], methods: Sequ
 
 
 def markdown_table(summary: dict[str, Any], methods: Sequence[str]) -> str:
-    """The summary as a Markdown table: a row per threat, a column per method, best and PGD."""
+    """The summary as a Markdown table: clean accuracy (the ceiling of every column), then a row
+    per threat, a column per method, best and PGD, and the union row."""
     head = ["threat", *methods, "best", "PGD"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    clean = f"{summary['clean_accuracy']:.1f}"
+    lines.append("| clean (no perturbation) | " + " | ".join([clean] * (len(head) - 1)) + " |")
     for t, per in summary["certified"].items():
         pgd_acc = summary["pgd_accuracy"].get(t)
         cells = [

@@ -145,7 +145,9 @@ def build_model(
     User models get no normalisation layer added: they handle their own.
     """
     if ":" in arch:
-        return load_user_model(arch, in_shape=in_shape, num_classes=num_classes, **kwargs)
+        model = load_user_model(arch, in_shape=in_shape, num_classes=num_classes, **kwargs)
+        check_output_shape(model, arch, in_shape, num_classes)
+        return model
     if arch not in _FACTORIES:
         raise UserError(
             f"unknown architecture {arch!r}; choose one of {', '.join(ARCHITECTURES)} "
@@ -153,6 +155,34 @@ def build_model(
         )
     body = _FACTORIES[arch](tuple(in_shape), num_classes, **kwargs)
     return Classifier(body, mean, std)
+
+
+def check_output_shape(
+    model: nn.Module, name: str, in_shape: Sequence[int], num_classes: int
+) -> None:
+    """Refuse a model that does not map (B, *in_shape) images to logits of shape (B, num_classes).
+
+    Runs one forward pass on two black images in eval mode (BatchNorm statistics stay untouched).
+    """
+    shape = "x".join(str(d) for d in in_shape)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            out = model(torch.zeros(2, *in_shape))
+    except Exception as exc:
+        raise UserError(
+            f"model {name!r} fails on a batch of two {shape} images: {type(exc).__name__}: "
+            f"{str(exc)[:200]}"
+        ) from None
+    finally:
+        model.train(was_training)
+    got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+    if got != (2, num_classes):
+        raise UserError(
+            f"model {name!r} returns {got} for a batch of two {shape} images; it must return "
+            f"logits of shape (batch, {num_classes}), one per class of the dataset"
+        )
 
 
 def load_user_model(spec: str, **kwargs) -> nn.Module:
