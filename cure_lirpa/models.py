@@ -9,6 +9,7 @@ Every zoo model is a :class:`Classifier`: a :class:`Normalize` layer followed by
 from __future__ import annotations
 
 import importlib
+import inspect
 from typing import Callable, Sequence
 
 import torch
@@ -185,6 +186,28 @@ def check_output_shape(
         )
 
 
+def _factory_arguments(factory: Callable, spec: str, kwargs: dict) -> dict:
+    """``kwargs`` when ``factory`` accepts them, else no arguments when it takes none; a
+    :class:`UserError` naming the signature otherwise."""
+    try:
+        sig = inspect.signature(factory)
+    except (TypeError, ValueError):  # a builtin without a signature: just try the keywords
+        return kwargs
+    try:
+        sig.bind(**kwargs)
+        return kwargs
+    except TypeError as exc:
+        try:
+            sig.bind()
+            return {}
+        except TypeError:
+            given = ", ".join(f"{k}=..." for k in kwargs)
+            raise UserError(
+                f"user model {spec!r} cannot be called as {spec.partition(':')[2]}({given}): "
+                f"{exc}; its signature is {sig} (--width is passed as width=...)"
+            ) from None
+
+
 def load_user_model(spec: str, **kwargs) -> nn.Module:
     """Import ``package.module:factory`` and call the factory with ``kwargs``."""
     module_name, _, attr = spec.partition(":")
@@ -200,10 +223,7 @@ def load_user_model(spec: str, **kwargs) -> nn.Module:
     factory = getattr(module, attr, None)
     if factory is None or not callable(factory):
         raise UserError(f"module {module_name!r} has no callable {attr!r}")
-    try:
-        model = factory(**kwargs)
-    except TypeError:
-        model = factory()
+    model = factory(**_factory_arguments(factory, spec, kwargs))
     if not isinstance(model, nn.Module):
         raise UserError(f"{spec!r} returned {type(model).__name__}, expected a torch.nn.Module")
     return model

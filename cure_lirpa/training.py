@@ -556,8 +556,8 @@ def train(
         for path in list(out.iterdir()) if out.is_dir() else []:
             if path.name in OUTPUT_FILES or _leftover(path):
                 path.unlink(missing_ok=True)
-    reached = eps_at(c.epochs * steps - 1, 1.0, ramp)
-    if reached < 0.999:
+    if ramp.end > c.epochs * steps:
+        reached = eps_at(c.epochs * steps - 1, 1.0, ramp)
         say(
             f"warning: the eps ramp ends at epoch {c.warmup_epochs + c.ramp_epochs:g} but the run "
             f"has {c.epochs} epochs, so training reaches only {100 * reached:.0f}% of the target "

@@ -208,9 +208,9 @@ def verify(
     model = model_from_checkpoint(ckpt)
     created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(out / "config.json", config)
     written = len(done)
     try:
+        atomic_write_json(out / "config.json", config)
         with open(partial, "w") as f:
             f.write("".join(row_to_json(r) + "\n" for r in done))  # drops a line cut by a kill
 
