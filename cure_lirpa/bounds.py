@@ -2,9 +2,9 @@
 
 :class:`BoundedClassifier` wraps a classifier (input in [0, 1], logits out) as an auto_LiRPA
 ``BoundedModule`` and returns ``lb[b, j] <= min over the threat set of (f_y - f_j)`` for every
-sample b and every class j != y (SPEC.md section 2). A sample is certified iff ``lb > 0`` everywhere.
+sample b and every class j != y. A sample is certified iff ``lb > 0`` everywhere.
 
-Normalisation and the l2 zero-width trap (SPEC.md section 5): auto_LiRPA carries an lp ball (p < inf)
+Normalisation and the l2 zero-width trap (auto_LiRPA 0.3 and 0.7): auto_LiRPA carries an lp ball (p < inf)
 as ``x_L = x_U = x`` plus the perturbation object, and only affine layers apply the dual norm. A
 ``(x - mean) / std`` layer in front of them would silently produce zero-width, unsound bounds. So:
 
@@ -134,7 +134,7 @@ class BoundedClassifier:
                 "Models must be traceable with torch.jit.trace and use standard layers "
                 "(Conv2d, Linear, ReLU, BatchNorm, Flatten, Normalize)."
             ) from None
-        self.train(was_training)  # wrapping can leave BatchNorm in eval mode (SPEC.md section 5)
+        self.train(was_training)  # wrapping can leave BatchNorm in eval mode
         with torch.no_grad():
             self.num_classes = int(
                 model(torch.zeros(1, *self.in_shape, device=self.device)).shape[1]

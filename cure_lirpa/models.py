@@ -3,7 +3,8 @@
 Every zoo model is a :class:`Classifier`: a :class:`Normalize` layer followed by a plain
 ``nn.Sequential`` body. Keeping the normalisation a separate, recognisable layer lets
 :mod:`cure_lirpa.bounds` fold it into the first affine layer before auto_LiRPA sees the graph
-(SPEC.md section 5, the l2 zero-width trap).
+(the l2 zero-width trap: a normalisation layer in front of the first affine layer would make
+auto_LiRPA's l2 IBP bounds zero-width).
 """
 
 from __future__ import annotations
@@ -69,7 +70,7 @@ def mlp(
 
 
 def cnn_small(in_shape: Sequence[int], num_classes: int, width: int = 16) -> nn.Sequential:
-    """conv(w, 4x4, s2) - conv(2w, 4x4, s1) - fc100 - fc K (the SPEC.md pilot network, w = 16)."""
+    """conv(w, 4x4, s2) - conv(2w, 4x4, s1) - fc100 - fc K (w = 16: the small CNN this package's CPU measurements use)."""
     c = in_shape[0]
     convs = nn.Sequential(
         nn.Conv2d(c, width, 4, stride=2, padding=0),

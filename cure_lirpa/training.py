@@ -254,7 +254,7 @@ def resolved_radii(config: TrainConfig) -> tuple[float, float]:
 
 
 # ---------------------------------------------------------------------------------------------
-# Presets (SPEC.md section 4): the paper's settings, overridable option by option
+# Presets (the CURE paper's settings and its public scripts), overridable option by option, overridable option by option
 
 PRESETS: dict[str, str] = {
     "cure-scratch": "CURE-Scratch: Max + bound alignment + gradient projection from scratch",

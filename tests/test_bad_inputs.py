@@ -256,3 +256,11 @@ def test_build_model_checks_user_models(tmp_path, user_models):
         build_model("badmodels:seven", (1, 28, 28), 10, (0.0,), (1.0,))
     model = build_model("badmodels:good", (1, 28, 28), 10, (0.0,), (1.0,))
     assert model(torch.zeros(3, 1, 28, 28)).shape == (3, 10)
+
+
+@pytest.mark.parametrize("alpha", [0.0, 1.0, -0.1, 2.0, float("nan")])
+def test_clopper_pearson_refuses_alpha_outside_0_1(alpha):
+    from cure_lirpa.smoothing.certifier import clopper_pearson_lower
+
+    with pytest.raises(UserError, match="alpha must be in"):
+        clopper_pearson_lower(50, 100, alpha)
