@@ -516,8 +516,8 @@ def train(
         _check_resume(ckpt, c, device, ckpt_path)
     elif ckpt_path.exists() and not overwrite:
         raise UserError(
-            f"{out} holds a run (checkpoint.pt); pass --resume to continue it, --overwrite to "
-            "replace it, or choose another --out"
+            f"{out} already exists and holds a run (checkpoint.pt); pass --resume to continue it, "
+            "--overwrite to replace it, or choose another --out"
         )
     elif others and not overwrite:
         raise UserError(

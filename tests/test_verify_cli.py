@@ -239,3 +239,20 @@ def test_verify_on_a_full_disk_says_so_and_leaves_nothing(checkpoint, tmp_path, 
     assert "Traceback" not in res.output
     monkeypatch.setattr(checkpoint_module.os, "replace", os.replace)
     assert not out.exists()
+
+
+def test_verify_into_a_read_only_folder_is_one_line(checkpoint, tmp_path, monkeypatch):
+    from pathlib import Path
+
+    def read_only(self, *args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(self))
+
+    monkeypatch.setattr(Path, "mkdir", read_only)
+    out = tmp_path / "ro" / "v"
+    res = CliRunner().invoke(
+        main, ["verify", str(checkpoint), "--count", "4", "--out", str(out), "--quiet"]
+    )
+    monkeypatch.undo()
+    assert res.exit_code == 1 and isinstance(res.exception, SystemExit), res.output
+    assert f"{out}: Permission denied" in res.output and "Traceback" not in res.output
+    assert not out.exists()

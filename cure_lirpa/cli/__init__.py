@@ -34,11 +34,12 @@ class _Group(click.Group):
                 ) from None
             raise
         except OSError as exc:  # a read-only or full disk, a folder we may not enter, ...
-            if not (exc.filename and exc.strerror):
+            if not exc.strerror:
                 raise
+            where = f"{exc.filename}: " if exc.filename else ""
             raise click.ClickException(
-                f"{exc.filename}: {exc.strerror}; check the path, free some disk space, or "
-                "choose a writable folder"
+                f"{where}{exc.strerror}; check the path, free some disk space, or choose a "
+                "writable folder"
             ) from None
 
 
