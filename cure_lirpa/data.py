@@ -201,7 +201,6 @@ def _load_cifar10(base: Path, split: str, download: bool) -> Dataset:
 
 
 def _load_tinyimagenet(base: Path, split: str) -> Dataset:
-
     split_dir = "train" if split == "train" else "val"
     for cand in (base / "tiny-imagenet-200", base):
         if (cand / split_dir).is_dir() and any((cand / split_dir).iterdir()):

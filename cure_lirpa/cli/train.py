@@ -289,7 +289,12 @@ Examples:
     show_default=True,
     help=THREADS_HELP,
 )
-@click.option("--quiet", "-q", is_flag=True, help="No progress bars and no per-epoch lines.")
+@click.option(
+    "--quiet",
+    "-q",
+    is_flag=True,
+    help="No progress bars and no per-epoch lines (warnings still show).",
+)
 @click.pass_context
 def train_command(ctx: click.Context, **opts: Any) -> None:
     """Certified training against l∞ and l2 perturbations (CURE and single-norm baselines).

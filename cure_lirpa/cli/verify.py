@@ -94,7 +94,9 @@ def default_threats(ckpt: dict, dataset: str) -> tuple[str, ...]:
 @click.option("--resume", is_flag=True, help="Continue a killed run from its partial file.")
 @click.option("--overwrite", is_flag=True, help="Replace results already in --out.")
 @click.option("--device", type=DEVICE_CHOICE, default="auto")
-@click.option("--threads", type=click.IntRange(min=1), default=1, help=THREADS_HELP)
+@click.option(
+    "--threads", type=click.IntRange(min=1), default=1, show_default=True, help=THREADS_HELP
+)
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def verify(
     checkpoint: Path,
