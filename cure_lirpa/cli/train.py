@@ -59,6 +59,8 @@ Examples:
       (cure-joint on the built-in MNIST sample, cnn-small, about a minute on one CPU core)
   cure-lirpa verify runs/demo/checkpoint.pt --threat linf:0.1 --threat l2:0.5
   cure-lirpa train --method ibp-linf --dataset mnist --data-root ../shared/data --out runs/ibp
+  cure-lirpa train --dataset cifar10 --data-root DIR --eps-linf 8/255 --eps-l2 0.5 --out runs/c8
+      (radii default to the dataset's pair: CIFAR-10 2/255 and 0.25)
   cure-lirpa train --method cure-max --ba-eta 2 --gp-beta 0.8 --out runs/max-ba-gp
   cure-lirpa train --preset cure-scratch --epochs 10 --dataset mnist --out runs/scratch
   cure-lirpa train --preset cure-finetune --init-from runs/ibp/checkpoint.pt --out runs/ft
