@@ -147,11 +147,13 @@ def test_own_model_quick(capsys):
     assert "(agree)" in printed  # by-hand certificates == certify_dataset's
     assert "refused: l2/l1 bounds of this model have zero width" in printed  # the trap
     table = next(t for t in _tables(printed) if t and t[0].get("threat"))
-    assert [r["threat"] for r in table] == ["linf:0.1", "l2:0.5", "**union**"]
+    clean_row = "clean (no perturbation)"
+    assert [r["threat"] for r in table] == [clean_row, "linf:0.1", "l2:0.5", "**union**"]
     by_threat = {r["threat"]: r for r in table}
     for method in ("ibp", "crown-ibp", "crown"):
         union = float(by_threat["**union**"][method])
-        assert union <= min(float(by_threat[t][method]) for t in ("linf:0.1", "l2:0.5"))
+        certified = [float(by_threat[t][method]) for t in ("linf:0.1", "l2:0.5")]
+        assert union <= min(certified) and max(certified) <= float(by_threat[clean_row][method])
     for t in ("linf:0.1", "l2:0.5"):
         assert float(by_threat[t]["best"]) <= float(by_threat[t]["PGD"])
 
