@@ -4,7 +4,8 @@
 ``BoundedModule`` and returns ``lb[b, j] <= min over the threat set of (f_y - f_j)`` for every
 sample b and every class j != y. A sample is certified iff ``lb > 0`` everywhere.
 
-Normalisation and the l2 zero-width trap (auto_LiRPA 0.3 and 0.7): auto_LiRPA carries an lp ball (p < inf)
+Normalisation and the l2 zero-width trap (auto_LiRPA 0.3 to 0.7): auto_LiRPA carries an lp ball
+(p < inf)
 as ``x_L = x_U = x`` plus the perturbation object, and only affine layers apply the dual norm. A
 ``(x - mean) / std`` layer in front of them would silently produce zero-width, unsound bounds. So:
 

@@ -53,7 +53,7 @@ DEFAULT_RADII = {
     "cifar10": ("2/255", "0.25"),
     "tinyimagenet": ("1/255", "36/255"),
 }
-"""The usual (l∞, l2) radii of each dataset in the certified-training papers (CURE, SABR), as text."""
+"""The usual (l∞, l2) radii of each dataset in the CURE and SABR papers, as text."""
 
 
 def default_radii(name: str) -> tuple[float, float]:
@@ -217,7 +217,7 @@ def _load_tinyimagenet(base: Path, split: str) -> Dataset:
                 ):
                     raise UserError(
                         f"{sub} is in the raw TinyImageNet layout ({needed}/images + "
-                        f"annotations); arrange it as {needed}/<wnid>/*.JPEG (one folder per class) "
+                        f"annotations); arrange it as {needed}/<wnid>/*.JPEG (a folder per class) "
                         "first."
                     )
             return _image_folder(cand / split_dir, dataset_info("tinyimagenet"))

@@ -70,7 +70,7 @@ def mlp(
 
 
 def cnn_small(in_shape: Sequence[int], num_classes: int, width: int = 16) -> nn.Sequential:
-    """conv(w, 4x4, s2) - conv(2w, 4x4, s1) - fc100 - fc K (w = 16: the small CNN this package's CPU measurements use)."""
+    """conv(w, 4x4, s2) - conv(2w, 4x4, s1) - fc100 - fc K (w = 16: this package's CPU network)."""
     c = in_shape[0]
     convs = nn.Sequential(
         nn.Conv2d(c, width, 4, stride=2, padding=0),

@@ -93,7 +93,8 @@ class TrainConfig:
     eps values are in [0, 1] pixel units. ``eps_linf`` / ``eps_l2`` are the target radii (what the
     model is meant to be certified at; None: the dataset's usual pair, :data:`cure_lirpa.data.
     DEFAULT_RADII`: MNIST 0.1 / 0.5, CIFAR-10 2/255 / 0.25, TinyImageNet 1/255 / 36/255); the
-    training radii ``train_eps_linf`` / ``train_eps_l2`` default to them. Epoch counts may be fractional (the ramp is counted in optimizer steps).
+    training radii ``train_eps_linf`` / ``train_eps_l2`` default to them. Epoch counts may be
+    fractional (the ramp is counted in optimizer steps).
     ``ba_direction=None`` picks the public default: l2 on MNIST, l∞ on CIFAR-10 / TinyImageNet.
     """
 
@@ -254,7 +255,7 @@ def resolved_radii(config: TrainConfig) -> tuple[float, float]:
 
 
 # ---------------------------------------------------------------------------------------------
-# Presets (the CURE paper's settings and its public scripts), overridable option by option, overridable option by option
+# Presets: the CURE paper's settings and its public scripts, overridable option by option
 
 PRESETS: dict[str, str] = {
     "cure-scratch": "CURE-Scratch: Max + bound alignment + gradient projection from scratch",
@@ -622,9 +623,9 @@ def train(
             if _collapsed(record, info.num_classes, epoch + 1, c.warmup_epochs) and not warned:
                 warned = True
                 say(
-                    "warning: the model classifies the training batches at chance level -- certified "
-                    "training has collapsed to a (nearly) constant classifier. Try a longer "
-                    "--ramp-epochs, a smaller --batch-size (more steps), or keep "
+                    "warning: the model classifies the training batches at chance level -- "
+                    "certified training has collapsed to a (nearly) constant classifier. Try a "
+                    "longer --ramp-epochs, a smaller --batch-size (more steps), or keep "
                     "some natural loss with --kappa-end 0.2."
                 )
         result.seconds = round(time.perf_counter() - t_call, 2)

@@ -1,4 +1,4 @@
-"""The README's Python snippet runs as written (after ``make demo``, here on a stand-in checkpoint)."""
+"""The README's Python snippet runs (after ``make demo``; here on a stand-in checkpoint)."""
 
 from __future__ import annotations
 
