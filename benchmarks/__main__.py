@@ -101,7 +101,13 @@ SUITES: dict[str, Suite] = {
             "smoothing_mnist",
             "benchmarks.smoothing_mnist:main",
             "randomized smoothing on MNIST (Gaussian, uniform, NU hybrid)",
-            fragments=(("smoothing_mnist", "smoothing/mnist/summary.md"),),
+            fragments=(
+                ("smoothing_mnist", "smoothing/mnist/summary.md"),
+                (
+                    "smoothing_mnist-quick-no-joint-alpha",
+                    "smoothing/mnist-quick-no-joint-alpha/summary.md",
+                ),
+            ),
         ),
         Suite(
             "smoothing_speed",

@@ -27,7 +27,7 @@ Rows can run as separate invocations sharing one results folder (cure-finetune n
     python -m benchmarks.cure_training --dataset cifar10 --rows natural,ibp-linf,ibp-l2,cure-joint
 
 Full mode: the whole MNIST training set from ``--data-root`` (default ../shared/data), cnn-small,
-the SPEC pilot's schedule: 6 epochs (1 warm-up epoch, eps ramp over 3 epochs, lr 5e-4 decayed x0.2
+a CPU-sized schedule: 6 epochs (1 warm-up epoch, eps ramp over 3 epochs, lr 5e-4 decayed x0.2
 for the last epoch, batch 256, natural-loss share kappa 0.5 -> 0), training eps linf 0.1 and l2 0.5
 (``--train-l2-factor`` scales the l2 training eps). About two hours for the default rows on 2 CPU
 cores (sabr-linf alone ~20 min: 8 PGD steps per batch; the optional l2-defence row costs the same);
@@ -560,7 +560,7 @@ def plot(rows: list[dict[str, Any]], path: Path, dataset: str = "mnist") -> None
     type=click.FloatRange(min=0.0, min_open=True),
     default=1.0,
     show_default=True,
-    help="l2 training eps = factor x 0.5 (the SPEC pilot used 1.5).",
+    help="l2 training eps = factor x 0.5 (1.5 trains l2 at 0.75).",
 )
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option(

@@ -2,7 +2,8 @@
 
 For every checkpoint (by default ``benchmarks/results/cure_mnist/<method>/checkpoint.pt``, one per
 training method of the CURE MNIST reproduction) and every threat (default: ``patch:2``, ``patch:5``,
-``rotate:30``, ``translate:2``; SPEC.md section 4), certify the first N test images with IBP and
+``rotate:30``, ``translate:2``; the CURE paper's generalisation sets), certify the first N test
+images with IBP and
 CROWN-IBP, and with CROWN when it is cheap: CROWN-type methods are timed on a few boxes of one image
 first and skipped when the estimate exceeds ``--budget`` seconds per image. Reports certified
 accuracy per (model, threat, method), "best" (certified by any of the methods, which is sound),

@@ -2,8 +2,8 @@
 
 * :func:`pgd` / :func:`robust_accuracy` -- a strong multi-restart attack on an l∞, l2 or l1 ball, used to
   cross-check certificates (certified accuracy must never exceed PGD robust accuracy).
-* :func:`sabr_box` -- SABR's small l∞ box around a PGD point (SPEC.md section 3).
-* :func:`l2_defence_box` -- CURE's l2 defence point and box (SPEC.md section 3).
+* :func:`sabr_box` -- SABR's small l∞ box around a PGD point (Müller et al., ICLR 2023).
+* :func:`l2_defence_box` -- CURE's l2 defence point and box (the CURE paper's l2 loss).
 
 Every attack runs the model in eval mode (BatchNorm statistics are never updated), takes gradients with
 respect to the input only (parameters' ``.grad`` are left untouched) and restores each module's
@@ -370,7 +370,7 @@ def l2_defence_point(
     generator: Optional[torch.Generator] = None,
     callback: Optional[Callable[[int, torch.Tensor], None]] = None,
 ) -> torch.Tensor:
-    """CURE's l2 attack point: l2 PGD inside ``{||x' - x||_2 <= eps - tau} ∩ [0, 1]^d`` (SPEC.md §3).
+    """CURE's l2 attack point: l2 PGD inside ``{||x' - x||_2 <= eps - tau} ∩ [0, 1]^d`` (CURE).
 
     ``steps`` normalised-gradient steps of ``step_size`` (default ``0.2 * eps``) decayed x0.1 at
     50/80/90% of the steps, random start uniform in the ball of radius ``eps - tau``, best-``loss``

@@ -2,9 +2,10 @@
 
 :class:`BoundedClassifier` wraps a classifier (input in [0, 1], logits out) as an auto_LiRPA
 ``BoundedModule`` and returns ``lb[b, j] <= min over the threat set of (f_y - f_j)`` for every
-sample b and every class j != y (SPEC.md section 2). A sample is certified iff ``lb > 0`` everywhere.
+sample b and every class j != y. A sample is certified iff ``lb > 0`` everywhere.
 
-Normalisation and the l2 zero-width trap (SPEC.md section 5): auto_LiRPA carries an lp ball (p < inf)
+Normalisation and the l2 zero-width trap (auto_LiRPA 0.3 to 0.7): auto_LiRPA carries an lp ball
+(p < inf)
 as ``x_L = x_U = x`` plus the perturbation object, and only affine layers apply the dual norm. A
 ``(x - mean) / std`` layer in front of them would silently produce zero-width, unsound bounds. So:
 

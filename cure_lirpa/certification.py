@@ -324,9 +324,12 @@ def csv_text(rows: Sequence[SampleRow], threats: Sequence[Threat], methods: Sequ
 
 
 def markdown_table(summary: dict[str, Any], methods: Sequence[str]) -> str:
-    """The summary as a Markdown table: a row per threat, a column per method, best and PGD."""
+    """The summary as a Markdown table: clean accuracy (the ceiling of every column), then a row
+    per threat, a column per method, best and PGD, and the union row."""
     head = ["threat", *methods, "best", "PGD"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    clean = f"{summary['clean_accuracy']:.1f}"
+    lines.append("| clean (no perturbation) | " + " | ".join([clean] * (len(head) - 1)) + " |")
     for t, per in summary["certified"].items():
         pgd_acc = summary["pgd_accuracy"].get(t)
         cells = [
@@ -352,9 +355,12 @@ def write_results(
     threats: Sequence[Threat],
     methods: Sequence[str],
 ) -> None:
-    """Write ``samples.csv``, ``summary.json`` and ``summary.md`` atomically."""
+    """Write ``samples.csv``, ``summary.json``, ``summary.md`` and the plot of certified accuracy
+    per threat and method (``certified_accuracy.png``), each atomically."""
     from .checkpoint import atomic_write_json, atomic_write_text
+    from .plots import PLOT_NAME, plot_certified_accuracy
 
     atomic_write_text(out_dir / "samples.csv", csv_text(rows, threats, methods))
     atomic_write_json(out_dir / "summary.json", summary)
     atomic_write_text(out_dir / "summary.md", markdown_table(summary, methods))
+    plot_certified_accuracy(summary, methods, out_dir / PLOT_NAME)

@@ -56,20 +56,38 @@ def _tempfile(path: Path) -> str:
     return tmp
 
 
+def write_error(path: PathLike, exc: BaseException) -> UserError:
+    """A :class:`UserError` for a failed write to ``path`` (full disk, read-only folder, ...)."""
+    if isinstance(exc, OSError) and exc.strerror:
+        reason = exc.strerror
+    else:
+        reason = f"{type(exc).__name__}: {str(exc)[:200]}"
+    return UserError(
+        f"cannot write {path}: {reason}; free some disk space or choose a writable folder"
+    )
+
+
 def atomic_write_bytes(path: PathLike, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary file in the same folder and ``os.replace``."""
+    """Write ``data`` to ``path`` through a temporary file in the same folder and ``os.replace``.
+
+    A failed write (full disk, read-only folder) leaves no temporary file and raises
+    :class:`UserError`.
+    """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _tempfile(path)
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = _tempfile(path)
         with open(tmp, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    except OSError as exc:
+        raise write_error(path, exc) from None
+    finally:
+        if tmp is not None:  # gone after a successful os.replace
+            Path(tmp).unlink(missing_ok=True)
 
 
 def atomic_write_text(path: PathLike, text: str) -> None:
@@ -81,16 +99,20 @@ def atomic_write_json(path: PathLike, obj: Any) -> None:
 
 
 def atomic_torch_save(obj: Any, path: PathLike) -> None:
-    """``torch.save`` that never leaves a half-written file behind."""
+    """``torch.save`` that never leaves a half-written file behind; a failed write (full disk,
+    read-only folder) raises :class:`UserError`."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _tempfile(path)
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = _tempfile(path)
         torch.save(obj, tmp)
         os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    except (OSError, RuntimeError) as exc:  # torch.save reports a full disk as a RuntimeError
+        raise write_error(path, exc) from None
+    finally:
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
 
 
 def make_checkpoint(
@@ -161,3 +183,13 @@ def model_from_checkpoint(ckpt: dict[str, Any]) -> nn.Module:
             f"checkpoint weights do not match architecture {ckpt['arch']!r}: {str(exc)[:300]}"
         ) from None
     return model.eval()
+
+
+def smoothing_noise(ckpt: dict[str, Any]) -> str | None:
+    """``"gaussian noise, sigma 0.5"`` for a base classifier trained by ``cure-lirpa smooth train``
+    (its config records the noise sigma), None for any other checkpoint."""
+    config = ckpt.get("config") or {}
+    sigma = config.get("sigma")
+    if not isinstance(sigma, (int, float)) or isinstance(sigma, bool):
+        return None
+    return f"{config.get('method', 'noise')} noise, sigma {sigma:g}"

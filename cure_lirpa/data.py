@@ -47,6 +47,24 @@ _INFO = {
 }
 
 
+DEFAULT_RADII = {
+    "sample": ("0.1", "0.5"),
+    "mnist": ("0.1", "0.5"),
+    "cifar10": ("2/255", "0.25"),
+    "tinyimagenet": ("1/255", "36/255"),
+}
+"""The usual (l∞, l2) radii of each dataset in the CURE and SABR papers, as text."""
+
+
+def default_radii(name: str) -> tuple[float, float]:
+    """The usual ``(eps_linf, eps_l2)`` of dataset ``name`` in [0, 1] pixel units."""
+    from .threats import parse_eps
+
+    dataset_info(name)
+    linf, l2 = DEFAULT_RADII[name]
+    return parse_eps(linf), parse_eps(l2)
+
+
 def dataset_info(name: str) -> DatasetInfo:
     """The :class:`DatasetInfo` of ``name`` (one of :data:`DATASETS`)."""
     if name not in _INFO:
@@ -103,9 +121,19 @@ def _load_mnist(base: Path, split: str, download: bool) -> Dataset:
             "Pass --data-root DIR where DIR/MNIST/raw holds the idx files (on a connected machine, "
             "cure_lirpa.data.load_dataset('mnist', root=DIR, download=True) fetches them once).",
         )
-    return datasets.MNIST(
-        str(base), train=split == "train", download=download, transform=transforms.ToTensor()
-    )
+    try:
+        return datasets.MNIST(
+            str(base), train=split == "train", download=download, transform=transforms.ToTensor()
+        )
+    except RuntimeError as exc:  # torchvision: "Dataset not found. You can use download=True ..."
+        if download or "not found" not in str(exc).lower():
+            raise
+        raise _missing(
+            "the MNIST idx files",
+            [base / "MNIST" / "raw"],
+            "Put train-images-idx3-ubyte, train-labels-idx1-ubyte, t10k-images-idx3-ubyte and "
+            "t10k-labels-idx1-ubyte (or their .gz) there.",
+        ) from None
 
 
 def _extract(archive: Path, dest: Path) -> Path:
@@ -136,9 +164,19 @@ def _load_cifar10(base: Path, split: str, download: bool) -> Dataset:
     to_tensor = transforms.ToTensor()
     looked = [base / "cifar-10-batches-py", base]
     if (base / "cifar-10-batches-py").is_dir() or download:
-        return datasets.CIFAR10(
-            str(base), train=split == "train", download=download, transform=to_tensor
-        )
+        try:
+            return datasets.CIFAR10(
+                str(base), train=split == "train", download=download, transform=to_tensor
+            )
+        except RuntimeError as exc:  # torchvision: "Dataset not found or corrupted. ..."
+            if download or "not found" not in str(exc).lower():
+                raise
+            raise _missing(
+                "the CIFAR-10 batches",
+                [base / "cifar-10-batches-py"],
+                "That folder must hold data_batch_1 .. data_batch_5 and test_batch, as extracted "
+                "from cifar-10-python.tar.gz.",
+            ) from None
     archive = base if base.suffixes[-2:] == [".tar", ".gz"] else base / "cifar10-jpeg.tar.gz"
     if archive.is_file():
         cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "cure_lirpa"
@@ -153,29 +191,80 @@ def _load_cifar10(base: Path, split: str, download: bool) -> Dataset:
             "layout DIR/train/<class>/, DIR/test/<class>/, or the cifar10-jpeg.tar.gz archive "
             "(on a connected machine, load_dataset('cifar10', root=DIR, download=True) fetches it).",
         )
-    return datasets.ImageFolder(str(folder / split), transform=to_tensor)
+    for other in ("train", "test"):
+        if not (folder / other).is_dir():
+            raise UserError(
+                f"{folder} has no {other}/ folder; CIFAR-10 in ImageFolder layout needs both "
+                "train/<class>/ and test/<class>/"
+            )
+    return _image_folder(folder / split, dataset_info("cifar10"))
 
 
 def _load_tinyimagenet(base: Path, split: str) -> Dataset:
-    from torchvision import datasets, transforms
-
     split_dir = "train" if split == "train" else "val"
     for cand in (base / "tiny-imagenet-200", base):
         if (cand / split_dir).is_dir() and any((cand / split_dir).iterdir()):
-            sub = cand / split_dir
-            if (sub / "images").is_dir() and not any(
-                p.is_dir() for p in sub.iterdir() if p.name != "images"
-            ):
-                raise UserError(
-                    f"{sub} is in the raw TinyImageNet layout (val/images + val_annotations.txt); "
-                    "arrange it as val/<wnid>/*.JPEG (one folder per class) first."
-                )
-            return datasets.ImageFolder(str(sub), transform=transforms.ToTensor())
+            # Both splits must be there: a run that trains without val/ fails only at verify.
+            for needed in ("train", "val"):
+                sub = cand / needed
+                if not sub.is_dir() or not any(sub.iterdir()):
+                    raise UserError(
+                        f"{cand} has no {needed}/ folder (or it is empty); TinyImageNet needs "
+                        "train/<wnid>/ and val/<wnid>/ (the test split is val/)"
+                    )
+                if (sub / "images").is_dir() and not any(
+                    p.is_dir() for p in sub.iterdir() if p.name != "images"
+                ):
+                    raise UserError(
+                        f"{sub} is in the raw TinyImageNet layout ({needed}/images + "
+                        f"annotations); arrange it as {needed}/<wnid>/*.JPEG (a folder per class) "
+                        "first."
+                    )
+            return _image_folder(cand / split_dir, dataset_info("tinyimagenet"))
     raise _missing(
         "TinyImageNet",
         [base / "tiny-imagenet-200", base],
         "Pass --data-root DIR with DIR/train/<wnid>/ and DIR/val/<wnid>/ in ImageFolder layout.",
     )
+
+
+def _image_folder(folder: Path, info: DatasetInfo) -> Dataset:
+    """An ImageFolder of ``info``'s classes whose images are checked for ``info``'s size."""
+    from torchvision import datasets, transforms
+
+    try:
+        data = datasets.ImageFolder(
+            str(folder), transform=transforms.ToTensor(), loader=SizedLoader(info.in_shape)
+        )
+    except (FileNotFoundError, RuntimeError) as exc:  # no class folders / no images
+        raise UserError(f"{folder} is not a usable ImageFolder: {exc}") from None
+    if len(data.classes) != info.num_classes:
+        raise UserError(
+            f"{folder} holds {len(data.classes)} class folders, but {info.name} has "
+            f"{info.num_classes} classes; point --data-root at the full dataset (one folder per "
+            "class)"
+        )
+    return data
+
+
+class SizedLoader:
+    """ImageFolder loader: the RGB image at a path, refused with the path when it is not
+    ``in_shape`` (C, H, W) -- one odd image would otherwise stop a run deep inside torch."""
+
+    def __init__(self, in_shape: Sequence[int]):
+        self.in_shape = tuple(in_shape)
+
+    def __call__(self, path: str):
+        from torchvision.datasets.folder import default_loader
+
+        image = default_loader(path)
+        _, h, w = self.in_shape
+        if image.size != (w, h):
+            raise UserError(
+                f"{path} is {image.size[0]}x{image.size[1]} pixels, but the dataset's images are "
+                f"{w}x{h}; resize or remove it"
+            )
+        return image
 
 
 def take(dataset: Dataset, start: int = 0, count: Optional[int] = None) -> Dataset:

@@ -1,9 +1,10 @@
 """The only module that imports auto_LiRPA: compatibility fixes and version differences.
 
 PyPI has only auto-LiRPA 0.3 (2022), written for torch < 1.13 and numpy 1. On torch 2.x / numpy 2 it
-needs six fixes (SPEC.md section 5), applied here before or right after its import and only when the
-installed version lacks them. A seventh is needed from torch 2.14 on, whose ``torch.clamp`` has a zero
-derivative at its bounds: without it alpha-CROWN returns exactly the CROWN bound (:func:`clip_slope`).
+needs six fixes (each tested in tests/test_lirpa_compat.py), applied here before or right after
+its import and only when the installed version lacks them. A seventh is needed from torch 2.14
+on, whose ``torch.clamp`` has a zero derivative at its bounds: without it alpha-CROWN returns
+exactly the CROWN bound (:func:`clip_slope`).
 Newer auto_LiRPA releases (0.6+) get none of the six, only the option renames that :func:`bound_opts`
 and :func:`compute_bounds` absorb; the seventh depends on torch, not on auto_LiRPA (upstream 0.7.1 has
 the same ``torch.clamp``), so it is applied to any version when torch needs it. :data:`APPLIED_FIXES` lists what was applied.

@@ -1,6 +1,7 @@
 """Certified-training losses: pure functions of tensors (margin lower bounds, per-sample losses, weights).
 
-Conventions (SPEC.md sections 2 and 4): ``lb`` has shape (B, K-1) and holds lower bounds of the margins
+Conventions (auto_LiRPA's and the CURE paper's): ``lb`` has shape (B, K-1) and holds lower bounds
+of the margins
 ``f_y - f_j`` for the K-1 classes ``j != y`` over a threat set. The *worst-case logits* are
 ``[0, -lb_1, ..., -lb_{K-1}]`` (the true class at index 0); a sample is certified iff all ``lb > 0``.
 
@@ -43,7 +44,8 @@ def worst_case_logits(lb: torch.Tensor) -> torch.Tensor:
 def certified_ce(lb: torch.Tensor, reduction: str = "none") -> torch.Tensor:
     """Certified (robust) cross-entropy ``CE([0, -lb], 0) = log(1 + sum_j exp(-lb_j))``.
 
-    The auto_LiRPA / IBP convention ``CE(-[0, lb], 0)`` (SPEC.md section 2); the per-norm certified loss
+    The auto_LiRPA / IBP convention ``CE(-[0, lb], 0)`` (Gowal et al. 2018); the per-norm certified
+    loss
     L_p of the CURE paper's training objectives. ``reduction``: ``'none'`` -> (B,), ``'mean'`` -> scalar.
     """
     if reduction not in ("none", "mean"):
@@ -77,7 +79,7 @@ def random_halves(
 
     ``idx_a`` has ``batch_size // 2`` indices, ``idx_b`` the rest; both sorted, on the generator's device
     (CPU by default). The public CURE code draws the halves independently (they may overlap); here
-    they are a random partition (SPEC.md section 4).
+    they are a random partition, as the paper's CURE-Random describes.
     """
     if batch_size < 0:
         raise UserError(f"batch_size must be >= 0, got {batch_size}")

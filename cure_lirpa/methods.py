@@ -6,7 +6,8 @@ metrics) and, per norm, the boolean mask of samples whose *sound* bound at the c
 is positive (certified). Methods know nothing about epochs, optimizers or checkpoints; the trainer
 knows nothing about method names (it builds the method with :func:`make_method` from its config).
 
-Building blocks (SPEC.md sections 3 and 4). ``lb`` are lower bounds (B, K-1) on the margins
+Building blocks (IBP: Gowal et al. 2018; SABR: Müller et al. 2023; CURE's losses). ``lb`` are
+lower bounds (B, K-1) on the margins
 ``f_y - f_j``; the per-sample certified loss of norm p is ``L_p = certified_ce(lb_p)``:
 
 * l∞ variants: ``ibp`` -- the box ``clip(x ± eps, 0, 1)`` through IBP (optionally mixed with

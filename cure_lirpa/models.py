@@ -3,12 +3,14 @@
 Every zoo model is a :class:`Classifier`: a :class:`Normalize` layer followed by a plain
 ``nn.Sequential`` body. Keeping the normalisation a separate, recognisable layer lets
 :mod:`cure_lirpa.bounds` fold it into the first affine layer before auto_LiRPA sees the graph
-(SPEC.md section 5, the l2 zero-width trap).
+(the l2 zero-width trap: a normalisation layer in front of the first affine layer would make
+auto_LiRPA's l2 IBP bounds zero-width).
 """
 
 from __future__ import annotations
 
 import importlib
+import inspect
 from typing import Callable, Sequence
 
 import torch
@@ -68,7 +70,7 @@ def mlp(
 
 
 def cnn_small(in_shape: Sequence[int], num_classes: int, width: int = 16) -> nn.Sequential:
-    """conv(w, 4x4, s2) - conv(2w, 4x4, s1) - fc100 - fc K (the SPEC.md pilot network, w = 16)."""
+    """conv(w, 4x4, s2) - conv(2w, 4x4, s1) - fc100 - fc K (w = 16: this package's CPU network)."""
     c = in_shape[0]
     convs = nn.Sequential(
         nn.Conv2d(c, width, 4, stride=2, padding=0),
@@ -145,7 +147,9 @@ def build_model(
     User models get no normalisation layer added: they handle their own.
     """
     if ":" in arch:
-        return load_user_model(arch, in_shape=in_shape, num_classes=num_classes, **kwargs)
+        model = load_user_model(arch, in_shape=in_shape, num_classes=num_classes, **kwargs)
+        check_output_shape(model, arch, in_shape, num_classes)
+        return model
     if arch not in _FACTORIES:
         raise UserError(
             f"unknown architecture {arch!r}; choose one of {', '.join(ARCHITECTURES)} "
@@ -153,6 +157,56 @@ def build_model(
         )
     body = _FACTORIES[arch](tuple(in_shape), num_classes, **kwargs)
     return Classifier(body, mean, std)
+
+
+def check_output_shape(
+    model: nn.Module, name: str, in_shape: Sequence[int], num_classes: int
+) -> None:
+    """Refuse a model that does not map (B, *in_shape) images to logits of shape (B, num_classes).
+
+    Runs one forward pass on two black images in eval mode (BatchNorm statistics stay untouched).
+    """
+    shape = "x".join(str(d) for d in in_shape)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            out = model(torch.zeros(2, *in_shape))
+    except Exception as exc:
+        raise UserError(
+            f"model {name!r} fails on a batch of two {shape} images: {type(exc).__name__}: "
+            f"{str(exc)[:200]}"
+        ) from None
+    finally:
+        model.train(was_training)
+    got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+    if got != (2, num_classes):
+        raise UserError(
+            f"model {name!r} returns {got} for a batch of two {shape} images; it must return "
+            f"logits of shape (batch, {num_classes}), one per class of the dataset"
+        )
+
+
+def _factory_arguments(factory: Callable, spec: str, kwargs: dict) -> dict:
+    """``kwargs`` when ``factory`` accepts them, else no arguments when it takes none; a
+    :class:`UserError` naming the signature otherwise."""
+    try:
+        sig = inspect.signature(factory)
+    except (TypeError, ValueError):  # a builtin without a signature: just try the keywords
+        return kwargs
+    try:
+        sig.bind(**kwargs)
+        return kwargs
+    except TypeError as exc:
+        try:
+            sig.bind()
+            return {}
+        except TypeError:
+            given = ", ".join(f"{k}=..." for k in kwargs)
+            raise UserError(
+                f"user model {spec!r} cannot be called as {spec.partition(':')[2]}({given}): "
+                f"{exc}; its signature is {sig} (--width is passed as width=...)"
+            ) from None
 
 
 def load_user_model(spec: str, **kwargs) -> nn.Module:
@@ -170,10 +224,7 @@ def load_user_model(spec: str, **kwargs) -> nn.Module:
     factory = getattr(module, attr, None)
     if factory is None or not callable(factory):
         raise UserError(f"module {module_name!r} has no callable {attr!r}")
-    try:
-        model = factory(**kwargs)
-    except TypeError:
-        model = factory()
+    model = factory(**_factory_arguments(factory, spec, kwargs))
     if not isinstance(model, nn.Module):
         raise UserError(f"{spec!r} returned {type(model).__name__}, expected a torch.nn.Module")
     return model

@@ -5,7 +5,8 @@ rectangle, with top-left corners ``i = 0, s, 2s, ... <= H - K`` and ``j = 0, s, 
 the threat set holds every image equal to x outside the rectangle and free in [0, 1] inside it (all
 channels). Each location is its own box ``[x_L, x_U]``: ``x_L = x`` and ``x_U = x`` outside the
 rectangle, ``x_L = 0`` and ``x_U = 1`` inside. A sample is certified iff every location is certified,
-which is exactly certification of the union of the boxes (SPEC.md section 4, generalisation sets).
+which is exactly certification of the union of the boxes (the patch threat of the CURE paper's
+generalisation experiments).
 """
 
 from __future__ import annotations

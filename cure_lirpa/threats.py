@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from fractions import Fraction
 from typing import Callable, Iterator
 
 import torch
@@ -44,7 +45,7 @@ class NormBall(Threat):
 
     @property
     def name(self) -> str:  # type: ignore[override]
-        return f"{self.norm}:{self.eps:g}"
+        return f"{self.norm}:{format_eps(self.eps)}"
 
     def scaled(self, eps: float) -> NormBall:
         """The same norm with radius ``eps`` (used by eps schedules)."""
@@ -72,6 +73,24 @@ class NormBall(Threat):
         dist = (x_adv - x).flatten(1).norm(p=self.p, dim=1)
         in_box = (x_adv >= -tol).flatten(1).all(1) & (x_adv <= 1 + tol).flatten(1).all(1)
         return (dist <= self.eps * (1 + tol) + tol) & in_box
+
+
+def format_eps(eps: float) -> str:
+    """The shortest exact text of a radius: ``0.1``, ``2/255``, ``1/3``; parses back to ``eps``.
+
+    A short decimal when one is exact, else a fraction over 255 (pixel levels), else another
+    fraction with a small denominator, else the full decimal.
+    """
+    short = f"{eps:g}"
+    if float(short) == eps:
+        return short
+    levels = round(eps * 255)
+    if levels and levels / 255 == eps:
+        return f"{levels}/255"
+    frac = Fraction(eps).limit_denominator(10_000)
+    if frac.numerator / frac.denominator == eps:
+        return f"{frac.numerator}/{frac.denominator}"
+    return repr(float(eps))
 
 
 def project_l1(delta: torch.Tensor, eps: float) -> torch.Tensor:
@@ -134,14 +153,9 @@ def parse_threat(text: str) -> Threat:
         )
     if kind in NORMS:
         try:
-            eps = _parse_number(arg)
-        except ValueError:
-            raise UserError(
-                f"threat {text!r}: {arg!r} is not a number (write eps in [0, 1] pixel units, "
-                "e.g. linf:0.1 or linf:8/255)"
-            ) from None
-        if not eps >= 0 or math.isinf(eps):
-            raise UserError(f"threat {text!r}: eps must be a finite number >= 0")
+            eps = parse_eps(arg)
+        except UserError as exc:
+            raise UserError(f"threat {text!r}: {exc}") from None
         return NormBall(NORMS[kind], eps)
     _load_families()
     if kind in _PARSERS:
@@ -162,9 +176,19 @@ def _load_families() -> None:
                 raise
 
 
-def _parse_number(s: str) -> float:
-    """A float, or a fraction such as ``8/255``."""
-    if "/" in s:
-        num, den = s.split("/", 1)
-        return float(num) / float(den)
-    return float(s)
+def parse_eps(text: str) -> float:
+    """A radius in [0, 1] pixel units from ``0.1`` or a fraction such as ``8/255``; finite, >= 0."""
+    s = str(text).strip()
+    num, slash, den = s.partition("/")
+    try:
+        top, bottom = float(num), float(den) if slash else 1.0
+    except ValueError:
+        raise UserError(
+            f"{s!r} is not a number (write eps in [0, 1] pixel units, e.g. 0.1 or 8/255)"
+        ) from None
+    if bottom == 0:
+        raise UserError(f"{s!r} divides by zero (write eps like 8/255 or 0.03)")
+    eps = top / bottom
+    if not (math.isfinite(eps) and eps >= 0):
+        raise UserError(f"eps must be a finite number >= 0, got {s!r}")
+    return eps

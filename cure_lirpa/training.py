@@ -53,7 +53,7 @@ from .checkpoint import (
     load_checkpoint,
     make_checkpoint,
 )
-from .data import DATASETS, DatasetInfo, TrainData, dataset_info, load_dataset
+from .data import DATASETS, DatasetInfo, TrainData, dataset_info, default_radii, load_dataset
 from .errors import UserError
 from .losses import project_gradients
 from .methods import (
@@ -70,6 +70,7 @@ from .methods import (
 )
 from .models import build_model
 from .schedules import SHAPES, Ramp, crown_ibp_beta_at, eps_at, kappa_at, lr_at
+from .threats import format_eps
 
 CHECKPOINT = "checkpoint.pt"
 METRICS = "metrics.jsonl"
@@ -90,8 +91,10 @@ class TrainConfig:
     """Everything that determines a certified-training run (stored in the checkpoint as ``config``).
 
     eps values are in [0, 1] pixel units. ``eps_linf`` / ``eps_l2`` are the target radii (what the
-    model is meant to be certified at); the training radii ``train_eps_linf`` / ``train_eps_l2``
-    default to them. Epoch counts may be fractional (the ramp is counted in optimizer steps).
+    model is meant to be certified at; None: the dataset's usual pair, :data:`cure_lirpa.data.
+    DEFAULT_RADII`: MNIST 0.1 / 0.5, CIFAR-10 2/255 / 0.25, TinyImageNet 1/255 / 36/255); the
+    training radii ``train_eps_linf`` / ``train_eps_l2`` default to them. Epoch counts may be
+    fractional (the ramp is counted in optimizer steps).
     ``ba_direction=None`` picks the public default: l2 on MNIST, l∞ on CIFAR-10 / TinyImageNet.
     """
 
@@ -102,8 +105,8 @@ class TrainConfig:
     method: str = DEFAULT_METHOD
     linf_variant: str = "ibp"
     l2_variant: str = "ball"
-    eps_linf: float = 0.1
-    eps_l2: float = 0.5
+    eps_linf: Optional[float] = None
+    eps_l2: Optional[float] = None
     train_eps_linf: Optional[float] = None
     train_eps_l2: Optional[float] = None
     epochs: int = 20
@@ -152,6 +155,7 @@ class TrainConfig:
                 c.linf_variant = variant
             else:
                 c.l2_variant = variant
+        c.eps_linf, c.eps_l2 = resolved_radii(c)
         if c.linf_variant not in LINF_VARIANTS:
             raise UserError(f"--linf-variant must be one of {', '.join(LINF_VARIANTS)}")
         if c.l2_variant not in L2_VARIANTS:
@@ -241,8 +245,17 @@ class TrainConfig:
         return cls(**kw)
 
 
+def resolved_radii(config: TrainConfig) -> tuple[float, float]:
+    """``(eps_linf, eps_l2)`` of ``config``, each None replaced by the dataset's usual radius."""
+    linf, l2 = default_radii(config.dataset) if config.dataset in DATASETS else (0.1, 0.5)
+    return (
+        linf if config.eps_linf is None else float(config.eps_linf),
+        l2 if config.eps_l2 is None else float(config.eps_l2),
+    )
+
+
 # ---------------------------------------------------------------------------------------------
-# Presets (SPEC.md section 4): the paper's settings, overridable option by option
+# Presets: the CURE paper's settings and its public scripts, overridable option by option
 
 PRESETS: dict[str, str] = {
     "cure-scratch": "CURE-Scratch: Max + bound alignment + gradient projection from scratch",
@@ -315,7 +328,7 @@ def apply_preset(
     """
     if not name:
         return config
-    values = preset_values(name, config.dataset, config.eps_linf)
+    values = preset_values(name, config.dataset, resolved_radii(config)[0])
     explicit = set(explicit)
     scale = config.epochs / values["epochs"] if "epochs" in explicit else 1.0
     out = dataclasses.replace(config, preset=name)
@@ -493,22 +506,31 @@ def train(
     ckpt = None
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} is a file; give a folder for the run")
+    others = [p.name for p in out.iterdir() if not _leftover(p)] if out.is_dir() else []
     if resume:
         if not ckpt_path.is_file():
-            raise UserError(f"--resume: {ckpt_path} does not exist; start the run without --resume")
+            raise UserError(
+                f"--resume: {ckpt_path} does not exist (no epoch of a run in {out} has finished); "
+                "start the run without --resume"
+            )
         ckpt = load_checkpoint(ckpt_path, map_location="cpu")
         _check_resume(ckpt, c, device, ckpt_path)
-    elif out.is_dir() and any(out.iterdir()):
-        if not overwrite:
-            raise UserError(
-                f"{out} already exists and is not empty; pass --resume to continue the run in it, "
-                "--overwrite to replace it, or choose another --out"
-            )
+    elif ckpt_path.exists() and not overwrite:
+        raise UserError(
+            f"{out} already exists and holds a run (checkpoint.pt); pass --resume to continue it, "
+            "--overwrite to replace it, or choose another --out"
+        )
+    elif others and not overwrite:
+        raise UserError(
+            f"{out} already holds other files ({', '.join(sorted(others)[:3])}); choose an empty "
+            "or new --out, or pass --overwrite to replace this package's files in it"
+        )
 
     info = dataset_info(c.dataset)
     data = TrainData(load_dataset(c.dataset, "train", c.data_root), c.train_count)
     if data.size < 2:
         raise UserError(f"the training set of {c.dataset!r} has fewer than 2 samples")
+    load_dataset(c.dataset, "test", c.data_root)  # fail now, not at verify, when it is missing
     model, net = build_network(c, info, device, init=ckpt is None)
     method = make_method(c.method, c.method_options())
     opt = torch.optim.Adam(model.parameters(), lr=c.lr, weight_decay=c.weight_decay)
@@ -530,68 +552,101 @@ def train(
         history = list(state["history"])
         start = int(ckpt["epoch"])
         say(f"resuming {out} after epoch {start} of {c.epochs}")
-    elif overwrite:
-        for name in OUTPUT_FILES:
-            (out / name).unlink(missing_ok=True)
+    else:  # a fresh run replaces this package's files (leftovers of a run that never finished
+        # an epoch, or the old run with --overwrite)
+        for path in list(out.iterdir()) if out.is_dir() else []:
+            if path.name in OUTPUT_FILES or _leftover(path):
+                path.unlink(missing_ok=True)
+    if ramp.end > c.epochs * steps:
+        reached = eps_at(c.epochs * steps - 1, 1.0, ramp)
+        say(
+            f"warning: the eps ramp ends at epoch {c.warmup_epochs + c.ramp_epochs:g} but the run "
+            f"has {c.epochs} epochs, so training reaches only {100 * reached:.0f}% of the target "
+            f"radii (linf {format_eps(c.train_eps_linf)}, l2 {format_eps(c.train_eps_l2)}); raise "
+            "--epochs or lower --warmup-epochs / --ramp-epochs"
+        )
 
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(out / CONFIG, c.to_dict())
-    if history:  # a kill between the checkpoint and the metrics file leaves the latter behind
-        atomic_write_text(out / METRICS, "".join(json.dumps(h) + "\n" for h in history))
-    result = TrainResult(out, ckpt_path, out / METRICS, start, history, 0.0)
-    if start >= c.epochs:
-        say(f"{out} is already trained for {start} epochs (of {c.epochs}); nothing to do")
+    created = not out.exists()
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"cannot create --out {out}: {exc.strerror or exc}") from None
+
+    def run_epochs() -> TrainResult:
+        atomic_write_json(out / CONFIG, c.to_dict())
+        if history:  # a kill between the checkpoint and the metrics file leaves the latter behind
+            atomic_write_text(out / METRICS, "".join(json.dumps(h) + "\n" for h in history))
+        result = TrainResult(out, ckpt_path, out / METRICS, start, history, 0.0)
+        if start >= c.epochs:
+            say(f"{out} is already trained for {start} epochs (of {c.epochs}); nothing to do")
+            return result
+
+        t_call = time.perf_counter()
+        warned = False
+        ctx = _Loop(c, net, method, opt, data, ramp, steps, method_gen, device, progress, callback)
+        for epoch in range(start, c.epochs):
+            if stop_after is not None and epoch - start >= stop_after:
+                say(f"stopping after {stop_after} epoch(s) as asked; continue with --resume")
+                break
+            record = ctx.epoch(epoch, data_gen)
+            prev = history[-1]["train_seconds"] if history else 0.0
+            record["train_seconds"] = round(prev + record["seconds"], 2)
+            history.append(record)
+            trainer_state = {
+                "format": STATE_FORMAT,
+                "optimizer": opt.state_dict(),
+                "data_rng": _generator_state(data_gen),
+                "method_rng": _generator_state(method_gen),
+                "torch_rng": torch.get_rng_state(),
+                "numpy_rng": np.random.get_state(),
+                "python_rng": random.getstate(),
+                "device_type": device.type,
+                "steps_per_epoch": steps,
+                "global_step": (epoch + 1) * steps,
+                # Checkpoints are written between epochs only, so no GP sub-epoch is ever half done;
+                # 'next_epoch_gp' says whether the next epoch will run gradient projection.
+                "gp": {
+                    "phase": "between-epochs",
+                    "next_epoch_gp": _gp_epoch(c, epoch + 1, steps, ramp),
+                    "epochs_done": sum(1 for h in history if h.get("gp")),
+                },
+                "history": history,
+            }
+            net.sync_to_model()
+            ck = make_checkpoint(
+                model, c.arch, info, c.to_dict(), c.arch_kwargs, epoch + 1, trainer_state
+            )
+            atomic_torch_save(ck, ckpt_path)
+            atomic_write_text(out / METRICS, "".join(json.dumps(h) + "\n" for h in history))
+            result.epoch = epoch + 1
+            say(format_record(record, c.epochs))
+            if _collapsed(record, info.num_classes, epoch + 1, c.warmup_epochs) and not warned:
+                warned = True
+                say(
+                    "warning: the model classifies the training batches at chance level -- "
+                    "certified training has collapsed to a (nearly) constant classifier. Try a "
+                    "longer --ramp-epochs, a smaller --batch-size (more steps), or keep "
+                    "some natural loss with --kappa-end 0.2."
+                )
+        result.seconds = round(time.perf_counter() - t_call, 2)
         return result
 
-    t_call = time.perf_counter()
-    warned = False
-    ctx = _Loop(c, net, method, opt, data, ramp, steps, method_gen, device, progress, callback)
-    for epoch in range(start, c.epochs):
-        if stop_after is not None and epoch - start >= stop_after:
-            say(f"stopping after {stop_after} epoch(s) as asked; continue with --resume")
-            break
-        record = ctx.epoch(epoch, data_gen)
-        prev = history[-1]["train_seconds"] if history else 0.0
-        record["train_seconds"] = round(prev + record["seconds"], 2)
-        history.append(record)
-        trainer_state = {
-            "format": STATE_FORMAT,
-            "optimizer": opt.state_dict(),
-            "data_rng": _generator_state(data_gen),
-            "method_rng": _generator_state(method_gen),
-            "torch_rng": torch.get_rng_state(),
-            "numpy_rng": np.random.get_state(),
-            "python_rng": random.getstate(),
-            "device_type": device.type,
-            "steps_per_epoch": steps,
-            "global_step": (epoch + 1) * steps,
-            # Checkpoints are written between epochs only, so no GP sub-epoch is ever half done;
-            # 'next_epoch_gp' says whether the next epoch will run gradient projection.
-            "gp": {
-                "phase": "between-epochs",
-                "next_epoch_gp": _gp_epoch(c, epoch + 1, steps, ramp),
-                "epochs_done": sum(1 for h in history if h.get("gp")),
-            },
-            "history": history,
-        }
-        net.sync_to_model()
-        ck = make_checkpoint(
-            model, c.arch, info, c.to_dict(), c.arch_kwargs, epoch + 1, trainer_state
-        )
-        atomic_torch_save(ck, ckpt_path)
-        atomic_write_text(out / METRICS, "".join(json.dumps(h) + "\n" for h in history))
-        result.epoch = epoch + 1
-        say(format_record(record, c.epochs))
-        if _collapsed(record, info.num_classes, epoch + 1, c.warmup_epochs) and not warned:
-            warned = True
-            say(
-                "warning: the model classifies the training batches at chance level -- certified "
-                "training has collapsed to a (nearly) constant classifier. Try a longer "
-                "--ramp-epochs, a smaller --batch-size (more steps), or keep "
-                "some natural loss with --kappa-end 0.2."
-            )
-    result.seconds = round(time.perf_counter() - t_call, 2)
-    return result
+    try:
+        return run_epochs()
+    except BaseException:
+        if not ckpt_path.exists():  # no epoch finished: leave nothing behind
+            for name in (CONFIG, METRICS):
+                (out / name).unlink(missing_ok=True)
+            if created and out.is_dir() and not any(out.iterdir()):
+                out.rmdir()
+        raise
+
+
+def _leftover(path: Path) -> bool:
+    """A file this package leaves in a run folder that never finished an epoch (its config,
+    metrics, or a temporary file of an interrupted atomic write)."""
+    name = path.name
+    return name in (CONFIG, METRICS) or (name.startswith(".") and name.endswith(".tmp"))
 
 
 def _collapsed(record: dict[str, Any], num_classes: int, epochs_done: int, warmup: float) -> bool:

@@ -10,7 +10,8 @@ from cure_lirpa.cli import main
 
 
 def _walk(cmd: click.Command, path: list[str]) -> list[str]:
-    ctx = click.Context(cmd, info_name=" ".join(path), terminal_width=100, max_content_width=100)
+    settings = {**cmd.context_settings, "terminal_width": 100, "max_content_width": 100}
+    ctx = click.Context(cmd, info_name=" ".join(path), **settings)  # e.g. verify's show_default
     out = [
         f"{'#' * min(len(path) + 1, 4)} `{' '.join(path)}`",
         "",

@@ -46,7 +46,7 @@ MODES = {
         count=50,
         attack_steps=10,
     ),
-    # The SPEC pilot on a CPU: whole training set, 1 warm-up epoch, eps ramp over 3 epochs,
+    # A CPU-sized run: whole training set, 1 warm-up epoch, eps ramp over 3 epochs,
     # Adam 5e-4, batch 256, CURE's l2 trained at 1.5x the evaluation radius; 1000 test images.
     "cpu": Mode(
         arch="cnn-small",

@@ -81,3 +81,23 @@ def test_train_data_batches_come_from_the_subset_with_and_without_memory(tmp_pat
     xb, yb = per_item.batch(order)
     assert torch.equal(xa, xb) and torch.equal(ya, yb)
     assert set(ya.tolist()) == {0, 1, 2, 3}
+
+
+def test_cifar10_imagefolder_needs_ten_classes_and_both_splits(tmp_path):
+    for split in ("train", "test"):
+        _sorted_imagefolder(tmp_path / "three" / split, classes=3, per_class=1)
+    with pytest.raises(UserError, match="holds 3 class folders, but cifar10 has 10"):
+        load_dataset("cifar10", "train", str(tmp_path / "three"))
+    from PIL import Image
+
+    for c in range(10):
+        (tmp_path / "no-train" / "test" / f"c{c}").mkdir(parents=True)
+        Image.new("RGB", (32, 32)).save(tmp_path / "no-train" / "test" / f"c{c}" / "0.png")
+    with pytest.raises(UserError, match="no train/ folder"):
+        load_dataset("cifar10", "test", str(tmp_path / "no-train"))
+
+
+def test_empty_cifar10_batches_folder_is_explained(tmp_path):
+    (tmp_path / "cifar-10-batches-py").mkdir()
+    with pytest.raises(UserError, match="data_batch_1"):
+        load_dataset("cifar10", "test", str(tmp_path))

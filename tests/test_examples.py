@@ -44,17 +44,18 @@ def _tables(text: str) -> list[list[dict[str, str]]]:
     return tables
 
 
-def _fake_imagefolder(root: Path, splits: tuple[str, str], size: int, classes: int = 3) -> Path:
-    """``root/<split>/<class>/*.png``: a few size x size RGB images per class, class-coloured."""
+def _fake_imagefolder(root: Path, splits: tuple[str, str], size: int, classes: int) -> Path:
+    """``root/<split>/<class>/*.png``: a few size x size RGB images per class, class-coloured
+    (``classes`` must be the dataset's: 10 for CIFAR-10, 200 for TinyImageNet)."""
     from PIL import Image
 
     rng = np.random.default_rng(0)
     for split in splits:
         for c in range(classes):
-            folder = root / split / f"class{c}"
+            folder = root / split / f"class{c:03d}"
             folder.mkdir(parents=True)
-            for i in range(6 if split == "train" else 3):
-                pixels = rng.random((size, size, 3)) * 60 + c * 90
+            for i in range(2 if split == "train" else 1):
+                pixels = rng.random((size, size, 3)) * 60 + (c * 90) % 190
                 Image.fromarray(pixels.astype(np.uint8)).save(folder / f"{i}.png")
     return root
 
@@ -93,14 +94,14 @@ def test_mnist_quick(tmp_path, capsys):
 
 def test_cifar10_quick_on_a_fake_imagefolder(tmp_path, capsys):
     cifar10 = _load("cifar10")
-    data = _fake_imagefolder(tmp_path / "cifar", ("train", "test"), 32)
+    data = _fake_imagefolder(tmp_path / "cifar", ("train", "test"), 32, classes=10)
     argv = ["--quick", "--data-root", str(data), "--threads", "1", "--device", "cpu"]
     assert cifar10.main(argv + ["--out", str(tmp_path / "run")]) == 0
     printed = capsys.readouterr().out
     _check_comparison(
-        printed, ("baseline: ibp-linf", "CURE: cure-joint"), ("linf:0.00784314", "l2:0.25")
+        printed, ("baseline: ibp-linf", "CURE: cure-joint"), ("linf:2/255", "l2:0.25")
     )
-    assert "9 test images of cifar10" in printed  # 3 classes x 3 test images, all of them
+    assert "10 test images of cifar10" in printed  # 10 classes x 1 test image, all of them
 
 
 def test_tinyimagenet_missing_data_exits_with_a_clear_message(tmp_path):
@@ -123,20 +124,19 @@ def test_tinyimagenet_missing_data_exits_with_a_clear_message(tmp_path):
 
 def test_tinyimagenet_quick_on_a_fake_imagefolder(tmp_path, capsys):
     tinyimagenet = _load("tinyimagenet")
-    data = _fake_imagefolder(tmp_path / "tin", ("train", "val"), 64)
+    data = _fake_imagefolder(tmp_path / "tin", ("train", "val"), 64, classes=200)
     argv = ["--quick", "--data-root", str(data), "--threads", "1", "--device", "cpu"]
     assert tinyimagenet.main(argv + ["--out", str(tmp_path / "run")]) == 0
     printed = capsys.readouterr().out
-    assert "3 class folders" in printed
     _check_comparison(
-        printed, ("baseline: ibp-linf", "CURE: cure-joint"), ("linf:0.00392157", "l2:0.141176")
+        printed, ("baseline: ibp-linf", "CURE: cure-joint"), ("linf:1/255", "l2:36/255")
     )
 
 
 def test_tinyimagenet_refuses_mismatched_class_folders(tmp_path, capsys):
     tinyimagenet = _load("tinyimagenet")
-    data = _fake_imagefolder(tmp_path / "tin", ("train", "val"), 64)
-    (data / "val" / "class2").rename(data / "val" / "other")
+    data = _fake_imagefolder(tmp_path / "tin", ("train", "val"), 64, classes=200)
+    (data / "val" / "class002").rename(data / "val" / "other")
     assert tinyimagenet.main(["--quick", "--data-root", str(data)]) == 2
     assert "not the same ones" in capsys.readouterr().err
 
@@ -153,11 +153,13 @@ def test_own_model_quick(capsys):
     inline, folded = (float(v) for v in re.findall(r"-?\d+\.\d+", crown))
     assert inline <= folded + 1e-3 and folded - inline < 0.05 * abs(folded) + 0.01
     table = next(t for t in _tables(printed) if t and t[0].get("threat"))
-    assert [r["threat"] for r in table] == ["linf:0.1", "l2:0.5", "**union**"]
+    clean_row = "clean (no perturbation)"
+    assert [r["threat"] for r in table] == [clean_row, "linf:0.1", "l2:0.5", "**union**"]
     by_threat = {r["threat"]: r for r in table}
     for method in ("ibp", "crown-ibp", "crown"):
         union = float(by_threat["**union**"][method])
-        assert union <= min(float(by_threat[t][method]) for t in ("linf:0.1", "l2:0.5"))
+        certified = [float(by_threat[t][method]) for t in ("linf:0.1", "l2:0.5")]
+        assert union <= min(certified) and max(certified) <= float(by_threat[clean_row][method])
     for t in ("linf:0.1", "l2:0.5"):
         assert float(by_threat[t]["best"]) <= float(by_threat[t]["PGD"])
 

@@ -1,8 +1,9 @@
 """The auto_LiRPA compatibility layer (cure_lirpa.lirpa): one test per fix it applies.
 
 Each test checks the behaviour the fix restores (not only that the patch is installed), so it fails if
-the fix is missing or broken: the six torch 2.x / numpy 2 gaps of SPEC.md section 5, alpha-CROWN's
-frozen slopes on torch >= 2.14, the restored logger and warnings state, and the silenced noise.
+the fix is missing or broken: the six torch 2.x / numpy 2 gaps listed in cure_lirpa/lirpa.py,
+alpha-CROWN's frozen slopes on torch >= 2.14, the restored logger and warnings state, and the
+silenced noise.
 """
 
 from __future__ import annotations

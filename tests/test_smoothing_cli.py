@@ -228,3 +228,25 @@ def test_bad_input_messages(model, tmp_path):
         "train", "--method", "nu-rs", "--sigma", "-1", "--out", tmp_path / "m.pt", ok=False
     )
     assert res.exit_code == 2
+
+
+def test_warnings_for_n0_above_n_and_a_model_not_trained_under_noise(model, tmp_path):
+    from cure_lirpa.checkpoint import atomic_torch_save, make_checkpoint
+    from cure_lirpa.data import dataset_info
+    from cure_lirpa.models import build_model
+
+    args = ["--sigma", "0.5", "--count", "1", "--alpha", "0.01", "--device", "cpu"]
+    res = invoke("certify", "-c", model, "--n0", "300", "--n", "200", *args, "-o", tmp_path / "a")
+    assert "--n0 300 is larger than --n 200" in res.output
+    assert "not trained under noise" not in res.output
+    res = invoke("certify", "-c", model, "--n0", "20", "--n", "200", *args, "-o", tmp_path / "b")
+    assert "Warning" not in res.output
+
+    info = dataset_info("sample")
+    plain = tmp_path / "plain.pt"  # a checkpoint of 'cure-lirpa train': no noise in its config
+    net = build_model("mlp", info.in_shape, 10, info.mean, info.std, width=8, depth=1)
+    atomic_torch_save(
+        make_checkpoint(net, "mlp", info, {"method": "natural"}, {"width": 8, "depth": 1}), plain
+    )
+    res = invoke("certify", "-c", plain, "--n0", "20", "--n", "200", *args, "-o", tmp_path / "c")
+    assert "was not trained under noise" in res.output and "smooth train" in res.output

@@ -131,7 +131,7 @@ def test_radii_closed_forms():
         assert r1 == pytest.approx(2 * math.sqrt(3) * 0.5 * (p - 0.5))
         assert r2 == pytest.approx(r1 / 28.0)
     assert GaussianNoise(1.0).radii(0.4, 10) == (0.0, 0.0)
-    # SPEC caps at alpha = 0.001, n = 100,000
+    # the radius caps at alpha = 0.001, n = 100,000 (Cohen et al.: 3.81 sigma for Gaussian noise)
     p = clopper_pearson_lower(100_000, 100_000, 0.001)
     assert GaussianNoise(1.0).radii(p, 1)[1] == pytest.approx(3.81, abs=0.01)
     assert UniformNoise(1.0).radii(p, 1)[0] == pytest.approx(1.732, abs=0.001)

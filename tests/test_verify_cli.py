@@ -154,6 +154,8 @@ def test_verify_resume_continues_partial_file(checkpoint, tmp_path):
         (["verify", "{ckpt}", "--threat", "l3:0.1"], "unknown threat kind"),
         (["verify", "{ckpt}", "--threat", "linf:abc"], "is not a number"),
         (["verify", "{ckpt}", "--threat", "l2:-1"], "eps must be"),
+        (["verify", "{ckpt}", "--threat", "linf:1/0"], "divides by zero"),
+        (["verify", "{smooth}"], "smooth certify"),
         (["verify", "{bad}"], "not a readable checkpoint"),
         (["verify", "{ckpt}", "--start", "5000"], "outside the dataset"),
         (["verify", "{ckpt}", "--dataset", "mnist", "--data-root", "{tmp}"], "MNIST not found"),
@@ -162,8 +164,12 @@ def test_verify_resume_continues_partial_file(checkpoint, tmp_path):
 def test_verify_user_errors(checkpoint, tmp_path, args, message):
     bad = tmp_path / "bad.pt"
     bad.write_text("not a checkpoint")
+    smooth = tmp_path / "smooth.pt"  # a base classifier of 'smooth train' (its config has sigma)
+    ckpt = torch.load(checkpoint, weights_only=False)
+    ckpt["config"] = {"method": "gaussian", "sigma": 0.5}
+    torch.save(ckpt, smooth)
     out = tmp_path / "out"
-    args = [a.format(ckpt=checkpoint, bad=bad, tmp=tmp_path) for a in args]
+    args = [a.format(ckpt=checkpoint, bad=bad, tmp=tmp_path, smooth=smooth) for a in args]
     res = CliRunner().invoke(main, [*args, "--out", str(out), "--quiet"])
     assert res.exit_code != 0
     assert message in res.output, res.output
@@ -230,3 +236,56 @@ def test_a_certificate_the_attack_breaks_is_withdrawn_and_fails_the_run(
     for r in rows:
         if r["l2:2/pgd_robust"] == "0":
             assert r["l2:2/certified"] == "0" and r["union/certified"] == "0"
+
+
+def test_verify_keeps_fractions_writes_a_plot_and_a_clean_row(checkpoint, tmp_path):
+    out = tmp_path / "v"
+    args = ["--threat", "linf:2/255", "--threat", "l2:36/255", "--method", "ibp"]
+    res = _run("verify", checkpoint, *args, "--count", 8, "--threads", 2, "--out", out, "--quiet")
+    assert res.exit_code == 0, res.output
+    summary = json.loads((out / "summary.json").read_text())
+    assert list(summary["certified"]) == ["linf:2/255", "l2:36/255"]
+    table = (out / "summary.md").read_text().splitlines()
+    clean = f"{summary['clean_accuracy']:.1f}"
+    assert table[2] == f"| clean (no perturbation) | {clean} | {clean} | {clean} |"
+    assert table[3].startswith("| linf:2/255 |") and table[4].startswith("| l2:36/255 |")
+    png = (out / "certified_accuracy.png").read_bytes()
+    assert png.startswith(b"\x89PNG") and len(png) > 1000
+    assert torch.get_num_threads() == 2  # --threads was applied (conftest restores it)
+
+
+def test_verify_on_a_full_disk_says_so_and_leaves_nothing(checkpoint, tmp_path, monkeypatch):
+    import os
+
+    from cure_lirpa import checkpoint as checkpoint_module
+
+    def full(src, dst):
+        raise OSError(28, "No space left on device", str(dst))
+
+    monkeypatch.setattr(checkpoint_module.os, "replace", full)
+    out = tmp_path / "v"
+    res = CliRunner().invoke(
+        main, ["verify", str(checkpoint), "--count", "4", "--out", str(out), "--quiet"]
+    )
+    assert res.exit_code != 0 and isinstance(res.exception, SystemExit), res.output
+    assert "cannot write" in res.output and "No space left on device" in res.output
+    assert "Traceback" not in res.output
+    monkeypatch.setattr(checkpoint_module.os, "replace", os.replace)
+    assert not out.exists()
+
+
+def test_verify_into_a_read_only_folder_is_one_line(checkpoint, tmp_path, monkeypatch):
+    from pathlib import Path
+
+    def read_only(self, *args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(self))
+
+    monkeypatch.setattr(Path, "mkdir", read_only)
+    out = tmp_path / "ro" / "v"
+    res = CliRunner().invoke(
+        main, ["verify", str(checkpoint), "--count", "4", "--out", str(out), "--quiet"]
+    )
+    monkeypatch.undo()
+    assert res.exit_code == 1 and isinstance(res.exception, SystemExit), res.output
+    assert f"{out}: Permission denied" in res.output and "Traceback" not in res.output
+    assert not out.exists()

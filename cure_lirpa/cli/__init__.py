@@ -34,6 +34,14 @@ class _Group(click.Group):
                     "out of memory on the device; lower --memory-mb or --batch-size"
                 ) from None
             raise
+        except OSError as exc:  # a read-only or full disk, a folder we may not enter, ...
+            if not exc.strerror:
+                raise
+            where = f"{exc.filename}: " if exc.filename else ""
+            raise click.ClickException(
+                f"{where}{exc.strerror}; check the path, free some disk space, or choose a "
+                "writable folder"
+            ) from None
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})

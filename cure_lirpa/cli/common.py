@@ -6,7 +6,7 @@ import click
 import torch
 
 from ..errors import UserError
-from ..threats import Threat, parse_threat
+from ..threats import Threat, parse_eps, parse_threat
 
 DEVICE_CHOICE = click.Choice(["auto", "cpu", "cuda"])
 
@@ -20,6 +20,32 @@ def resolve_device(name: str) -> torch.device:
             "--device cuda was asked for but no CUDA GPU is available; use --device cpu"
         )
     return torch.device(name)
+
+
+def set_threads(threads: int | None) -> None:
+    """``torch.set_num_threads(threads)`` when given (None keeps torch's default)."""
+    if threads:
+        torch.set_num_threads(threads)
+
+
+THREADS_HELP = (
+    "torch CPU threads. One is fastest for the small zoo models and on shared machines; "
+    "raise it for large models on a dedicated machine."
+)
+
+
+class EpsType(click.ParamType):
+    """A radius in [0, 1] pixel units: ``0.1`` or a fraction such as ``8/255``."""
+
+    name = "EPS"
+
+    def convert(self, value, param, ctx) -> float:
+        if isinstance(value, (int, float)):
+            value = str(value)
+        try:
+            return parse_eps(value)
+        except UserError as exc:
+            self.fail(str(exc), param, ctx)
 
 
 class ThreatType(click.ParamType):

@@ -17,14 +17,16 @@ from click.core import ParameterSource
 from ..data import DATASETS
 from ..errors import UserError
 from ..methods import L2_VARIANTS, LINF_VARIANTS, METHODS, NORMS, SINGLE_NORM_VARIANTS
+from ..threats import format_eps
 from ..training import CHECKPOINT, DEFAULT_METHOD, PRESETS, TrainConfig, apply_preset
 from ..training import train as run_training
-from .common import DEVICE_CHOICE, resolve_device
+from .common import DEVICE_CHOICE, THREADS_HELP, EpsType, resolve_device
 
 _D = TrainConfig()  # the library's defaults, shown in --help
 NONNEG = click.FloatRange(min=0.0)
 UNIT = click.FloatRange(0.0, 1.0)
 POSITIVE = click.FloatRange(min=0.0, min_open=True)
+EPS = EpsType()
 
 
 class FloatList(click.ParamType):
@@ -57,6 +59,8 @@ Examples:
       (cure-joint on the built-in MNIST sample, cnn-small, about a minute on one CPU core)
   cure-lirpa verify runs/demo/checkpoint.pt --threat linf:0.1 --threat l2:0.5
   cure-lirpa train --method ibp-linf --dataset mnist --data-root ../shared/data --out runs/ibp
+  cure-lirpa train --dataset cifar10 --data-root DIR --eps-linf 8/255 --eps-l2 0.5 --out runs/c8
+      (radii default to the dataset's pair: CIFAR-10 2/255 and 0.25)
   cure-lirpa train --method cure-max --ba-eta 2 --gp-beta 0.8 --out runs/max-ba-gp
   cure-lirpa train --preset cure-scratch --epochs 10 --dataset mnist --out runs/scratch
   cure-lirpa train --preset cure-finetune --init-from runs/ibp/checkpoint.pt --out runs/ft
@@ -122,23 +126,27 @@ Examples:
 )
 @click.option(
     "--eps-linf",
-    type=NONNEG,
-    default=_D.eps_linf,
-    show_default=True,
-    help="Target l∞ radius in [0, 1] pixel units (e.g. 0.1 on MNIST, 0.00784 = 2/255 on CIFAR-10).",
+    type=EPS,
+    default=None,
+    help="Target l∞ radius in [0, 1] pixel units, e.g. 0.1 or 8/255 [default: the dataset's: "
+    "MNIST and sample 0.1, CIFAR-10 2/255, TinyImageNet 1/255].",
 )
 @click.option(
-    "--eps-l2", type=NONNEG, default=_D.eps_l2, show_default=True, help="Target l2 radius."
+    "--eps-l2",
+    type=EPS,
+    default=None,
+    help="Target l2 radius, e.g. 0.5 or 36/255 [default: the dataset's: MNIST and sample 0.5, "
+    "CIFAR-10 0.25, TinyImageNet 36/255].",
 )
 @click.option(
     "--train-eps-linf",
-    type=NONNEG,
+    type=EPS,
     default=None,
     help="l∞ radius used for training [default: --eps-linf].",
 )
 @click.option(
     "--train-eps-l2",
-    type=NONNEG,
+    type=EPS,
     default=None,
     help="l2 radius used for training [default: --eps-l2]; e.g. 0.75 = 1.5x trains for l2 0.5.",
 )
@@ -281,11 +289,14 @@ Examples:
     type=click.IntRange(min=1),
     default=1,
     show_default=True,
-    help="torch CPU threads. One is fastest for the small zoo models and on shared machines "
-    "(on a busy 2-core machine two threads made the default run 10x slower); raise it for large "
-    "models on a dedicated machine.",
+    help=THREADS_HELP,
 )
-@click.option("--quiet", "-q", is_flag=True, help="No progress bars and no per-epoch lines.")
+@click.option(
+    "--quiet",
+    "-q",
+    is_flag=True,
+    help="No progress bars and no per-epoch lines (warnings still show).",
+)
 @click.pass_context
 def train_command(ctx: click.Context, **opts: Any) -> None:
     """Certified training against l∞ and l2 perturbations (CURE and single-norm baselines).
@@ -378,12 +389,16 @@ def _run(ctx: click.Context, o: dict[str, Any]) -> None:
     def log(msg: str) -> None:
         click.echo(msg, err=True)
 
+    def warn_only(msg: str) -> None:  # --quiet still shows warnings
+        if msg.startswith("warning"):
+            log(msg)
+
     if not quiet:
         extra = f", preset {config.preset}" if config.preset else ""
         log(
             f"training {config.method} ({config.arch}, {config.dataset}{extra}) for "
-            f"{config.epochs} epochs on {device}; eps linf {config.train_eps_linf:g}, "
-            f"l2 {config.train_eps_l2:g} -> {Path(o['out']) / CHECKPOINT}"
+            f"{config.epochs} epochs on {device}; eps linf {format_eps(config.train_eps_linf)}, "
+            f"l2 {format_eps(config.train_eps_l2)} -> {Path(o['out']) / CHECKPOINT}"
         )
     result = run_training(
         config,
@@ -392,7 +407,7 @@ def _run(ctx: click.Context, o: dict[str, Any]) -> None:
         overwrite=o["overwrite"],
         device=device,
         progress=False if quiet else None,
-        log=None if quiet else log,
+        log=warn_only if quiet else log,
     )
     last = result.last
     click.echo(str(result.checkpoint))
@@ -400,14 +415,14 @@ def _run(ctx: click.Context, o: dict[str, Any]) -> None:
         cert = ", ".join(f"{k} {100 * v:.1f}%" for k, v in last.get("certified", {}).items())
         click.echo(
             f"epochs {result.epoch}/{config.epochs}, training time {last.get('train_seconds', 0):.0f} s; "
-            f"last epoch on training batches (eps linf {last['eps']['linf']:g}, "
-            f"l2 {last['eps']['l2']:g}): clean {100 * last['clean_accuracy']:.1f}%"
+            f"last epoch on training batches (eps linf {format_eps(last['eps']['linf'])}, "
+            f"l2 {format_eps(last['eps']['l2'])}): clean {100 * last['clean_accuracy']:.1f}%"
             + (f", certified {cert}" if cert else "")
         )
     if not quiet:
         click.echo(
-            f"next: cure-lirpa verify {result.checkpoint} --threat linf:{config.eps_linf:g} "
-            f"--threat l2:{config.eps_l2:g}",
+            f"next: cure-lirpa verify {result.checkpoint} "
+            f"--threat linf:{format_eps(config.eps_linf)} --threat l2:{format_eps(config.eps_l2)}",
             err=True,
         )
 

@@ -10,7 +10,7 @@ from typing import Optional
 import click
 
 from ..errors import UserError
-from .common import DEVICE_CHOICE, ThreatType, resolve_device
+from .common import DEVICE_CHOICE, THREADS_HELP, ThreatType, resolve_device, set_threads
 
 DEFAULT_THREATS = {
     "mnist": ("linf:0.1", "l2:0.5"),
@@ -102,6 +102,9 @@ def default_threats(ckpt: dict, dataset: str) -> tuple[str, ...]:
 @click.option("--resume", is_flag=True, help="Continue a killed run from its partial file.")
 @click.option("--overwrite", is_flag=True, help="Replace results already in --out.")
 @click.option("--device", type=DEVICE_CHOICE, default="auto")
+@click.option(
+    "--threads", type=click.IntRange(min=1), default=1, show_default=True, help=THREADS_HELP
+)
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def verify(
     checkpoint: Path,
@@ -123,13 +126,14 @@ def verify(
     resume,
     overwrite,
     device,
+    threads,
     quiet,
 ) -> None:
     """Certify CHECKPOINT under every --threat with every --method.
 
     Prints clean accuracy, certified accuracy per threat and method, best-of-methods and union
-    accuracy, and PGD accuracy; writes samples.csv (one row per sample), summary.json and
-    summary.md to --out.
+    accuracy, and PGD accuracy; writes samples.csv (one row per sample), summary.json,
+    summary.md and certified_accuracy.png to --out.
 
     \b
     Examples:
@@ -152,12 +156,23 @@ def verify(
         dataset_info_of,
         load_checkpoint,
         model_from_checkpoint,
+        smoothing_noise,
     )
     from ..data import load_dataset, take
+    from ..plots import PLOT_NAME
     from ..shards import merge_when_all_done, parse_shard, shard_from_environment
     from ..threats import parse_threat
 
+    set_threads(threads)
     ckpt = load_checkpoint(checkpoint)
+    noise = smoothing_noise(ckpt)
+    if noise:
+        sigma = (ckpt.get("config") or {}).get("sigma")
+        raise UserError(
+            f"{checkpoint} is a randomized-smoothing base classifier (trained with {noise}); its "
+            "guarantee is the smoothed classifier's: certify it with 'cure-lirpa smooth certify "
+            f"-c {checkpoint} --sigma {sigma:g}'. verify bounds models from 'cure-lirpa train'"
+        )
     info = dataset_info_of(ckpt)
     dataset = dataset or info.name
     if not threats:
@@ -200,8 +215,8 @@ def verify(
     partial = out / "samples.partial.jsonl"
     done = []
     if overwrite:
-        names = ("summary.json", "summary.md", "samples.csv", "samples.jsonl", partial.name)
-        for name in (*names, "config.json"):
+        names = ("summary.json", "summary.md", PLOT_NAME, "samples.csv", "samples.jsonl")
+        for name in (*names, partial.name, "config.json"):
             (out / name).unlink(missing_ok=True)
     if (out / "summary.json").exists() and not resume:
         raise UserError(f"{out} already holds results; pass --overwrite or another --out")
@@ -217,9 +232,9 @@ def verify(
     model = model_from_checkpoint(ckpt)
     created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(out / "config.json", config)
     written = len(done)
     try:
+        atomic_write_json(out / "config.json", config)
         with open(partial, "w") as f:
             f.write("".join(row_to_json(r) + "\n" for r in done))  # drops a line cut by a kill
 
@@ -273,7 +288,7 @@ def verify(
         f"time {summary['seconds_total']:.1f} s ({summary['seconds_total'] / len(rows):.3f}"
         f" s/image), peak memory {summary['peak_memory_mb']:.0f} MB"
     )
-    click.echo(f"results: {out}/samples.csv, summary.json, summary.md")
+    click.echo(f"results: {out}/samples.csv, summary.json, summary.md, {PLOT_NAME}")
     bad = {t: v for t, v in summary["soundness_violations"].items() if v}
     if bad:
         indices = [r.index for r in rows if r.violations][:20]

@@ -51,6 +51,7 @@ def clopper_pearson_lower(count: int, n: int, alpha: float) -> float:
     """
     if n < 1 or not 0 <= count <= n:
         raise UserError(f"need 0 <= count <= n and n >= 1, got count={count}, n={n}")
+    _check_alpha(alpha)
     return float(proportion_confint(int(count), int(n), alpha=2 * alpha, method="beta")[0])
 
 
@@ -83,7 +84,11 @@ def min_predict_n(alpha: float) -> int:
 
 
 def _check_alpha(alpha: float) -> None:
-    if not (isinstance(alpha, (int, float)) and 0.0 < float(alpha) < 1.0):
+    try:
+        value = float(alpha)
+    except (TypeError, ValueError):
+        value = math.nan
+    if isinstance(alpha, bool) or not 0.0 < value < 1.0:
         raise UserError(f"alpha must be in (0, 1) (the failure probability), got {alpha!r}")
 
 

@@ -216,6 +216,17 @@ def _warn_small_n(n: int, alpha: float, what: str) -> None:
         click.echo(f"Warning: {msg}", err=True)
 
 
+def _warn_not_noise_trained(checkpoint: str, header_info: dict) -> None:
+    """Warn when the checkpoint's config records no training noise (not from 'smooth train')."""
+    if header_info.get("train_sigma") is None:
+        click.echo(
+            f"Warning: {checkpoint} was not trained under noise (no sigma in its config); a base "
+            "classifier that never saw Gaussian or Uniform noise mostly abstains or certifies tiny "
+            "radii. Train one with 'cure-lirpa smooth train --sigma SIGMA'",
+            err=True,
+        )
+
+
 @click.group("smooth")
 def smooth() -> None:
     """Randomized smoothing for l1 and l2 (Cohen et al.; the NU paper's hybrid certificate).
@@ -486,6 +497,14 @@ def certify_cmd(
     data = _dataset(dataset, info.name, split, data_root)
     each = split_alpha(alpha, 2, joint_alpha) if noise == "hybrid" else alpha
     _warn_small_n(n, each, "certify")
+    if n0 > n:
+        click.echo(
+            f"Warning: --n0 {n0} is larger than --n {n}: n0 draws only pick the top class, the "
+            "certificate rests on the n draws; use n0 much smaller than n (Cohen et al.: n0 100, "
+            "n 100000)",
+            err=True,
+        )
+    _warn_not_noise_trained(checkpoint, header_info)
     certify_dataset(
         model,
         info.num_classes,
@@ -560,6 +579,7 @@ def predict_cmd(
     model, info, sha, header_info = _load_model(checkpoint, dev)
     data = _dataset(dataset, info.name, split, data_root)
     _warn_small_n(n, alpha, "predict")
+    _warn_not_noise_trained(checkpoint, header_info)
     predict_dataset(
         model,
         info.num_classes,
