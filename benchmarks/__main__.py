@@ -98,6 +98,13 @@ SUITES: dict[str, Suite] = {
             fragments=(("overhead", "overhead/overhead.md"),),
         ),
         Suite(
+            "ddp",
+            "benchmarks.ddp:main",
+            "data-parallel training: 2 processes (torchrun, gloo) against 1, same global batch",
+            quick=False,
+            fragments=(("ddp", "ddp/ddp.md"),),
+        ),
+        Suite(
             "smoothing_mnist",
             "benchmarks.smoothing_mnist:main",
             "randomized smoothing on MNIST (Gaussian, uniform, NU hybrid)",
