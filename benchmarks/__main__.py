@@ -26,7 +26,11 @@ import click
 
 from benchmarks import REPO, RESULTS, log
 
-DOCS = (REPO / "docs" / "benchmarks.md", REPO / "docs" / "results.md")
+DOCS = (
+    REPO / "docs" / "benchmarks.md",
+    REPO / "docs" / "results.md",
+    REPO / "docs" / "scaling-out.md",
+)
 
 
 @dataclass(frozen=True)

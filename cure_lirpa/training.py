@@ -665,7 +665,7 @@ class _Loop:
         from tqdm.auto import tqdm
 
         c, net, model = self.c, self.net, self.net.model
-        t0 = time.perf_counter()
+        t0, cpu0 = time.perf_counter(), time.process_time()
         chunks = self.data.order(c.batch_size, data_gen)
         gp = _gp_epoch(c, epoch, self.steps, self.ramp)
         bar = tqdm(
@@ -700,6 +700,7 @@ class _Loop:
         finally:
             bar.close()
         record["seconds"] = round(time.perf_counter() - t0, 2)
+        record["cpu_seconds"] = round(time.process_time() - cpu0, 2)  # this process only
         return record
 
     def _run(self, epoch: int, chunks, phase: str, bar) -> tuple[_Meter, StepSchedule]:
