@@ -26,7 +26,11 @@ import click
 
 from benchmarks import REPO, RESULTS, log
 
-DOCS = (REPO / "docs" / "benchmarks.md", REPO / "docs" / "results.md")
+DOCS = (
+    REPO / "docs" / "benchmarks.md",
+    REPO / "docs" / "results.md",
+    REPO / "docs" / "scaling-out.md",
+)
 
 
 @dataclass(frozen=True)
@@ -96,6 +100,13 @@ SUITES: dict[str, Suite] = {
             "wrapper overhead against auto_LiRPA and IBP training-step cost",
             quick=False,
             fragments=(("overhead", "overhead/overhead.md"),),
+        ),
+        Suite(
+            "ddp",
+            "benchmarks.ddp:main",
+            "data-parallel training: 2 processes (torchrun, gloo) against 1, same global batch",
+            quick=False,
+            fragments=(("ddp", "ddp/ddp.md"),),
         ),
         Suite(
             "smoothing_mnist",

@@ -391,6 +391,23 @@ class BoundedClassifier:
             points = torch.cat([x0, x0 + delta / norms * float(ptb.eps)])
         with torch.no_grad():
             modes = self.module.training, self.traced.training
+            # auto_LiRPA's parameter nodes set requires_grad to the module's mode on every forward,
+            # and in training the bounded module holds newer BatchNorm statistics than the model:
+            # compare with the bounded module's buffers, then restore flags and buffers (and the
+            # batch statistics BatchNorm nodes keep from the last clean forward for their bounds).
+            flags = [(q, q.requires_grad) for q in self.traced.parameters()]
+            stats = [
+                (node, node.current_mean, node.current_var)
+                for node in self.module.modules()
+                if hasattr(node, "current_mean") and hasattr(node, "current_var")
+            ]
+            mine = dict(self.traced.named_buffers())
+            saved = []
+            for node in self.module.modules():
+                name = getattr(node, "ori_name", None)
+                if type(node).__name__ == "BoundBuffers" and name in mine:
+                    saved.append((mine[name], mine[name].clone()))
+                    mine[name].copy_(node.buffer)
             self.module.eval()
             self.traced.eval()
             try:
@@ -399,6 +416,12 @@ class BoundedClassifier:
             finally:
                 self.module.train(modes[0])
                 self.traced.train(modes[1])
+                for q, flag in flags:
+                    q.requires_grad_(flag)
+                for buf, value in saved:
+                    buf.copy_(value)
+                for node, mean, var in stats:
+                    node.current_mean, node.current_var = mean, var
         scale = 1e-4 * (1 + direct.abs().max())
         if not torch.allclose(traced, direct, atol=float(scale), rtol=1e-4):
             raise UserError(

@@ -26,6 +26,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from . import lirpa
 from .attacks import pgd
 from .bounds import METHODS, BoundedClassifier
 from .errors import UserError
@@ -43,6 +44,9 @@ class SampleRow:
     ``robust[threat]`` is True when PGD found no adversarial example (None: not attacked).
     ``violations`` lists the threats under which a bound certified the sample and PGD broke it (a
     bug: those certificates are withdrawn, the sample counts as not certified there).
+    ``alpha_fallback`` lists the threats under which this sample's alpha-CROWN bound (method
+    ``alpha-crown`` or the cascade's last stage) is the CROWN bound, because auto_LiRPA's
+    alpha-CROWN failed on its batch (sound, but not optimised; see :mod:`cure_lirpa.lirpa`).
     """
 
     index: int
@@ -53,6 +57,7 @@ class SampleRow:
     decided_by: dict[str, str] = field(default_factory=dict)
     robust: dict[str, Optional[bool]] = field(default_factory=dict)
     violations: list[str] = field(default_factory=list)
+    alpha_fallback: list[str] = field(default_factory=list)
 
     @property
     def correct(self) -> bool:
@@ -63,6 +68,24 @@ class SampleRow:
         return any(self.certified.get(threat, {}).values())
 
 
+def _margins(
+    bc: BoundedClassifier, x: torch.Tensor, y: torch.Tensor, threat: Threat, method: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Certified margins min_j lb_j (B,) and, per sample, whether its alpha-CROWN bound fell back
+    to the CROWN bound (bool (B,); all False for other methods)."""
+    if method != "alpha-crown":
+        lb = bc.margin_lower_bounds(x, y, threat, method)
+        return lb.min(1).values.cpu(), torch.zeros(len(x), dtype=torch.bool)
+    lirpa.ALPHA_CALLS.clear()
+    lb = bc.margin_lower_bounds(x, y, threat, method)
+    calls = list(lirpa.ALPHA_CALLS)
+    if sum(n for n, _ in calls) == len(x):  # the calls are the batch's chunks, in order
+        fell = torch.cat([torch.full((n,), flag, dtype=torch.bool) for n, flag in calls])
+    else:  # a retry or an unexpected split: flag the whole batch if any call fell back
+        fell = torch.full((len(x),), any(flag for _, flag in calls), dtype=torch.bool)
+    return lb.min(1).values.cpu(), fell
+
+
 def _cascade(
     bc: BoundedClassifier,
     x: torch.Tensor,
@@ -70,25 +93,28 @@ def _cascade(
     threat: Threat,
     times: dict,
     correct: torch.Tensor,
-) -> tuple[torch.Tensor, list[str]]:
-    """Cheapest-first: returns the deciding margins (B,) and the deciding method per sample.
+) -> tuple[torch.Tensor, list[str], torch.Tensor]:
+    """Cheapest-first: returns the deciding margins (B,), the deciding method per sample and the
+    alpha-CROWN fallback flags (bool (B,)).
 
     Misclassified samples are never certifiable and skip every stage (margin -inf, "none").
     """
     margin = torch.full((len(x),), -math.inf)
+    fallback = torch.zeros(len(x), dtype=torch.bool)
     by = ["none"] * len(x)
     open_idx = torch.arange(len(x))[correct]
     for method in CASCADE:
         if len(open_idx) == 0:
             break
         t0 = time.perf_counter()
-        lb = bc.margin_lower_bounds(x[open_idx], y[open_idx], threat, method).min(1).values.cpu()
+        lb, fell = _margins(bc, x[open_idx], y[open_idx], threat, method)
+        fallback[open_idx] = fell
         times[(threat.name, f"auto:{method}")] += time.perf_counter() - t0
         for i, v in zip(open_idx.tolist(), lb.tolist()):
             margin[i] = v
             by[i] = method
         open_idx = open_idx[lb <= 0]
-    return margin, by
+    return margin, by, fallback
 
 
 def certify_batch(
@@ -119,13 +145,16 @@ def certify_batch(
         name = threat.name
         for method in methods:
             if method == "auto":
-                margin, by = _cascade(bc, x, y, threat, times, correct)
+                margin, by, fell = _cascade(bc, x, y, threat, times, correct)
                 for r, b in zip(rows, by):
                     r.decided_by[name] = b
             else:
                 t0 = time.perf_counter()
-                margin = bc.margin_lower_bounds(x, y, threat, method).min(1).values.cpu()
+                margin, fell = _margins(bc, x, y, threat, method)
                 times[(name, method)] += time.perf_counter() - t0
+            for r, f in zip(rows, fell.tolist()):
+                if f and name not in r.alpha_fallback:
+                    r.alpha_fallback.append(name)
             ok = (margin > 0) & correct
             for r, m, c in zip(rows, margin.tolist(), ok.tolist()):
                 r.margins.setdefault(name, {})[method] = m
@@ -184,6 +213,11 @@ def summarize(
         "pgd_accuracy": {},
         "soundness_violations": {},
     }
+    if any(m in ("alpha-crown", "auto") for m in methods):
+        # samples whose alpha-CROWN bound is the CROWN bound (auto_LiRPA's alpha-CROWN failed)
+        out["alpha_crown_fallbacks"] = {
+            t: sum(t in getattr(r, "alpha_fallback", ()) for r in rows) for t in names
+        }
     for t in names:
         attacked = [r for r in rows if r.robust.get(t) is not None]
         if attacked:

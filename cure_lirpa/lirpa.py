@@ -27,6 +27,7 @@ import re
 import sys
 import types
 import warnings
+from collections import deque
 from pathlib import Path
 from typing import Any, Optional
 
@@ -315,6 +316,9 @@ PerturbationLpNorm = _auto_lirpa.PerturbationLpNorm
 ALPHA_FALLBACKS = 0
 """alpha-CROWN calls answered with the CROWN bound because auto_LiRPA 0.3 failed (see
 :func:`compute_bounds`), since import."""
+ALPHA_CALLS: deque[tuple[int, bool]] = deque(maxlen=4096)
+"""The latest alpha-CROWN calls in order: ``(batch size, answered by the CROWN bound)``. A reader
+clears it before a bound computation to learn which samples' bounds fell back."""
 _log = logging.getLogger("cure_lirpa.lirpa")
 
 # Method names of this package -> auto_LiRPA's.
@@ -397,9 +401,12 @@ def _innermost_function(exc: BaseException) -> str:
 def _alpha_crown(
     module: Any, kwargs: dict[str, Any]
 ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    n = int(kwargs["x"][0].shape[0])
     with torch.enable_grad():
         try:
-            return module.compute_bounds(**kwargs)
+            out = module.compute_bounds(**kwargs)
+            ALPHA_CALLS.append((n, False))
+            return out
         except (AssertionError, KeyError) as exc:
             if not _raised_in_auto_lirpa(exc):
                 raise
@@ -413,7 +420,9 @@ def _alpha_crown(
         _log.debug("alpha-CROWN failed inside auto_LiRPA (%r); using the CROWN bound", failure)
         for node in getattr(module, "optimizable_activations", ()):
             node.opt_end()  # leave the failed optimisation: CROWN must not read its slopes
-        return module.compute_bounds(**dict(kwargs, method=METHODS["crown"]))
+        out = module.compute_bounds(**dict(kwargs, method=METHODS["crown"]))
+        ALPHA_CALLS.append((n, True))
+        return out
 
 
 def ibp_reference_bounds(

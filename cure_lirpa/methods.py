@@ -193,6 +193,13 @@ class Batch:
     randomness (attack starts, random halves), on the training device; ``forward`` computes clean
     logits (:meth:`TrainingNetwork.logits`). :attr:`logits` runs it once, with gradients, when a
     method first needs it (a pure certified loss never does).
+
+    Distributed training (:mod:`cure_lirpa.distributed`): the batch is one process's slice of a
+    global batch; ``loss_scale`` multiplies the method's loss so that the average over processes is
+    the global batch's loss (for terms that are means over the batch), and ``count_factor(n)``
+    turns a term normalised by a count of this slice (``sum / max(n, 1)``, e.g. bound alignment's
+    ``|gamma|``) into one normalised by the count of the global batch. Both are neutral (1.0, None)
+    in one process.
     """
 
     x: torch.Tensor
@@ -202,6 +209,8 @@ class Batch:
     crown_ibp_beta: float = 0.0
     generator: Optional[torch.Generator] = None
     forward: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
+    loss_scale: float = 1.0
+    count_factor: Optional[Callable[[int], float]] = None
     _logits: Optional[torch.Tensor] = field(default=None, repr=False)
 
     @property
@@ -464,6 +473,8 @@ class MultiNorm:
             gamma = certified(lbs[q].detach())
             ba = losses.bound_alignment(lbs[q], lbs[r], gamma)
             parts["ba"] = float(ba.detach())
+            if batch.count_factor is not None:  # a slice: normalise by the global |gamma|
+                ba = ba * batch.count_factor(int(gamma.sum()))
             loss = loss + self.ba_eta * ba
         out = StepOutput(loss, parts)
         for norm, lb in lbs.items():

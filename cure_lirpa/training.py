@@ -36,6 +36,7 @@ import dataclasses
 import json
 import math
 import random
+import statistics
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,7 +44,6 @@ from typing import Any, Callable, Optional, Sequence, Union
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .checkpoint import (
@@ -53,7 +53,15 @@ from .checkpoint import (
     load_checkpoint,
     make_checkpoint,
 )
-from .data import DATASETS, DatasetInfo, TrainData, dataset_info, default_radii, load_dataset
+from .data import (
+    DATASETS,
+    DatasetInfo,
+    TrainData,
+    dataset_info,
+    default_radii,
+    load_dataset,
+)
+from .distributed import METHOD_SEED_STRIDE, World, current_world
 from .errors import UserError
 from .losses import project_gradients
 from .methods import (
@@ -62,7 +70,6 @@ from .methods import (
     METHODS,
     NORMS,
     SINGLE_NORM_VARIANTS,
-    Batch,
     MethodOptions,
     TrainingNetwork,
     is_multi_norm,
@@ -71,6 +78,7 @@ from .methods import (
 from .models import build_model
 from .schedules import SHAPES, Ramp, crown_ibp_beta_at, eps_at, kappa_at, lr_at
 from .threats import format_eps
+from .train_step import StepResult, StepSchedule, TrainStep
 
 CHECKPOINT = "checkpoint.pt"
 METRICS = "metrics.jsonl"
@@ -400,16 +408,6 @@ def make_ramp(config: TrainConfig, steps_per_epoch: int) -> Ramp:
     )
 
 
-@dataclass(frozen=True)
-class StepSchedule:
-    """Schedule values at one global step."""
-
-    eps: dict[str, float]
-    kappa: float
-    crown_ibp_beta: float
-    lr: float
-
-
 def schedule_at(config: TrainConfig, step: int, steps_per_epoch: int, ramp: Ramp) -> StepSchedule:
     """eps per norm, kappa, CROWN-IBP beta and learning rate at global optimizer step ``step``."""
     c = config
@@ -454,6 +452,24 @@ class _Meter:
     def means(self) -> dict[str, float]:
         return {k: v / max(self.n, 1) for k, v in self.sums.items()}
 
+    def update(self, res: StepResult, y: torch.Tensor) -> None:
+        """Add one step's loss, parts, clean accuracy and certified counts (``y`` its labels)."""
+        b = len(y)
+        self.n += b
+        self.add("loss", res.loss, b)
+        for k, v in res.parts.items():
+            self.add(k, v, b)
+        self.correct += int((res.logits.argmax(1) == y).sum())
+        if res.masks:
+            union = torch.ones(b, dtype=torch.bool, device=y.device)
+            for norm in NORMS:
+                if norm in res.masks:
+                    self.cert[norm] = self.cert.get(norm, 0) + int(res.masks[norm].sum())
+                    union &= res.masks[norm]
+            if all(norm in res.masks for norm in NORMS):
+                self.cert["union"] = self.cert.get("union", 0) + int(union.sum())
+            self.cert_n += b
+
 
 # ---------------------------------------------------------------------------------------------
 # The loop
@@ -486,6 +502,7 @@ def train(
     log: Optional[Callable[[str], None]] = print,
     callback: Optional[Callable[[dict[str, Any]], None]] = None,
     stop_after: Optional[int] = None,
+    world: Optional[World] = None,
 ) -> TrainResult:
     """Train with ``config``, writing ``checkpoint.pt``, ``metrics.jsonl``, ``config.json`` to ``out``.
 
@@ -496,35 +513,50 @@ def train(
     (None: silent). ``callback`` sees ``{'epoch', 'phase', 'step'}`` after every optimizer step
     (``phase`` is ``'certified'`` or ``'natural'`` -- the GP sub-epoch); an exception it raises
     aborts the run like a kill. ``stop_after``: end this call after that many epochs.
+
+    ``world``: this process's place in a data-parallel run (:mod:`cure_lirpa.distributed`; taken
+    from an initialised process group when None). Every process then takes its slice of each global
+    batch of ``batch_size`` samples, gradients are all-reduced, and only rank 0 writes ``out`` and
+    logs.
     """
     c = config.validated()
     device = torch.device(device)
     out = Path(out)
     ckpt_path = out / CHECKPOINT
-    say = log or (lambda _msg: None)
+    if world is None:
+        world = current_world(device)
+    main = world is None or world.is_main
+    say = (log if main else None) or (lambda _msg: None)
+    if not main:
+        progress, callback = False, None
 
-    ckpt = None
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--out {out} is a file; give a folder for the run")
-    others = [p.name for p in out.iterdir() if not _leftover(p)] if out.is_dir() else []
-    if resume:
-        if not ckpt_path.is_file():
+    def prepare() -> Optional[dict[str, Any]]:
+        """Checks of the run folder and the checkpoint to resume from (rank 0 only)."""
+        if out.exists() and not out.is_dir():
+            raise UserError(f"--out {out} is a file; give a folder for the run")
+        others = [p.name for p in out.iterdir() if not _leftover(p)] if out.is_dir() else []
+        if resume:
+            if not ckpt_path.is_file():
+                raise UserError(
+                    f"--resume: {ckpt_path} does not exist (no epoch of a run in {out} has "
+                    "finished); start the run without --resume"
+                )
+            ckpt = load_checkpoint(ckpt_path, map_location="cpu")
+            _check_resume(ckpt, c, device, ckpt_path)
+            return ckpt
+        if ckpt_path.exists() and not overwrite:
             raise UserError(
-                f"--resume: {ckpt_path} does not exist (no epoch of a run in {out} has finished); "
-                "start the run without --resume"
+                f"{out} already exists and holds a run (checkpoint.pt); pass --resume to continue "
+                "it, --overwrite to replace it, or choose another --out"
             )
-        ckpt = load_checkpoint(ckpt_path, map_location="cpu")
-        _check_resume(ckpt, c, device, ckpt_path)
-    elif ckpt_path.exists() and not overwrite:
-        raise UserError(
-            f"{out} already exists and holds a run (checkpoint.pt); pass --resume to continue it, "
-            "--overwrite to replace it, or choose another --out"
-        )
-    elif others and not overwrite:
-        raise UserError(
-            f"{out} already holds other files ({', '.join(sorted(others)[:3])}); choose an empty "
-            "or new --out, or pass --overwrite to replace this package's files in it"
-        )
+        if others and not overwrite:
+            raise UserError(
+                f"{out} already holds other files ({', '.join(sorted(others)[:3])}); choose an "
+                "empty or new --out, or pass --overwrite to replace this package's files in it"
+            )
+        return None
+
+    ckpt = prepare() if world is None else world.on_main(prepare)
 
     info = dataset_info(c.dataset)
     data = TrainData(load_dataset(c.dataset, "train", c.data_root), c.train_count)
@@ -537,7 +569,8 @@ def train(
     steps = data.steps_per_epoch(c.batch_size)
     ramp = make_ramp(c, steps)
     data_gen = torch.Generator().manual_seed(c.seed)
-    method_gen = torch.Generator(device=device).manual_seed(c.seed + 1)
+    rank = 0 if world is None else world.rank
+    method_gen = torch.Generator(device=device).manual_seed(c.seed + 1 + METHOD_SEED_STRIDE * rank)
     history: list[dict[str, Any]] = []
     start = 0
     if ckpt is not None:
@@ -545,15 +578,24 @@ def train(
         _load(model, net, ckpt["state_dict"])
         opt.load_state_dict(state["optimizer"])
         data_gen.set_state(state["data_rng"])
-        method_gen.set_state(state["method_rng"])
+        ranks_rng = state.get("method_rng_by_rank") or [state["method_rng"]]
+        if rank < len(ranks_rng) and len(ranks_rng) == (1 if world is None else world.size):
+            method_gen.set_state(ranks_rng[rank])
+        else:
+            say(
+                f"note: the checkpoint was trained with {len(ranks_rng)} process(es); the methods' "
+                "random draws continue from fresh seeds (not bit-identical to an uninterrupted run)"
+            )
+            if rank == 0:
+                method_gen.set_state(ranks_rng[0])
         torch.set_rng_state(state["torch_rng"])
         np.random.set_state(state["numpy_rng"])
         random.setstate(state["python_rng"])
         history = list(state["history"])
         start = int(ckpt["epoch"])
         say(f"resuming {out} after epoch {start} of {c.epochs}")
-    else:  # a fresh run replaces this package's files (leftovers of a run that never finished
-        # an epoch, or the old run with --overwrite)
+    elif main:  # a fresh run replaces this package's files (leftovers of a run that never
+        # finished an epoch, or the old run with --overwrite)
         for path in list(out.iterdir()) if out.is_dir() else []:
             if path.name in OUTPUT_FILES or _leftover(path):
                 path.unlink(missing_ok=True)
@@ -567,23 +609,28 @@ def train(
         )
 
     created = not out.exists()
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise UserError(f"cannot create --out {out}: {exc.strerror or exc}") from None
+    if main:
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise UserError(f"cannot create --out {out}: {exc.strerror or exc}") from None
 
     def run_epochs() -> TrainResult:
-        atomic_write_json(out / CONFIG, c.to_dict())
-        if history:  # a kill between the checkpoint and the metrics file leaves the latter behind
-            atomic_write_text(out / METRICS, "".join(json.dumps(h) + "\n" for h in history))
+        if main:
+            atomic_write_json(out / CONFIG, c.to_dict())
+            if history:  # a kill between the checkpoint and the metrics file leaves them behind
+                atomic_write_text(out / METRICS, "".join(json.dumps(h) + "\n" for h in history))
         result = TrainResult(out, ckpt_path, out / METRICS, start, history, 0.0)
         if start >= c.epochs:
             say(f"{out} is already trained for {start} epochs (of {c.epochs}); nothing to do")
             return result
 
+        if world is not None:
+            world.check_batches([len(i) for i in data.order(c.batch_size, None)])
+        step = TrainStep(net, method, opt, c.grad_clip, c.train_cert, world)
         t_call = time.perf_counter()
         warned = False
-        ctx = _Loop(c, net, method, opt, data, ramp, steps, method_gen, device, progress, callback)
+        ctx = _Loop(c, net, step, data, ramp, steps, method_gen, device, progress, callback, world)
         for epoch in range(start, c.epochs):
             if stop_after is not None and epoch - start >= stop_after:
                 say(f"stopping after {stop_after} epoch(s) as asked; continue with --resume")
@@ -592,11 +639,21 @@ def train(
             prev = history[-1]["train_seconds"] if history else 0.0
             record["train_seconds"] = round(prev + record["seconds"], 2)
             history.append(record)
+            method_rngs = [_generator_state(method_gen)]
+            if world is not None:
+                world.average_buffers(net.bounded.module)
+                method_rngs = world.gather(method_rngs[0])
+                record["processes"] = world.size
+            net.sync_to_model()
+            if not main:
+                result.epoch = epoch + 1
+                continue
             trainer_state = {
                 "format": STATE_FORMAT,
                 "optimizer": opt.state_dict(),
                 "data_rng": _generator_state(data_gen),
-                "method_rng": _generator_state(method_gen),
+                "method_rng": method_rngs[0],
+                "method_rng_by_rank": method_rngs,
                 "torch_rng": torch.get_rng_state(),
                 "numpy_rng": np.random.get_state(),
                 "python_rng": random.getstate(),
@@ -612,7 +669,6 @@ def train(
                 },
                 "history": history,
             }
-            net.sync_to_model()
             ck = make_checkpoint(
                 model, c.arch, info, c.to_dict(), c.arch_kwargs, epoch + 1, trainer_state
             )
@@ -623,9 +679,9 @@ def train(
             if _collapsed(record, info.num_classes, epoch + 1, c.warmup_epochs) and not warned:
                 warned = True
                 say(
-                    "warning: the model classifies the training batches at chance level -- "
-                    "certified training has collapsed to a (nearly) constant classifier. Try a "
-                    "longer --ramp-epochs, a smaller --batch-size (more steps), or keep "
+                    "warning: the model classifies the training batches at chance level -- certified "
+                    "training has collapsed to a (nearly) constant classifier. Try a longer "
+                    "--ramp-epochs, a smaller --batch-size (more steps), or keep "
                     "some natural loss with --kappa-end 0.2."
                 )
         result.seconds = round(time.perf_counter() - t_call, 2)
@@ -634,7 +690,7 @@ def train(
     try:
         return run_epochs()
     except BaseException:
-        if not ckpt_path.exists():  # no epoch finished: leave nothing behind
+        if main and not ckpt_path.exists():  # no epoch finished: leave nothing behind
             for name in (CONFIG, METRICS):
                 (out / name).unlink(missing_ok=True)
             if created and out.is_dir() and not any(out.iterdir()):
@@ -662,17 +718,16 @@ def _gp_epoch(c: TrainConfig, epoch: int, steps: int, ramp: Ramp) -> bool:
 class _Loop:
     """One run's epochs (kept as an object so that no state lives at module level)."""
 
-    def __init__(self, c, net, method, opt, data, ramp, steps, gen, device, progress, callback):
-        self.c, self.net, self.method, self.opt = c, net, method, opt
+    def __init__(self, c, net, step, data, ramp, steps, gen, device, progress, callback, world):
+        self.c, self.net, self.step, self.opt = c, net, step, step.opt
         self.data, self.ramp, self.steps, self.gen = data, ramp, steps, gen
-        self.device, self.progress, self.callback = device, progress, callback
-        self.params = [p for p in net.model.parameters()]
+        self.device, self.progress, self.callback, self.world = device, progress, callback, world
 
     def epoch(self, epoch: int, data_gen: torch.Generator) -> dict[str, Any]:
         from tqdm.auto import tqdm
 
         c, net, model = self.c, self.net, self.net.model
-        t0 = time.perf_counter()
+        t0, cpu0 = time.perf_counter(), time.process_time()
         chunks = self.data.order(c.batch_size, data_gen)
         gp = _gp_epoch(c, epoch, self.steps, self.ramp)
         bar = tqdm(
@@ -707,71 +762,32 @@ class _Loop:
         finally:
             bar.close()
         record["seconds"] = round(time.perf_counter() - t0, 2)
+        record["cpu_seconds"] = round(time.process_time() - cpu0, 2)  # this process only
         return record
 
     def _run(self, epoch: int, chunks, phase: str, bar) -> tuple[_Meter, StepSchedule]:
-        c, net, opt = self.c, self.net, self.opt
         meter = _Meter()
         sched = None
         for i, idx in enumerate(chunks):
-            step = epoch * self.steps + i
-            sched = schedule_at(c, step, self.steps, self.ramp)
-            for group in opt.param_groups:
-                group["lr"] = sched.lr
+            sched = schedule_at(self.c, epoch * self.steps + i, self.steps, self.ramp)
+            size = len(idx)
+            if self.world is not None:
+                idx = self.world.slice(idx)  # this process's part of the global batch
             x, y = self.data.batch(idx)
             x, y = x.to(self.device), y.to(self.device)
-            b = len(y)
-            batch = Batch(
-                x, y, sched.eps, sched.kappa, sched.crown_ibp_beta, self.gen, forward=net.logits
-            )
-            if net.has_buffers:
-                batch.ensure_logits()  # BatchNorm bounds need this batch's statistics first
-            if phase == "natural":
-                loss = F.cross_entropy(batch.logits, y)
-                parts: dict[str, float] = {}
-                masks: dict[str, torch.Tensor] = {}
-            else:
-                out = self.method.step(net, batch)
-                loss, parts, masks = out.loss, out.parts, dict(out.certified)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if batch.has_logits:
-                logits = batch.logits.detach()
-            else:  # a pure certified loss: clean logits for the metrics only
-                with torch.no_grad():
-                    logits = net.logits(x)
-            if phase != "natural" and c.train_cert:
-                for norm in NORMS:  # norms the method's own bounds did not certify
-                    if norm not in masks:
-                        masks[norm] = net.certify(x, y, logits, norm, sched.eps[norm])
-            if c.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(self.params, c.grad_clip)
-            opt.step()
-            net.sync_to_model()
-            loss_value = float(loss.detach())
-            if not math.isfinite(loss_value):
+            res = self.step(x, y, sched, self.gen, phase, global_size=size)
+            if not math.isfinite(res.loss):
                 raise UserError(
-                    f"the training loss became {loss_value} in epoch {epoch + 1}; lower --lr or "
+                    f"the training loss became {res.loss} in epoch {epoch + 1}; lower --lr or "
                     "the training eps, or raise --ramp-epochs"
                 )
-            meter.n += b
-            meter.add("loss", loss_value, b)
-            for k, v in parts.items():
-                meter.add(k, v, b)
-            meter.correct += int((logits.argmax(1) == y).sum())
-            if masks:
-                union = torch.ones(b, dtype=torch.bool, device=y.device)
-                for norm in NORMS:
-                    if norm in masks:
-                        meter.cert[norm] = meter.cert.get(norm, 0) + int(masks[norm].sum())
-                        union &= masks[norm]
-                if all(norm in masks for norm in NORMS):
-                    meter.cert["union"] = meter.cert.get("union", 0) + int(union.sum())
-                meter.cert_n += b
+            meter.update(res, y)
             bar.update(1)
-            bar.set_postfix(loss=f"{loss_value:.3f}", refresh=False)
+            bar.set_postfix(loss=f"{res.loss:.3f}", refresh=False)
             if self.callback is not None:
                 self.callback({"epoch": epoch, "phase": phase, "step": i})
+        if self.world is not None:
+            self.world.reduce_meter(meter)
         return meter, sched
 
     def _record(self, epoch: int, meter: _Meter, sched: StepSchedule) -> dict[str, Any]:
@@ -843,14 +859,19 @@ def step_times(
     y: torch.Tensor,
     rounds: int = 5,
     device: Union[str, torch.device] = "cpu",
+    statistic: str = "min",
 ) -> dict[str, float]:
     """Seconds of one optimizer step for each named config on the batch ``(x, y)``, at the end of
-    the ramp (full training eps, ``kappa_end``).
+    the ramp (full training eps, ``kappa_end``, the initial learning rate).
 
-    All models are built first; then each round times one step of every config in turn (after one
-    untimed warm-up step each), and the fastest round counts: interleaving and the minimum keep the
-    comparison fair on a machine shared with other processes.
+    The step is the training loop's own :class:`cure_lirpa.train_step.TrainStep`: forward, bounds,
+    backward, the training-certificate pass (``train_cert``), gradient clipping (``grad_clip``),
+    the optimizer step. All models are built first; then each round times one step of every config
+    in turn (after one untimed warm-up step each). ``statistic``: ``'min'`` (the fastest round) or
+    ``'median'`` over the rounds; interleaving keeps the comparison fair on a shared machine.
     """
+    if statistic not in ("min", "median"):
+        raise UserError(f"statistic must be 'min' or 'median', got {statistic!r}")
     device = torch.device(device)
     x, y = x.to(device), y.to(device)
     steps: dict[str, Callable[[], float]] = {}
@@ -858,29 +879,29 @@ def step_times(
         c = dataclasses.replace(config, init_from=None).validated()
         model, net = build_network(c, dataset_info(c.dataset), device)
         method = make_method(c.method, c.method_options())
-        opt = torch.optim.Adam(model.parameters(), lr=c.lr)
-        gen = torch.Generator(device=device).manual_seed(c.seed)
-        eps = {"linf": c.train_eps_linf, "l2": c.train_eps_l2}
+        opt = torch.optim.Adam(model.parameters(), lr=c.lr, weight_decay=c.weight_decay)
+        step = TrainStep(net, method, opt, c.grad_clip, c.train_cert)
+        gen = torch.Generator(device=device).manual_seed(c.seed + 1)
+        values = StepSchedule(
+            eps={"linf": c.train_eps_linf, "l2": c.train_eps_l2},
+            kappa=c.kappa_end,
+            crown_ibp_beta=0.0,
+            lr=c.lr,
+        )
 
-        def one(net=net, method=method, opt=opt, gen=gen, eps=eps, kappa=c.kappa_end) -> float:
+        def one(step=step, gen=gen, values=values) -> float:
             t0 = time.perf_counter()
-            batch = Batch(x, y, eps, kappa, 0.0, gen, forward=net.logits)
-            if net.has_buffers:
-                batch.ensure_logits()
-            out = method.step(net, batch)
-            opt.zero_grad(set_to_none=True)
-            out.loss.backward()
-            opt.step()
-            net.sync_to_model()
+            step(x, y, values, gen)
             return time.perf_counter() - t0
 
         one()
         steps[name] = one
-    best = {name: math.inf for name in steps}
+    times: dict[str, list[float]] = {name: [] for name in steps}
     for _ in range(max(1, rounds)):
         for name, one in steps.items():
-            best[name] = min(best[name], one())
-    return best
+            times[name].append(one())
+    pick = min if statistic == "min" else statistics.median
+    return {name: float(pick(ts)) for name, ts in times.items()}
 
 
 def step_time(

@@ -355,3 +355,30 @@ def test_sparse_alpha_failure_gives_the_crown_bound_and_leaves_no_state(monkeypa
     after = bc.margin_lower_bounds(other_x, other_y, ball, "alpha-crown")
     assert lirpa.ALPHA_FALLBACKS == before + 1  # a normal input takes the normal path again
     assert torch.allclose(after, fresh().margin_lower_bounds(other_x, other_y, ball, "alpha-crown"))
+
+
+def test_alpha_crown_fallbacks_are_recorded_per_sample_and_in_the_summary():
+    """A sample whose alpha-CROWN call fell back to CROWN is flagged in its record (and counted in
+    the summary); a sample certified by a real alpha-CROWN call in another batch is not."""
+    from pathlib import Path
+
+    from torch.utils.data import Subset
+
+    from cure_lirpa.certification import certify_dataset, row_from_json, row_to_json
+    from cure_lirpa.checkpoint import load_checkpoint, model_from_checkpoint
+    from cure_lirpa.data import load_dataset
+    from cure_lirpa.threats import parse_threat
+
+    model = model_from_checkpoint(
+        load_checkpoint(Path(__file__).parent / "data" / "sparse_alpha_case.pt")
+    ).eval()
+    data = Subset(load_dataset("sample", "test"), [0, 150])
+    ball = parse_threat("linf:0.1")
+    rows, summary = certify_dataset(
+        model, data, [ball], ["alpha-crown"], (1, 28, 28), batch_size=1, attack=False
+    )
+    assert [r.alpha_fallback for r in rows] == [[], ["linf:0.1"]]
+    assert summary["alpha_crown_fallbacks"] == {"linf:0.1": 1}
+    assert row_from_json(row_to_json(rows[1])).alpha_fallback == ["linf:0.1"]
+    _, ibp_only = certify_dataset(model, data, [ball], ["ibp"], (1, 28, 28), attack=False)
+    assert "alpha_crown_fallbacks" not in ibp_only

@@ -306,3 +306,30 @@ def test_step_time_is_measured():
     x, y = stack(take(load_dataset("sample", "train"), 0, 16))
     t = step_time(tiny(method="ibp-linf"), x, y, repeats=1)
     assert 0 < t < 30
+
+
+def test_timed_step_is_the_training_step(monkeypatch):
+    """step_time runs the loop's step: gradient clipping and the training-certificate pass included
+    (and neither when the config turns them off)."""
+    from cure_lirpa.data import load_dataset, stack, take
+
+    calls = {"clip": 0, "certify": 0}
+    clip = torch.nn.utils.clip_grad_norm_
+    certify = TrainingNetwork.certify
+
+    def counting_clip(*a, **k):
+        calls["clip"] += 1
+        return clip(*a, **k)
+
+    def counting_certify(self, *a, **k):
+        calls["certify"] += 1
+        return certify(self, *a, **k)
+
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", counting_clip)
+    monkeypatch.setattr(TrainingNetwork, "certify", counting_certify)
+    x, y = stack(take(load_dataset("sample", "train"), 0, 16))
+    step_time(tiny(method="sabr-linf"), x, y, repeats=2)  # warm-up + 2 timed steps
+    assert calls == {"clip": 3, "certify": 6}  # SABR's box certifies no norm: both are checked
+    calls.update(clip=0, certify=0)
+    step_time(tiny(method="sabr-linf", grad_clip=0.0, train_cert=False), x, y, repeats=2)
+    assert calls == {"clip": 0, "certify": 0}

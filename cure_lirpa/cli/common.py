@@ -2,23 +2,49 @@
 
 from __future__ import annotations
 
+import re
+
 import click
 import torch
 
 from ..errors import UserError
 from ..threats import Threat, parse_eps, parse_threat
 
-DEVICE_CHOICE = click.Choice(["auto", "cpu", "cuda"])
+
+class DeviceType(click.ParamType):
+    """``auto``, ``cpu``, ``cuda`` or ``cuda:N`` (GPU number N)."""
+
+    name = "device"
+
+    def get_metavar(self, param, ctx=None) -> str:
+        return "[auto|cpu|cuda|cuda:N]"
+
+    def convert(self, value, param, ctx) -> str:
+        text = str(value).strip().lower()
+        if text in ("auto", "cpu", "cuda") or re.fullmatch(r"cuda:\d+", text):
+            return text
+        self.fail(f"{value!r} is not a device: use auto, cpu, cuda or cuda:N (e.g. cuda:1)")
+
+
+DEVICE_CHOICE = DeviceType()
 
 
 def resolve_device(name: str) -> torch.device:
-    """``auto`` -> CUDA when available, else CPU; ``cuda`` without a GPU is a user error."""
+    """``auto`` -> CUDA when available, else CPU; ``cuda`` / ``cuda:N`` without that GPU is a user
+    error."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise UserError(
-            "--device cuda was asked for but no CUDA GPU is available; use --device cpu"
-        )
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise UserError(
+                f"--device {name} was asked for but no CUDA GPU is available; use --device cpu"
+            )
+        index = torch.device(name).index
+        if index is not None and index >= torch.cuda.device_count():
+            raise UserError(
+                f"--device {name}: there are only {torch.cuda.device_count()} GPU(s) "
+                f"(cuda:0 .. cuda:{torch.cuda.device_count() - 1})"
+            )
     return torch.device(name)
 
 

@@ -14,6 +14,7 @@ from typing import Any
 import click
 from click.core import ParameterSource
 
+from .. import distributed
 from ..data import DATASETS
 from ..errors import UserError
 from ..methods import L2_VARIANTS, LINF_VARIANTS, METHODS, NORMS, SINGLE_NORM_VARIANTS
@@ -262,7 +263,14 @@ Examples:
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its last epoch.")
 @click.option("--overwrite", is_flag=True, help="Replace the run in an existing --out.")
 @click.option("--seed", type=int, default=_D.seed, show_default=True)
-@click.option("--device", type=DEVICE_CHOICE, default="auto", show_default=True)
+@click.option(
+    "--device",
+    type=DEVICE_CHOICE,
+    default="auto",
+    show_default=True,
+    help="auto, cpu, cuda or cuda:N. Under torchrun, cuda (or auto with GPUs) means "
+    "cuda:LOCAL_RANK, one GPU per process.",
+)
 @click.option(
     "--train-count",
     type=click.IntRange(min=2),
@@ -383,8 +391,20 @@ def _run(ctx: click.Context, o: dict[str, Any]) -> None:
         train_cert=o["train_cert"],
     )
     config = apply_preset(config, o["preset"], explicit).validated()
-    device = resolve_device(o["device"])
-    quiet = o["quiet"]
+    world = None
+    if distributed.launched():  # started by torchrun: one process of a data-parallel run
+        device = distributed.process_device(o["device"])
+        world = distributed.init_from_environment(device)
+    else:
+        device = resolve_device(o["device"])
+    try:
+        _train(config, o, device, world)
+    finally:
+        distributed.shutdown()
+
+
+def _train(config: TrainConfig, o: dict[str, Any], device, world) -> None:
+    quiet = o["quiet"] or (world is not None and not world.is_main)
 
     def log(msg: str) -> None:
         click.echo(msg, err=True)
@@ -397,8 +417,9 @@ def _run(ctx: click.Context, o: dict[str, Any]) -> None:
         extra = f", preset {config.preset}" if config.preset else ""
         log(
             f"training {config.method} ({config.arch}, {config.dataset}{extra}) for "
-            f"{config.epochs} epochs on {device}; eps linf {format_eps(config.train_eps_linf)}, "
-            f"l2 {format_eps(config.train_eps_l2)} -> {Path(o['out']) / CHECKPOINT}"
+            f"{config.epochs} epochs on {device}{_processes(world)}; eps linf "
+            f"{format_eps(config.train_eps_linf)}, l2 {format_eps(config.train_eps_l2)} -> "
+            f"{Path(o['out']) / CHECKPOINT}"
         )
     result = run_training(
         config,
@@ -408,7 +429,10 @@ def _run(ctx: click.Context, o: dict[str, Any]) -> None:
         device=device,
         progress=False if quiet else None,
         log=warn_only if quiet else log,
+        world=world,
     )
+    if world is not None and not world.is_main:
+        return
     last = result.last
     click.echo(str(result.checkpoint))
     if last:
@@ -425,6 +449,10 @@ def _run(ctx: click.Context, o: dict[str, Any]) -> None:
             f"--threat linf:{format_eps(config.eps_linf)} --threat l2:{format_eps(config.eps_l2)}",
             err=True,
         )
+
+
+def _processes(world) -> str:
+    return "" if world is None else f" (x{world.size} processes, {world.size} slices per batch)"
 
 
 train = train_command
