@@ -101,13 +101,18 @@ class BoxFamily(Threat):
     """A threat given by many boxes per sample (patch locations, geometric sub-intervals).
 
     Subclasses implement :meth:`boxes`, yielding chunks ``(x_L, x_U)`` of shape (B, M, C, H, W) with
-    M boxes per sample; a sample is certified iff the margins are positive on every box.
+    M boxes per sample, and :meth:`boxes_at`, the boxes of given indices (the order of
+    :meth:`boxes`); a sample is certified iff the margins are positive on every box.
     """
 
     def num_boxes(self, in_shape: tuple[int, ...]) -> int:
         raise NotImplementedError
 
     def boxes(self, x: torch.Tensor, chunk: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        raise NotImplementedError
+
+    def boxes_at(self, x: torch.Tensor, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(x_L, x_U)`` of shape (B, m, C, H, W): boxes ``index`` (m,) of every sample of x."""
         raise NotImplementedError
 
 
