@@ -154,14 +154,17 @@ class BoundedClassifier:
         """A conservative estimate of one sample's memory for ``method`` (bytes).
 
         Backward (CROWN-type) bounds of layer l keep a matrix of size n_l x n_k for every earlier layer
-        k; IBP keeps a few copies of every activation.
+        k; CROWN-IBP's single backward pass keeps (K-1) x n_k for every layer k; IBP keeps a few
+        copies of every activation. A box of a box family costs as much as one sample.
         """
         d = math.prod(self.in_shape)
         sizes = [d, *self._sizes, self.num_classes]
         if method == "ibp":
             return _BYTES * 12 * sum(sizes)
         spec = self.num_classes - 1
-        layers = sizes[1:] if method in ("crown", "alpha-crown") else [spec]
+        if method == "crown-ibp":  # one backward pass from the K-1 margins through every layer
+            return _BYTES * 5 * spec * sum(sizes) + _BYTES * 12 * sum(sizes)
+        layers = sizes[1:]
         peak = max(n * max(sizes[: i + 1]) for i, n in enumerate(layers, start=1))
         # Factors calibrated against measured peaks (benchmarks/scaling.py) with some headroom.
         factor = 10 if method == "alpha-crown" else 5

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Iterator
+from typing import ClassVar, Iterator
 
 import torch
 
@@ -29,6 +29,7 @@ class PatchThreat(BoxFamily):
     height: int
     width: int
     stride: int = 1
+    exact_boxes: ClassVar[bool] = True
 
     def __post_init__(self) -> None:
         if self.height < 1 or self.width < 1:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable, Iterator
+from typing import Callable, ClassVar, Iterator
 
 import torch
 
@@ -103,7 +103,11 @@ class BoxFamily(Threat):
     Subclasses implement :meth:`boxes`, yielding chunks ``(x_L, x_U)`` of shape (B, M, C, H, W) with
     M boxes per sample, and :meth:`boxes_at`, the boxes of given indices (the order of
     :meth:`boxes`); a sample is certified iff the margins are positive on every box.
+    ``exact_boxes`` is True when every point of every box belongs to the threat set (patches), so
+    that a point found in a box is a real counterexample (geometric hulls are larger than the set).
     """
+
+    exact_boxes: ClassVar[bool] = False
 
     def num_boxes(self, in_shape: tuple[int, ...]) -> int:
         raise NotImplementedError
