@@ -9,6 +9,9 @@ stay 0; the tests assert it).
 
 The method ``auto`` is the cheapest-first cascade: IBP, then CROWN-IBP, CROWN and alpha-CROWN, each
 only on the samples still open; it certifies exactly the union of what the four methods certify.
+For box families (patches, geometric threats) it runs per (sample, box) pair (:func:`_box_cascade`):
+a sample is certified when each of its boxes is certified by some method, so it certifies at least
+that union.
 """
 
 from __future__ import annotations
