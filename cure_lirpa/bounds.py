@@ -286,8 +286,13 @@ class BoundedClassifier:
             from . import patch_ibp
 
             self._patch_ibp_model = patch_ibp.build(self.traced, self.in_shape)
-        if self._patch_ibp_model is not None and self.traced.training:
-            return None  # BatchNorm would use batch statistics
+        if self._patch_ibp_model is None:
+            return None
+        from .patch_ibp import has_batchnorm
+
+        # auto_LiRPA's BatchNorm follows the bounded module's mode: batch statistics when training
+        if has_batchnorm(self.traced) and (self.module.training or self.traced.training):
+            return None
         return self._patch_ibp_model
 
     def _incremental_ibp(self, engine, x, b_idx, n_idx, threat, y) -> torch.Tensor:

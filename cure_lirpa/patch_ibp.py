@@ -14,8 +14,8 @@ plain IBP on the same boxes up to floating-point rounding (a different summation
 window the intervals are exactly the clean activations, which plain IBP reproduces as ``[a, a]``.
 
 Supported: ``nn.Sequential`` (nested allowed) of ``Conv2d`` (zero padding, dilation 1), ``ReLU``,
-``BatchNorm2d`` / ``BatchNorm1d`` in eval mode, ``Flatten``, ``Linear``, ``Identity``, ending in
-``Linear``. :func:`build` returns None for anything else (callers then use auto_LiRPA's IBP).
+``BatchNorm2d`` / ``BatchNorm1d`` (in eval mode when used), ``Flatten``, ``Linear``, ``Identity``,
+ending in ``Linear``. :func:`build` returns None for anything else (callers then use auto_LiRPA's IBP).
 """
 
 from __future__ import annotations
@@ -25,6 +25,11 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+
+def has_batchnorm(model: nn.Module) -> bool:
+    """Does ``model`` hold a BatchNorm layer (bounded incrementally only in eval mode)?"""
+    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
 
 
 def _flatten_layers(module: nn.Module) -> list[nn.Module]:
@@ -45,8 +50,7 @@ def _supported(layer: nn.Module, spatial: bool) -> bool:
         )
     if isinstance(layer, (nn.BatchNorm2d, nn.BatchNorm1d)):
         return (
-            not layer.training
-            and layer.running_mean is not None
+            layer.running_mean is not None
             and layer.running_var is not None
             and isinstance(layer, nn.BatchNorm2d) == spatial
         )
@@ -191,7 +195,7 @@ class PatchIBP:
                 lo, hi, top, left = self._conv(layer, clean, sample, lo, hi, top, left)
                 clean = layer(clean)
             k += 1
-        if isinstance(self.layers[k + 1], nn.Linear):
+        if isinstance(self.layers[k + 1], nn.Linear) and k + 2 < len(self.layers):
             lo, hi = self._first_linear(self.layers[k + 1], clean, sample, lo, hi, top, left)
             k += 1
         else:

@@ -205,12 +205,18 @@ def _cnn(seed: int, batchnorm: bool) -> torch.nn.Module:
 
 
 @pytest.mark.parametrize("text", ["patch:1", "patch:2", "patch:3x5@2", "patch:7@3", "patch:28"])
-@pytest.mark.parametrize("kind", ["cnn", "cnn-bn", "mlp"])
+@pytest.mark.parametrize("kind", ["cnn", "cnn-bn", "mlp", "linear"])
 def test_incremental_ibp_equals_plain_ibp(trained, kind, text):
+    from torch import nn
+
     from cure_lirpa.bounds import BoundedClassifier
 
     mlp, info, x, y = trained
-    model = mlp if kind == "mlp" else _cnn(1, kind == "cnn-bn")
+    if kind == "linear":  # a user model (no Classifier) whose only layer is the last one
+        torch.manual_seed(2)
+        model = nn.Sequential(nn.Flatten(), nn.Linear(784, 10))
+    else:
+        model = mlp if kind == "mlp" else _cnn(1, kind == "cnn-bn")
     threat = parse_threat(text)
     bc = BoundedClassifier(model, info.in_shape, memory_mb=64)
     assert bc._patch_ibp(threat, "ibp") is not None  # the incremental path applies
@@ -241,6 +247,10 @@ def test_incremental_ibp_only_when_it_applies(trained):
     assert bc._patch_ibp(threat, "ibp") is None and bc._patch_ibp(threat, "crown") is None
     lb = bc.box_margins(x[:2], y[:2], threat, "ibp")  # auto_LiRPA's IBP instead
     assert torch.isfinite(lb).all()
+    bn = BoundedClassifier(_cnn(3, batchnorm=True), info.in_shape, memory_mb=64)
+    assert bn._patch_ibp(threat, "ibp") is not None
+    bn.train(True)  # BatchNorm on batch statistics: not incremental
+    assert bn._patch_ibp(threat, "ibp") is None
 
 
 def test_box_margins_match_margin_lower_bounds_and_respect_open(trained):
@@ -342,7 +352,8 @@ for method, text in cases:
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # the peak (VmHWM) restarts from the current resident size
     bc.box_margins(x, y, threat, method, todo.view(len(x), n))
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    with open("/proc/self/status") as f:  # not getrusage: it keeps the pre-exec parent's peak
+        peak = next(int(l.split()[1]) for l in f if l.startswith("VmHWM:")) / 1024
     results.append(dict(method=method, threat=text, growth_mb=peak - before, chunk=chunk, pairs=pairs))
 print(json.dumps(results))
 """
