@@ -95,6 +95,14 @@ SUITES: dict[str, Suite] = {
             fragments=(("generalisation", "generalisation/generalisation.md"),),
         ),
         Suite(
+            "patches",
+            "benchmarks.patches:main",
+            "patch certification: the cascade against IBP alone (time ratio), and peak memory of "
+            "box-family bounds against the memory budget",
+            quick=False,
+            fragments=(("patches", "patches/summary.md"),),
+        ),
+        Suite(
             "overhead",
             "benchmarks.overhead:main",
             "wrapper overhead against auto_LiRPA and IBP training-step cost",

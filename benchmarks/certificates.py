@@ -737,7 +737,7 @@ def analyse_model(
                 "stage_seconds": stages,
                 "decided_by": {
                     m: c["decided_by"].count(m)
-                    for m in [*METHODS, "none", "error"]
+                    for m in [*METHODS, "attack", "none", "error"]
                     if m in c["decided_by"]
                 },
                 "image_errors": _n_errors(c),
@@ -897,7 +897,7 @@ def summary_markdown(result: dict[str, Any]) -> str:
                     continue
                 d = c["decided_by"]
                 dec = " / ".join(str(d.get(m, 0)) for m in METHODS)
-                dec += "".join(f", {k} {d[k]}" for k in ("none", "error") if d.get(k))
+                dec += "".join(f", {k} {d[k]}" for k in ("attack", "none", "error") if d.get(k))
                 lines.append(
                     f"| {name} | {t} | {_f(c['certified_pct'])} | {_f(c['best_single_pct'])} | "
                     f"{_f(c['total_s'], '{:.2f}')} | {_f(c['up_to_crown_s'], '{:.2f}')} | "

@@ -4,6 +4,7 @@
   cross-check certificates (certified accuracy must never exceed PGD robust accuracy).
 * :func:`sabr_box` -- SABR's small l∞ box around a PGD point (Müller et al., ICLR 2023).
 * :func:`l2_defence_box` -- CURE's l2 defence point and box (the CURE paper's l2 loss).
+* :func:`box_pgd` -- signed-gradient search inside boxes (patch locations), refuting samples.
 
 Every attack runs the model in eval mode (BatchNorm statistics are never updated), takes gradients with
 respect to the input only (parameters' ``.grad`` are left untouched) and restores each module's
@@ -448,3 +449,48 @@ __all__ = [
     "sabr_box",
     "step_schedule",
 ]
+
+
+def box_pgd(
+    model: nn.Module,
+    x_L: torch.Tensor,
+    x_U: torch.Tensor,
+    y: torch.Tensor,
+    steps: int = 20,
+    restarts: int = 1,
+    step_size: float = 0.25,
+    seed: int = 0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The point of each box ``[x_L, x_U]`` (P, ...) with the smallest margin found, and that
+    margin ``min_{j != y} f_y - f_j`` (P,) (measured on the point, not a bound).
+
+    Tries the corners ``x_L`` and ``x_U``, then ``restarts`` random starts with ``steps``
+    signed-gradient steps of ``step_size`` times the box width each, projected onto the box.
+    Returns ``(margins (P,), points (P, ...))``; a negative margin is a misclassified point.
+    """
+    gen = torch.Generator(device=x_L.device).manual_seed(seed)
+    width = x_U - x_L
+    with eval_mode(model):
+
+        def margins(points: torch.Tensor) -> torch.Tensor:
+            return -margin_loss(model(points), y)
+
+        def keep(m: torch.Tensor, z: torch.Tensor) -> None:
+            better = m < best
+            best[better] = m[better]
+            points[better] = z[better]
+
+        with torch.no_grad():
+            best, points = margins(x_L), x_L.clone()
+            keep(margins(x_U), x_U)
+        for _ in range(restarts):
+            z = x_L + width * torch.rand(x_L.shape, generator=gen, device=x_L.device)
+            for step in range(steps + 1):
+                z = z.detach().requires_grad_(step < steps)
+                with torch.set_grad_enabled(step < steps):
+                    m = margins(z)
+                keep(m.detach(), z.detach())
+                if step < steps:
+                    (grad,) = torch.autograd.grad(m.sum(), z)
+                    z = torch.minimum(torch.maximum(z - step_size * width * grad.sign(), x_L), x_U)
+    return best, points

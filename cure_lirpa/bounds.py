@@ -25,7 +25,7 @@ import copy
 import logging
 import math
 import warnings
-from typing import Optional, Sequence
+from typing import Callable, Iterator, Optional, Sequence
 
 import torch
 from torch import nn
@@ -39,6 +39,7 @@ _log = logging.getLogger(__name__)
 
 METHODS = tuple(lirpa.METHODS)  # ("ibp", "crown-ibp", "crown", "alpha-crown")
 _BYTES = 4
+_BOX_COPIES = 8
 
 
 def margin_matrix(y: torch.Tensor, num_classes: int) -> torch.Tensor:
@@ -144,6 +145,7 @@ class BoundedClassifier:
         self.trainable = trainable
         self.alpha_iterations = alpha_iterations
         self._conv_mode = "patches"
+        self.incremental_ibp = True  # patch boxes under IBP: cure_lirpa.patch_ibp
         # Bounds are computed on (x - shift) / scale; identity unless the model is a Classifier.
         self._shift: Optional[torch.Tensor] = None
         self._scale: Optional[torch.Tensor] = None
@@ -244,14 +246,17 @@ class BoundedClassifier:
         """A conservative estimate of one sample's memory for ``method`` (bytes).
 
         Backward (CROWN-type) bounds of layer l keep a matrix of size n_l x n_k for every earlier layer
-        k; IBP keeps a few copies of every activation.
+        k; CROWN-IBP's single backward pass keeps (K-1) x n_k for every layer k; IBP keeps a few
+        copies of every activation. A box of a box family costs as much as one sample.
         """
         d = math.prod(self.in_shape)
         sizes = [d, *self._sizes, self.num_classes]
         if method == "ibp":
             return _BYTES * 12 * sum(sizes)
         spec = self.num_classes - 1
-        layers = sizes[1:] if method in ("crown", "alpha-crown") else [spec]
+        if method == "crown-ibp":  # one backward pass from the K-1 margins through every layer
+            return _BYTES * 5 * spec * sum(sizes) + _BYTES * 12 * sum(sizes)
+        layers = sizes[1:]
         peak = max(n * max(sizes[: i + 1]) for i, n in enumerate(layers, start=1))
         # Factors calibrated against measured peaks (benchmarks/scaling.py) with some headroom.
         factor = 10 if method == "alpha-crown" else 5
@@ -260,6 +265,13 @@ class BoundedClassifier:
     def chunk_size(self, method: str) -> int:
         """How many samples (or boxes) one auto_LiRPA call may take under ``memory_mb``."""
         return max(1, int(self.memory_mb * 2**20 // self.bytes_per_sample(method)))
+
+    def box_chunk_size(self, method: str, threat: BoxFamily) -> int:
+        """How many (sample, box) pairs of a box family one chunk may hold under ``memory_mb``:
+        one sample's bound memory per box, plus the box tensors (lower and upper, their copies in
+        bound space and the centre: ``_BOX_COPIES`` input-sized tensors)."""
+        per_box = self.bytes_per_sample(method) + _BYTES * _BOX_COPIES * math.prod(self.in_shape)
+        return max(1, int(self.memory_mb * 2**20 // per_box))
 
     # ----------------------------------------------------------------------------------------
     def margin_lower_bounds(
@@ -289,22 +301,109 @@ class BoundedClassifier:
             raise UserError("box lower corners must not exceed their upper corners (x_L <= x_U)")
         return self._chunked(None, y, method, x_L=x_L, x_U=x_U)
 
+    def box_margins(
+        self,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        threat: BoxFamily,
+        method: str = "ibp",
+        open: Optional[torch.Tensor] = None,
+        on_chunk: Optional[Callable[[torch.Tensor], None]] = None,
+    ) -> torch.Tensor:
+        """Lower bounds (B, N) on ``min_j (f_y - f_j)`` over each of the N boxes of every sample.
+
+        Only the (sample, box) pairs where ``open`` (bool (B, N), default all) is True are bounded;
+        the others are +inf. ``on_chunk`` is called with the sample index (P,) of each finished
+        chunk of pairs (for progress bars).
+        """
+        if method not in METHODS:
+            raise UserError(f"unknown bound method {method!r}; choose one of {', '.join(METHODS)}")
+        x, y = self._check_input(x, y)
+        n = threat.num_boxes(self.in_shape)
+        out = torch.full((len(x), n), math.inf, device=self.device)
+        for b_idx, n_idx, lb in self._pair_bounds(x, y, threat, method, open, on_chunk):
+            out[b_idx, n_idx] = lb.min(1).values.detach()
+        return out
+
     def _box_family_bounds(
         self, x: torch.Tensor, y: torch.Tensor, threat: BoxFamily, method: str
     ) -> torch.Tensor:
-        per_box = self.chunk_size(method)
-        chunk = max(1, per_box // len(x))
+        """Lower bounds (B, K-1): for each class, the minimum over all boxes of the sample."""
         lb = torch.full((len(x), self.num_classes - 1), math.inf, device=self.device)
-        for x_L, x_U in threat.boxes(x, chunk):
-            b, m = x_L.shape[:2]
-            box_lb = self.box_lower_bounds(
-                x_L.reshape(b * m, *self.in_shape),
-                x_U.reshape(b * m, *self.in_shape),
-                y.repeat_interleave(m),
-                method,
-            )
-            lb = torch.minimum(lb, box_lb.view(b, m, -1).min(1).values)
+        for b_idx, _, box_lb in self._pair_bounds(x, y, threat, method, None, None):
+            index = b_idx.view(-1, 1).expand_as(box_lb)
+            lb = lb.scatter_reduce(0, index, box_lb, reduce="amin", include_self=True)
         return lb
+
+    def _pair_bounds(
+        self,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        threat: BoxFamily,
+        method: str,
+        open: Optional[torch.Tensor],
+        on_chunk: Optional[Callable[[torch.Tensor], None]],
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """Yield ``(sample index (P,), box index (P,), lower bounds (P, K-1))`` for the open
+        (sample, box) pairs, at most :meth:`box_chunk_size` pairs at a time."""
+        n = threat.num_boxes(self.in_shape)
+        if open is None:
+            open = torch.ones(len(x), n, dtype=torch.bool)
+        pairs = open.to(torch.bool).cpu().nonzero()  # (P, 2), sorted by sample then box
+        size = self.box_chunk_size(method, threat)
+        incremental = self._patch_ibp(threat, method)
+        for s in range(0, len(pairs), size):
+            b_idx, n_idx = pairs[s : s + size].unbind(1)
+            yy = y[b_idx.to(y.device)]
+            if incremental is not None:
+                lb = self._incremental_ibp(incremental, x, b_idx, n_idx, threat, yy)
+            else:
+                lo, hi = [], []
+                for b in b_idx.unique_consecutive().tolist():
+                    box_lo, box_hi = threat.boxes_at(x[b : b + 1], n_idx[b_idx == b])
+                    lo.append(box_lo[0])
+                    hi.append(box_hi[0])
+                lb = self.box_lower_bounds(torch.cat(lo), torch.cat(hi), yy, method)
+            yield b_idx.to(self.device), n_idx.to(self.device), lb
+            if on_chunk is not None:
+                on_chunk(b_idx)
+
+    def _patch_ibp(self, threat: BoxFamily, method: str):
+        """The incremental IBP of :mod:`cure_lirpa.patch_ibp` if it applies, else None."""
+        from .patches import PatchThreat
+
+        if method != "ibp" or not isinstance(threat, PatchThreat) or not self.incremental_ibp:
+            return None
+        if self.trainable and torch.is_grad_enabled():
+            return None
+        if not hasattr(self, "_patch_ibp_model"):
+            from . import patch_ibp
+
+            self._patch_ibp_model = patch_ibp.build(self.traced, self.in_shape)
+        if self._patch_ibp_model is None:
+            return None
+        from .patch_ibp import has_batchnorm
+
+        # auto_LiRPA's BatchNorm follows the bounded module's mode: batch statistics when training
+        if has_batchnorm(self.traced) and (self.module.training or self.traced.training):
+            return None
+        return self._patch_ibp_model
+
+    def _incremental_ibp(self, engine, x, b_idx, n_idx, threat, y) -> torch.Tensor:
+        """Margin lower bounds (P, K-1) of the patch boxes ``n_idx`` of the samples ``b_idx``."""
+        corners = threat.locations(self.in_shape)[n_idx]
+        ones = torch.ones(1, self.in_shape[0], 1, 1, device=self.device)
+        inside = (self._to_bound_space(0 * ones).view(-1), self._to_bound_space(ones).view(-1))
+        samples, local = b_idx.unique(return_inverse=True)
+        return engine.margins(
+            self._to_bound_space(x[samples.to(x.device)]),
+            local,
+            corners[:, 0],
+            corners[:, 1],
+            (threat.height, threat.width),
+            inside,
+            margin_matrix(y, self.num_classes),
+        )
 
     def _chunked(
         self,

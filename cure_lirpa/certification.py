@@ -9,6 +9,9 @@ stay 0; the tests assert it).
 
 The method ``auto`` is the cheapest-first cascade: IBP, then CROWN-IBP, CROWN and alpha-CROWN, each
 only on the samples still open; it certifies exactly the union of what the four methods certify.
+For box families (patches, geometric threats) it runs per (sample, box) pair (:func:`_box_cascade`):
+a sample is certified when each of its boxes is certified by some method, so it certifies at least
+that union.
 """
 
 from __future__ import annotations
@@ -27,12 +30,18 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from . import lirpa
-from .attacks import pgd
+from .attacks import box_pgd, pgd
 from .bounds import METHODS, BoundedClassifier
 from .errors import UserError
-from .threats import NormBall, Threat
+from .threats import BoxFamily, NormBall, Threat
 
 CASCADE = ("ibp", "crown-ibp", "crown", "alpha-crown")
+REFUTE_BOXES = 16
+"""Open boxes per sample (lowest IBP bounds first) that the box-family cascade attacks."""
+REFUTE_STEPS = 20
+"""Signed-gradient steps of that attack (:func:`cure_lirpa.attacks.box_pgd`)."""
+LAST_STAGE_GROUP = 4
+"""Boxes per alpha-CROWN call in the box-family cascade (it stops at a sample's first failure)."""
 ALL_METHODS = (*METHODS, "auto")
 
 
@@ -117,6 +126,106 @@ def _cascade(
     return margin, by, fallback
 
 
+def _box_cascade(
+    bc: BoundedClassifier,
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    threat: BoxFamily,
+    times: dict,
+    correct: torch.Tensor,
+    advance: Callable[[float], None],
+) -> tuple[torch.Tensor, list[str]]:
+    """The cascade for a box family, run per (sample, box) pair.
+
+    IBP bounds every box of every correctly classified sample; only the boxes it leaves open go on.
+    If the boxes lie inside the threat set (patches), a short attack (:func:`box_pgd`) on the open
+    boxes refutes samples that have a real counterexample: no sound method can certify them, so they
+    skip the other stages (decided by ``"attack"``). The remaining open boxes go through CROWN-IBP,
+    CROWN and alpha-CROWN one sample at a time, each stage on the boxes still open; alpha-CROWN
+    takes the boxes with the lowest bounds first and stops at the first box it cannot certify.
+
+    Returns the margins (B,) -- the minimum over boxes of the best lower bound found for each box,
+    so always a lower bound over the whole threat set -- and the last method run per sample.
+    ``advance(images)`` reports progress: half of each sample for IBP, half for the rest.
+    """
+    name, n, b = threat.name, threat.num_boxes(bc.in_shape), len(x)
+    best = torch.full((b, n), -math.inf)
+    open_ = correct.view(-1, 1).expand(b, n).clone()
+    by = ["ibp" if c else "none" for c in correct.tolist()]
+    total = max(1, int(open_.sum()))
+
+    t0 = time.perf_counter()
+    lb = bc.box_margins(
+        x, y, threat, "ibp", open_, on_chunk=lambda idx: advance(0.5 * b * len(idx) / total)
+    ).cpu()
+    times[(name, "auto:ibp")] += time.perf_counter() - t0
+    best = torch.where(open_, lb, best)
+    open_ &= lb <= 0
+    if not correct.any():
+        advance(0.5 * b)  # no IBP chunk ran
+    if threat.exact_boxes and open_.any():
+        t0 = time.perf_counter()
+        for i in _refuted(bc, model, x, y, threat, open_, best):
+            open_[i] = False
+            by[i] = "attack"
+        times[(name, "auto:attack")] += time.perf_counter() - t0
+    for i in range(b):
+        for stage, method in enumerate(CASCADE[1:], start=2):
+            if not open_[i].any():
+                break
+            t0 = time.perf_counter()
+            index = open_[i].nonzero().view(-1)
+            last = stage == len(CASCADE)
+            if last:  # hardest boxes first: the sample is decided at its first failure
+                index = index[best[i, index].argsort()]
+            for group in index.split(LAST_STAGE_GROUP if last else len(index)):
+                mask = torch.zeros(1, n, dtype=torch.bool)
+                mask[0, group] = True
+                lb = bc.box_margins(x[i : i + 1], y[i : i + 1], threat, method, mask)[0].cpu()
+                best[i, group] = torch.maximum(best[i, group], lb[group])
+                open_[i, group] = lb[group] <= 0
+                if last and open_[i, group].any():
+                    break
+            times[(name, f"auto:{method}")] += time.perf_counter() - t0
+            by[i] = method
+        advance(0.5)
+    margin = best.min(1).values
+    margin[~correct] = -math.inf
+    return margin, by
+
+
+def _refuted(
+    bc: BoundedClassifier,
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    threat: BoxFamily,
+    open_: torch.Tensor,
+    best: torch.Tensor,
+) -> list[int]:
+    """Samples with a point misclassified by ``model`` in one of their open boxes (attacking the
+    :data:`REFUTE_BOXES` boxes with the lowest bounds per sample)."""
+    samples, lo, hi, labels = [], [], [], []
+    for i in open_.any(1).nonzero().view(-1).tolist():
+        index = open_[i].nonzero().view(-1)
+        index = index[best[i, index].argsort()][:REFUTE_BOXES]
+        box_lo, box_hi = threat.boxes_at(x[i : i + 1], index)
+        samples += [i] * len(index)
+        lo.append(box_lo[0])
+        hi.append(box_hi[0])
+        labels.append(y[i].repeat(len(index)))
+    found, _ = box_pgd(
+        model,
+        torch.cat(lo).to(bc.device),
+        torch.cat(hi).to(bc.device),
+        torch.cat(labels).to(bc.device),
+        steps=REFUTE_STEPS,
+    )
+    found = found.cpu()
+    return sorted({i for i, m in zip(samples, found.tolist()) if m < 0})
+
+
 def certify_batch(
     bc: BoundedClassifier,
     model: nn.Module,
@@ -130,28 +239,46 @@ def certify_batch(
     times: Optional[dict] = None,
     first_index: int = 0,
     seed: int = 0,
+    advance: Optional[Callable[[float], None]] = None,
 ) -> list[SampleRow]:
     """Certify one batch ``x`` (B, C, H, W) in [0, 1] with labels ``y`` (B,).
 
     The PGD cross-check is seeded by ``seed`` and the batch's first sample index, so a resumed or
-    sharded run attacks every batch exactly as an uninterrupted one.
+    sharded run attacks every batch exactly as an uninterrupted one. ``advance(images)`` is called
+    as work finishes, adding up to B over the batch (progress bars).
     """
     times = times if times is not None else defaultdict(float)
+    share = 1.0 / (len(threats) * len(methods))
+    step = (lambda k: advance(share * k)) if advance is not None else (lambda k: None)
     with torch.no_grad():
         pred = model(x.to(bc.device)).argmax(1).cpu()
     rows = [SampleRow(first_index + i, int(y[i]), int(pred[i])) for i in range(len(y))]
     correct = pred == y.cpu()
     for threat in threats:
         name = threat.name
+        family = isinstance(threat, BoxFamily)
         for method in methods:
-            if method == "auto":
+            t0 = time.perf_counter()
+            fell = torch.zeros(len(y), dtype=torch.bool)
+            if method == "auto" and family:
+                margin, by = _box_cascade(bc, model, x, y, threat, times, correct, step)
+            elif method == "auto":
                 margin, by, fell = _cascade(bc, x, y, threat, times, correct)
+            elif family:
+                total = len(y) * threat.num_boxes(bc.in_shape)
+                margin = bc.box_margins(
+                    x, y, threat, method, on_chunk=lambda idx, t=total: step(len(y) * len(idx) / t)
+                )
+                margin = margin.min(1).values.cpu()
+            else:
+                margin, fell = _margins(bc, x, y, threat, method)
+            if method == "auto":
                 for r, b in zip(rows, by):
                     r.decided_by[name] = b
             else:
-                t0 = time.perf_counter()
-                margin, fell = _margins(bc, x, y, threat, method)
                 times[(name, method)] += time.perf_counter() - t0
+            if not family:
+                step(len(y))
             for r, f in zip(rows, fell.tolist()):
                 if f and name not in r.alpha_fallback:
                     r.alpha_fallback.append(name)
@@ -230,6 +357,19 @@ def summarize(
     return out
 
 
+def estimate_text(first_seconds: float, images: int) -> str:
+    """The up-front estimate of a run of ``images`` images, from the time of the first one."""
+    total = first_seconds * images
+    minutes, seconds = divmod(int(round(total)), 60)
+    hours, minutes = divmod(minutes, 60)
+    span = f"{hours} h {minutes:02d} min" if hours else f"{minutes} min {seconds:02d} s"
+    return (
+        f"estimated time: about {span} for {images} images ({first_seconds:.2f} s for the first "
+        "image; an estimate: images that need the tighter methods take longer, batches of easy "
+        "ones less)"
+    )
+
+
 def peak_memory_mb(device: Optional[torch.device] = None) -> float:
     """Peak resident memory of this process (CPU) or peak allocated CUDA memory, in MB."""
     if device is not None and device.type == "cuda":
@@ -277,7 +417,15 @@ def certify_dataset(
     if progress:
         from tqdm import tqdm
 
-        bar = tqdm(total=len(dataset), initial=skip, unit="img", desc="verify")
+        bar = tqdm(
+            total=len(dataset),
+            initial=skip,
+            unit="img",
+            desc="verify",
+            bar_format="{desc}: {percentage:3.0f}%|{bar}| {n:.1f}/{total} img "
+            "[{elapsed}<{remaining}]",
+        )
+    advance = bar.update if bar is not None else None
     t_start = time.perf_counter()
     seen = 0
     for x, y in loader:
@@ -291,26 +439,23 @@ def certify_dataset(
                 f"dataset images have shape {tuple(x.shape[1:])} but the model expects "
                 f"{tuple(in_shape)}; pick the dataset the checkpoint was trained on"
             )
-        batch_rows = certify_batch(
-            bc,
-            model,
-            x,
-            y,
-            threats,
-            methods,
-            attack,
-            attack_steps,
-            attack_restarts,
-            times,
-            first_index + seen + lo,
-            seed,
-        )
+        args = (threats, methods, attack, attack_steps, attack_restarts, times)
+        first = first_index + seen + lo
+        if bar is not None and len(rows) == skip and len(dataset) - skip > 1:
+            # Time the first image alone (results discarded, so that every batch is certified as
+            # in a run without a progress bar) and announce the whole run's estimated time.
+            t0 = time.perf_counter()
+            probe = (threats, methods, attack, attack_steps, attack_restarts, defaultdict(float))
+            certify_batch(bc, model, x[:1], y[:1], *probe, first, seed)
+            bar.write(estimate_text(time.perf_counter() - t0, len(dataset) - skip))
+        batch_rows = certify_batch(bc, model, x, y, *args, first, seed, advance)
         seen += lo + len(batch_rows)
         rows.extend(batch_rows)
         if on_batch is not None:
             on_batch(batch_rows)
-        if bar is not None:
-            bar.update(len(batch_rows))
+        if bar is not None:  # round off the fractional updates
+            bar.n = len(rows)
+            bar.refresh()
     if bar is not None:
         bar.close()
     summary = summarize(rows, threats, methods, times, time.perf_counter() - t_start)

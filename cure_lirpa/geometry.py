@@ -486,6 +486,10 @@ class GeometricThreat(BoxFamily):
         for start in range(0, n, chunk):
             yield self.hull(x, torch.arange(start, min(n, start + chunk)))
 
+    def boxes_at(self, x: torch.Tensor, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Hulls (B, m, C, H, W) of the boxes ``index`` (m,), in :meth:`param_boxes` order."""
+        return self.hull(x, index)
+
     def sample_params(
         self, n: int, box: Optional[int] = None, generator: Optional[torch.Generator] = None
     ) -> dict[str, torch.Tensor]:

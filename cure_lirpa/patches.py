@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Iterator
+from typing import ClassVar, Iterator
 
 import torch
 
@@ -30,6 +30,7 @@ class PatchThreat(BoxFamily):
     height: int
     width: int
     stride: int = 1
+    exact_boxes: ClassVar[bool] = True
 
     def __post_init__(self) -> None:
         if self.height < 1 or self.width < 1:
@@ -56,11 +57,17 @@ class PatchThreat(BoxFamily):
         return n_rows * n_cols
 
     def masks(
-        self, in_shape: tuple[int, ...], start: int = 0, stop: int | None = None
+        self,
+        in_shape: tuple[int, ...],
+        start: int = 0,
+        stop: int | None = None,
+        index: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Boolean masks (m, 1, H, W) of locations ``start .. stop-1`` (True inside the patch)."""
+        """Boolean masks (m, 1, H, W) of locations ``start .. stop-1``, or of the locations
+        ``index`` (m,) if given (True inside the patch)."""
         h, w = self._check_shape(in_shape)
-        loc = self.locations(in_shape)[start:stop]
+        loc = self.locations(in_shape)
+        loc = loc[start:stop] if index is None else loc[index.cpu()]
         r = torch.arange(h).view(1, h, 1)
         c = torch.arange(w).view(1, 1, w)
         top, left = loc[:, 0].view(-1, 1, 1), loc[:, 1].view(-1, 1, 1)
@@ -79,6 +86,16 @@ class PatchThreat(BoxFamily):
             mask = self.masks(tuple(x.shape[1:]), start, min(n, start + chunk)).to(x.device)
             outside = x.unsqueeze(1) * (~mask).to(x.dtype)  # (B, m, C, H, W)
             yield outside, outside + mask.to(x.dtype)
+
+    def boxes_at(self, x: torch.Tensor, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(x_L, x_U)`` of shape (B, m, C, H, W) of the locations ``index`` (m,) for every sample."""
+        if x.dim() != 4:
+            raise UserError(
+                f"patch threats need image batches (B, C, H, W), got shape {tuple(x.shape)}"
+            )
+        mask = self.masks(tuple(x.shape[1:]), index=index).to(x.device)
+        outside = x.unsqueeze(1) * (~mask).to(x.dtype)
+        return outside, outside + mask.to(x.dtype)
 
     def apply(self, x: torch.Tensor, location: int, content: torch.Tensor) -> torch.Tensor:
         """``x`` (B, C, H, W) with the patch at ``location`` (an index into :meth:`locations`)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from fractions import Fraction
-from typing import Callable, Iterator
+from typing import Callable, ClassVar, Iterator
 
 import torch
 
@@ -120,13 +120,22 @@ class BoxFamily(Threat):
     """A threat given by many boxes per sample (patch locations, geometric sub-intervals).
 
     Subclasses implement :meth:`boxes`, yielding chunks ``(x_L, x_U)`` of shape (B, M, C, H, W) with
-    M boxes per sample; a sample is certified iff the margins are positive on every box.
+    M boxes per sample, and :meth:`boxes_at`, the boxes of given indices (the order of
+    :meth:`boxes`); a sample is certified iff the margins are positive on every box.
+    ``exact_boxes`` is True when every point of every box belongs to the threat set (patches), so
+    that a point found in a box is a real counterexample (geometric hulls are larger than the set).
     """
+
+    exact_boxes: ClassVar[bool] = False
 
     def num_boxes(self, in_shape: tuple[int, ...]) -> int:
         raise NotImplementedError
 
     def boxes(self, x: torch.Tensor, chunk: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        raise NotImplementedError
+
+    def boxes_at(self, x: torch.Tensor, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(x_L, x_U)`` of shape (B, m, C, H, W): boxes ``index`` (m,) of every sample of x."""
         raise NotImplementedError
 
 

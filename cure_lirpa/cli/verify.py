@@ -76,7 +76,8 @@ def default_threats(ckpt: dict, dataset: str) -> tuple[str, ...]:
     "--memory-mb",
     type=click.FloatRange(min=64),
     default=4096.0,
-    help="Memory budget of one bound computation; CROWN batches are split to fit.",
+    help="Memory budget of one bound computation (MB above the process's own); batches and "
+    "patch/geometric boxes are split to fit, for every method.",
 )
 @click.option(
     "--attack/--no-attack",
