@@ -384,8 +384,9 @@ class BoundedClassifier:
             return None
         from .patch_ibp import has_batchnorm
 
-        # auto_LiRPA's BatchNorm follows the bounded module's mode: batch statistics when training
-        if has_batchnorm(self.traced) and (self.module.training or self.traced.training):
+        # auto_LiRPA's BatchNorm follows the bounded module's mode (batch statistics when training);
+        # a verification classifier's module is always in eval mode, whatever the model's mode
+        if has_batchnorm(self.traced) and self.module.training:
             return None
         return self._patch_ibp_model
 

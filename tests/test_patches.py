@@ -249,8 +249,11 @@ def test_incremental_ibp_only_when_it_applies(trained):
     assert torch.isfinite(lb).all()
     bn = BoundedClassifier(_cnn(3, batchnorm=True), info.in_shape, memory_mb=64)
     assert bn._patch_ibp(threat, "ibp") is not None
-    bn.train(True)  # BatchNorm on batch statistics: not incremental
-    assert bn._patch_ibp(threat, "ibp") is None
+    bn.train(True)  # a verification classifier stays in eval mode: still incremental
+    assert not bn.module.training and bn._patch_ibp(threat, "ibp") is not None
+    training = BoundedClassifier(_cnn(3, batchnorm=True), info.in_shape, trainable=True)
+    with torch.no_grad():  # BatchNorm on batch statistics: not incremental
+        assert training.train(True)._patch_ibp(threat, "ibp") is None
 
 
 def test_box_margins_match_margin_lower_bounds_and_respect_open(trained):
