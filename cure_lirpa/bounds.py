@@ -32,7 +32,7 @@ from .errors import UserError
 from .models import Classifier
 from .threats import BoxFamily, NormBall, Threat
 
-METHODS = tuple(lirpa.METHODS)  # ("ibp", "crown-ibp", "crown", "alpha-crown")
+METHODS = (*lirpa.METHODS, "sdp-crown")  # ibp, crown-ibp, crown, alpha-crown, sdp-crown
 _BYTES = 4
 
 
@@ -176,6 +176,10 @@ class BoundedClassifier:
         """Lower bounds (B, K-1) on ``f_y - f_j`` over ``threat`` around each x (B, *in_shape)."""
         if method not in METHODS:
             raise UserError(f"unknown bound method {method!r}; choose one of {', '.join(METHODS)}")
+        if method == "sdp-crown":  # l2 balls; its own backward pass (cure_lirpa/sdp_crown.py)
+            from . import sdp_crown
+
+            return sdp_crown.margin_lower_bounds(self, x, y, threat)
         x, y = self._check_input(x, y)
         if isinstance(threat, NormBall):
             if threat.p == math.inf:
