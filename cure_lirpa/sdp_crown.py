@@ -129,19 +129,33 @@ def spectral_norm_upper(layer: nn.Module, in_shape: tuple[int, ...]) -> float:
         if isinstance(layer, nn.Linear):
             return float(torch.linalg.matrix_norm(layer.weight.double(), ord=2)) * _SAFETY
         if isinstance(layer, nn.Conv2d):
-            # Zero padding embeds the image isometrically in the padded grid; the "valid"
-            # stride-1 correlation there is a row block of the circular one (no wrap-around), and
-            # stride keeps a subset of rows: none of these steps increases the operator norm. The
-            # circular correlation is block-diagonalised by the 2-D DFT, one (out, in) block per
-            # frequency.
-            ph, pw = layer.padding
-            grid = (in_shape[1] + 2 * ph, in_shape[2] + 2 * pw)
-            spectrum = torch.fft.fft2(layer.weight.double(), s=grid)
-            blocks = spectrum.permute(2, 3, 0, 1)
-            return float(torch.linalg.matrix_norm(blocks, ord=2).max()) * _SAFETY
+            return _conv_norm_upper(layer, in_shape) * _SAFETY
         if isinstance(layer, (nn.BatchNorm1d, nn.BatchNorm2d)):
             return float(_bn_affine(layer)[0].abs().max()) * _SAFETY
     return 1.0  # ReLU, Flatten
+
+
+def _conv_norm_upper(conv: nn.Conv2d, in_shape: tuple[int, ...]) -> float:
+    """Upper bound on the operator norm of a zero-padded, strided Conv2d on ``in_shape``.
+
+    Zero padding embeds the image isometrically in the padded grid (padded further to a multiple of
+    the stride). Space-to-depth by the stride s (an isometric re-arrangement: channel (c, i, j) holds
+    the pixels at offsets (i, j) mod s) turns the strided correlation into a stride-1 "valid" one
+    with ``C * s^2`` input channels and a ``ceil(k / s)`` kernel. That is a row block of the circular
+    correlation on the same grid (no wrap-around), which the 2-D DFT block-diagonalises into one
+    ``(out, in)`` matrix per frequency (Sedghi, Gupta, Long, ICLR 2019). None of these steps
+    increases the norm, so the largest singular value over the frequencies bounds it.
+    """
+    w = conv.weight.detach().double()
+    co, ci, kh, kw = w.shape
+    (sh, sw), (ph, pw) = conv.stride, conv.padding
+    kh2, kw2 = -(-kh // sh), -(-kw // sw)
+    w = F.pad(w, (0, kw2 * sw - kw, 0, kh2 * sh - kh))
+    w = w.view(co, ci, kh2, sh, kw2, sw).permute(0, 1, 3, 5, 2, 4).reshape(co, ci * sh * sw, kh2, kw2)
+    grid = (-(-(in_shape[1] + 2 * ph) // sh), -(-(in_shape[2] + 2 * pw) // sw))
+    grid = (max(grid[0], kh2), max(grid[1], kw2))
+    blocks = torch.fft.fft2(w, s=grid).permute(2, 3, 0, 1)
+    return float(torch.linalg.matrix_norm(blocks, ord=2).max())
 
 
 # ---------------------------------------------------------------------------------------------

@@ -47,9 +47,11 @@ def default_threats(ckpt: dict, dataset: str) -> tuple[str, ...]:
     "--method",
     "methods",
     multiple=True,
-    type=click.Choice(["ibp", "crown-ibp", "crown", "alpha-crown", "auto"]),
+    type=click.Choice(["ibp", "crown-ibp", "crown", "alpha-crown", "sdp-crown", "auto"]),
     default=("ibp", "crown-ibp"),
-    help="Bound method, repeatable; 'auto' is the cheapest-first cascade.",
+    help="Bound method, repeatable; 'auto' is the cheapest-first cascade (with sdp-crown before "
+    "alpha-crown under l2). sdp-crown is for l2 balls (l1: the better of CROWN and the l2 bound; "
+    "l∞ and box threats: the CROWN bound). Example: --method crown --method sdp-crown.",
 )
 @click.option(
     "--dataset",
