@@ -43,6 +43,8 @@ def cascade_for(threat: Threat) -> tuple[str, ...]:
     if isinstance(threat, NormBall) and threat.p == 2.0:
         return L2_CASCADE
     return CASCADE
+
+
 ALL_METHODS = (*METHODS, "auto")
 
 

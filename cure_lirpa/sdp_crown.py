@@ -151,7 +151,11 @@ def _conv_norm_upper(conv: nn.Conv2d, in_shape: tuple[int, ...]) -> float:
     (sh, sw), (ph, pw) = conv.stride, conv.padding
     kh2, kw2 = -(-kh // sh), -(-kw // sw)
     w = F.pad(w, (0, kw2 * sw - kw, 0, kh2 * sh - kh))
-    w = w.view(co, ci, kh2, sh, kw2, sw).permute(0, 1, 3, 5, 2, 4).reshape(co, ci * sh * sw, kh2, kw2)
+    w = (
+        w.view(co, ci, kh2, sh, kw2, sw)
+        .permute(0, 1, 3, 5, 2, 4)
+        .reshape(co, ci * sh * sw, kh2, kw2)
+    )
     grid = (-(-(in_shape[1] + 2 * ph) // sh), -(-(in_shape[2] + 2 * pw) // sw))
     grid = (max(grid[0], kh2), max(grid[1], kw2))
     blocks = torch.fft.fft2(w, s=grid).permute(2, 3, 0, 1)
