@@ -159,10 +159,10 @@ class BoundedClassifier:
         if method == "ibp":
             return _BYTES * 12 * sum(sizes)
         spec = self.num_classes - 1
-        layers = sizes[1:] if method in ("crown", "alpha-crown") else [spec]
+        layers = sizes[1:] if method in ("crown", "alpha-crown", "sdp-crown") else [spec]
         peak = max(n * max(sizes[: i + 1]) for i, n in enumerate(layers, start=1))
         # Factors calibrated against measured peaks (benchmarks/scaling.py) with some headroom.
-        factor = 10 if method == "alpha-crown" else 5
+        factor = 10 if method in ("alpha-crown", "sdp-crown") else 5
         return _BYTES * factor * peak + _BYTES * 12 * sum(sizes)
 
     def chunk_size(self, method: str) -> int:

@@ -348,7 +348,7 @@ def margin_lower_bounds(
         return bc.margin_lower_bounds(x, y, threat, "crown")
     layers = model_layers(bc.traced)
     x, y = bc._check_input(x, y)
-    n = bc.chunk_size("alpha-crown")
+    n = bc.chunk_size(METHOD)
     out = [
         _l2_bounds(bc, layers, x[s : s + n], y[s : s + n], threat.eps) for s in range(0, len(y), n)
     ]

@@ -49,9 +49,10 @@ def default_threats(ckpt: dict, dataset: str) -> tuple[str, ...]:
     multiple=True,
     type=click.Choice(["ibp", "crown-ibp", "crown", "alpha-crown", "sdp-crown", "auto"]),
     default=("ibp", "crown-ibp"),
-    help="Bound method, repeatable; 'auto' is the cheapest-first cascade (with sdp-crown before "
-    "alpha-crown under l2). sdp-crown is for l2 balls (l1: the better of CROWN and the l2 bound; "
-    "l∞ and box threats: the CROWN bound). Example: --method crown --method sdp-crown.",
+    help="Bound method, repeatable, e.g. --method crown --method sdp-crown. 'auto' is the "
+    "cheapest-first cascade (sdp-crown before alpha-crown under l2). sdp-crown is for l2 balls; "
+    "under l1 it keeps the better of CROWN and its l2 bound, under l∞ and box threats it returns "
+    "the CROWN bound.",
 )
 @click.option(
     "--dataset",
