@@ -64,6 +64,7 @@ METHOD = "sdp-crown"
 LAMBDA_LR = 0.2
 ALPHA_LR = 0.5
 _SAFETY = 1.0 + 1e-4  # relative margin on computed spectral norms (float round-off)
+_TRAIN_DEPENDENT = (nn.BatchNorm1d, nn.BatchNorm2d, nn.Dropout)
 _SUPPORTED = "Linear, Conv2d, ReLU, Flatten, BatchNorm1d/2d (eval mode), Identity, Dropout"
 
 
@@ -347,6 +348,12 @@ def margin_lower_bounds(
     if not isinstance(threat, NormBall) or threat.p == math.inf:
         return bc.margin_lower_bounds(x, y, threat, "crown")
     layers = model_layers(bc.traced)
+    modes = [m.training for m in bc.traced.modules() if isinstance(m, _TRAIN_DEPENDENT)]
+    if modes and (any(modes) or bc.module.training):
+        raise UserError(
+            "sdp-crown bounds the model in eval mode (BatchNorm running statistics, no dropout); "
+            "call .train(False) on the BoundedClassifier first"
+        )
     x, y = bc._check_input(x, y)
     n = bc.chunk_size(METHOD)
     out = [

@@ -203,6 +203,9 @@ def test_unsupported_models_threats_and_modes():
         BoundedClassifier(model, IN_SHAPE, trainable=True).margin_lower_bounds(
             x, y, NormBall(2.0, 0.5), "sdp-crown"
         )
+    bn = BoundedClassifier(_zoo("cnn7"), IN_SHAPE).train(True)
+    with pytest.raises(UserError, match="eval mode"):
+        bn.margin_lower_bounds(x, y, NormBall(2.0, 0.5), "sdp-crown")
     bc = BoundedClassifier(model, IN_SHAPE)
     linf = NormBall(math.inf, 0.02)
     torch.testing.assert_close(
