@@ -57,6 +57,7 @@ SUITES: dict[str, Suite] = {
                 ("certificates-quick", "certificates-quick/summary.md"),
                 ("certificates", "certificates/summary.md"),
                 ("certificates-sdp", "certificates-sdp/summary.md"),
+                ("certificates-sdp-cifar10", "certificates-sdp-cifar10/summary.md"),
             ),
         ),
         Suite(

@@ -807,6 +807,15 @@ def sdp_row(
             row[f"lost_vs_{m}"] = len(cert[m] - cert[SDP])
     a, d = med["alpha-crown"], med[SDP]
     row["time_ratio_vs_alpha"] = d / a if a and d is not None and a > 0 else None
+    margins = {m: ok[(t, m)]["margins"] for m in ("crown", "alpha-crown", SDP) if (t, m) in ok}
+    for m, v in margins.items():  # mean over the images of the smallest margin lower bound
+        vals = [x for x in v if x is not None and math.isfinite(x)]
+        row[f"{m}_mean_margin"] = statistics.fmean(vals) if vals else None
+    if "crown" in margins:
+        pairs = zip(margins[SDP], margins["crown"])
+        row["tighter_than_crown"] = sum(
+            1 for x, c in pairs if x is not None and c is not None and x > c + 1e-6
+        )
     return row
 
 
@@ -1022,6 +1031,25 @@ def sdp_markdown(models: Sequence[dict[str, Any]]) -> list[str]:
         for r in mo.get("sdp", {}).values()
         if r["time_ratio_vs_alpha"] is not None
     ]
+    lines += [
+        "",
+        "Tightness: mean over the images of the smallest margin lower bound (higher is tighter; "
+        "misclassified images included), and the images on which SDP-CROWN's bound is above "
+        "CROWN's.",
+        "",
+        "| model | threat | CROWN | α-CROWN | SDP-CROWN | SDP-CROWN > CROWN |",
+        "|---|---|---|---|---|---|",
+    ]
+    for mo in models:
+        name = mo["name"]
+        for t, r in mo.get("sdp", {}).items():
+            lines.append(
+                f"| {name} | {t} | {_f(r.get('crown_mean_margin'), '{:.3f}')} | "
+                f"{_f(r.get('alpha-crown_mean_margin'), '{:.3f}')} | "
+                f"{_f(r.get('sdp-crown_mean_margin'), '{:.3f}')} | "
+                f"{_f(r.get('tighter_than_crown'), '{}')}/{mo['samples']} |"
+            )
+            name = ""
     lost = sum(r.get("lost_vs_crown", 0) for mo in models for r in mo.get("sdp", {}).values())
     if ratios:
         lines += [
