@@ -405,8 +405,10 @@ def _l2_bounds(
             A = A.reshape(B, S, -1)
             lb = torch.einsum("bsd,bd->bs", A, x_flat) + bias - eps * A.norm(dim=-1)
             best = torch.maximum(best, lb.detach())
-            opt.zero_grad()
-            (-lb.sum()).backward()
+            # gradients for the slopes and lambdas only: the model's parameters get none
+            grads = torch.autograd.grad(-lb.sum(), [*alphas, *thetas])
+        for p, g in zip([*alphas, *thetas], grads):
+            p.grad = g
         opt.step()
         with torch.no_grad():
             for a in alphas:

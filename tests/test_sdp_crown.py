@@ -137,6 +137,7 @@ def test_bounds_are_sound_and_never_looser_than_crown(name):
         assert torch.all(sdp >= crown - 1e-6), (name, threat.name)
         tighter += int((sdp > crown + 1e-4).sum())
     assert tighter > 0  # the offset does something on every model
+    assert all(p.grad is None for p in model.parameters())  # the optimisation leaves them alone
 
 
 def test_conv_spectral_norm_is_an_upper_bound_and_close():
