@@ -55,11 +55,13 @@ SUITES: dict[str, Suite] = {
         Suite(
             "certificates",
             "benchmarks.certificates:main",
-            "IBP / CROWN-IBP / CROWN / alpha-CROWN and the cascade on the same images: certified and "
-            "union accuracy, newly certified images, time per image, peak memory",
+            "IBP / CROWN-IBP / CROWN / SDP-CROWN / alpha-CROWN and the cascade on the same images: "
+            "certified and union accuracy, newly certified images, time per image, peak memory",
             fragments=(
                 ("certificates-quick", "certificates-quick/summary.md"),
                 ("certificates", "certificates/summary.md"),
+                ("certificates-sdp", "certificates-sdp/summary.md"),
+                ("certificates-sdp-cifar10", "certificates-sdp-cifar10/summary.md"),
             ),
         ),
         Suite(

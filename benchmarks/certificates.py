@@ -1,4 +1,5 @@
-"""Suite ``certificates``: IBP, CROWN-IBP, CROWN and alpha-CROWN on the same images, and the cascade.
+"""Suite ``certificates``: IBP, CROWN-IBP, CROWN, SDP-CROWN and alpha-CROWN on the same images, and
+the cascade.
 
 For every model (natural, IBP l∞, IBP l2 and CURE checkpoints; MNIST and CIFAR-10) and every threat
 (MNIST: linf:0.1, l2:0.5, l1:1; CIFAR-10: linf:2/255, l2:0.25, l1:0.5), the suite certifies the same
@@ -7,7 +8,9 @@ test images with each bound method and with the cheapest-first cascade (method `
 (model, threat, method): certified accuracy, the samples a method certifies that the previous
 (cheaper) method did not, the median time per image and the peak memory; per (model, method) the
 union accuracy over the threats; per (model, threat) the cascade's total time against CROWN on
-every image.
+every image; per (model, l2 or l1 threat) SDP-CROWN against CROWN and alpha-CROWN with the ratio of
+its time per image to alpha-CROWN's (same steps, same batch). SDP-CROWN runs only under l2 and l1
+balls (under l∞ it returns CROWN's bound, so those cells are not run).
 
 Each cell runs in a fresh child process (:func:`benchmarks.run_isolated`): the child loads the
 model and images, builds the bounded model, records its resident memory, resets the kernel's peak
@@ -67,8 +70,9 @@ from benchmarks import (  # noqa: E402
 SUITE = "certificates"
 CELL_VERSION = 2
 """Part of every cell's key: bump it when what a cell measures changes, so old cells are redone."""
-METHODS = ("ibp", "crown-ibp", "crown", "alpha-crown")
-"""The single bound methods, cheapest first (the order of the cascade)."""
+METHODS = ("ibp", "crown-ibp", "crown", "sdp-crown", "alpha-crown")
+"""The single bound methods, cheapest first (the order of the l2 cascade; SDP-CROWN only for l2, l1)."""
+SDP = "sdp-crown"
 CASCADE = "auto"
 PGD = "pgd"
 LABEL = {
@@ -76,6 +80,7 @@ LABEL = {
     "crown-ibp": "CROWN-IBP",
     "crown": "CROWN",
     "alpha-crown": "α-CROWN",
+    SDP: "SDP-CROWN",
     CASCADE: "cascade",
     PGD: "PGD",
 }
@@ -87,6 +92,13 @@ THREATS = {
 DEFAULT_MODELS = {RESULTS / "cure_mnist": "", RESULTS / "cure_cifar10": "cifar10-"}
 """Folders of the CURE reproduction runs (``python -m benchmarks run --suite cure_mnist`` /
 ``cure_cifar10``) read in full mode, with the prefix their model names get here."""
+
+
+def runs(method: str, threat: str) -> bool:
+    """Whether the cell (threat, method) is run: SDP-CROWN only under l2 and l1 balls."""
+    return method != SDP or threat.split(":")[0] in ("l2", "l1")
+
+
 DEFAULT_ROWS = ("natural", "ibp-linf", "ibp-l2", "cure-joint", "cure-max")
 """The models taken from DEFAULT_MODELS unless --only says otherwise (all if none of them exist)."""
 
@@ -232,6 +244,7 @@ def code_fingerprint() -> str:
     for name in (
         "lirpa.py",
         "bounds.py",
+        "sdp_crown.py",
         "certification.py",
         "attacks.py",
         "models.py",
@@ -533,7 +546,7 @@ def cell_spec(
         key.update(attack_steps=s.attack_steps, attack_restarts=s.attack_restarts)
     else:
         key.update(memory_mb=s.memory_mb)
-        if method in ("alpha-crown", CASCADE):
+        if method in ("alpha-crown", SDP, CASCADE):
             key["alpha_iterations"] = s.alpha_iterations
     return {
         "key": key,
@@ -588,12 +601,14 @@ def run_cells(
     from cure_lirpa.checkpoint import atomic_write_json
 
     kinds = cell_methods(methods, cascade, attack)
-    total = sum(len(e.threats) for e in entries) * len(kinds)
+    total = sum(runs(m, t) for e in entries for t in e.threats for m in kinds)
     k = 0
     for e in entries:
         for method in kinds:
             for threat in e.threats:
                 k += 1
+                if not runs(method, threat):
+                    continue
                 spec = cell_spec(e, threat, method, s, run)
                 path = cell_path(out, e.name, threat, method)
                 old = load_cell(path, spec["key"])
@@ -685,6 +700,7 @@ def analyse_model(
         "cells": {},
         "union": {},
         "cascade": {},
+        "sdp": {},
         "pgd": {},
         "errors": {f"{t}/{m}": c["error"] for (t, m), c in cells.items() if "error" in c},
         "raised": {
@@ -701,6 +717,7 @@ def analyse_model(
                 continue
             mine = cert[t][m]
             cheaper = singles if m == CASCADE else singles[: singles.index(m)]
+            cheaper = [p for p in cheaper if runs(p, t)]
             prev = cheaper[-1] if cheaper else None
             have = [p for p in cheaper if p in cert[t]]
             row: dict[str, Any] = {
@@ -748,6 +765,9 @@ def analyse_model(
                 if tot["crown_total_s"] is not None and tot["crown_total_s"] > 0
                 else None
             )
+        sdp = ok.get((t, SDP))
+        if sdp is not None:
+            res["sdp"][t] = sdp_row(t, cert[t], ok, n)
         p = ok.get((t, PGD))
         if p is not None:
             broken = {i for i, r in enumerate(p["robust"]) if not r}
@@ -767,6 +787,38 @@ def analyse_model(
     return res
 
 
+def sdp_row(
+    t: str, cert: dict[str, set[int]], ok: dict[tuple[str, str], dict[str, Any]], n: int
+) -> dict[str, Any]:
+    """SDP-CROWN against CROWN and alpha-CROWN under threat ``t``: certified %, the images it adds
+    or loses, median seconds per image and the time ratio to alpha-CROWN (same steps and batch)."""
+    med = {
+        m: _median(ok[(t, m)]["seconds"]) if (t, m) in ok else None
+        for m in ("crown", "alpha-crown", SDP)
+    }
+    row: dict[str, Any] = {
+        f"{m}_pct": _pct(len(cert[m]), n) if m in cert else None
+        for m in ("crown", "alpha-crown", SDP, CASCADE)
+    }
+    row.update({f"{m}_median_s": v for m, v in med.items()})
+    for m in ("crown", "alpha-crown"):
+        if m in cert:
+            row[f"new_vs_{m}"] = len(cert[SDP] - cert[m])
+            row[f"lost_vs_{m}"] = len(cert[m] - cert[SDP])
+    a, d = med["alpha-crown"], med[SDP]
+    row["time_ratio_vs_alpha"] = d / a if a and d is not None and a > 0 else None
+    margins = {m: ok[(t, m)]["margins"] for m in ("crown", "alpha-crown", SDP) if (t, m) in ok}
+    for m, v in margins.items():  # mean over the images of the smallest margin lower bound
+        vals = [x for x in v if x is not None and math.isfinite(x)]
+        row[f"{m}_mean_margin"] = statistics.fmean(vals) if vals else None
+    if "crown" in margins:
+        pairs = zip(margins[SDP], margins["crown"])
+        row["tighter_than_crown"] = sum(
+            1 for x, c in pairs if x is not None and c is not None and x > c + 1e-6
+        )
+    return row
+
+
 def collect(
     entries: Sequence[ModelEntry],
     methods: Sequence[str],
@@ -783,6 +835,8 @@ def collect(
         cells = {}
         for t in e.threats:
             for m in kinds:
+                if not runs(m, t):
+                    continue
                 c = load_cell(cell_path(out, e.name, t, m), cell_spec(e, t, m, s, run)["key"])
                 if c is not None:
                     cells[(t, m)] = c
@@ -841,7 +895,7 @@ def summary_markdown(result: dict[str, Any]) -> str:
             cells = [
                 (_f(row[m]["certified_pct"]) + _delta(row[m]) + _warn(row[m]))
                 if m in row
-                else "failed"
+                else ("failed" if runs(m, t) else "n/a")
                 for m in kinds
             ]
             p = mo["pgd"].get(t)
@@ -870,7 +924,10 @@ def summary_markdown(result: dict[str, Any]) -> str:
                 continue
             peak = max((r["peak_rss_mb"] for r in per if r), default=None)
             extra = max((r["extra_mb"] for r in per if r), default=None)
-            ms = [_ms(r["median_s"]) if r else "failed" for r in per]
+            ms = [
+                _ms(r["median_s"]) if r else ("failed" if runs(m, t) else "n/a")
+                for r, t in zip(per, mo["threats"])
+            ]
             ms += ["-"] * (len(_threat_columns(models)) - len(ms))
             lines.append(
                 f"| {name} | {LABEL[m]} | " + " | ".join(ms) + f" | {_f(peak, '{:.0f}')} | "
@@ -880,13 +937,16 @@ def summary_markdown(result: dict[str, Any]) -> str:
     if result["cascade"]:
         lines += [
             "",
-            "**Cascade** (IBP → CROWN-IBP → CROWN → α-CROWN, each on the images still open) against "
+            "**Cascade** (IBP → CROWN-IBP → CROWN → α-CROWN, under l2 with SDP-CROWN before α-CROWN; "
+            "each stage on the images still open) against "
             "CROWN on every image: total seconds over all images; *without α-CROWN* is the time the "
             "cascade spent in its first three stages (a cascade that stops at CROWN, certifying "
             "what IBP, CROWN-IBP or CROWN certifies); and which stage decided each image.",
             "",
             "| model | threat | cascade % | best single % | cascade s | without α-CROWN s | "
-            "CROWN s | cascade / CROWN | decided by IBP / CROWN-IBP / CROWN / α-CROWN |",
+            "CROWN s | cascade / CROWN | decided by "
+            + " / ".join(LABEL[m] for m in METHODS)
+            + " |",
             "|---|---|---|---|---|---|---|---|---|",
         ]
         for mo in models:
@@ -905,6 +965,8 @@ def summary_markdown(result: dict[str, Any]) -> str:
                     f"| {dec} |"
                 )
                 name = ""
+    if any(mo.get("sdp") for mo in models):
+        lines += ["", *sdp_markdown(models)]
     bad = {
         f"{mo['name']} {t}": p["soundness_violations"]
         for mo in models
@@ -935,6 +997,68 @@ def summary_markdown(result: dict[str, Any]) -> str:
     if errors:
         lines += ["", "Failed cells: " + "; ".join(f"{k}: {v}" for k, v in errors.items())]
     return "\n".join(lines) + "\n"
+
+
+def sdp_markdown(models: Sequence[dict[str, Any]]) -> list[str]:
+    """The SDP-CROWN table: certified % beside CROWN, alpha-CROWN, the cascade and PGD, and times."""
+    lines = [
+        "**SDP-CROWN** (l2 and l1 balls) against CROWN and α-CROWN on the same images: certified "
+        "accuracy (%), in brackets the images SDP-CROWN certifies that α-CROWN does not (+) and the "
+        "reverse (−); PGD accuracy is the upper limit. Median milliseconds per image; *SDP / α* is "
+        "the ratio of SDP-CROWN's to α-CROWN's time per image (same optimisation steps and batch).",
+        "",
+        "| model | threat | CROWN | α-CROWN | SDP-CROWN | cascade | PGD | CROWN ms | α-CROWN ms "
+        "| SDP-CROWN ms | SDP / α |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for mo in models:
+        name = mo["name"]
+        for t, r in mo.get("sdp", {}).items():
+            new, lost = r.get("new_vs_alpha-crown"), r.get("lost_vs_alpha-crown")
+            delta = "" if new is None else f" (+{new}" + (f"/−{lost}" if lost else "") + ")"
+            p = mo["pgd"].get(t)
+            lines.append(
+                f"| {name} | {t} | {_f(r['crown_pct'])} | {_f(r['alpha-crown_pct'])} | "
+                f"{_f(r['sdp-crown_pct'])}{delta} | {_f(r['auto_pct'])} | "
+                f"{_f(p and p['accuracy_pct'])} | {_ms(r['crown_median_s'])} | "
+                f"{_ms(r['alpha-crown_median_s'])} | {_ms(r['sdp-crown_median_s'])} | "
+                f"{_f(r['time_ratio_vs_alpha'], '{:.2f}')} |"
+            )
+            name = ""
+    ratios = [
+        r["time_ratio_vs_alpha"]
+        for mo in models
+        for r in mo.get("sdp", {}).values()
+        if r["time_ratio_vs_alpha"] is not None
+    ]
+    lines += [
+        "",
+        "Tightness: mean over the images of the smallest margin lower bound (higher is tighter; "
+        "misclassified images included), and the images on which SDP-CROWN's bound is above "
+        "CROWN's.",
+        "",
+        "| model | threat | CROWN | α-CROWN | SDP-CROWN | SDP-CROWN > CROWN |",
+        "|---|---|---|---|---|---|",
+    ]
+    for mo in models:
+        name = mo["name"]
+        for t, r in mo.get("sdp", {}).items():
+            lines.append(
+                f"| {name} | {t} | {_f(r.get('crown_mean_margin'), '{:.3f}')} | "
+                f"{_f(r.get('alpha-crown_mean_margin'), '{:.3f}')} | "
+                f"{_f(r.get('sdp-crown_mean_margin'), '{:.3f}')} | "
+                f"{_f(r.get('tighter_than_crown'), '{}')}/{mo['samples']} |"
+            )
+            name = ""
+    lost = sum(r.get("lost_vs_crown", 0) for mo in models for r in mo.get("sdp", {}).values())
+    if ratios:
+        lines += [
+            "",
+            f"SDP-CROWN / α-CROWN time per image: median {statistics.median(ratios):.2f}, "
+            f"largest {max(ratios):.2f} over {len(ratios)} (model, threat) pairs. Images CROWN "
+            f"certifies and SDP-CROWN does not: {lost} (must be 0).",
+        ]
+    return lines
 
 
 def _threat_columns(models: Sequence[dict[str, Any]]) -> list[str]:
@@ -1106,6 +1230,13 @@ def _split(items: Sequence[str]) -> list[str]:
 @click.option(
     "--threat", "threats", multiple=True, help="Threats for every model [default: by dataset]."
 )
+@click.option(
+    "--norm",
+    "norms",
+    multiple=True,
+    type=click.Choice(["linf", "l2", "l1"]),
+    help="Keep only the default threats of these norms, e.g. --norm l2 --norm l1 [default: all].",
+)
 @click.option("--count", type=click.IntRange(min=1), default=None, help="Test images per model.")
 @click.option(
     "--batch-size", type=click.IntRange(min=1), default=None, help="Images per bound call."
@@ -1139,6 +1270,7 @@ def main(
     cascade: bool,
     attack: bool,
     threats: Sequence[str],
+    norms: Sequence[str],
     count: Optional[int],
     batch_size: Optional[int],
     alpha_iterations: Optional[int],
@@ -1152,7 +1284,7 @@ def main(
     retry_failed: bool,
     report_only: bool,
 ) -> None:
-    """Compare IBP, CROWN-IBP, CROWN, alpha-CROWN and the cascade on the same images."""
+    """Compare IBP, CROWN-IBP, CROWN, SDP-CROWN, alpha-CROWN and the cascade on the same images."""
     import torch
 
     from cure_lirpa.checkpoint import versions
@@ -1235,6 +1367,9 @@ def main(
             entries.append(model_entry(name, path, threats or None, s.count, root))
         except UserError as exc:
             log(f"skipping model {name}: {exc}")
+    if norms:
+        for e in entries:
+            e.threats = tuple(t for t in e.threats if t.split(":")[0] in norms)
     if not entries:
         raise click.ClickException("no usable models (see the messages above)")
     log(

@@ -37,7 +37,7 @@ from .threats import BoxFamily, NormBall, Threat
 
 _log = logging.getLogger(__name__)
 
-METHODS = tuple(lirpa.METHODS)  # ("ibp", "crown-ibp", "crown", "alpha-crown")
+METHODS = (*lirpa.METHODS, "sdp-crown")  # ibp, crown-ibp, crown, alpha-crown, sdp-crown
 _BYTES = 4
 _BOX_COPIES = 8
 
@@ -259,7 +259,7 @@ class BoundedClassifier:
         layers = sizes[1:]
         peak = max(n * max(sizes[: i + 1]) for i, n in enumerate(layers, start=1))
         # Factors calibrated against measured peaks (benchmarks/scaling.py) with some headroom.
-        factor = 10 if method == "alpha-crown" else 5
+        factor = 10 if method in ("alpha-crown", "sdp-crown") else 5
         return _BYTES * factor * peak + _BYTES * 12 * sum(sizes)
 
     def chunk_size(self, method: str) -> int:
@@ -280,6 +280,10 @@ class BoundedClassifier:
         """Lower bounds (B, K-1) on ``f_y - f_j`` over ``threat`` around each x (B, *in_shape)."""
         if method not in METHODS:
             raise UserError(f"unknown bound method {method!r}; choose one of {', '.join(METHODS)}")
+        if method == "sdp-crown":  # l2 balls; its own backward pass (cure_lirpa/sdp_crown.py)
+            from . import sdp_crown
+
+            return sdp_crown.margin_lower_bounds(self, x, y, threat)
         x, y = self._check_input(x, y)
         if isinstance(threat, NormBall):
             if threat.p == math.inf:

@@ -8,10 +8,10 @@ broken by the attack under the same threat is counted in ``summary["soundness_vi
 stay 0; the tests assert it).
 
 The method ``auto`` is the cheapest-first cascade: IBP, then CROWN-IBP, CROWN and alpha-CROWN, each
-only on the samples still open; it certifies exactly the union of what the four methods certify.
-For box families (patches, geometric threats) it runs per (sample, box) pair (:func:`_box_cascade`):
-a sample is certified when each of its boxes is certified by some method, so it certifies at least
-that union.
+only on the samples still open; it certifies exactly the union of what these methods certify. Under
+l2 balls SDP-CROWN runs between CROWN and alpha-CROWN (:func:`cascade_for`). For box families
+(patches, geometric threats) it runs per (sample, box) pair (:func:`_box_cascade`): a sample is
+certified when each of its boxes is certified by some method, so it certifies at least that union.
 """
 
 from __future__ import annotations
@@ -42,6 +42,19 @@ REFUTE_STEPS = 20
 """Signed-gradient steps of that attack (:func:`cure_lirpa.attacks.box_pgd`)."""
 LAST_STAGE_GROUP = 4
 """Boxes per alpha-CROWN call in the box-family cascade (it stops at a sample's first failure)."""
+
+L2_CASCADE = ("ibp", "crown-ibp", "crown", "sdp-crown", "alpha-crown")
+"""The cascade under l2 balls: SDP-CROWN is tighter than CROWN there and cheaper than alpha-CROWN
+(benchmarks/certificates.py measures both)."""
+
+
+def cascade_for(threat: Threat) -> tuple[str, ...]:
+    """The cascade's stages, cheapest first, for ``threat``."""
+    if isinstance(threat, NormBall) and threat.p == 2.0:
+        return L2_CASCADE
+    return CASCADE
+
+
 ALL_METHODS = (*METHODS, "auto")
 
 
@@ -112,7 +125,7 @@ def _cascade(
     fallback = torch.zeros(len(x), dtype=torch.bool)
     by = ["none"] * len(x)
     open_idx = torch.arange(len(x))[correct]
-    for method in CASCADE:
+    for method in cascade_for(threat):
         if len(open_idx) == 0:
             break
         t0 = time.perf_counter()

@@ -91,6 +91,8 @@ def test_certificates_suite_smoke(tiny_checkpoint: Path, tmp_path: Path):
         "ibp",
         "--method",
         "crown",
+        "--method",
+        "sdp-crown",
         "--count",
         "6",
         "--out",
@@ -152,6 +154,13 @@ def test_certificates_suite_smoke(tiny_checkpoint: Path, tmp_path: Path):
         100.0 * len(sets[(t, "ibp")] | sets[(t, "crown")]) / 6 for t in THREATS
     )
     assert "| tiny" in (out / "summary.md").read_text()
+    # SDP-CROWN runs under l2 only (l∞ would be CROWN's bound) and never loses a CROWN certificate
+    assert not (out / "cells" / "tiny" / "linf_0.01__sdp-crown.json").exists()
+    assert "sdp-crown" not in mo["cells"]["linf:0.01"] and set(mo["sdp"]) == {"l2:0.1"}
+    sdp = json.loads((out / "cells" / "tiny" / "l2_0.1__sdp-crown.json").read_text())
+    assert sets[("l2:0.1", "crown")] <= {i for i, f in enumerate(sdp["certified"]) if f}
+    assert mo["sdp"]["l2:0.1"]["lost_vs_crown"] == 0
+    assert "SDP-CROWN" in (out / "summary.md").read_text()
 
     # a rerun resumes: every cell is already on disk, nothing is recomputed
     stamps = {p: p.stat().st_mtime_ns for p in (out / "cells").rglob("*.json")}

@@ -47,9 +47,12 @@ def default_threats(ckpt: dict, dataset: str) -> tuple[str, ...]:
     "--method",
     "methods",
     multiple=True,
-    type=click.Choice(["ibp", "crown-ibp", "crown", "alpha-crown", "auto"]),
+    type=click.Choice(["ibp", "crown-ibp", "crown", "alpha-crown", "sdp-crown", "auto"]),
     default=("ibp", "crown-ibp"),
-    help="Bound method, repeatable; 'auto' is the cheapest-first cascade.",
+    help="Bound method, repeatable, e.g. --method crown --method sdp-crown. 'auto' is the "
+    "cheapest-first cascade (sdp-crown before alpha-crown under l2). sdp-crown is for l2 balls; "
+    "under l1 it keeps the better of CROWN and its l2 bound, under l∞ and box threats it returns "
+    "the CROWN bound.",
 )
 @click.option(
     "--dataset",
