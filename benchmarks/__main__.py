@@ -221,6 +221,12 @@ def docs(paths: Sequence[Path]) -> None:
 def _fill(path: Path) -> None:
     from cure_lirpa.checkpoint import atomic_write_text
 
+    atomic_write_text(path, filled_text(path))
+
+
+def filled_text(path: Path, quiet: bool = False) -> str:
+    """``path``'s text with every marked results section replaced by its suite's fragment."""
+    say = (lambda _msg: None) if quiet else log
     text = path.read_text()
     for suite in SUITES.values():
         for marker, rel in suite.fragments:
@@ -233,12 +239,12 @@ def _fill(path: Path) -> None:
             if not pattern.search(text):
                 continue
             if not frag.is_file():
-                log(f"{marker}: {frag} not generated yet; section left unchanged")
+                say(f"{marker}: {frag} not generated yet; section left unchanged")
                 continue
             body = frag.read_text().rstrip("\n") + "\n"
             text = pattern.sub(lambda m, b=body: m.group(1) + b + m.group(2), text)
-            log(f"{marker}: copied {frag.relative_to(REPO)}")
-    atomic_write_text(path, text)
+            say(f"{marker}: copied {frag.relative_to(REPO)}")
+    return text
 
 
 if __name__ == "__main__":
