@@ -105,6 +105,16 @@ class InputIdentity(nn.Module):
         return self.layer(x.flatten(1)).view(-1, *self.in_shape)
 
 
+def _modes(module: nn.Module) -> list[tuple[nn.Module, bool]]:
+    """The train/eval flag of every submodule (``module.train(flag)`` would set them all alike)."""
+    return [(m, m.training) for m in module.modules()]
+
+
+def _restore(modes: list[tuple[nn.Module, bool]]) -> None:
+    for m, flag in modes:
+        m.training = flag
+
+
 def _activation_sizes(module: nn.Module) -> list[int]:
     """Numbers of neurons (per sample) of each ReLU of a traced ``BoundedModule``, in graph order.
 
@@ -165,11 +175,11 @@ class BoundedClassifier:
             self.module = self._trace(self.traced)
             assert not lirpa.lp_ball_droppers(self.module)
         self.train(trainable and model.training)
-        was_training = model.training
+        model_modes = _modes(model)
         # in eval mode: a forward in train mode would move BatchNorm's running statistics
         with torch.no_grad():
             out = model.eval()(torch.zeros(1, *self.in_shape, device=self.device))
-        model.train(was_training)
+        _restore(model_modes)
         if out.dim() != 2:
             raise UserError(
                 f"the model returns outputs of shape {tuple(out.shape)} for one input; a classifier "
@@ -190,7 +200,7 @@ class BoundedClassifier:
         """``target`` as an auto_LiRPA ``BoundedModule``; refuses untraceable models and models whose
         trace froze a data-dependent Python branch (torch.jit's "Converting a tensor to a Python
         boolean/number" warning)."""
-        was_training = target.training
+        modes = _modes(target)
         try:
             target.eval()  # BatchNorm1d cannot be traced in train mode with a batch of one
             with warnings.catch_warnings(record=True) as caught:
@@ -212,7 +222,7 @@ class BoundedClassifier:
                 "(Conv2d, Linear, ReLU, BatchNorm, Flatten, Normalize)."
             ) from None
         finally:
-            target.train(was_training)
+            _restore(modes)
         for w in caught:
             if issubclass(
                 w.category, torch.jit.TracerWarning
@@ -494,7 +504,7 @@ class BoundedClassifier:
             norms = delta.flatten(1).norm(p=p, dim=1).view(-1, *[1] * (x0.dim() - 1))
             points = torch.cat([x0, x0 + delta / norms * float(ptb.eps)])
         with torch.no_grad():
-            modes = self.module.training, self.traced.training
+            modes = self.module.training, _modes(self.traced)
             # auto_LiRPA's parameter nodes set requires_grad to the module's mode on every forward,
             # and in training the bounded module holds newer BatchNorm statistics than the model:
             # compare with the bounded module's buffers, then restore flags and buffers (and the
@@ -519,7 +529,7 @@ class BoundedClassifier:
                 direct = self.traced(points)
             finally:
                 self.module.train(modes[0])
-                self.traced.train(modes[1])
+                _restore(modes[1])
                 for q, flag in flags:
                     q.requires_grad_(flag)
                 for buf, value in saved:

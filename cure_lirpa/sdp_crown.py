@@ -79,8 +79,8 @@ def model_layers(module: nn.Module) -> list[nn.Module]:
     """
     if isinstance(module, nn.Sequential):
         return [leaf for child in module.children() for leaf in model_layers(child)]
-    if isinstance(module, (nn.Identity, nn.Dropout)):
-        return []
+    if isinstance(module, (nn.Identity, nn.Dropout)) or type(module).__name__ == "InputIdentity":
+        return []  # InputIdentity: the identity layer the bounded classifier may put in front
     if isinstance(module, nn.Conv2d):
         if module.groups != 1 or module.dilation != (1, 1) or module.padding_mode != "zeros":
             raise UserError(
@@ -348,17 +348,21 @@ def margin_lower_bounds(
     if not isinstance(threat, NormBall) or threat.p == math.inf:
         return bc.margin_lower_bounds(x, y, threat, "crown")
     layers = model_layers(bc.traced)
-    modes = [m.training for m in bc.traced.modules() if isinstance(m, _TRAIN_DEPENDENT)]
-    if modes and (any(modes) or bc.module.training):
-        raise UserError(
-            "sdp-crown bounds the model in eval mode (BatchNorm running statistics, no dropout); "
-            "call .train(False) on the BoundedClassifier first"
-        )
     x, y = bc._check_input(x, y)
     n = bc.chunk_size(METHOD)
-    out = [
-        _l2_bounds(bc, layers, x[s : s + n], y[s : s + n], threat.eps) for s in range(0, len(y), n)
-    ]
+    # Verification bounds the model in eval mode (BatchNorm running statistics, no dropout), like
+    # the bounded module, whatever mode the wrapped model is in.
+    modes = [(m, m.training) for m in bc.traced.modules() if isinstance(m, _TRAIN_DEPENDENT)]
+    for m, _ in modes:
+        m.training = False
+    try:
+        out = [
+            _l2_bounds(bc, layers, x[s : s + n], y[s : s + n], threat.eps)
+            for s in range(0, len(y), n)
+        ]
+    finally:
+        for m, flag in modes:
+            m.training = flag
     lb = torch.cat(out)
     if threat.p == 1.0:  # the l1 ball of radius eps lies in the l2 ball of radius eps
         lb = torch.maximum(lb, bc.margin_lower_bounds(x, y, threat, "crown"))
@@ -384,8 +388,7 @@ def _l2_bounds(
             (node.inputs[0].lower.detach(), node.inputs[0].upper.detach())
             for node in bc.module.relus
         ]
-    if not bc._checked_lp and eps > 0:
-        bc._check_lp_width(center, ptb)
+    bc._check_trace(center, ptb, 2.0)  # the traced graph is the model; the ball was not dropped
     relus, shapes = _forward(layers, center, eps, bounds)
     if not relus or eps <= 0:
         return crown.detach()

@@ -7,7 +7,8 @@
   BatchNorm and on a user model loaded as ``module:factory``, and is >= CROWN on every margin;
 * the ingredients: Conv2d spectral norm upper bounds, and the balls around each pre-activation
   contain the pre-activations of sampled inputs;
-* unsupported models and training mode are refused; l∞ gets the CROWN bound; the cascade under l2
+* unsupported models and trainable classifiers are refused; a model in train mode is bounded in
+  eval mode; l∞ gets the CROWN bound; the cascade under l2
   certifies exactly the union of its stages.
 """
 
@@ -204,9 +205,13 @@ def test_unsupported_models_threats_and_modes():
         BoundedClassifier(model, IN_SHAPE, trainable=True).margin_lower_bounds(
             x, y, NormBall(2.0, 0.5), "sdp-crown"
         )
-    bn = BoundedClassifier(_zoo("cnn7"), IN_SHAPE).train(True)
-    with pytest.raises(UserError, match="eval mode"):
-        bn.margin_lower_bounds(x, y, NormBall(2.0, 0.5), "sdp-crown")
+    # a model in train mode is bounded in eval mode (running statistics), like every method
+    ball = NormBall(2.0, 0.5)
+    evaluated = BoundedClassifier(_zoo("cnn7"), IN_SHAPE).margin_lower_bounds(
+        x, y, ball, "sdp-crown"
+    )
+    training = BoundedClassifier(_zoo("cnn7").train(), IN_SHAPE).train(True)
+    torch.testing.assert_close(training.margin_lower_bounds(x, y, ball, "sdp-crown"), evaluated)
     bc = BoundedClassifier(model, IN_SHAPE)
     linf = NormBall(math.inf, 0.02)
     torch.testing.assert_close(
