@@ -266,7 +266,7 @@ def test_estimate_radius_brackets_the_true_radius():
     smooth = Smooth(KnownProbabilities(probs, noise), 2, noise, seed=0)
     c = estimate_radius(smooth, torch.zeros(1), precision=0.2, n0=50, alpha=0.001)
     assert c.label == 0 and c.radius <= true_radius <= c.radius_upper
-    assert c.stop == "precision" and c.radius_upper - c.radius <= 0.2 + 1e-9
+    assert c.stop in ("precision", "decided") and c.radius_upper - c.radius <= 0.2 + 1e-9
     capped = estimate_radius(smooth, torch.zeros(1), precision=0.2, max_radius=0.5, n0=50)
     assert capped.radius == 0.5 and capped.stop == "decided" and capped.n < c.n
 
@@ -280,3 +280,95 @@ def test_hybrid_on_known_probabilities_uses_half_alpha_each():
     # Uniform l1 radius at p = 0.95: 2 * sqrt(3) * 0.5 * 0.45 = 0.78; Gaussian: 0.5 * 1.64 = 0.82
     assert cg.label == cu.label == h.label == 0 and h.rule == "agree"
     assert h.radius_l1 == max(cg.radius_l1, cu.radius_l1) == 0.75
+
+
+# --------------------------------------------------------------------------- CLI and TSV
+
+
+def test_cli_sequential_decide_hybrid_estimate_and_resume(tmp_path):
+    from click.testing import CliRunner
+
+    from cure_lirpa.smoothing.analysis import load_run
+    from cure_lirpa.smoothing.certifier import read_tsv
+    from cure_lirpa.smoothing.cli import smooth
+
+    def invoke(*args, ok=True):
+        res = CliRunner().invoke(smooth, [str(a) for a in args])
+        if ok:
+            assert res.exit_code == 0, res.output + repr(res.exception)
+        return res
+
+    ckpt = tmp_path / "g.pt"
+    invoke(
+        "train", "--sigma", "0.5", "--epochs", "1", "--train-count", "512", "--eval-count", "0",
+        "--width", "4", "--batch-size", "64", "--device", "cpu", "--out", ckpt, "--no-progress",
+    )  # fmt: skip
+    common = ["-c", ckpt, "--sigma", "0.5", "--n0", "20", "--alpha", "0.01", "--batch-size",
+              "200", "--count", "4", "--skip", "200", "--device", "cpu", "--no-progress"]  # fmt: skip
+    seq = tmp_path / "seq.tsv"
+    res = invoke("certify", *common, "--sequential", "decide", "--radii", "0.1,0.3",
+                 "--max-n", "2000", "-o", seq)  # fmt: skip
+    assert "mean draws per sample" in res.output and "certified accuracy (l2)" in res.output
+    header, columns, rows = read_tsv(seq)
+    assert header["run"]["sequential"] == "decide" and header["run"]["radii"] == [0.1, 0.3]
+    assert len(rows) == 4
+    for r in rows:
+        assert float(r["radius_l2"]) in (0.0, 0.1, 0.3)
+        assert int(r["samples"]) == 20 + int(r["gaussian_n"]) <= int(r["drawn"])
+        assert int(r["gaussian_n"]) <= 2000 and r["gaussian_stop"] in ("decided", "cap")
+    run = load_run(seq)  # smooth analyze reads it like a fixed-n TSV
+    assert run.size == 4
+    # resuming a finished file recomputes nothing; other options are refused
+    invoke("certify", *common, "--sequential", "decide", "--radii", "0.1,0.3", "--max-n", "2000",
+           "-o", seq, "--resume")  # fmt: skip
+    assert read_tsv(seq)[2] == rows
+    bad = invoke("certify", *common, "--sequential", "decide", "--radii", "0.2", "--max-n",
+                 "2000", "-o", seq, "--resume", ok=False)  # fmt: skip
+    assert bad.exit_code != 0 and "radii" in bad.output
+
+    hyb = tmp_path / "hyb.tsv"
+    invoke("certify", *common, "--noise", "hybrid", "--sequential", "decide", "--radius-norm",
+           "l1", "--radii", "0.5", "--max-n", "2000", "-o", hyb)  # fmt: skip
+    header, columns, rows = read_tsv(hyb)
+    assert header["run"]["alpha_each"] == 0.005 and "rule" in columns
+    assert all(int(r["samples"]) == 40 + int(r["gaussian_n"]) + int(r["uniform_n"]) for r in rows)
+
+    est = tmp_path / "est.tsv"
+    invoke("certify", *common, "--sequential", "estimate", "--precision", "0.2", "--max-n",
+           "2000", "-o", est)  # fmt: skip
+    _, columns, rows = read_tsv(est)
+    assert "gaussian_radius_upper" in columns
+    for r in rows:
+        assert float(r["radius_l2"]) <= float(r["gaussian_radius_upper"])
+
+    few = invoke("certify", *common, "--sequential", "decide", "--max-n", "3", "-o",
+                 tmp_path / "few.tsv", ok=False)  # fmt: skip
+    assert few.exit_code == 1 and "max_n" in few.output and "Traceback" not in few.output
+
+
+def test_benchmark_report_compares_paired_runs(tmp_path, monkeypatch):
+    """The benchmark's comparison on two tiny TSVs of a classifier with known probabilities."""
+    import benchmarks.smoothing_sequential as bench
+    from cure_lirpa.smoothing.certifier import certify_dataset
+    from cure_lirpa.smoothing.sequential import certify_dataset_sequential
+
+    monkeypatch.setattr(bench, "RESULTS", tmp_path)
+    noise = GaussianNoise(0.25)
+    model = KnownProbabilities((0.999, 0.001), noise)
+    data = torch.utils.data.TensorDataset(torch.zeros(6, 1), torch.tensor([0, 0, 0, 1, 1, 0]))
+    kw = dict(sigma_gaussian=0.25, n0=20, alpha=0.001, batch_size=500, count=6)
+    fixed, seq = tmp_path / "f.tsv", tmp_path / "s.tsv"
+    certify_dataset(model, 2, data, fixed, n=5000, **kw)
+    certify_dataset_sequential(model, 2, data, seq, max_n=5000, radii=bench.RADII, **kw)
+    row = bench.compare("mnist-0.25", fixed, seq, {})
+    assert row["images"] == 6 and row["fixed_samples_per_image"] == 5020
+    acc = row["certified_accuracy"]
+    assert acc["0"]["fixed"] == pytest.approx(100 * 4 / 6)  # two images carry another label
+    for v in acc.values():
+        assert v["difference_points"] == pytest.approx(v["sequential"] - v["fixed"])
+    assert row["samples_ratio"] == pytest.approx(5020 / row["sequential_samples"]["mean"])
+    assert row["sequential_samples"]["mean"] < 5020
+    text = bench.markdown([row], {"command": "test", "generated": "now"})
+    assert "| mnist-0.25 (sigma 0.25) | 6 |" in text
+    bench.plot_samples([row], tmp_path / "p.png")
+    assert (tmp_path / "p.png").stat().st_size > 0
