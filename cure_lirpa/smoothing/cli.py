@@ -513,7 +513,7 @@ def certify_cmd(
     precision,
     max_radius,
 ):
-    """Certify samples with CERTIFY (Cohen et al.); one TSV row per sample.
+    """Certify samples with CERTIFY (Cohen et al.) or sequentially (--sequential); one TSV row each.
 
     \b
     Columns: idx label predict radius_l1 radius_l2 correct, then per noise its predict, count,
