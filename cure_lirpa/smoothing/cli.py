@@ -426,6 +426,15 @@ def _sequential_options(fn: Callable) -> Callable:
             "radii at the cap are reported as not certified).",
         ),
         click.option(
+            "--futility-alpha",
+            type=click.FloatRange(0, 1, min_open=True, max_open=True),
+            default=0.05,
+            show_default=True,
+            help="Sequential: level of the 'not certifiable at r' decisions. They only withhold "
+            "certificates (the certificate's failure probability stays --alpha); a larger value "
+            "stops inputs below a radius' threshold sooner.",
+        ),
+        click.option(
             "--precision",
             type=POSITIVE,
             default=0.05,
@@ -510,6 +519,7 @@ def certify_cmd(
     radii,
     radius_norm,
     max_n,
+    futility_alpha,
     precision,
     max_radius,
 ):
@@ -573,6 +583,7 @@ def certify_cmd(
             n0=n0,
             max_n=max_n,
             alpha=alpha,
+            futility_alpha=futility_alpha,
             batch_size=batch_size,
             joint_alpha=joint_alpha,
             seed=seed,

@@ -69,6 +69,8 @@ SEQUENTIAL_MODES = ("decide", "estimate")
 PRIOR_B = 0.1
 """Shape of the mixing density ``(1 - p1)^(b - 1)``: small b favours top-class probabilities near 1."""
 
+FUTILITY_ALPHA = 0.05
+"""Default level of the "not certifiable" decisions (they only withhold certificates)."""
 UNDECIDED, CERTIFIED, NOT_CERTIFIED = 0, 1, -1
 
 
@@ -150,8 +152,8 @@ class SequentialTest:
     them in order and stops at the first sample after which every threshold is decided.
     ``status[j]`` is :data:`CERTIFIED`, :data:`NOT_CERTIFIED` or :data:`UNDECIDED`; only a prefix
     of the thresholds can be certified (the chain rule of the module docstring). ``alpha`` bounds
-    the probability of certifying any threshold at or above the true p; ``futility_alpha`` (default
-    alpha) bounds the probability of calling a threshold below the true p not certifiable.
+    the probability of certifying any threshold at or above the true p; ``futility_alpha`` bounds
+    the probability of calling a threshold below the true p not certifiable (a power setting).
     """
 
     def __init__(
@@ -159,7 +161,7 @@ class SequentialTest:
         thresholds: Sequence[float],
         alpha: float,
         max_n: int,
-        futility_alpha: Optional[float] = None,
+        futility_alpha: float = FUTILITY_ALPHA,
         b: float = PRIOR_B,
     ):
         _check_alpha(alpha)
@@ -170,7 +172,7 @@ class SequentialTest:
             raise UserError(f"max_n (the cap on samples) must be >= 1, got {max_n}")
         self.q = q
         self.alpha = float(alpha)
-        self.futility_alpha = float(alpha if futility_alpha is None else futility_alpha)
+        self.futility_alpha = float(futility_alpha)
         _check_alpha(self.futility_alpha)
         self.max_n = int(max_n)
         self.b = float(b)
@@ -180,6 +182,8 @@ class SequentialTest:
         self.f = 0
         self.status = np.where(q >= 1.0, NOT_CERTIFIED, UNDECIDED)
         self._need: tuple[Any, Optional[int]] = (None, None)
+        self.refuted: Optional[int] = None
+        """Smallest threshold the mirror test showed to be above p (None when none)."""
         self._grid = np.unique(np.geomspace(1, self.max_n, 48).astype(np.int64))
         self._propagate()
 
@@ -248,6 +252,8 @@ class SequentialTest:
         for t, j, what in events:
             if self.status[j] == UNDECIDED:
                 self.status[j] = what
+                if what == NOT_CERTIFIED and (self.refuted is None or j < self.refuted):
+                    self.refuted = j
                 self._propagate()
             if self.done:
                 used = t
@@ -381,6 +387,7 @@ def run_test(
     every_sample: bool = True,
     stop_early: Optional[Callable[[SequentialTest], bool]] = None,
     min_batch: int = 50,
+    futility_alpha: float = FUTILITY_ALPHA,
 ) -> tuple[int, SequentialTest, int]:
     """Select the top class from ``n0`` draws (as CERTIFY), then run a :class:`SequentialTest` of
     ``thresholds`` on fresh draws. Returns ``(top class, test, samples drawn)``."""
@@ -391,7 +398,7 @@ def run_test(
     try:
         counts0 = smooth.sample_counts(x, n0, batch_size)
         top = int(counts0.argmax())
-        test = SequentialTest(thresholds, alpha, max_n)
+        test = SequentialTest(thresholds, alpha, max_n, futility_alpha)
         with torch.inference_mode():
             draw = _Sampler(smooth, x, batch_size)
             while not test.done and not (stop_early is not None and stop_early(test)):
@@ -412,12 +419,16 @@ def certify_sequential(
     batch_size: int = 1000,
     norm_name: str = "l2",
     min_batch: int = 50,
+    futility_alpha: float = FUTILITY_ALPHA,
 ) -> SequentialCertificate:
     """Decide, for every radius in ``radii`` (``norm_name``), whether ``x`` is certified, drawing
     noise only until every radius is decided (or ``max_n`` estimation draws).
 
     The certified radius is the largest listed radius whose test (and every smaller one's) rejected
-    ``pA <= p_target``; the certificate is wrong with probability at most ``alpha``.
+    ``pA <= p_target``; the certificate is wrong with probability at most ``alpha``. A radius is
+    called not certifiable when the mirror test shows ``pA < p_target`` at ``futility_alpha`` (a
+    power setting: it cannot make a certificate wrong) or when all-hit draws could not certify it
+    within ``max_n``.
     """
     radii = sorted({float(r) for r in radii})
     if not radii:
@@ -425,7 +436,15 @@ def certify_sequential(
     dim = int(x.numel())
     thresholds = [0.5] + [target_probability(smooth.noise, r, norm_name, dim) for r in radii]
     top, test, drawn = run_test(
-        smooth, x, thresholds, n0, alpha, max_n, batch_size, min_batch=min_batch
+        smooth,
+        x,
+        thresholds,
+        n0,
+        alpha,
+        max_n,
+        batch_size,
+        min_batch=min_batch,
+        futility_alpha=futility_alpha,
     )
     return _certificate(
         smooth.noise, norm_name, dim, [0.0, *radii], thresholds, top, test, drawn, n0
@@ -443,15 +462,17 @@ def estimate_radius(
     batch_size: int = 1000,
     norm_name: str = "l2",
     min_batch: int = 50,
+    futility_alpha: float = FUTILITY_ALPHA,
 ) -> SequentialCertificate:
     """The largest certified radius of ``x`` to within ``precision`` (``norm_name`` units).
 
     Runs the sequential test on the radius grid ``precision/2, precision, ...`` up to ``max_radius``
     (default: the largest radius any input can reach within ``max_n``) and stops when the certified
-    radius and the smallest radius shown to be out of reach differ by at most ``precision``, when
-    ``max_radius`` is certified, or at the cap. ``radius_upper`` is that upper end (``inf`` when no
-    radius was shown out of reach). Certificates hold with probability >= 1 - alpha, the upper end
-    with probability >= 1 - alpha on its own.
+    radius and the smallest radius out of reach (by the mirror test, or not certifiable within
+    ``max_n``) differ by at most ``precision``, when ``max_radius`` is certified, or at the cap.
+    ``radius_upper`` is the smallest grid radius the mirror test showed to be above the true radius
+    (``inf`` when none). Certificates hold with probability >= 1 - alpha, ``radius_upper`` with
+    probability >= 1 - ``futility_alpha`` on its own.
     """
     if not (math.isfinite(precision) and precision > 0):
         raise UserError(f"precision must be a positive radius, got {precision!r}")
@@ -474,11 +495,20 @@ def estimate_radius(
         return out.size > 0 and k > 0 and grid[out[0]] - grid[k - 1] <= precision
 
     top, test, drawn = run_test(
-        smooth, x, thresholds, n0, alpha, max_n, batch_size, False, precise, min_batch
+        smooth,
+        x,
+        thresholds,
+        n0,
+        alpha,
+        max_n,
+        batch_size,
+        False,
+        precise,
+        min_batch,
+        futility_alpha,
     )
     cert = _certificate(smooth.noise, norm_name, dim, grid, thresholds, top, test, drawn, n0)
-    out = np.flatnonzero(test.status == NOT_CERTIFIED)
-    upper = grid[out[0]] if out.size else math.inf
+    upper = grid[test.refuted] if test.refuted is not None else math.inf
     return _replace(cert, radius_upper=upper, decisions={})
 
 
@@ -545,14 +575,16 @@ def certify_sequential_hybrid(
     batch_size: int = 1000,
     norm_name: str = "l1",
     joint_alpha: bool = True,
+    futility_alpha: float = FUTILITY_ALPHA,
 ):
     """Sequential Gaussian and Uniform certificates, each at :func:`split_alpha` (alpha / 2 by
     default), combined by Table 1. Returns ``(hybrid, gaussian, uniform)``."""
     from .hybrid import combine, split_alpha
 
     a = split_alpha(alpha, 2, joint_alpha)
-    g = certify_sequential(gaussian, x, radii, n0, a, max_n, batch_size, norm_name)
-    u = certify_sequential(uniform, x, radii, n0, a, max_n, batch_size, norm_name)
+    kw = {"norm_name": norm_name, "futility_alpha": futility_alpha}
+    g = certify_sequential(gaussian, x, radii, n0, a, max_n, batch_size, **kw)
+    u = certify_sequential(uniform, x, radii, n0, a, max_n, batch_size, **kw)
     return combine(g, u), g, u
 
 
@@ -590,6 +622,7 @@ def certify_dataset_sequential(
     n0: int = 100,
     max_n: int = 100_000,
     alpha: float = 0.001,
+    futility_alpha: float = FUTILITY_ALPHA,
     batch_size: int = 1000,
     joint_alpha: bool = True,
     seed: int = 0,
@@ -643,6 +676,7 @@ def certify_dataset_sequential(
         "max_n": max_n,
         "alpha": alpha,
         "alpha_each": each_alpha,
+        "futility_alpha": futility_alpha,
         "batch_size": batch_size,
         "seed": seed,
         "start": start,
@@ -660,12 +694,14 @@ def certify_dataset_sequential(
             smooth.manual_seed(sample_seed(seed, idx, streams[name]))
             if sequential == "decide":
                 certs[name] = certify_sequential(
-                    smooth, x, radii, n0, each_alpha, max_n, batch_size, norm_name
-                )
+                    smooth, x, radii, n0, each_alpha, max_n, batch_size, norm_name,
+                    futility_alpha=futility_alpha,
+                )  # fmt: skip
             else:
                 certs[name] = estimate_radius(
-                    smooth, x, precision, max_radius, n0, each_alpha, max_n, batch_size, norm_name
-                )
+                    smooth, x, precision, max_radius, n0, each_alpha, max_n, batch_size,
+                    norm_name, futility_alpha=futility_alpha,
+                )  # fmt: skip
         row: dict[str, Any] = {}
         for name, c in certs.items():
             row.update(
