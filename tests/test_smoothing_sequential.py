@@ -371,6 +371,6 @@ def test_benchmark_report_compares_paired_runs(tmp_path, monkeypatch):
     assert row["samples_ratio"] == pytest.approx(5020 / row["sequential_samples"]["mean"])
     assert row["sequential_samples"]["mean"] < 5020
     text = bench.markdown([row], {"command": "test", "generated": "now"})
-    assert "| mnist-0.25 (sigma 0.25) | 6 |" in text
+    assert "| mnist-0.25 (sigma 0.25) | 6 / 6 |" in text
     bench.plot_samples([row], tmp_path / "p.png")
     assert (tmp_path / "p.png").stat().st_size > 0
