@@ -415,7 +415,8 @@ def markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
             for r in rows
             if "cpu_overhead" in r
         )
-        + "; the CPU time per image therefore falls by about the samples ratio. Distribution: "
+        + " (largest where only a few hundred samples are drawn: small batches, fixed costs); "
+        "CPU time per image falls by the samples ratio divided by (1 + overhead). Distribution: "
         "samples_per_image.png.",
         "",
     ]
