@@ -131,6 +131,13 @@ SUITES: dict[str, Suite] = {
             ),
         ),
         Suite(
+            "smoothing_sequential",
+            "benchmarks.smoothing_sequential:main",
+            "sequential (anytime-valid) against fixed-n smoothing certification: certified "
+            "accuracy, samples and time per image (MNIST, CIFAR-10)",
+            fragments=(("smoothing_sequential", "smoothing_sequential/results.md"),),
+        ),
+        Suite(
             "smoothing_speed",
             "benchmarks.smoothing_speed:main",
             "randomized smoothing certification speed",

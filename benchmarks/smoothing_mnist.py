@@ -109,19 +109,13 @@ def settings(quick: bool) -> dict[str, Any]:
     }
 
 
-def run_row(
-    name: str,
-    out: Path,
-    cfg: dict[str, Any],
-    data_root: Optional[str],
-    device: torch.device,
-    uniform_ratio: float,
-    epochs: Optional[int],
-    joint_alpha: bool = True,
-) -> dict[str, Any]:
-    """Train (or resume) the row's model, certify it, write ``rows/<name>.json``."""
+def train_config(
+    name: str, cfg: dict[str, Any], data_root: Optional[str], epochs: Optional[int] = None
+) -> TrainConfig:
+    """The training configuration of row ``name`` (also used by smoothing_sequential.py, which
+    certifies the same models)."""
     row = ROWS[name]
-    config = TrainConfig(
+    return TrainConfig(
         dataset=cfg["dataset"],
         data_root=None if cfg["dataset"] == "sample" else data_root,
         arch="cnn-small",
@@ -135,6 +129,21 @@ def run_row(
         seed=0,
         eval_count=1000,
     )
+
+
+def run_row(
+    name: str,
+    out: Path,
+    cfg: dict[str, Any],
+    data_root: Optional[str],
+    device: torch.device,
+    uniform_ratio: float,
+    epochs: Optional[int],
+    joint_alpha: bool = True,
+) -> dict[str, Any]:
+    """Train (or resume) the row's model, certify it, write ``rows/<name>.json``."""
+    row = ROWS[name]
+    config = train_config(name, cfg, data_root, epochs)
     ckpt_path = out / "models" / f"{name}.pt"
     t0 = time.perf_counter()
     train(config, ckpt_path, resume=True, device=device, log=lambda s: click.echo(f"[{name}] {s}"))

@@ -5,6 +5,7 @@ Independent of auto_LiRPA: it works with any ``nn.Module`` classifier on [0, 1] 
 - :mod:`.noise`: Gaussian, Uniform and Normal-Uniform noise, sampled on the model's device.
 - :mod:`.certifier`: :class:`Smooth` (CERTIFY / PREDICT), Clopper–Pearson bound, resumable TSVs.
 - :mod:`.hybrid`: the NU paper's Table 1 rule combining a Gaussian and a Uniform certificate.
+- :mod:`.sequential`: anytime-valid sequential certification (stop once the radii are decided).
 - :mod:`.training`: noise augmentation, Normal-Uniform noise + similarity regulariser, consistency.
 - :mod:`.analysis`: certified accuracy, ACR, curves, comparison at fixed clean accuracy.
 - :mod:`.cli`: the ``smooth`` click group (``cure-lirpa smooth ...``).
@@ -33,6 +34,14 @@ from .noise import (
     make_generator,
     make_noise,
 )
+from .sequential import (
+    SequentialCertificate,
+    SequentialTest,
+    certify_dataset_sequential,
+    certify_sequential,
+    certify_sequential_hybrid,
+    estimate_radius,
+)
 
 __all__ = [
     "ABSTAIN",
@@ -43,12 +52,18 @@ __all__ = [
     "Noise",
     "NormalUniformNoise",
     "Smooth",
+    "SequentialCertificate",
+    "SequentialTest",
     "SmoothingWarning",
     "UniformNoise",
     "certify_dataset",
+    "certify_dataset_sequential",
+    "certify_sequential",
+    "certify_sequential_hybrid",
     "check_sampling",
     "clopper_pearson_lower",
     "combine",
+    "estimate_radius",
     "make_generator",
     "make_noise",
     "min_certify_n",

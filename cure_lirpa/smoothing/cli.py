@@ -402,6 +402,69 @@ def train_cmd(
     click.echo(f"checkpoint: {res['out']} (epoch {res['epoch']}/{epochs})")
 
 
+def _sequential_options(fn: Callable) -> Callable:
+    """Options of the sequential modes of ``certify`` (cure_lirpa.smoothing.sequential)."""
+    options = [
+        click.option(
+            "--sequential",
+            type=click.Choice(["off", "decide", "estimate"]),
+            default="off",
+            show_default=True,
+            help="off: fixed-n CERTIFY. decide: draw noise until every --radii radius is decided "
+            "(certified or not) by an anytime-valid test at the same alpha. estimate: until the "
+            "largest certified radius is known to --precision.",
+        ),
+        click.option(
+            "--radii",
+            type=FloatList(),
+            default="0.25,0.5,0.75",
+            show_default=True,
+            help="decide: radii to decide, in --radius-norm units (e.g. 0.25,0.5,0.75).",
+        ),
+        click.option(
+            "--radius-norm",
+            type=click.Choice(["l2", "l1"]),
+            default="l2",
+            show_default=True,
+            help="Norm of --radii, --precision and --max-radius.",
+        ),
+        click.option(
+            "--max-n",
+            type=click.IntRange(min=1),
+            default=100_000,
+            show_default=True,
+            help="Sequential: cap on the estimation draws per sample and noise (undecided "
+            "radii at the cap are reported as not certified).",
+        ),
+        click.option(
+            "--futility-alpha",
+            type=click.FloatRange(0, 1, min_open=True, max_open=True),
+            default=0.05,
+            show_default=True,
+            help="Sequential: level of the 'not certifiable at r' decisions. They only withhold "
+            "certificates (the certificate's failure probability stays --alpha); a larger value "
+            "stops inputs below a radius' threshold sooner.",
+        ),
+        click.option(
+            "--precision",
+            type=POSITIVE,
+            default=0.05,
+            show_default=True,
+            help="estimate: stop when the certified radius is known to within this radius.",
+        ),
+        click.option(
+            "--max-radius",
+            type=POSITIVE,
+            default=None,
+            help="estimate: largest radius of interest [default: the largest reachable within "
+            "--max-n draws].",
+        ),
+    ]
+    for opt in reversed(options):
+        fn = opt(fn)
+    return fn
+
+
 @smooth.command("certify")
 @click.option(
     "--noise",
@@ -436,6 +499,7 @@ def train_cmd(
     help="hybrid: run each certificate at alpha/2 so the pair holds with probability 1-alpha "
     "(--no-joint-alpha: each at alpha, the pair only 1-2*alpha, as the NU code).",
 )
+@_sequential_options
 @_common_run_options
 @_user_errors
 def certify_cmd(
@@ -462,8 +526,15 @@ def certify_cmd(
     sigma_uniform,
     n0,
     joint_alpha,
+    sequential,
+    radii,
+    radius_norm,
+    max_n,
+    futility_alpha,
+    precision,
+    max_radius,
 ):
-    """Certify samples with CERTIFY (Cohen et al.); one TSV row per sample.
+    """Certify samples with CERTIFY (Cohen et al.) or sequentially (--sequential); one TSV row each.
 
     \b
     Columns: idx label predict radius_l1 radius_l2 correct, then per noise its predict, count,
@@ -477,6 +548,12 @@ def certify_cmd(
       # continue after a kill, or run a second shard:
       cure-lirpa smooth certify ... -o g050.tsv --resume
       cure-lirpa smooth certify ... --start 5000 --skip 20 -o g050_shard2.tsv
+      # sequential: stop each sample once radii 0.25, 0.5, 0.75 are decided (at most 100,000 draws)
+      cure-lirpa smooth certify -c g050.pt --sigma 0.5 --sequential decide --radii 0.25,0.5,0.75 \\
+          -o g050_seq.tsv
+      # sequential: the largest certified radius to within 0.05
+      cure-lirpa smooth certify -c g050.pt --sigma 0.5 --sequential estimate --precision 0.05 \\
+          -o g050_est.tsv
     """
     from .analysis import average_certified_radius, load_run
     from .certifier import certify_dataset
@@ -496,6 +573,43 @@ def certify_cmd(
     ds_name = dataset or info.name
     data = _dataset(dataset, info.name, split, data_root)
     each = split_alpha(alpha, 2, joint_alpha) if noise == "hybrid" else alpha
+    if sequential != "off":
+        from .sequential import certify_dataset_sequential
+
+        if click.get_current_context().get_parameter_source("n").name != "DEFAULT":
+            click.echo("Warning: --n is not used by --sequential; --max-n caps the draws", err=True)
+        certify_dataset_sequential(
+            model,
+            info.num_classes,
+            data,
+            out,
+            sequential=sequential,
+            mode=noise,
+            sigma_gaussian=sg if noise != "uniform" else None,
+            sigma_uniform=su if noise != "gaussian" else None,
+            radii=radii,
+            norm_name=radius_norm,
+            precision=precision,
+            max_radius=max_radius,
+            n0=n0,
+            max_n=max_n,
+            alpha=alpha,
+            futility_alpha=futility_alpha,
+            batch_size=batch_size,
+            joint_alpha=joint_alpha,
+            seed=seed,
+            start=start,
+            count=count,
+            skip=skip,
+            device=dev,
+            resume=resume,
+            overwrite=overwrite,
+            progress=progress,
+            run_extra={"checkpoint_sha256": sha, "dataset": ds_name, "split": split},
+            info={**header_info, "data_root": data_root},
+        )
+        click.echo(_sequential_summary(out, sequential, radii, radius_norm))
+        return
     _warn_small_n(n, each, "certify")
     if n0 > n:
         click.echo(
@@ -535,6 +649,27 @@ def certify_cmd(
         f"ACR l2 {average_certified_radius(run.radius['l2'], run.correct):.3f}, "
         f"ACR l1 {average_certified_radius(run.radius['l1'], run.correct):.3f}"
     )
+
+
+def _sequential_summary(out: str, sequential: str, radii: list[float], norm_name: str) -> str:
+    """One line: samples, clean accuracy, mean draws per sample, certified accuracy at the radii."""
+    from .certifier import read_tsv
+
+    _, _, rows = read_tsv(out)
+    size = max(1, len(rows))
+    acc = sum(int(r["correct"]) for r in rows) / size
+    samples = sum(int(r["samples"]) for r in rows) / size
+    line = (
+        f"{out}: {len(rows)} samples, clean accuracy {acc:.3f}, mean draws per sample {samples:.0f}"
+    )
+    if sequential == "decide":
+        key = f"radius_{norm_name}"
+        cert = ", ".join(
+            f"{r:g}: {sum(int(x['correct']) and float(x[key]) >= r for x in rows) / size:.3f}"
+            for r in sorted(radii)
+        )
+        line += f", certified accuracy ({norm_name}) {cert}"
+    return line
 
 
 @smooth.command("predict")
