@@ -357,6 +357,45 @@ def sabr_box(
     return x_l, x_u
 
 
+def expressive_attack_point(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    p: float,
+    eps: float,
+    steps: int = 1,
+    generator: Optional[torch.Generator] = None,
+) -> torch.Tensor:
+    """MTL-IBP's adversarial point: a short cross-entropy PGD in the lp ball of radius ``eps``.
+
+    De Palma et al. (ICLR 2024) train with single-step attacks: a random start in the ball, then
+    one step of ``10 * eps`` (sign step for l∞, normalised-gradient step for l2) projected back onto
+    the ball and [0, 1], which lands on the boundary. With ``steps > 1`` the step is ``2.5 * eps /
+    steps`` (Madry et al.). Every iterate lies in the threat set; the highest-loss one is returned.
+    """
+    _check_inputs(model, x, y)
+    if not (eps >= 0 and math.isfinite(eps)):
+        raise UserError(f"the attack radius must be finite and >= 0, got {eps}")
+    if steps < 1:
+        raise UserError(f"the MTL-IBP attack needs at least one step, got {steps}")
+    if eps == 0:
+        return x.detach().clone()
+    size = 10.0 * eps if steps == 1 else 2.5 * eps / steps
+    return _run_pgd(
+        model,
+        x,
+        y,
+        NormBall(p, eps),
+        step_sizes=[size] * steps,
+        restarts=1,
+        random_start=True,
+        loss="ce",
+        keep="loss",
+        include_clean=False,
+        generator=generator,
+    )
+
+
 def l2_defence_point(
     model: nn.Module,
     x: torch.Tensor,
@@ -439,6 +478,7 @@ def l2_defence_box(
 __all__ = [
     "LOSSES",
     "eval_mode",
+    "expressive_attack_point",
     "l2_defence_box",
     "l2_defence_point",
     "margin_loss",
