@@ -83,7 +83,16 @@ SUITES: dict[str, Suite] = {
             "CURE on MNIST with tighter training blocks (MTL-IBP, SABR with Shi et al.'s recipe; "
             "trains models)",
             fragments=(("cure_mnist_blocks", "cure_mnist_blocks/summary.md"),),
-            argv=("--dataset", "mnist", "--results", "benchmarks/results/cure_mnist_blocks"),
+            argv=(
+                "--dataset",
+                "mnist",
+                "--results",
+                str(RESULTS / "cure_mnist_blocks"),
+                "--train-count",
+                "30000",
+                "--test-count",
+                "1000",
+            ),
         ),
         Suite(
             "cure_cifar10",

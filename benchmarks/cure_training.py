@@ -659,6 +659,11 @@ def plot(rows: list[dict[str, Any]], path: Path, dataset: str = "mnist") -> None
     default=None,
     help="Measure step times relative to a natural step [default: on for a run of all rows].",
 )
+@click.option(
+    "--speed-rows",
+    default=None,
+    help="Comma-separated rows whose step time --speed measures [default: every row].",
+)
 @click.option("--report-only", is_flag=True, help="Only rebuild the summary from finished rows.")
 def main(
     dataset: str,
@@ -673,6 +678,7 @@ def main(
     seed: int,
     threads: int,
     speed: Optional[bool],
+    speed_rows: Optional[str],
     report_only: bool,
 ) -> None:
     """Train and certify the CURE rows on MNIST or CIFAR-10; write the table, the plot and step
@@ -718,7 +724,15 @@ def main(
     if speed is None:
         speed = not rows_opt
     if speed:
-        measure_speed(list(ROWS), s, folder, root, train_l2_factor, seed, log)
+        timed = (
+            [r.strip() for r in speed_rows.split(",") if r.strip()] if speed_rows else list(ROWS)
+        )
+        unknown = [r for r in timed if r not in ROWS]
+        if unknown:
+            raise click.BadParameter(
+                f"unknown --speed-rows {unknown}; choose from {', '.join(ROWS)}"
+            )
+        measure_speed(timed, s, folder, root, train_l2_factor, seed, log)
     t0 = time.perf_counter()
     for row in picked:
         cfg = row_config(row, s, folder, root, train_l2_factor, seed)
