@@ -234,8 +234,16 @@ def row_config(
 # ---------------------------------------------------------------------------------------------
 
 
-def run_row(row: str, cfg: TrainConfig, results: Path, s: dict[str, Any], log) -> dict[str, Any]:
-    """Train (or resume) and certify one row; write ``<row>/row.json``."""
+def run_row(
+    row: str,
+    cfg: TrainConfig,
+    results: Path,
+    s: dict[str, Any],
+    log,
+    stop_after_epoch: Optional[int] = None,
+) -> dict[str, Any]:
+    """Train (or resume) and certify one row; write ``<row>/row.json``. ``stop_after_epoch``
+    ends training at that epoch of the schedule (for a time budget)."""
     from cure_lirpa.certification import write_results
 
     folder = results / row
@@ -245,11 +253,20 @@ def run_row(row: str, cfg: TrainConfig, results: Path, s: dict[str, Any], log) -
             f"row {row} fine-tunes {cfg.init_from}; run the {FINETUNE_FROM} row first"
         )
     resume = ckpt_path.is_file()
-    if resume and load_checkpoint(ckpt_path).get("epoch", 0) >= cfg.epochs:
-        log(f"[{row}] already trained")
+    done = load_checkpoint(ckpt_path).get("epoch", 0) if resume else 0
+    target = cfg.epochs if stop_after_epoch is None else min(cfg.epochs, stop_after_epoch)
+    if done >= target:
+        log(f"[{row}] already trained ({done} epochs)")
     else:
         log(f"[{row}] training {ROWS[row][0]} ({'resuming' if resume else 'from scratch'})")
-    result = train(cfg, folder, resume=resume, progress=None, log=lambda m: log(f"[{row}] {m}"))
+    result = train(
+        cfg,
+        folder,
+        resume=resume,
+        progress=None,
+        log=lambda m: log(f"[{row}] {m}"),
+        stop_after=None if stop_after_epoch is None else max(0, target - done),
+    )
     history = result.history
     train_seconds = history[-1].get("train_seconds", 0.0) if history else 0.0
 
@@ -707,6 +724,13 @@ def plot(rows: list[dict[str, Any]], path: Path, dataset: str = "mnist") -> None
     help="Measure step times relative to a natural step [default: on for a run of all rows].",
 )
 @click.option(
+    "--stop-after-epoch",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Train each row at most up to this epoch of its schedule, then certify that checkpoint "
+    "(the table's epochs column shows it); a later run without it continues the schedule.",
+)
+@click.option(
     "--threats",
     "threats_opt",
     default=None,
@@ -732,6 +756,7 @@ def main(
     seed: int,
     threads: int,
     speed: Optional[bool],
+    stop_after_epoch: Optional[int],
     threats_opt: Optional[str],
     speed_rows: Optional[str],
     report_only: bool,
@@ -799,7 +824,7 @@ def main(
     t0 = time.perf_counter()
     for row in picked:
         cfg = row_config(row, s, folder, root, train_l2_factor, seed)
-        out = run_row(row, cfg, folder, s, log)
+        out = run_row(row, cfg, folder, s, log, stop_after_epoch)
         if out.get("error"):
             report(folder, log, dataset)
             continue
