@@ -484,27 +484,28 @@ def measure_speed(
 TRAIN_SIZE = {"mnist": 60000, "sample": 4000, "cifar10": 50000}
 
 
-def _step_seconds(results: Path) -> dict[str, float]:
-    """Seconds per optimizer step of each row from ``speed.json`` (empty if not measured)."""
+def _step_ratios(results: Path) -> dict[str, float]:
+    """Each row's optimizer-step time in natural steps, from ``speed.json`` (empty if not
+    measured)."""
     import json
 
     path = results / "speed.json"
     if not path.is_file():
         return {}
-    return {r: v["seconds"] for r, v in json.loads(path.read_text()).get("rows", {}).items()}
+    return {r: v["ratio"] for r, v in json.loads(path.read_text()).get("rows", {}).items()}
 
 
-def _time(row: dict[str, Any], step_seconds: dict[str, float]) -> str:
-    """``1850 s (~ 210 s idle)``: wall-clock training time and, if the row's step time is known,
-    the idle-machine estimate ``steps x seconds per step``."""
+def _time(row: dict[str, Any], ratios: dict[str, float]) -> str:
+    """``1850 s (7000 nat.)``: wall-clock training time and, if the row's step-time ratio is known,
+    the training cost in natural steps (``steps x ratio``), which does not depend on the load."""
     out = f"{row['train_seconds']:.0f} s"
     cfg = row.get("config") or {}
-    t = step_seconds.get(row["row"])
-    if t is None or not cfg.get("batch_size"):
+    ratio = ratios.get(row["row"])
+    if ratio is None or not cfg.get("batch_size"):
         return out
     n = cfg.get("train_count") or TRAIN_SIZE.get(cfg.get("dataset"), 0)
     steps = row.get("epochs", 0) * -(-n // cfg["batch_size"])
-    return f"{out} (~ {steps * t:.0f} s idle)"
+    return f"{out} ({steps * ratio:,.0f} nat.)"
 
 
 def _size(row: dict[str, Any]) -> str:
@@ -543,7 +544,7 @@ def report(results: Path, log, dataset: str = "mnist") -> None:
         + " | union | union l∞+l2 | PGD l∞ / l2 | training time | epochs x images |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    step_seconds = _step_seconds(results)
+    step_ratios = _step_ratios(results)
     for r in found:
         if r.get("error"):
             lines.append(
@@ -560,19 +561,20 @@ def report(results: Path, log, dataset: str = "mnist") -> None:
             f"| {r['row']} | {r['description']} | {r['clean']:.1f} | "
             + " | ".join("-" if c.get(t) is None else f"{c[t]:.1f}" for t in threats)
             + f" | {union} | {'-' if u2 is None else f'{u2:.1f}'} | {pgd_cell} | "
-            f"{_time(r, step_seconds)} | {_size(r)} |"
+            f"{_time(r, step_ratios)} | {_size(r)} |"
         )
     lines += [
         "",
-        f"union = certified under all threats the row was certified for ('-': a threat not "
-        f"certified for that row, to save CROWN time); union l∞+l2 = under {pair}.",
+        f"union = certified under all three threats at once; union l∞+l2 = under {pair} ('-': "
+        "the row was not certified for every threat involved, to save CROWN time).",
         "Certified = by IBP or CROWN; CROWN runs, per threat, only on the images IBP leaves open "
         "(correct and not IBP-certified under that threat), which gives the same best-of and union "
         "numbers. PGD = empirical robust accuracy (20 steps), an upper bound on certified accuracy.",
         "Training time = wall-clock seconds on the shared machine; in brackets, where the step "
-        "time was measured (speed table), the idle-machine estimate optimizer steps x seconds per "
-        "step at the end of the ramp (warm-up steps cost less, the IBP regulariser adds one IBP "
-        "pass per step during the ramp).",
+        "time was measured (speed table), the cost in natural steps of the same batch: optimizer "
+        "steps x the step-time ratio at the end of the ramp (warm-up steps cost less, the IBP "
+        "regulariser adds one IBP pass per step during the ramp); multiply by an idle machine's "
+        "natural step time for an idle-machine estimate.",
         "Per-method numbers, PGD accuracy and soundness checks: summary.json and "
         "<row>/verify/summary.md.",
     ]
