@@ -325,10 +325,12 @@ def sabr_box(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """SABR's propagation box ``(x_L, x_U)`` for l∞ radius ``eps`` and box radius ``tau`` (Müller et al.).
 
-    An l∞ PGD point x' inside the shrunken set ``clip(x ± (eps - tau), 0, 1)`` (``steps`` sign steps of
-    ``step_size`` -- default ``0.25 * (eps - tau)`` -- decayed x0.1 at 50/80/90% of the steps, random
-    start, best-``loss`` iterate kept), then ``[x' - tau, x' + tau]`` clipped to [0, 1]. The box always
-    lies inside the threat set ``clip(x ± eps, 0, 1)`` (enforced exactly, also in floating point).
+    An l∞ PGD point inside ``clip(x ± (eps - tau), 0, 1)`` (``steps`` sign steps of ``step_size`` --
+    default ``0.25 * (eps - tau)`` -- decayed x0.1 at 50/80/90% of the steps, random start,
+    best-``loss`` iterate kept), moved into ``[lo + tau, hi - tau]`` with ``[lo, hi] = clip(x ± eps,
+    0, 1)`` (the midpoint where that interval is empty), then ``[x' - tau, x' + tau]`` intersected
+    with ``[lo, hi]``. The box always lies inside the threat set and has the full width ``2 tau``
+    wherever ``hi - lo >= 2 tau`` (also at pixels at 0 or 1); at ``tau = eps`` it is the threat set.
     Runs the model in eval mode; shapes as ``x``.
     """
     _check_inputs(model, x, y)
@@ -352,8 +354,16 @@ def sabr_box(
         )
     else:
         center = x
-    x_l = torch.maximum(center - tau, x - eps).clamp(0.0, 1.0)
-    x_u = torch.minimum(center + tau, x + eps).clamp(0.0, 1.0)
+    # The box of radius tau must lie in the clipped threat set [lo, hi]: centre in [lo + tau,
+    # hi - tau] (SABR's propagation region). Near the pixel range's ends (MNIST's black
+    # background) this keeps the box's full width 2 tau instead of losing the part outside [0, 1].
+    lo, hi = (x - eps).clamp(0.0, 1.0), (x + eps).clamp(0.0, 1.0)
+    c_lo, c_hi = lo + tau, hi - tau
+    center = torch.where(
+        c_lo <= c_hi, torch.minimum(torch.maximum(center, c_lo), c_hi), (lo + hi) / 2
+    )
+    x_l = torch.maximum(center - tau, lo)
+    x_u = torch.minimum(center + tau, hi)
     return x_l, x_u
 
 
