@@ -114,6 +114,10 @@ ROWS.update(
             "SABR l∞ with IBP init, IBP regulariser (1.0) and L1 1e-5",
             {"method": "sabr-linf", **SHI, "ibp_reg": 1.0, "l1_reg": 1e-5},
         ),
+        "sabr-linf+shi+fullbox": (
+            "as sabr-linf+shi, with SABR boxes of full width 2 tau at pixels at 0 or 1",
+            {"method": "sabr-linf", **SHI, "ibp_reg": 1.0, "l1_reg": 1e-5},
+        ),
         "ibp-linf+shi": ("IBP l∞ with IBP init and regulariser", {"method": "ibp-linf", **SHI}),
         "mtl-ibp-linf": (
             "MTL-IBP l∞ (alpha 0.5, 1-step attack), IBP init and regulariser",
