@@ -84,6 +84,23 @@ SUITES: dict[str, Suite] = {
             argv=("--dataset", "mnist"),
         ),
         Suite(
+            "cure_mnist_blocks",
+            "benchmarks.cure_training:main",
+            "CURE on MNIST with tighter training blocks (MTL-IBP, SABR with Shi et al.'s recipe; "
+            "trains models)",
+            fragments=(("cure_mnist_blocks", "cure_mnist_blocks/summary.md"),),
+            argv=(
+                "--dataset",
+                "mnist",
+                "--results",
+                str(RESULTS / "cure_mnist_blocks"),
+                "--train-count",
+                "30000",
+                "--test-count",
+                "1000",
+            ),
+        ),
+        Suite(
             "cure_cifar10",
             "benchmarks.cure_training:main",
             "CURE on CIFAR-10 at reduced scale (cnn-small, l∞ 2/255, l2 0.25; trains models)",

@@ -326,10 +326,12 @@ def sabr_box(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """SABR's propagation box ``(x_L, x_U)`` for l∞ radius ``eps`` and box radius ``tau`` (Müller et al.).
 
-    An l∞ PGD point x' inside the shrunken set ``clip(x ± (eps - tau), 0, 1)`` (``steps`` sign steps of
-    ``step_size`` -- default ``0.25 * (eps - tau)`` -- decayed x0.1 at 50/80/90% of the steps, random
-    start, best-``loss`` iterate kept), then ``[x' - tau, x' + tau]`` clipped to [0, 1]. The box always
-    lies inside the threat set ``clip(x ± eps, 0, 1)`` (enforced exactly, also in floating point).
+    An l∞ PGD point inside ``clip(x ± (eps - tau), 0, 1)`` (``steps`` sign steps of ``step_size`` --
+    default ``0.25 * (eps - tau)`` -- decayed x0.1 at 50/80/90% of the steps, random start,
+    best-``loss`` iterate kept), moved into ``[lo + tau, hi - tau]`` with ``[lo, hi] = clip(x ± eps,
+    0, 1)`` (the midpoint where that interval is empty), then ``[x' - tau, x' + tau]`` intersected
+    with ``[lo, hi]``. The box always lies inside the threat set and has the full width ``2 tau``
+    wherever ``hi - lo >= 2 tau`` (also at pixels at 0 or 1); at ``tau = eps`` it is the threat set.
     Runs the model in eval mode; shapes as ``x``.
     """
     _check_inputs(model, x, y)
@@ -353,9 +355,56 @@ def sabr_box(
         )
     else:
         center = x
-    x_l = torch.maximum(center - tau, x - eps).clamp(0.0, 1.0)
-    x_u = torch.minimum(center + tau, x + eps).clamp(0.0, 1.0)
+    # The box of radius tau must lie in the clipped threat set [lo, hi]: centre in [lo + tau,
+    # hi - tau] (SABR's propagation region). Near the pixel range's ends (MNIST's black
+    # background) this keeps the box's full width 2 tau instead of losing the part outside [0, 1].
+    lo, hi = (x - eps).clamp(0.0, 1.0), (x + eps).clamp(0.0, 1.0)
+    c_lo, c_hi = lo + tau, hi - tau
+    center = torch.where(
+        c_lo <= c_hi, torch.minimum(torch.maximum(center, c_lo), c_hi), (lo + hi) / 2
+    )
+    x_l = torch.maximum(center - tau, lo)
+    x_u = torch.minimum(center + tau, hi)
     return x_l, x_u
+
+
+def expressive_attack_point(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    p: float,
+    eps: float,
+    steps: int = 1,
+    generator: Optional[torch.Generator] = None,
+) -> torch.Tensor:
+    """MTL-IBP's adversarial point: a short cross-entropy PGD in the lp ball of radius ``eps``.
+
+    De Palma et al. (ICLR 2024) train with single-step attacks: a random start in the ball, then
+    one step of ``10 * eps`` (sign step for l∞, normalised-gradient step for l2) projected back onto
+    the ball and [0, 1], which lands on the boundary. With ``steps > 1`` the step is ``2.5 * eps /
+    steps`` (Madry et al.). Every iterate lies in the threat set; the highest-loss one is returned.
+    """
+    _check_inputs(model, x, y)
+    if not (eps >= 0 and math.isfinite(eps)):
+        raise UserError(f"the attack radius must be finite and >= 0, got {eps}")
+    if steps < 1:
+        raise UserError(f"the MTL-IBP attack needs at least one step, got {steps}")
+    if eps == 0:
+        return x.detach().clone()
+    size = 10.0 * eps if steps == 1 else 2.5 * eps / steps
+    return _run_pgd(
+        model,
+        x,
+        y,
+        NormBall(p, eps),
+        step_sizes=[size] * steps,
+        restarts=1,
+        random_start=True,
+        loss="ce",
+        keep="loss",
+        include_clean=False,
+        generator=generator,
+    )
 
 
 def l2_defence_point(
@@ -440,6 +489,7 @@ def l2_defence_box(
 __all__ = [
     "LOSSES",
     "eval_mode",
+    "expressive_attack_point",
     "l2_defence_box",
     "l2_defence_point",
     "margin_loss",

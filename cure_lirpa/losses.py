@@ -55,6 +55,60 @@ def certified_ce(lb: torch.Tensor, reduction: str = "none") -> torch.Tensor:
     return F.cross_entropy(logits, target, reduction=reduction)
 
 
+def expressive_loss(adv_ce: torch.Tensor, cert_ce: torch.Tensor, alpha: float) -> torch.Tensor:
+    """MTL-IBP's expressive loss ``(1 - alpha) * CE(f(x_adv), y) + alpha * CE([0, -lb], 0)`` per sample.
+
+    De Palma et al., *Expressive Losses for Verified Robustness via Convex Combinations* (ICLR 2024),
+    the MTL-IBP loss: a convex combination of the adversarial cross-entropy ``adv_ce`` (B,) and the
+    certified cross-entropy ``cert_ce`` (B,) of the IBP worst-case logits. ``alpha`` in [0, 1]
+    (0: adversarial training, 1: IBP training). Returns (B,).
+    """
+    _check_same(adv_ce, cert_ce, "expressive_loss")
+    if not 0.0 <= alpha <= 1.0:
+        raise UserError(f"the MTL-IBP alpha must be in [0, 1], got {alpha}")
+    return (1.0 - alpha) * adv_ce + alpha * cert_ce
+
+
+def ibp_regulariser(
+    input_radius: torch.Tensor,
+    pre_activation: list[tuple[torch.Tensor, torch.Tensor]],
+    tolerance: float = 0.5,
+) -> torch.Tensor:
+    """Shi et al. (NeurIPS 2021)'s IBP warm-up regulariser ``L_tightness + L_relu`` (a scalar).
+
+    ``input_radius``: the mean half-width of the input box (a scalar tensor, bound space);
+    ``pre_activation``: the IBP bounds ``(lower, upper)`` of the input of every ReLU layer.
+    Per layer, with ``c = (u + l) / 2``, ``r = (u - l) / 2``:
+    ``L_tightness = relu(tau - r0 / mean(r)) / tau`` (bounds must not grow much faster than the
+    input box: ``r0 = input_radius``) and ``L_relu = (relu(tau - rho_mean) + relu(tau - rho_var)) / tau``
+    with ``rho_mean`` the smaller of ``m_act / -m_inact`` and its inverse (``m_act``: mean of ``c``
+    over the entries that are surely active, ``l > 0``, ``m_inact`` over the surely inactive ones,
+    ``u < 0``; means over all entries of the layer) and ``rho_var`` the same for the summed squared
+    deviations of ``c`` from its mean (balanced active and inactive neurons). Both are averaged over
+    the layers; ``tau = tolerance``. A layer whose balance term is not finite (no active or no
+    inactive neuron) contributes no ``L_relu``.
+    """
+    if not pre_activation:
+        raise UserError("the IBP regulariser needs the bounds of at least one ReLU layer")
+    tight = input_radius.new_zeros(())
+    relu = input_radius.new_zeros(())
+    for lower, upper in pre_activation:
+        c = (upper + lower) / 2
+        r = ((upper - lower) / 2).mean()
+        tight = tight + F.relu(tolerance - input_radius / r.clamp(min=1e-12)) / tolerance
+        act, inact = (lower > 0).to(c.dtype), (upper < 0).to(c.dtype)
+        m_ratio = (c * act).mean() / -(c * inact).mean()
+        dev = (c - c.mean()) ** 2
+        v_ratio = (dev * act).sum() / (dev * inact).sum()
+        m_ratio = torch.minimum(m_ratio, 1 / m_ratio.clamp(min=1e-12))
+        v_ratio = torch.minimum(v_ratio, 1 / v_ratio.clamp(min=1e-12))
+        term = (F.relu(tolerance - m_ratio) + F.relu(tolerance - v_ratio)) / tolerance
+        if bool(torch.isfinite(term)):
+            relu = relu + term
+    n = len(pre_activation)
+    return tight / n + relu / n
+
+
 def joint(l_inf: torch.Tensor, l_2: torch.Tensor, alpha: float = 0.5) -> torch.Tensor:
     """CURE-Joint: ``alpha * mean(L_inf) + (1 - alpha) * mean(L_2)`` (paper: L_Joint, alpha = 0.5).
 
@@ -187,6 +241,8 @@ def project_gradients(
 __all__ = [
     "bound_alignment",
     "certified_ce",
+    "expressive_loss",
+    "ibp_regulariser",
     "joint",
     "max_loss",
     "project_gradients",

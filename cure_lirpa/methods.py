@@ -15,6 +15,11 @@ lower bounds (B, K-1) on the margins
   ``lambda * eps`` around a PGD point (:func:`cure_lirpa.attacks.sabr_box`).
 * l2 variants: ``ball`` -- the exact l2 ball through IBP; ``defence`` -- CURE's l2 defence box
   (:func:`cure_lirpa.attacks.l2_defence_box`).
+* ``mtl-ibp`` (both norms): MTL-IBP's expressive loss (De Palma et al., ICLR 2024), per sample
+  ``(1 - a_p) * CE(f(x_adv), y) + a_p * certified_ce(lb_p)`` with ``lb_p`` the (sound) ball bounds
+  of ``ibp`` / ``ball`` and ``x_adv`` a short PGD point in the same ball; ``a_p`` per norm.
+* Shi et al.'s IBP regulariser (``batch.reg_weight > 0``, on the l∞ box) is added to the loss of any
+  method that trains l∞; the trainer schedules its weight over the ramp.
 * Natural-loss mix (Gowal et al.): ``loss = kappa * CE(f(x), y) + (1 - kappa) * L_robust``.
 * Multi-norm (CURE paper): L_Joint ``alpha * mean(L_inf) + (1 - alpha) * mean(L_2)``, L_Max
   ``mean(max(L_inf, L_2))``, L_Random (disjoint random halves), and bound alignment L_BA added as
@@ -39,7 +44,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import losses
-from .attacks import l2_defence_box, sabr_box
+from .attacks import expressive_attack_point, l2_defence_box, sabr_box
 from .bounds import BoundedClassifier, certified
 from .errors import UserError
 from .models import Classifier
@@ -48,8 +53,8 @@ from .threats import NormBall
 NORMS = ("linf", "l2")
 """The norms of multi-norm training, in the order used everywhere (metrics, configs)."""
 P_OF = {"linf": math.inf, "l2": 2.0}
-LINF_VARIANTS = ("ibp", "sabr")
-L2_VARIANTS = ("ball", "defence")
+LINF_VARIANTS = ("ibp", "sabr", "mtl-ibp")
+L2_VARIANTS = ("ball", "defence", "mtl-ibp")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -189,7 +194,8 @@ class Batch:
 
     ``x`` (B, C, H, W) in [0, 1]; ``y`` (B,); ``eps`` the current training radius per norm
     (``{'linf': ..., 'l2': ...}``, pixel units); ``kappa`` the natural-loss share;
-    ``crown_ibp_beta`` the CROWN-IBP mixing weight (0 = pure IBP); ``generator`` for the method's
+    ``crown_ibp_beta`` the CROWN-IBP mixing weight (0 = pure IBP); ``reg_weight`` the weight of
+    Shi et al.'s IBP regulariser (0 = off); ``generator`` for the method's
     randomness (attack starts, random halves), on the training device; ``forward`` computes clean
     logits (:meth:`TrainingNetwork.logits`). :attr:`logits` runs it once, with gradients, when a
     method first needs it (a pure certified loss never does).
@@ -208,6 +214,7 @@ class Batch:
     kappa: float = 0.0
     crown_ibp_beta: float = 0.0
     generator: Optional[torch.Generator] = None
+    reg_weight: float = 0.0
     forward: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
     loss_scale: float = 1.0
     count_factor: Optional[Callable[[int], float]] = None
@@ -348,19 +355,107 @@ class L2DefenceBound:
         return net.box_bounds(x_l, x_u, y, "ibp")
 
 
-def linf_bound(variant: str, sabr_lambda: float) -> Bound:
-    """The l∞ block: ``'ibp'`` (whole ball) or ``'sabr'`` (small box, radius ``sabr_lambda * eps``)."""
+class ExpressiveBound:
+    """MTL-IBP (De Palma et al., ICLR 2024) for one norm: the ball bounds of :class:`BallBound`
+    (sound, CROWN-IBP mixing included) and the expressive per-sample loss
+    ``(1 - alpha) * CE(f(x_adv), y) + alpha * certified_ce(lb)`` (:func:`losses.expressive_loss`),
+    ``x_adv`` from :func:`cure_lirpa.attacks.expressive_attack_point` in the same ball."""
+
+    def __init__(self, norm: str, alpha: float, steps: int = 1):
+        if not 0.0 <= alpha <= 1.0:
+            raise UserError(f"--mtl-alpha-{norm} must be in [0, 1], got {alpha}")
+        if steps < 1:
+            raise UserError(f"--mtl-attack-steps must be >= 1, got {steps}")
+        self.norm, self.alpha, self.steps = norm, float(alpha), int(steps)
+        self.sound = True
+        self._ball = BallBound(norm)
+
+    def __call__(self, net, batch, idx=None) -> torch.Tensor:
+        return self._ball(net, batch, idx)
+
+    def loss(self, net, batch, idx=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(lb, per-sample loss)``; at eps 0 both terms are the clean cross-entropy."""
+        lb = self._ball(net, batch, idx)  # first: BatchNorm bounds use the clean batch statistics
+        cert = losses.certified_ce(lb)
+        eps = batch.eps[self.norm]
+        if eps == 0 or self.alpha >= 1.0:
+            return lb, cert
+        x, y = _select(batch, idx)
+        x_adv = expressive_attack_point(
+            net.model, x, y, P_OF[self.norm], eps, self.steps, batch.generator
+        )
+        adv = F.cross_entropy(net.logits(x_adv), y, reduction="none")
+        return lb, losses.expressive_loss(adv, cert, self.alpha)
+
+
+def block_loss(
+    block: Bound, net: TrainingNetwork, batch: Batch, idx: Optional[torch.Tensor] = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A block's bounds (B, K-1) and per-sample loss (B,): its own ``loss`` if it has one
+    (MTL-IBP), else the certified cross-entropy of its bounds."""
+    if hasattr(block, "loss"):
+        return block.loss(net, batch, idx)
+    lb = block(net, batch, idx)
+    return lb, losses.certified_ce(lb)
+
+
+def relu_input_bounds(net: TrainingNetwork) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """IBP bounds ``(lower, upper)`` of the input of every ReLU of the last IBP call (bound space)."""
+    out = []
+    for node in net.bounded.module.modules():
+        if type(node).__name__ == "BoundRelu":
+            pre = node.inputs[0]
+            if getattr(pre, "lower", None) is not None and getattr(pre, "upper", None) is not None:
+                out.append((pre.lower, pre.upper))
+    return out
+
+
+def ibp_regulariser(net: TrainingNetwork, batch: Batch) -> Optional[torch.Tensor]:
+    """Shi et al.'s regulariser (:func:`losses.ibp_regulariser`) on the l∞ box of the current eps,
+    times ``batch.reg_weight``; None when off or at eps 0."""
+    eps = batch.eps.get("linf", 0.0)
+    if batch.reg_weight <= 0 or eps == 0:
+        return None
+    x_l = (batch.x - eps).clamp(0, 1)
+    x_u = (batch.x + eps).clamp(0, 1)
+    net.box_bounds(x_l, x_u, batch.y, "ibp")
+    scale = net.bounded._scale  # the trainable bounded module works in normalised space
+    radius = (x_u - x_l) / 2 if scale is None else (x_u - x_l) / 2 / scale
+    bounds = relu_input_bounds(net)
+    if not bounds:
+        return None
+    return batch.reg_weight * losses.ibp_regulariser(radius.mean(), bounds)
+
+
+def _add_regulariser(net, batch: Batch, loss: torch.Tensor, parts: dict[str, float]):
+    reg = ibp_regulariser(net, batch)
+    if reg is None:
+        return loss
+    parts["ibp_reg"] = float(reg.detach())
+    return loss + reg
+
+
+def linf_bound(
+    variant: str, sabr_lambda: float, mtl_alpha: float = 0.5, mtl_steps: int = 1
+) -> Bound:
+    """The l∞ block: ``'ibp'`` (whole ball), ``'sabr'`` (small box, radius ``sabr_lambda * eps``)
+    or ``'mtl-ibp'`` (expressive loss with weight ``mtl_alpha`` on IBP, ``mtl_steps`` PGD steps)."""
     if variant == "ibp":
         return BallBound("linf")
+    if variant == "mtl-ibp":
+        return ExpressiveBound("linf", mtl_alpha, mtl_steps)
     if variant == "sabr":
         return SabrBound(sabr_lambda)
     raise UserError(f"unknown l∞ variant {variant!r}; choose one of {', '.join(LINF_VARIANTS)}")
 
 
-def l2_bound(variant: str, l2_lambda: float) -> Bound:
-    """The l2 block: ``'ball'`` (exact l2-ball IBP) or ``'defence'`` (CURE's l2 defence box)."""
+def l2_bound(variant: str, l2_lambda: float, mtl_alpha: float = 0.5, mtl_steps: int = 1) -> Bound:
+    """The l2 block: ``'ball'`` (exact l2-ball IBP), ``'defence'`` (CURE's l2 defence box) or
+    ``'mtl-ibp'`` (expressive loss on the exact l2-ball IBP bounds and an l2 PGD point)."""
     if variant == "ball":
         return BallBound("l2")
+    if variant == "mtl-ibp":
+        return ExpressiveBound("l2", mtl_alpha, mtl_steps)
     if variant == "defence":
         return L2DefenceBound(l2_lambda)
     raise UserError(f"unknown l2 variant {variant!r}; choose one of {', '.join(L2_VARIANTS)}")
@@ -400,7 +495,8 @@ class SingleNorm:
     """Certified training for one norm: ``kappa * CE + (1 - kappa) * mean(certified_ce(lb))``.
 
     ``ibp-linf`` (IBP, Gowal et al.; CROWN-IBP mixing optional), ``sabr-linf`` (SABR),
-    ``ibp-l2`` (exact l2-ball IBP) and ``l2-defence`` (CURE's l2 defence).
+    ``ibp-l2`` (exact l2-ball IBP), ``l2-defence`` (CURE's l2 defence) and ``mtl-ibp-linf`` /
+    ``mtl-ibp-l2`` (MTL-IBP's expressive loss).
     """
 
     def __init__(self, name: str, bound: Bound):
@@ -414,12 +510,15 @@ class SingleNorm:
         lbs: dict[str, torch.Tensor] = {}
 
         def robust() -> torch.Tensor:
-            lbs[norm] = self.bound(net, batch)
-            value = losses.certified_ce(lbs[norm]).mean()
+            lbs[norm], per = block_loss(self.bound, net, batch)
+            value = per.mean()
             parts[norm] = float(value.detach())
             return value
 
-        out = StepOutput(_mix(batch, robust, parts), parts)
+        loss = _mix(batch, robust, parts)
+        if norm == "linf":
+            loss = _add_regulariser(net, batch, loss, parts)
+        out = StepOutput(loss, parts)
         if norm in lbs and (self.bound.sound or batch.eps[norm] == 0):
             out.certified[norm] = certified(lbs[norm].detach())
         return out
@@ -476,6 +575,7 @@ class MultiNorm:
             if batch.count_factor is not None:  # a slice: normalise by the global |gamma|
                 ba = ba * batch.count_factor(int(gamma.sum()))
             loss = loss + self.ba_eta * ba
+        loss = _add_regulariser(net, batch, loss, parts)
         out = StepOutput(loss, parts)
         for norm, lb in lbs.items():
             if self.blocks[norm].sound or batch.eps[norm] == 0:
@@ -490,7 +590,7 @@ class MultiNorm:
             idx_a, idx_b = idx_a.to(batch.y.device), idx_b.to(batch.y.device)
             per = {}
             for norm, idx in (("linf", idx_a), ("l2", idx_b)):
-                l_half = losses.certified_ce(self.blocks[norm](net, batch, idx))
+                _, l_half = block_loss(self.blocks[norm], net, batch, idx)
                 per[norm] = torch.zeros(b, dtype=l_half.dtype, device=l_half.device).index_put(
                     (idx,), l_half
                 )
@@ -498,9 +598,9 @@ class MultiNorm:
             robust = losses.random_loss(per["linf"], per["l2"], idx_a, idx_b)
             parts["robust"] = float(robust.detach())
             return robust
+        per = {}
         for norm in NORMS:
-            lbs[norm] = self.blocks[norm](net, batch)
-        per = {norm: losses.certified_ce(lb) for norm, lb in lbs.items()}
+            lbs[norm], per[norm] = block_loss(self.blocks[norm], net, batch)
         for norm in NORMS:
             parts[norm] = float(per[norm].detach().mean())
         if self.combine == "joint":
@@ -529,14 +629,20 @@ class MethodOptions:
     alpha: float = 0.5
     ba_eta: float = 0.0
     ba_direction: str = "l2"
+    mtl_alpha_linf: float = 0.5
+    mtl_alpha_l2: float = 0.5
+    mtl_attack_steps: int = 1
+
+    def block(self, norm: str, variant: str) -> Bound:
+        """The ``norm`` block of ``variant`` with these options."""
+        if norm == "linf":
+            return linf_bound(variant, self.sabr_lambda, self.mtl_alpha_linf, self.mtl_attack_steps)
+        return l2_bound(variant, self.l2_lambda, self.mtl_alpha_l2, self.mtl_attack_steps)
 
 
 def _single(name: str, norm: str, variant: str) -> Callable[[MethodOptions], Method]:
     def build(o: MethodOptions) -> Method:
-        block = (
-            linf_bound(variant, o.sabr_lambda) if norm == "linf" else l2_bound(variant, o.l2_lambda)
-        )
-        return SingleNorm(name, block)
+        return SingleNorm(name, o.block(norm, variant))
 
     return build
 
@@ -546,8 +652,8 @@ def _multi(name: str, combine: str) -> Callable[[MethodOptions], Method]:
         return MultiNorm(
             name,
             combine,
-            linf_bound(o.linf_variant, o.sabr_lambda),
-            l2_bound(o.l2_variant, o.l2_lambda),
+            o.block("linf", o.linf_variant),
+            o.block("l2", o.l2_variant),
             o.alpha,
             o.ba_eta,
             o.ba_direction,
@@ -562,6 +668,8 @@ METHODS: dict[str, Callable[[MethodOptions], Method]] = {
     "sabr-linf": _single("sabr-linf", "linf", "sabr"),
     "ibp-l2": _single("ibp-l2", "l2", "ball"),
     "l2-defence": _single("l2-defence", "l2", "defence"),
+    "mtl-ibp-linf": _single("mtl-ibp-linf", "linf", "mtl-ibp"),
+    "mtl-ibp-l2": _single("mtl-ibp-l2", "l2", "mtl-ibp"),
     "cure-joint": _multi("cure-joint", "joint"),
     "cure-max": _multi("cure-max", "max"),
     "cure-random": _multi("cure-random", "random"),
@@ -573,6 +681,8 @@ SINGLE_NORM_VARIANTS: dict[str, tuple[str, str]] = {
     "sabr-linf": ("linf", "sabr"),
     "ibp-l2": ("l2", "ball"),
     "l2-defence": ("l2", "defence"),
+    "mtl-ibp-linf": ("linf", "mtl-ibp"),
+    "mtl-ibp-l2": ("l2", "mtl-ibp"),
 }
 """Single-norm methods: the norm they train and the variant their name fixes."""
 
@@ -600,6 +710,7 @@ __all__ = [
     "Batch",
     "BallBound",
     "COMBINERS",
+    "ExpressiveBound",
     "L2DefenceBound",
     "L2_VARIANTS",
     "LINF_VARIANTS",
@@ -614,7 +725,9 @@ __all__ = [
     "SingleNorm",
     "StepOutput",
     "TrainingNetwork",
+    "block_loss",
     "exact_margins",
+    "ibp_regulariser",
     "is_multi_norm",
     "l2_bound",
     "linf_bound",

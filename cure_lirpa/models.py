@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import importlib
 import inspect
-from typing import Callable, Sequence
+import math
+from typing import Callable, Optional, Sequence
 
 import torch
 from torch import nn
@@ -130,6 +131,19 @@ _FACTORIES: dict[str, Callable[..., nn.Sequential]] = {
     "cnn5": cnn5,
     "cnn7": cnn7,
 }
+
+
+@torch.no_grad()
+def ibp_init(model: nn.Module, generator: Optional[torch.Generator] = None) -> nn.Module:
+    """Shi et al. (NeurIPS 2021)'s IBP initialisation, in place: every weight matrix or kernel but
+    the last one drawn from ``N(0, sigma^2)`` with ``sigma = sqrt(2 pi) / fan_in``, so that IBP
+    bound widths neither explode nor vanish with depth at initialisation. Biases and the last layer
+    keep their values; returns ``model``."""
+    weights = [p for name, p in model.named_parameters() if p.dim() > 1 and name.endswith("weight")]
+    for w in weights[:-1]:
+        fan_in = w[0].numel()
+        w.normal_(0.0, math.sqrt(2 * math.pi) / fan_in, generator=generator)
+    return model
 
 
 def build_model(

@@ -30,12 +30,13 @@ natural sub-epoch)."""
 @dataclass(frozen=True)
 class StepSchedule:
     """Schedule values of one step: eps per norm (pixel units), natural-loss share ``kappa``,
-    CROWN-IBP weight and learning rate."""
+    CROWN-IBP weight, learning rate and the weight of Shi et al.'s IBP regulariser."""
 
     eps: dict[str, float]
     kappa: float
     crown_ibp_beta: float
     lr: float
+    reg_weight: float = 0.0
 
 
 @dataclass
@@ -49,6 +50,11 @@ class StepResult:
     masks: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
+def l1_penalty(model: nn.Module) -> torch.Tensor:
+    """``sum |w|`` over the weight matrices and kernels of ``model`` (biases and norms excluded)."""
+    return sum(p.abs().sum() for p in model.parameters() if p.dim() > 1)
+
+
 class LossModule(nn.Module):
     """The loss of one batch as a module holding the model (and its bounded module's buffers).
 
@@ -58,12 +64,13 @@ class LossModule(nn.Module):
     :attr:`output` for the metrics.
     """
 
-    def __init__(self, net: TrainingNetwork, method: Method):
+    def __init__(self, net: TrainingNetwork, method: Method, l1_reg: float = 0.0):
         super().__init__()
         self.model = net.model
         self.bounded = net.bounded.module
         self.net = net
         self.method = method
+        self.l1_reg = float(l1_reg)
         self.output: Optional[StepOutput] = None
 
     def forward(self, batch: Batch, phase: str = "certified") -> torch.Tensor:
@@ -73,6 +80,11 @@ class LossModule(nn.Module):
             out = StepOutput(F.cross_entropy(batch.logits, batch.y))
         else:
             out = self.method.step(self.net, batch)
+            if self.l1_reg > 0:  # an L1 penalty on the weights (as in CTRAIN's recipes)
+                l1 = self.l1_reg * l1_penalty(self.model)
+                out = StepOutput(
+                    out.loss + l1, {**out.parts, "l1": float(l1.detach())}, out.certified
+                )
         self.output = out
         return out.loss if batch.loss_scale == 1.0 else out.loss * batch.loss_scale
 
@@ -93,10 +105,11 @@ class TrainStep:
         grad_clip: float = 0.0,
         train_cert: bool = True,
         world: Optional[World] = None,
+        l1_reg: float = 0.0,
     ):
         self.net, self.method, self.opt = net, method, opt
         self.grad_clip, self.train_cert = float(grad_clip), bool(train_cert)
-        self.loss_module = LossModule(net, method)
+        self.loss_module = LossModule(net, method, l1_reg)
         self.world = world
         self.forward = world.wrap(self.loss_module) if world is not None else self.loss_module
         self.params = list(net.model.parameters())
@@ -116,7 +129,14 @@ class TrainStep:
         for group in opt.param_groups:
             group["lr"] = values.lr
         batch = Batch(
-            x, y, values.eps, values.kappa, values.crown_ibp_beta, generator, forward=net.logits
+            x,
+            y,
+            values.eps,
+            values.kappa,
+            values.crown_ibp_beta,
+            generator,
+            reg_weight=values.reg_weight,
+            forward=net.logits,
         )
         if self.world is not None:
             self.world.prepare(batch, global_size or len(y))

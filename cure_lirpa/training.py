@@ -75,7 +75,7 @@ from .methods import (
     is_multi_norm,
     make_method,
 )
-from .models import build_model
+from .models import build_model, ibp_init
 from .schedules import SHAPES, Ramp, crown_ibp_beta_at, eps_at, kappa_at, lr_at
 from .threats import format_eps
 from .train_step import StepResult, StepSchedule, TrainStep
@@ -88,6 +88,8 @@ DEFAULT_METHOD = "cure-joint"
 RUNTIME_KEYS = ("data_root", "memory_mb", "train_cert", "epochs")
 """Config keys that may differ between a run and its resumption (``epochs`` extends a run)."""
 STATE_FORMAT = "cure-lirpa-trainer/1"
+INITS = ("default", "ibp")
+"""Weight initialisations: the layers' own (``default``) or Shi et al.'s IBP initialisation."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -104,6 +106,9 @@ class TrainConfig:
     training radii ``train_eps_linf`` / ``train_eps_l2`` default to them. Epoch counts may be
     fractional (the ramp is counted in optimizer steps).
     ``ba_direction=None`` picks the public default: l2 on MNIST, l∞ on CIFAR-10 / TinyImageNet.
+    ``init='ibp'`` draws the weights with Shi et al.'s IBP initialisation; ``ibp_reg`` weighs Shi
+    et al.'s IBP regulariser on the l∞ box during warm-up and ramp (times ``1 - eps / eps_max``);
+    ``l1_reg`` weighs ``sum |w|`` over the weight matrices and kernels.
     """
 
     dataset: str = "sample"
@@ -136,6 +141,12 @@ class TrainConfig:
     ba_eta: float = 0.0
     ba_direction: Optional[str] = None
     gp_beta: float = 0.0
+    mtl_alpha_linf: float = 0.5
+    mtl_alpha_l2: float = 0.5
+    mtl_attack_steps: int = 1
+    init: str = "default"
+    ibp_reg: float = 0.0
+    l1_reg: float = 0.0
     init_from: Optional[str] = None
     seed: int = 0
     train_count: Optional[int] = None
@@ -200,13 +211,38 @@ class TrainConfig:
             raise UserError("--lr-milestones must be epochs >= 0")
         if c.weight_decay < 0 or c.grad_clip < 0:
             raise UserError("--weight-decay and --grad-clip must be >= 0")
-        for name in ("kappa_start", "kappa_end", "sabr_lambda", "l2_lambda", "alpha", "gp_beta"):
+        for name in (
+            "kappa_start",
+            "kappa_end",
+            "sabr_lambda",
+            "l2_lambda",
+            "alpha",
+            "gp_beta",
+            "mtl_alpha_linf",
+            "mtl_alpha_l2",
+        ):
             if not 0.0 <= getattr(c, name) <= 1.0:
                 raise UserError(
                     f"--{name.replace('_', '-')} must be in [0, 1], got {getattr(c, name)}"
                 )
         if c.ba_eta < 0:
             raise UserError(f"--ba-eta must be >= 0, got {c.ba_eta}")
+        if int(c.mtl_attack_steps) != c.mtl_attack_steps or c.mtl_attack_steps < 1:
+            raise UserError(
+                f"--mtl-attack-steps must be a whole number >= 1, got {c.mtl_attack_steps}"
+            )
+        c.mtl_attack_steps = int(c.mtl_attack_steps)
+        if c.init not in INITS:
+            raise UserError(f"--init must be one of {', '.join(INITS)}, got {c.init!r}")
+        if not (math.isfinite(c.ibp_reg) and c.ibp_reg >= 0):
+            raise UserError(f"--ibp-reg must be >= 0, got {c.ibp_reg}")
+        if not (math.isfinite(c.l1_reg) and c.l1_reg >= 0):
+            raise UserError(f"--l1-reg must be >= 0, got {c.l1_reg}")
+        if c.ibp_reg > 0 and "linf" not in make_method(c.method, c.method_options()).norms:
+            raise UserError(
+                f"--ibp-reg regularises the l∞ box bounds; {c.method!r} does not train l∞ "
+                "(use it with an l∞ or cure-* method, or drop it)"
+            )
         if c.ba_eta > 0 and not is_multi_norm(c.method):
             raise UserError(
                 f"bound alignment (--ba-eta) needs a multi-norm method (cure-joint, cure-max, "
@@ -236,6 +272,9 @@ class TrainConfig:
             alpha=self.alpha,
             ba_eta=self.ba_eta,
             ba_direction=self.ba_direction or "l2",
+            mtl_alpha_linf=self.mtl_alpha_linf,
+            mtl_alpha_l2=self.mtl_alpha_l2,
+            mtl_attack_steps=int(self.mtl_attack_steps),
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -373,6 +412,8 @@ def build_network(
     )
     if c.init_from and init:
         load_init_weights(model, c, info)
+    elif c.init == "ibp":
+        ibp_init(model)
     net = TrainingNetwork(model, info.in_shape, device, memory_mb=c.memory_mb)
     return model, net
 
@@ -420,7 +461,17 @@ def schedule_at(config: TrainConfig, step: int, steps_per_epoch: int, ramp: Ramp
         kappa=kappa_at(step, ramp, c.kappa_start, c.kappa_end),
         crown_ibp_beta=crown_ibp_beta_at(step, ramp) if c.crown_ibp else 0.0,
         lr=lr_at(step / steps_per_epoch, c.lr, c.lr_milestones, c.lr_factor),
+        reg_weight=ibp_reg_weight_at(step, c, ramp),
     )
+
+
+def ibp_reg_weight_at(step: float, config: TrainConfig, ramp: Ramp) -> float:
+    """Weight of Shi et al.'s IBP regulariser: ``ibp_reg * (1 - eps / eps_max)`` (l∞) until the
+    ramp ends, 0 afterwards."""
+    c = config
+    if c.ibp_reg <= 0 or ramp.ended(step) or not c.train_eps_linf:
+        return 0.0
+    return c.ibp_reg * (1.0 - eps_at(step, c.train_eps_linf, ramp) / c.train_eps_linf)
 
 
 def _state(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -627,7 +678,7 @@ def train(
 
         if world is not None:
             world.check_batches([len(i) for i in data.order(c.batch_size, None)])
-        step = TrainStep(net, method, opt, c.grad_clip, c.train_cert, world)
+        step = TrainStep(net, method, opt, c.grad_clip, c.train_cert, world, l1_reg=c.l1_reg)
         t_call = time.perf_counter()
         warned = False
         ctx = _Loop(c, net, step, data, ramp, steps, method_gen, device, progress, callback, world)
@@ -880,7 +931,7 @@ def step_times(
         model, net = build_network(c, dataset_info(c.dataset), device)
         method = make_method(c.method, c.method_options())
         opt = torch.optim.Adam(model.parameters(), lr=c.lr, weight_decay=c.weight_decay)
-        step = TrainStep(net, method, opt, c.grad_clip, c.train_cert)
+        step = TrainStep(net, method, opt, c.grad_clip, c.train_cert, l1_reg=c.l1_reg)
         gen = torch.Generator(device=device).manual_seed(c.seed + 1)
         values = StepSchedule(
             eps={"linf": c.train_eps_linf, "l2": c.train_eps_l2},

@@ -168,6 +168,11 @@ def test_sabr_box_inside_linf_threat_set():
         lo, hi = (x - eps).clamp(0, 1), (x + eps).clamp(0, 1)
         assert (x_l >= lo).all() and (x_u <= hi).all() and (x_l <= x_u).all()
         assert ((x_u - x_l) <= 2 * tau + 1e-6).all()
+        # full width wherever the clipped threat set allows it (pixels at 0 or 1 included)
+        roomy = (hi - lo) >= 2 * tau
+        assert torch.allclose((x_u - x_l)[roomy], torch.full_like(x_u[roomy], 2 * tau), atol=1e-6)
+        if lam == 1.0:  # the box is the whole threat set
+            assert torch.allclose(x_l, lo) and torch.allclose(x_u, hi)
 
 
 def test_step_schedule():

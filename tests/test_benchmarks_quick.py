@@ -70,13 +70,37 @@ def test_cure_training_report_uses_each_datasets_threats(tmp_path: Path):
             "union": min(values),
             "union_linf_l2": min(values[:2]),
             "train_seconds": 1.0,
+            "method": row,
+            "epochs": 6,
+            "config": {"train_count": 20000},
         }
         (tmp_path / row / "row.json").write_text(json.dumps(out))
     report(tmp_path, lambda msg: None, "cifar10")
     text = (tmp_path / "summary.md").read_text()
     assert "CURE on CIFAR-10" in text and "| l∞ 2/255 | l2 0.25 | l1 0.5 |" in text
-    assert "| cure-joint | cure-joint | 50.0 | 21.0 | 19.5 | 19.0 | 19.0 | 19.5 | 1 s |" in text
+    assert (
+        "| cure-joint | cure-joint | 50.0 | 21.0 | 19.5 | 19.0 | 19.0 | 19.5 | - / - | 1 s "
+        "| 6 x 20000 |" in text
+    )
+    assert "needs at least one CURE and one single-norm row" in text
     assert (tmp_path / "union_accuracy.png").is_file()
+
+
+def test_cure_training_goal_lines_say_met_or_missed():
+    from benchmarks.cure_training import goal_line
+
+    def row(name, method, clean, u2):
+        return {"row": name, "method": method, "clean": clean, "union_linf_l2": u2}
+
+    mnist = [row("a", "cure-joint", 92.0, 80.0), row("b", "cure-joint", 95.0, 76.0)]
+    assert goal_line(mnist, "mnist").startswith("Goal") and "met; best row b" in goal_line(
+        mnist, "mnist"
+    )
+    assert "MISSED" in goal_line([row("a", "cure-joint", 92.0, 80.0)], "mnist")
+    cifar = [row("s", "ibp-linf", 40.0, 24.0), row("c", "cure-max", 40.0, 28.0)]
+    assert "MISSED" in goal_line(cifar, "cifar10") and "+4.0 points" in goal_line(cifar, "cifar10")
+    cifar[1]["union_linf_l2"] = 29.5
+    assert "met; best CURE row c 29.5" in goal_line(cifar, "cifar10")
 
 
 def test_certificates_suite_smoke(tiny_checkpoint: Path, tmp_path: Path):

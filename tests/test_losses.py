@@ -11,6 +11,8 @@ from cure_lirpa.errors import UserError
 from cure_lirpa.losses import (
     bound_alignment,
     certified_ce,
+    expressive_loss,
+    ibp_regulariser,
     joint,
     max_loss,
     project_gradients,
@@ -163,3 +165,40 @@ def test_project_gradients_zero_norm_and_extremes():
         project_gradients(t0, tc, {"v": torch.ones(3)}, 0.5)
     with pytest.raises(UserError):
         project_gradients(t0, tc, tn, 1.5)
+
+
+def test_expressive_loss_is_the_mtl_ibp_convex_combination():
+    adv, cert = torch.tensor([0.2, 1.0, 3.0]), torch.tensor([0.5, 4.0, 3.0])
+    assert torch.allclose(expressive_loss(adv, cert, 0.25), 0.75 * adv + 0.25 * cert)
+    assert torch.equal(expressive_loss(adv, cert, 0.0), adv)
+    assert torch.equal(expressive_loss(adv, cert, 1.0), cert)
+    with pytest.raises(UserError, match="alpha"):
+        expressive_loss(adv, cert, 1.5)
+    with pytest.raises(UserError, match="same shape"):
+        expressive_loss(adv, cert[:2], 0.5)
+
+
+def test_ibp_regulariser_formula():
+    # one layer, four neurons: two surely active, one surely inactive, one unstable
+    lower = torch.tensor([[1.0, 2.0, -3.0, -1.0]])
+    upper = torch.tensor([[3.0, 4.0, -1.0, 1.0]])
+    r0 = torch.tensor(0.25)
+    c = (lower + upper) / 2  # [2, 3, -2, 0]
+    r = ((upper - lower) / 2).mean()  # 1
+    tight = max(0.5 - 0.25 / r.item(), 0) / 0.5  # 0.5
+    m_act, m_inact = (2 + 3) / 4, -2 / 4
+    ratio_m = min(m_act / -m_inact, -m_inact / m_act)  # 0.4
+    dev = (c - c.mean()) ** 2  # mean 0.75
+    v_act, v_inact = float(dev[0, 0] + dev[0, 1]), float(dev[0, 2])
+    ratio_v = min(v_act / v_inact, v_inact / v_act)
+    relu = (max(0.5 - ratio_m, 0) + max(0.5 - ratio_v, 0)) / 0.5
+    assert ibp_regulariser(r0, [(lower, upper)]).item() == pytest.approx(tight + relu, rel=1e-6)
+    # two identical layers: the average over layers is the same value
+    two = ibp_regulariser(r0, [(lower, upper), (lower, upper)])
+    assert two.item() == pytest.approx(tight + relu, rel=1e-6)
+    # tight, balanced bounds are not penalised
+    lo, up = torch.tensor([[1.0, -1.1]]), torch.tensor([[1.1, -1.0]])
+    assert ibp_regulariser(torch.tensor(1.0), [(lo, up)]).item() == pytest.approx(0.0, abs=1e-6)
+    # a network without ReLU layers has nothing to regularise
+    with pytest.raises(UserError, match="ReLU"):
+        ibp_regulariser(r0, [])

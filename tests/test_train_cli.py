@@ -83,6 +83,18 @@ def test_cli_resume_matches_an_uninterrupted_run(tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_mtl_ibp_blocks_and_shi_recipe_from_the_command_line(tmp_path):
+    out = tmp_path / "mtl"
+    args = ["--method", "cure-joint", "--linf-variant", "mtl-ibp", "--l2-variant", "mtl-ibp"]
+    shi = ["--init", "ibp", "--ibp-reg", "0.5", "--l1-reg", "1e-6", "--mtl-alpha-l2", "0.7"]
+    run("--out", out, "--epochs", "2", *args, *shi, *QUICK)
+    cfg = load_checkpoint(out / "checkpoint.pt")["config"]
+    assert (cfg["linf_variant"], cfg["l2_variant"], cfg["init"]) == ("mtl-ibp", "mtl-ibp", "ibp")
+    assert (cfg["ibp_reg"], cfg["l1_reg"], cfg["mtl_alpha_l2"]) == (0.5, 1e-6, 0.7)
+    first = json.loads((out / "metrics.jsonl").read_text().splitlines()[1])
+    assert "ibp_reg" in first["parts"] and "l1" in first["parts"]
+
+
 def test_existing_output_and_config_changes_are_refused(tmp_path):
     out = tmp_path / "run"
     run("--out", out, "--epochs", "1", "--method", "ibp-linf", *QUICK)
@@ -111,6 +123,9 @@ def test_existing_output_and_config_changes_are_refused(tmp_path):
         (["--dataset", "mnist", "--data-root", "no/such/folder"], ["MNIST not found"]),
         (["--method", "pgd"], ["--method"]),
         (["--resume", "--overwrite"], ["contradict"]),
+        (["--method", "mtl-ibp-l2", "--ibp-reg", "0.5"], ["--ibp-reg", "l∞"]),
+        (["--method", "mtl-ibp-linf", "--mtl-alpha-linf", "1.5"], ["--mtl-alpha-linf"]),
+        (["--init", "xavier"], ["--init"]),
     ],
 )
 def test_user_mistakes_give_clean_messages_and_no_output(tmp_path, args, phrases):

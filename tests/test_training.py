@@ -146,6 +146,102 @@ def test_unsound_training_bounds_report_no_certificates():
     assert set(out.certified) == {"l2"}
 
 
+@pytest.mark.parametrize("norm,eps", [("linf", 0.05), ("l2", 0.25)])
+def test_mtl_ibp_block_is_its_formula_on_sound_ball_bounds(norm, eps):
+    from cure_lirpa.attacks import expressive_attack_point
+
+    net, batch = _net_and_batch()
+    opts = MethodOptions(mtl_alpha_linf=0.3, mtl_alpha_l2=0.7)
+    state = batch.generator.get_state()
+    out = make_method(f"mtl-ibp-{norm}", opts).step(net, batch)
+    batch.generator.set_state(state)
+    lb = net.ball_bounds(batch.x, batch.y, norm, eps)
+    p = math.inf if norm == "linf" else 2.0
+    x_adv = expressive_attack_point(net.model, batch.x, batch.y, p, eps, 1, batch.generator)
+    assert NormBall(p, eps).contains(x_adv, batch.x).all()
+    adv = F.cross_entropy(net.model(x_adv), batch.y, reduction="none")
+    a = 0.3 if norm == "linf" else 0.7
+    expected = ((1 - a) * adv + a * losses.certified_ce(lb)).mean()
+    assert out.loss.item() == pytest.approx(expected.item(), rel=1e-5)
+    # the IBP ball bounds are sound, so the step reports their certificates
+    assert torch.equal(out.certified[norm], (lb > 0).all(1))
+    # the attack point is worse for the model than the clean input, on average
+    clean = F.cross_entropy(net.model(batch.x), batch.y, reduction="none")
+    assert adv.mean() > clean.mean()
+
+
+def test_cure_joint_with_mtl_ibp_blocks_combines_their_losses():
+    net, batch = _net_and_batch()
+    # alpha 1 on both norms: the expressive losses are the IBP losses, the attack is not run
+    opts = MethodOptions(
+        linf_variant="mtl-ibp", l2_variant="mtl-ibp", mtl_alpha_linf=1.0, mtl_alpha_l2=1.0
+    )
+    out = make_method("cure-joint", opts).step(net, batch)
+    ibp = make_method("cure-joint").step(net, batch)
+    assert out.loss.item() == pytest.approx(ibp.loss.item(), rel=1e-6)
+    assert set(out.certified) == {"linf", "l2"}
+    half = MethodOptions(linf_variant="mtl-ibp", l2_variant="mtl-ibp", mtl_alpha_linf=0.5)
+    out = make_method("cure-max", half).step(net, batch)
+    assert out.parts["linf"] < ibp.parts["linf"]  # CE at a PGD point < IBP loss, on average
+
+
+def test_ibp_regulariser_is_added_during_the_ramp_only():
+    net, batch = _net_and_batch()
+    plain = make_method("ibp-linf").step(net, batch)
+    batch.reg_weight = 0.5
+    out = make_method("ibp-linf").step(net, batch)
+    assert "ibp_reg" in out.parts and out.parts["ibp_reg"] >= 0
+    assert out.loss.item() == pytest.approx(plain.loss.item() + out.parts["ibp_reg"], rel=1e-5)
+    c = tiny(ibp_reg=2.0, warmup_epochs=1.0, ramp_epochs=2.0).validated()
+    ramp = make_ramp(c, 10)
+    from cure_lirpa.training import ibp_reg_weight_at
+
+    assert ibp_reg_weight_at(0, c, ramp) == 2.0  # warm-up: eps 0
+    mid = ibp_reg_weight_at(20, c, ramp)
+    eps_mid = schedule_at(c, 20, 10, ramp).eps["linf"]
+    assert mid == pytest.approx(2.0 * (1 - eps_mid / c.train_eps_linf)) and 0 < mid < 2.0
+    assert ibp_reg_weight_at(30, c, ramp) == 0.0  # ramp over
+    with pytest.raises(UserError, match="l∞"):
+        tiny(method="ibp-l2", ibp_reg=1.0).validated()
+
+
+def test_ibp_init_draws_shi_et_al_weights():
+    from cure_lirpa.models import ibp_init
+
+    model = build_model("cnn-small", *MNIST)
+    last = model.body[-1].weight.detach().clone()
+    ibp_init(model, torch.Generator().manual_seed(0))
+    weights = [m.weight for m in model.body if hasattr(m, "weight")]
+    for w in weights[:-1]:
+        fan_in = w[0].numel()
+        assert w.std().item() == pytest.approx(math.sqrt(2 * math.pi) / fan_in, rel=0.1)
+    assert torch.equal(weights[-1], last)
+
+
+def test_a_short_mtl_ibp_run_certifies_what_natural_training_does_not(tmp_path):
+    from cure_lirpa.bounds import certified
+    from cure_lirpa.data import load_dataset, stack, take
+
+    x, y = stack(take(load_dataset("sample", "test"), 0, 200))
+    accs = {}
+    for method in ("natural", "mtl-ibp-linf"):
+        c = tiny(
+            method=method,
+            init="ibp",
+            train_count=512,
+            batch_size=32,
+            warmup_epochs=0.5,
+            ramp_epochs=1.0,
+        )
+        train(c, tmp_path / method, progress=False, log=None)
+        model = model_from_checkpoint(load_checkpoint(tmp_path / method / "checkpoint.pt")).eval()
+        lb = BoundedClassifier(model, (1, 28, 28)).margin_lower_bounds(
+            x, y, NormBall(math.inf, 0.05)
+        )
+        accs[method] = certified(lb).float().mean().item()
+    assert accs["mtl-ibp-linf"] > accs["natural"] + 0.2, accs
+
+
 def test_ba_needs_a_multi_norm_method():
     with pytest.raises(UserError, match="multi-norm"):
         make_method("ibp-linf", ba_eta=1.0)

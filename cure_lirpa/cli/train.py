@@ -19,7 +19,7 @@ from ..data import DATASETS
 from ..errors import UserError
 from ..methods import L2_VARIANTS, LINF_VARIANTS, METHODS, NORMS, SINGLE_NORM_VARIANTS
 from ..threats import format_eps
-from ..training import CHECKPOINT, DEFAULT_METHOD, PRESETS, TrainConfig, apply_preset
+from ..training import CHECKPOINT, DEFAULT_METHOD, INITS, PRESETS, TrainConfig, apply_preset
 from ..training import train as run_training
 from .common import DEVICE_CHOICE, THREADS_HELP, EpsType, resolve_device
 
@@ -100,23 +100,24 @@ Examples:
     type=click.Choice(list(METHODS)),
     default=DEFAULT_METHOD,
     show_default=True,
-    help="Training method. Single-norm: natural, ibp-linf, ibp-l2, sabr-linf, l2-defence. "
-    "Multi-norm (CURE): cure-joint, cure-max, cure-random.",
+    help="Training method. Single-norm: natural, ibp-linf, ibp-l2, sabr-linf, l2-defence, "
+    "mtl-ibp-linf, mtl-ibp-l2. Multi-norm (CURE): cure-joint, cure-max, cure-random.",
 )
 @click.option(
     "--linf-variant",
     type=click.Choice(LINF_VARIANTS),
     default=_D.linf_variant,
     show_default=True,
-    help="l∞ loss of the cure-* methods: 'ibp' (whole box) or 'sabr' (small box around a PGD point).",
+    help="l∞ loss of the cure-* methods: 'ibp' (whole box), 'sabr' (small box around a PGD point) "
+    "or 'mtl-ibp' (MTL-IBP: (1-a) CE at a PGD point + a IBP loss, a = --mtl-alpha-linf).",
 )
 @click.option(
     "--l2-variant",
     type=click.Choice(L2_VARIANTS),
     default=_D.l2_variant,
     show_default=True,
-    help="l2 loss of the cure-* methods: 'ball' (exact l2-ball IBP) or 'defence' (CURE's l2 "
-    "defence: box around an l2 PGD point).",
+    help="l2 loss of the cure-* methods: 'ball' (exact l2-ball IBP), 'defence' (CURE's l2 "
+    "defence: box around an l2 PGD point) or 'mtl-ibp' (MTL-IBP on the l2 ball, a = --mtl-alpha-l2).",
 )
 @click.option(
     "--preset",
@@ -245,6 +246,49 @@ Examples:
     default=_D.gp_beta,
     show_default=True,
     help="Gradient projection weight after the ramp (0 = off; CURE: 0.8, 0.5 fine-tuning).",
+)
+@click.option(
+    "--mtl-alpha-linf",
+    type=UNIT,
+    default=_D.mtl_alpha_linf,
+    show_default=True,
+    help="MTL-IBP weight of the IBP loss for l∞ (0 = adversarial training, 1 = IBP), e.g. 0.3.",
+)
+@click.option(
+    "--mtl-alpha-l2",
+    type=UNIT,
+    default=_D.mtl_alpha_l2,
+    show_default=True,
+    help="MTL-IBP weight of the IBP loss for l2.",
+)
+@click.option(
+    "--mtl-attack-steps",
+    type=click.IntRange(min=1),
+    default=_D.mtl_attack_steps,
+    show_default=True,
+    help="PGD steps of the MTL-IBP attack (1: a random start and one step to the ball's boundary).",
+)
+@click.option(
+    "--init",
+    type=click.Choice(INITS),
+    default=_D.init,
+    show_default=True,
+    help="Weight initialisation: the layers' own, or 'ibp' (Shi et al.: N(0, 2 pi / fan_in^2)).",
+)
+@click.option(
+    "--ibp-reg",
+    type=NONNEG,
+    default=_D.ibp_reg,
+    show_default=True,
+    help="Weight of Shi et al.'s IBP regulariser (bound tightness, ReLU balance) on the l∞ box "
+    "during the ramp, e.g. 0.5 (0 = off).",
+)
+@click.option(
+    "--l1-reg",
+    type=NONNEG,
+    default=_D.l1_reg,
+    show_default=True,
+    help="Weight of the L1 penalty sum |w| on weight matrices and kernels, e.g. 1e-6 (0 = off).",
 )
 @click.option(
     "--init-from",
@@ -384,6 +428,12 @@ def _run(ctx: click.Context, o: dict[str, Any]) -> None:
         ba_eta=o["ba_eta"],
         ba_direction=o["ba_direction"],
         gp_beta=o["gp_beta"],
+        mtl_alpha_linf=o["mtl_alpha_linf"],
+        mtl_alpha_l2=o["mtl_alpha_l2"],
+        mtl_attack_steps=o["mtl_attack_steps"],
+        init=o["init"],
+        ibp_reg=o["ibp_reg"],
+        l1_reg=o["l1_reg"],
         init_from=str(Path(o["init_from"]).resolve()) if o["init_from"] else None,
         seed=o["seed"],
         train_count=o["train_count"],
