@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Optional
 
 import click
 
 from cure_lirpa.cli import main
 
 
-def _walk(cmd: click.Command, path: list[str]) -> list[str]:
+def _walk(cmd: click.Command, path: list[str], parent: Optional[click.Context] = None) -> list[str]:
     settings = {**cmd.context_settings, "terminal_width": 100, "max_content_width": 100}
-    ctx = click.Context(cmd, info_name=" ".join(path), **settings)  # e.g. verify's show_default
+    # e.g. verify's show_default; the parent passes the group's -h/--help down, as at run time
+    ctx = click.Context(cmd, info_name=path[-1], parent=parent, **settings)
     out = [
         f"{'#' * min(len(path) + 1, 4)} `{' '.join(path)}`",
         "",
@@ -22,7 +24,7 @@ def _walk(cmd: click.Command, path: list[str]) -> list[str]:
     ]
     if isinstance(cmd, click.Group):
         for name in cmd.list_commands(ctx):
-            out += _walk(cmd.get_command(ctx, name), [*path, name])
+            out += _walk(cmd.get_command(ctx, name), [*path, name], ctx)
     return out
 
 
