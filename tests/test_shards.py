@@ -14,9 +14,7 @@ from click.testing import CliRunner
 
 from cure_lirpa.checkpoint import atomic_torch_save, make_checkpoint
 from cure_lirpa.cli import main
-from cure_lirpa.data import dataset_info, load_dataset, stack
 from cure_lirpa.errors import UserError
-from cure_lirpa.models import build_model
 from cure_lirpa.shards import Shard, parse_shard
 
 COMMON = ["--threat", "linf:0.02", "--threat", "l2:0.3", "--method", "ibp", "--method", "auto",
@@ -27,25 +25,11 @@ FIGURES = ("samples", "clean_accuracy", "certified", "certified_best", "union", 
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    torch.manual_seed(0)
-    info = dataset_info("sample")
-    model = build_model("mlp", info.in_shape, 10, info.mean, info.std, width=32, depth=1)
-    x, y = stack(load_dataset("sample", "train"))
-    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-    for _ in range(150):
-        idx = torch.randint(0, len(x), (64,))
-        loss = torch.nn.functional.cross_entropy(model(x[idx]), y[idx])
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+def checkpoint(small_trained_mlp, tmp_path_factory):
+    model, info, _, _ = small_trained_mlp
     path = tmp_path_factory.mktemp("ckpt") / "checkpoint.pt"
-    atomic_torch_save(
-        make_checkpoint(
-            model.eval(), "mlp", info, {"method": "natural"}, {"width": 32, "depth": 1}
-        ),
-        path,
-    )
+    arch_kwargs = {"width": 32, "depth": 1}
+    atomic_torch_save(make_checkpoint(model, "mlp", info, {"method": "natural"}, arch_kwargs), path)
     return path
 
 
