@@ -370,16 +370,21 @@ def summarize(
     return out
 
 
-def estimate_text(first_seconds: float, images: int) -> str:
-    """The up-front estimate of a run of ``images`` images, from the time of the first one."""
-    total = first_seconds * images
+PROBE_IMAGES = 16
+"""Images timed (after a warm-up call) for the up-front estimate of a verify run."""
+
+
+def estimate_text(per_image: float, images: int, probed: int = 1) -> str:
+    """The up-front estimate of a run of ``images`` images from the seconds per image of a probe
+    of ``probed`` images."""
+    total = per_image * images
     minutes, seconds = divmod(int(round(total)), 60)
     hours, minutes = divmod(minutes, 60)
     span = f"{hours} h {minutes:02d} min" if hours else f"{minutes} min {seconds:02d} s"
     return (
-        f"estimated time: about {span} for {images} images ({first_seconds:.2f} s for the first "
-        "image; an estimate: images that need the tighter methods take longer, batches of easy "
-        "ones less)"
+        f"estimated time: about {span} for {images} images ({per_image:.2f} s per image on the "
+        f"first {probed}; an estimate: images that need the tighter methods take longer, large "
+        "batches of easy ones less)"
     )
 
 
@@ -455,12 +460,15 @@ def certify_dataset(
         args = (threats, methods, attack, attack_steps, attack_restarts, times)
         first = first_index + seen + lo
         if bar is not None and len(rows) == skip and len(dataset) - skip > 1:
-            # Time the first image alone (results discarded, so that every batch is certified as
-            # in a run without a progress bar) and announce the whole run's estimated time.
-            t0 = time.perf_counter()
+            # Time a few images after a warm-up call (first calls pay for set-up) and announce the
+            # whole run's estimated time; the results are discarded, so every batch is certified
+            # as in a run without a progress bar.
             probe = (threats, methods, attack, attack_steps, attack_restarts, defaultdict(float))
             certify_batch(bc, model, x[:1], y[:1], *probe, first, seed)
-            bar.write(estimate_text(time.perf_counter() - t0, len(dataset) - skip))
+            k = min(len(y), PROBE_IMAGES)
+            t0 = time.perf_counter()
+            certify_batch(bc, model, x[:k], y[:k], *probe, first, seed)
+            bar.write(estimate_text((time.perf_counter() - t0) / k, len(dataset) - skip, k))
         batch_rows = certify_batch(bc, model, x, y, *args, first, seed, advance)
         seen += lo + len(batch_rows)
         rows.extend(batch_rows)
