@@ -80,7 +80,7 @@ def merge_shards(out: Path, shards: Optional[Sequence[Path]] = None) -> dict[str
     Refuses shards made with different options (naming the keys), shards of different N, and
     incomplete runs (naming the missing sample indices).
     """
-    from .certification import SampleRow, row_from_json, summarize, write_results
+    from .certification import SampleRow, row_from_json, row_to_json, summarize, write_results
     from .checkpoint import atomic_write_json, atomic_write_text
     from .threats import parse_threat
 
@@ -128,36 +128,24 @@ def merge_shards(out: Path, shards: Optional[Sequence[Path]] = None) -> dict[str
     methods = base["methods"]
     times: dict = {}
     seconds = 0.0
-    for d in dirs:
+    peaks = []
+    for d in dirs:  # times add up over shards; peak memory is the largest shard's
         summary_path = Path(d) / "summary.json"
         if summary_path.exists():
             s = json.loads(summary_path.read_text())
             seconds += s.get("seconds_total", 0.0)
+            peaks.append(s.get("peak_memory_mb", 0.0))
             for key, per_image in s.get("seconds_per_image", {}).items():
                 t, m = key.rsplit("/", 1)
                 times[(t, m)] = times.get((t, m), 0.0) + per_image * s["samples"]
-    peaks = []
-    for d in dirs:
-        summary_path = Path(d) / "summary.json"
-        if summary_path.exists():
-            peaks.append(json.loads(summary_path.read_text()).get("peak_memory_mb", 0.0))
     summary = summarize(ordered, threats, methods, times, seconds)
     summary["peak_memory_mb"] = max(peaks, default=0.0)
     summary["config"] = base
     summary["merged_from"] = [str(Path(d).name) for d in dirs]
     write_results(out, ordered, summary, threats, methods)
-    atomic_write_text(
-        out / "samples.jsonl", "".join(json.dumps(row_record(r)) + "\n" for r in ordered)
-    )
+    atomic_write_text(out / "samples.jsonl", "".join(row_to_json(r) + "\n" for r in ordered))
     atomic_write_json(out / "config.json", base)
     return summary
-
-
-def row_record(row: Any) -> dict[str, Any]:
-    """A sample row as the JSON object stored in ``samples.jsonl``."""
-    from dataclasses import asdict
-
-    return asdict(row)
 
 
 def merge_when_all_done(out: Path, shard: Shard) -> Optional[dict[str, Any]]:
