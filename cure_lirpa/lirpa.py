@@ -387,15 +387,17 @@ class BoundFailure(RuntimeError):
     """auto_LiRPA raised inside its own code while bounding (an operator or mode it lacks)."""
 
 
-def _innermost_function(exc: BaseException) -> str:
+def _innermost_code(exc: BaseException) -> Optional[types.CodeType]:
+    """The code object of the innermost frame of ``exc``'s traceback (None without one)."""
     tb = exc.__traceback__
     while tb is not None and tb.tb_next is not None:
         tb = tb.tb_next
-    return (
-        "?"
-        if tb is None
-        else f"{tb.tb_frame.f_code.co_name} ({Path(tb.tb_frame.f_code.co_filename).name})"
-    )
+    return None if tb is None else tb.tb_frame.f_code
+
+
+def _innermost_function(exc: BaseException) -> str:
+    code = _innermost_code(exc)
+    return "?" if code is None else f"{code.co_name} ({Path(code.co_filename).name})"
 
 
 def _alpha_crown(
@@ -484,10 +486,8 @@ def lp_ball_droppers(module: Any) -> list[str]:
 
 def _raised_in_auto_lirpa(exc: BaseException) -> bool:
     """True when the innermost frame of ``exc``'s traceback is auto_LiRPA code."""
-    tb = exc.__traceback__
-    while tb is not None and tb.tb_next is not None:
-        tb = tb.tb_next
-    return tb is not None and "auto_LiRPA" in tb.tb_frame.f_code.co_filename
+    code = _innermost_code(exc)
+    return code is not None and "auto_LiRPA" in code.co_filename
 
 
 def perturbation(
