@@ -3,9 +3,10 @@
 For each row (a trained model), this script
 
 1. trains a small CNN (cnn-small) on MNIST with its noise (Gaussian, or Normal-Uniform + the
-   similarity regulariser R_S), resuming a half-finished checkpoint;
+   similarity regulariser R_S) into ``models/<row>/``, resuming a half-finished run;
 2. certifies evenly spaced test images with n = 10,000 twice: Gaussian only (at alpha) and hybrid
-   (Gaussian + Uniform, each at alpha / 2, combined by Table 1), resuming half-finished TSVs;
+   (Gaussian + Uniform, each at alpha / 2, combined by Table 1) into the run folders
+   ``tsv/<row>_<mode>_n<n>/`` (resuming half-finished ones);
 3. repeats both on fewer images with n = 100,000 (a check of how much n matters);
 4. writes ``rows/<row>.json`` and refreshes ``summary.json``, ``summary.md`` and
    ``certified_accuracy.png`` from every row present in the results folder.
@@ -42,7 +43,9 @@ from cure_lirpa.checkpoint import (
     load_checkpoint,
     model_from_checkpoint,
 )
+from cure_lirpa.cli.common import DEVICE_CHOICE
 from cure_lirpa.data import load_dataset
+from cure_lirpa.runs import read_config
 from cure_lirpa.smoothing.analysis import (
     compare_at_clean_accuracy,
     load_run,
@@ -50,8 +53,9 @@ from cure_lirpa.smoothing.analysis import (
     plot_certified_accuracy,
     summarize,
 )
-from cure_lirpa.smoothing.certifier import certify_dataset, file_sha256
-from cure_lirpa.smoothing.training import TrainConfig, checkpoint_summary, train
+from cure_lirpa.smoothing.certifier import file_sha256
+from cure_lirpa.smoothing.runner import TSV, certify_dataset
+from cure_lirpa.smoothing.training import CHECKPOINT, TrainConfig, checkpoint_summary, train
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
@@ -144,9 +148,16 @@ def run_row(
     """Train (or resume) the row's model, certify it, write ``rows/<name>.json``."""
     row = ROWS[name]
     config = train_config(name, cfg, data_root, epochs)
-    ckpt_path = out / "models" / f"{name}.pt"
+    folder = out / "models" / name
+    ckpt_path = folder / CHECKPOINT
     t0 = time.perf_counter()
-    train(config, ckpt_path, resume=True, device=device, log=lambda s: click.echo(f"[{name}] {s}"))
+    train(
+        config,
+        folder,
+        resume=read_config(folder) is not None,
+        device=device,
+        log=lambda s: click.echo(f"[{name}] {s}"),
+    )
     ckpt = load_checkpoint(ckpt_path)
     model = model_from_checkpoint(ckpt).to(device).eval()
     test = load_dataset(config.dataset, "test", config.data_root)
@@ -161,13 +172,13 @@ def run_row(
     ):
         skip = cfg["test_size"] // images
         for mode in ("gaussian", "hybrid"):
-            tsv = out / "tsv" / f"{name}_{mode}_n{n}.tsv"
+            run_dir = out / "tsv" / f"{name}_{mode}_n{n}"
             t1 = time.perf_counter()
             certify_dataset(
                 model,
                 10,
                 test,
-                tsv,
+                run_dir,
                 mode=mode,
                 sigma_gaussian=sg,
                 sigma_uniform=su if mode == "hybrid" else None,
@@ -181,15 +192,15 @@ def run_row(
                 count=images,
                 skip=skip,
                 device=device,
-                resume=True,
+                resume=read_config(run_dir) is not None,
                 run_extra={"checkpoint_sha256": sha, "dataset": config.dataset, "split": "test"},
                 info=info,
             )
-            run = load_run(tsv, method=f"{row['method']} -> {mode}")
+            run = load_run(run_dir, method=f"{row['method']} -> {mode}")
             summary = summarize(run, RADII)
             summary["name"] = f"{name} {mode} n={n}"
             summary["wall_seconds_this_call"] = round(time.perf_counter() - t1, 1)
-            summary["tsv"] = str(tsv.relative_to(out))
+            summary["tsv"] = str((run_dir / TSV).relative_to(out))
             certs[f"{label}_{mode}"] = summary
             click.echo(
                 f"[{name}] {mode} n={n}: clean {summary['clean_accuracy']:.3f}, "
@@ -311,9 +322,7 @@ def report(out: Path, levels: Sequence[float] = (0.9, 0.92, 0.94, 0.96, 0.98)) -
     default=None,
     help="Evenly spaced test images certified with n = 10,000 [default: 500; 20 with --quick].",
 )
-@click.option(
-    "--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True
-)
+@click.option("--device", type=DEVICE_CHOICE, default="auto", show_default=True)
 @click.option(
     "--clean-acc",
     default="90,92,94,96,98",
@@ -343,7 +352,7 @@ def main(
     report_only,
 ):
     """Train and certify smoothed MNIST classifiers; write JSON + Markdown + PNG results."""
-    from cure_lirpa.smoothing.cli import resolve_device
+    from cure_lirpa.cli.common import resolve_device
 
     torch.set_num_threads(threads)
     out = (

@@ -11,7 +11,8 @@ For each model this script
 4. writes ``rows/<model>.json`` and refreshes ``summary.json``, ``results.md`` and
    ``samples_per_image.png`` from every row in the results folder.
 
-Both runs stream resumable TSVs (``tsv/``), so a killed run continues where it stopped::
+Both runs write resumable run folders (``tsv/<model>_.../``, each with its ``samples.tsv``), so a
+killed run continues where it stopped::
 
     python benchmarks/smoothing_sequential.py --quick                 # minutes, built-in sample
     python benchmarks/smoothing_sequential.py --models mnist-0.25,mnist-0.50,cifar10-0.25
@@ -45,8 +46,10 @@ from cure_lirpa.checkpoint import (
     model_from_checkpoint,
 )
 from cure_lirpa.data import load_dataset
-from cure_lirpa.smoothing.certifier import certify_dataset, file_sha256, read_tsv
-from cure_lirpa.smoothing.training import TrainConfig, checkpoint_summary, train
+from cure_lirpa.runs import read_config
+from cure_lirpa.smoothing.certifier import file_sha256
+from cure_lirpa.smoothing.runner import TSV, certify_dataset, read_tsv
+from cure_lirpa.smoothing.training import CHECKPOINT, TrainConfig, checkpoint_summary, train
 
 RADII = (0.25, 0.5, 0.75)
 
@@ -85,7 +88,7 @@ def settings(quick: bool) -> dict[str, Any]:
 
 
 def model_config(name: str, quick: bool, data_root: Optional[str]) -> tuple[TrainConfig, Path]:
-    """Training configuration and checkpoint path of model ``name``."""
+    """Training configuration and run folder of model ``name``."""
     spec = MODELS[name]
     if spec["dataset"] == "mnist":
         from benchmarks.smoothing_mnist import settings as mnist_settings
@@ -93,7 +96,7 @@ def model_config(name: str, quick: bool, data_root: Optional[str]) -> tuple[Trai
 
         folder = RESULTS / "smoothing" / ("mnist-quick" if quick else "mnist") / "models"
         cfg = train_config(spec["mnist_row"], mnist_settings(quick), data_root)
-        return cfg, folder / f"{spec['mnist_row']}.pt"
+        return cfg, folder / spec["mnist_row"]
     if quick:
         raise click.BadParameter("the CIFAR-10 model has no --quick version", param_hint="--models")
     cfg = TrainConfig(
@@ -109,13 +112,15 @@ def model_config(name: str, quick: bool, data_root: Optional[str]) -> tuple[Trai
         seed=0,
         eval_count=1000,
     )
-    return cfg, RESULTS / "smoothing_sequential" / "models" / f"{name}.pt"
+    return cfg, RESULTS / "smoothing_sequential" / "models" / name
 
 
 def prepare_model(name: str, quick: bool, data_root: Optional[str], device: torch.device):
     """Train model ``name`` if needed; returns ``(model, config, checkpoint path, sha256, info)``."""
-    config, path = model_config(name, quick, data_root)
-    train(config, path, resume=True, device=device, log=lambda s: log(f"[{name}] {s}"))
+    config, folder = model_config(name, quick, data_root)
+    resume = read_config(folder) is not None
+    train(config, folder, resume=resume, device=device, log=lambda s: log(f"[{name}] {s}"))
+    path = folder / CHECKPOINT
     ckpt = load_checkpoint(path)
     model = model_from_checkpoint(ckpt).to(device).eval()
     info = {"checkpoint": str(path.relative_to(RESULTS)), **checkpoint_summary(ckpt)}
@@ -133,13 +138,13 @@ def run_fixed(
     """Fixed-n CERTIFY (the reference) on the model's evenly spaced test images; returns the TSV."""
     model, config, _, sha, info = prepare_model(name, quick, data_root, device)
     test = load_dataset(config.dataset, "test", config.data_root)
-    tsv = out / "tsv" / f"{name}_fixed_n{cfg['n']}.tsv"
-    log(f"[{name}] fixed-n CERTIFY, n = {cfg['n']}, {cfg['images']} images -> {tsv}")
+    run_dir = out / "tsv" / f"{name}_fixed_n{cfg['n']}"
+    log(f"[{name}] fixed-n CERTIFY, n = {cfg['n']}, {cfg['images']} images -> {run_dir}")
     certify_dataset(
         model,
         10,
         test,
-        tsv,
+        run_dir,
         mode="gaussian",
         sigma_gaussian=MODELS[name]["sigma"],
         n0=cfg["n0"],
@@ -151,11 +156,11 @@ def run_fixed(
         count=cfg["images"],
         skip=cfg["skip"],
         device=device,
-        resume=True,
+        resume=read_config(run_dir) is not None,
         run_extra={"checkpoint_sha256": sha, "dataset": config.dataset, "split": "test"},
         info=info,
     )
-    return tsv
+    return run_dir / TSV
 
 
 def run_sequential(
@@ -167,17 +172,15 @@ def run_sequential(
     device: torch.device,
 ) -> Path:
     """Sequential certification (``decide`` at :data:`RADII`) of the same images; returns the TSV."""
-    from cure_lirpa.smoothing.sequential import certify_dataset_sequential
-
     model, config, _, sha, info = prepare_model(name, quick, data_root, device)
     test = load_dataset(config.dataset, "test", config.data_root)
-    tsv = out / "tsv" / f"{name}_sequential_max{cfg['max_n']}.tsv"
-    log(f"[{name}] sequential, radii {RADII}, max_n = {cfg['max_n']} -> {tsv}")
-    certify_dataset_sequential(
+    run_dir = out / "tsv" / f"{name}_sequential_max{cfg['max_n']}"
+    log(f"[{name}] sequential, radii {RADII}, max_n = {cfg['max_n']} -> {run_dir}")
+    certify_dataset(
         model,
         10,
         test,
-        tsv,
+        run_dir,
         sequential="decide",
         mode="gaussian",
         sigma_gaussian=MODELS[name]["sigma"],
@@ -192,11 +195,11 @@ def run_sequential(
         count=cfg["images"],
         skip=cfg["skip"],
         device=device,
-        resume=True,
+        resume=read_config(run_dir) is not None,
         run_extra={"checkpoint_sha256": sha, "dataset": config.dataset, "split": "test"},
         info=info,
     )
-    return tsv
+    return run_dir / TSV
 
 
 def measure_overhead(
@@ -434,8 +437,8 @@ def report(
     """Compare every model whose two TSVs exist; write summary.json, results.md and the PNG."""
     rows = []
     for name in names:
-        fixed = out / "tsv" / f"{name}_fixed_n{cfg['n']}.tsv"
-        seq = out / "tsv" / f"{name}_sequential_max{cfg['max_n']}.tsv"
+        fixed = out / "tsv" / f"{name}_fixed_n{cfg['n']}" / TSV
+        seq = out / "tsv" / f"{name}_sequential_max{cfg['max_n']}" / TSV
         if fixed.is_file() and seq.is_file():
             row = compare(name, fixed, seq, cfg)
             row["cpu_overhead"] = measure_overhead(name, out, cfg, quick, data_root)

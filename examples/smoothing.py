@@ -16,7 +16,8 @@
 A certificate is probabilistic: with probability at least ``1 - alpha`` over the noise drawn for
 that image, the *smoothed* classifier returns the certified label everywhere in the l2 (l1) ball of
 the printed radius. Radii are in [0, 1] pixel units. For whole datasets with resumable output files
-use ``cure-lirpa smooth certify`` (:func:`cure_lirpa.smoothing.certify_dataset`).
+use ``cure-lirpa smooth certify`` (:func:`cure_lirpa.smoothing.certify_dataset`): resumable,
+shardable run folders.
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ from cure_lirpa.smoothing import (
     sample_seed,
 )
 from cure_lirpa.smoothing.analysis import average_certified_radius, certified_accuracy
-from cure_lirpa.smoothing.training import TrainConfig, train
+from cure_lirpa.smoothing.training import CHECKPOINT, TrainConfig, train
 
 RADII = (0.25, 0.5, 0.75, 1.0)
 SHOWN = 10  # per-image rows printed
@@ -77,7 +78,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--alpha", type=float, default=0.001, help="failure probability")
     p.add_argument("--batch-size", type=int, default=1000, help="noisy copies per forward pass")
     p.add_argument(
-        "--out", default=None, help="checkpoint path [runs/examples/smoothing-<mode>.pt]"
+        "--out", default=None, help="run folder of the training [runs/examples/smoothing-<mode>]"
     )
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
@@ -132,10 +133,11 @@ def run(args: argparse.Namespace) -> int:
     quick = args.quick
     n0, n = args.n0 or (64 if quick else 100), args.n or (1000 if quick else 10_000)
     sigma_u = args.sigma_uniform or 1.16 * args.sigma
-    out = Path(args.out or f"runs/examples/smoothing-{'quick' if quick else 'cpu'}.pt")
+    out = Path(args.out or f"runs/examples/smoothing-{'quick' if quick else 'cpu'}")
     info = dataset_info(args.dataset)
 
-    # 1. Train the base classifier (the library's smoothing trainer; one checkpoint file).
+    # 1. Train the base classifier (the library's smoothing trainer; a run folder with
+    #    config.json, checkpoint.pt and metrics.jsonl).
     config = TrainConfig(
         dataset=args.dataset,
         data_root=args.data_root,
@@ -150,7 +152,7 @@ def run(args: argparse.Namespace) -> int:
     train(
         config, out, overwrite=True, device=device, progress=False, log=lambda m: print("   " + m)
     )
-    model = model_from_checkpoint(load_checkpoint(out)).to(device)
+    model = model_from_checkpoint(load_checkpoint(out / CHECKPOINT)).to(device)
 
     # 2. Certify: Gaussian alone and Uniform alone at alpha, the hybrid at alpha/2 each.
     test = load_dataset(args.dataset, "test", args.data_root)

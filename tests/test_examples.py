@@ -167,7 +167,7 @@ def test_own_model_quick(capsys):
 def test_smoothing_quick(tmp_path, capsys):
     smoothing = _load("smoothing")
     argv = ["--quick", "--count", "6", "--n", "400", "--threads", "1", "--device", "cpu"]
-    assert smoothing.main(argv + ["--out", str(tmp_path / "model.pt")]) == 0
+    assert smoothing.main(argv + ["--out", str(tmp_path / "model")]) == 0
     printed = capsys.readouterr().out
     per_image, summary = [t for t in _tables(printed) if t]
     assert len(per_image) == 6

@@ -1,39 +1,30 @@
-"""End to end through the ``smooth`` click group on the built-in MNIST sample."""
+"""End to end through ``cure-lirpa smooth ...`` and ``cure-lirpa merge`` on the built-in MNIST
+sample: run folders, resume after a kill, shards merged into the unsharded run's files."""
 
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import torch
 from click.testing import CliRunner
 
-from cure_lirpa.smoothing.certifier import read_tsv
-from cure_lirpa.smoothing.cli import smooth
+from cure_lirpa.cli import main
+from cure_lirpa.runs import Records
+from cure_lirpa.smoothing.runner import read_tsv
 
 torch.set_num_threads(1)
 
-CERT = [
-    "--n0",
-    "20",
-    "--n",
-    "200",
-    "--alpha",
-    "0.01",
-    "--batch-size",
-    "100",
-    "--count",
-    "6",
-    "--skip",
-    "150",
-    "--device",
-    "cpu",
-    "--no-progress",
-]
+CERT = ["--n0", "20", "--n", "200", "--alpha", "0.01", "--batch-size", "100", "--count", "6",
+        "--skip", "150", "--device", "cpu", "--quiet"]  # fmt: skip
+HYBRID = ["--noise", "hybrid", "--sigma", "0.5", *CERT]
+TRAIN = ["--sigma", "0.5", "--epochs", "1", "--train-count", "512", "--eval-count", "0",
+         "--width", "4", "--batch-size", "64", "--device", "cpu", "--quiet"]  # fmt: skip
 
 
-def invoke(*args: str, ok: bool = True):
-    result = CliRunner().invoke(smooth, [str(a) for a in args])
+def invoke(*args, ok: bool = True):
+    result = CliRunner().invoke(main, [str(a) for a in args])
     if ok:
         assert result.exit_code == 0, result.output + repr(result.exception)
     return result
@@ -41,192 +32,152 @@ def invoke(*args: str, ok: bool = True):
 
 @pytest.fixture(scope="module")
 def model(tmp_path_factory):
-    path = tmp_path_factory.mktemp("smooth") / "g.pt"
-    invoke(
-        "train",
-        "--method",
-        "gaussian",
-        "--sigma",
-        "0.5",
-        "--epochs",
-        "1",
-        "--train-count",
-        "512",
-        "--eval-count",
-        "0",
-        "--width",
-        "4",
-        "--batch-size",
-        "64",
-        "--device",
-        "cpu",
-        "--out",
-        path,
-        "--no-progress",
-    )
+    path = tmp_path_factory.mktemp("smooth") / "g"
+    invoke("smooth", "train", *TRAIN, "--out", path)
     return path
 
 
-def _rows_without_time(path):
-    header, columns, rows = read_tsv(path)
-    return header, columns, [{k: v for k, v in r.items() if k != "time"} for r in rows]
+def _without_time(records):
+    return [{k: v for k, v in r.items() if k != "time"} for r in records]
 
 
-def test_certify_hybrid_and_resume(model, tmp_path):
-    full = tmp_path / "full.tsv"
-    res = invoke("certify", "-c", model, "--noise", "hybrid", "--sigma", "0.5", "-o", full, *CERT)
-    assert "clean accuracy" in res.output
-    header, columns, rows = _rows_without_time(full)
-    assert len(rows) == 6 and [r["idx"] for r in rows] == [str(i) for i in range(0, 900, 150)]
+def _tsv_without_time(folder):
+    header, columns, rows = read_tsv(folder / "samples.tsv")
+    return header, columns, _without_time(rows)
+
+
+def _summary(folder):
+    summary = json.loads((folder / "summary.json").read_text())
+    assert summary.pop("seconds_total") >= 0
+    return summary
+
+
+def test_train_run_folder_and_resume_rules(model, tmp_path):
+    assert {p.name for p in model.iterdir()} == {"config.json", "checkpoint.pt", "metrics.jsonl"}
+    config = json.loads((model / "config.json").read_text())
+    assert config["kind"] == "smooth-train" and config["config"]["sigma"] == 0.5
+    res = invoke("smooth", "train", *TRAIN, "--out", model, ok=False)
+    assert res.exit_code == 1 and "--resume to continue" in res.output
+    res = invoke("smooth", "train", *TRAIN, "--sigma", "0.25", "--out", model, "--resume", ok=False)
+    assert res.exit_code == 1 and "sigma: run 0.5, now 0.25" in res.output
+    res = invoke("smooth", "train", *TRAIN, "--out", tmp_path / "none", "--resume", ok=False)
+    assert res.exit_code == 1 and "no smooth-train run to continue" in res.output
+    res = invoke("smooth", "train", *TRAIN, "--out", model, "--resume")  # finished: nothing to do
+    assert "epoch 1/1" in res.output
+
+
+def test_certify_resume_after_a_kill_and_merged_shards_equal_the_unsharded_run(model, tmp_path):
+    full = tmp_path / "full"
+    res = invoke("smooth", "certify", "-c", model, *HYBRID, "--out", full)
+    assert "clean accuracy" in res.output and "certified accuracy (l2)" in res.output
+    header, columns, rows = _tsv_without_time(full)
+    assert [r["idx"] for r in rows] == [str(i) for i in range(0, 900, 150)]
     assert header["run"]["alpha_each"] == 0.005 and columns[-1] == "time"
     for r in rows:
-        assert r["rule"] in (
-            "agree",
-            "uniform-abstained",
-            "gaussian-abstained",
-            "both-abstained",
-            "disagree",
-        )
         assert int(r["correct"]) == (r["predict"] == r["label"])
+    records = Records(full / "samples.jsonl").read()
+    assert len(records) == 6
 
-    # simulated kill: the file ends in the middle of a row
-    data = full.read_bytes()
-    cut = tmp_path / "cut.tsv"
-    cut.write_bytes(data[: int(len(data) * 0.6)])
-    assert len(read_tsv(cut)[2]) < 6
-    invoke(
-        "certify", "-c", model, "--noise", "hybrid", "--sigma", "0.5", "-o", cut, "--resume", *CERT
-    )
-    assert _rows_without_time(cut) == _rows_without_time(full)
-    assert cut.read_text().count("\n") == full.read_text().count("\n")
+    # a kill in the middle of a record: the resume recomputes the rest and gives the same files
+    cut = tmp_path / "cut"
+    cut.mkdir()
+    shutil.copy(full / "config.json", cut / "config.json")
+    data = (full / "samples.jsonl").read_bytes()
+    (cut / "samples.jsonl").write_bytes(data[: int(len(data) * 0.6)])
+    assert 0 < len(Records(cut / "samples.jsonl").read()) < 6
+    invoke("smooth", "certify", "-c", model, *HYBRID, "--out", cut, "--resume")
+    assert _without_time(Records(cut / "samples.jsonl").read()) == _without_time(records)
+    assert _tsv_without_time(cut) == _tsv_without_time(full)
+    assert _summary(cut) == _summary(full)
 
-    # shards give the same rows as one run
-    shard = tmp_path / "shard.tsv"
-    args = [a for a in CERT]
-    args[args.index("--count") + 1] = "3"
-    invoke(
-        "certify",
-        "-c",
-        model,
-        "--noise",
-        "hybrid",
-        "--sigma",
-        "0.5",
-        "-o",
-        shard,
-        "--start",
-        "450",
-        *args,
+    # three shards, each with its own records, merged into exactly the unsharded run's files
+    sharded = tmp_path / "sharded"
+    for k in range(3):
+        invoke("smooth", "certify", "-c", model, *HYBRID, "--shard", f"{k}/3", "--out", sharded)
+        assert len(Records(sharded / f"shard-{k}-of-3" / "samples.jsonl").read()) == 2
+    res = invoke("merge", sharded)
+    assert "merged 3 shards" in res.output
+    assert _summary(sharded) == _summary(full)
+    assert (sharded / "summary.md").read_text() == (full / "summary.md").read_text()
+    assert _tsv_without_time(sharded) == _tsv_without_time(full)
+    merged = Records(sharded / "samples.jsonl").read()
+    assert _without_time(merged) == _without_time(records)
+    assert json.loads((sharded / "config.json").read_text()) == json.loads(
+        (full / "config.json").read_text()
     )
-    assert _rows_without_time(shard)[2] == _rows_without_time(full)[2][3:]
 
-    # a TSV from another configuration is refused with a clear message
-    res = invoke(
-        "certify",
-        "-c",
-        model,
-        "--noise",
-        "hybrid",
-        "--sigma",
-        "0.25",
-        "-o",
-        cut,
-        "--resume",
-        *CERT,
-        ok=False,
+    # a missing shard is named by its indices; shards of other settings are refused
+    partial = tmp_path / "partial"
+    invoke("smooth", "certify", "-c", model, *HYBRID, "--shard", "0/3", "--out", partial)
+    res = invoke("merge", partial, ok=False)
+    assert res.exit_code == 1 and "4 of 6 samples are missing (indices 300, 450, 600, 750)" in (
+        res.output
     )
-    assert res.exit_code == 1 and "different run" in res.output and "noises" in res.output
-    res = invoke(
-        "certify", "-c", model, "--noise", "hybrid", "--sigma", "0.5", "-o", full, *CERT, ok=False
-    )
+    other = tmp_path / "other"
+    args = ["--noise", "hybrid", "--sigma", "0.25", *CERT, "--shard", "1/3", "--out", other]
+    invoke("smooth", "certify", "-c", model, *args)
+    res = invoke("merge", partial, partial / "shard-0-of-3", other / "shard-1-of-3", ok=False)
+    assert res.exit_code == 1 and "other settings" in res.output and "noises" in res.output
+
+    # the finished run is refused without --resume; a resume with other settings names them
+    res = invoke("smooth", "certify", "-c", model, *HYBRID, "--out", full, ok=False)
     assert res.exit_code == 1 and "--resume" in res.output
+    res = invoke("smooth", "certify", "-c", model, "--noise", "hybrid", "--sigma", "0.25", *CERT,
+                 "--out", full, "--resume", ok=False)  # fmt: skip
+    assert res.exit_code == 1 and "other settings" in res.output and "noises" in res.output
 
 
 def test_certify_gaussian_predict_and_analyze(model, tmp_path):
-    g = tmp_path / "g.tsv"
-    u = tmp_path / "u.tsv"
-    invoke("certify", "-c", model, "--noise", "gaussian", "--sigma", "0.5", "-o", g, *CERT)
-    invoke("certify", "-c", model, "--noise", "uniform", "--sigma", "0.25", "-o", u, *CERT)
-    _, columns, rows = read_tsv(g)
+    g, u = tmp_path / "g", tmp_path / "u"
+    invoke("smooth", "certify", "-c", model, "--sigma", "0.5", "--out", g, *CERT)
+    invoke("smooth", "certify", "-c", model / "checkpoint.pt", "--noise", "uniform", "--sigma",
+           "0.25", "--out", u, *CERT)  # fmt: skip
+    _, columns, rows = read_tsv(g / "samples.tsv")
     assert "gaussian_p_lower" in columns and "uniform_p_lower" not in columns
     for r in rows:
         assert float(r["radius_l1"]) == float(r["radius_l2"])
 
-    p = tmp_path / "p.tsv"
-    res = invoke(
-        "predict",
-        "-c",
-        model,
-        "--sigma",
-        "0.5",
-        "-o",
-        p,
-        "--n",
-        "100",
-        "--count",
-        "4",
-        "--skip",
-        "100",
-        "--alpha",
-        "0.01",
-        "--device",
-        "cpu",
-        "--no-progress",
-    )
+    p = tmp_path / "p"
+    res = invoke("smooth", "predict", "-c", model, "--sigma", "0.5", "--out", p, "--n", "100",
+                 "--count", "4", "--skip", "100", "--alpha", "0.01", "--device", "cpu", "-q")  # fmt: skip
     assert "accuracy" in res.output
-    header, columns, rows = read_tsv(p)
+    header, _, rows = read_tsv(p / "samples.tsv")
     assert len(rows) == 4 and header["run"]["command"] == "predict"
+    summary = json.loads((p / "summary.json").read_text())
+    assert summary["accuracy"] == sum(int(r["correct"]) for r in rows) / 4
 
-    out = tmp_path / "report"
-    res = invoke("analyze", f"A={g}", f"A={u}", str(g), "--out-dir", out, "--clean-acc", "0,10")
+    out = tmp_path / "report"  # run folders and their TSVs alike
+    res = invoke("smooth", "analyze", f"A={g}", f"A={u / 'samples.tsv'}", g, "--out", out,
+                 "--clean-acc", "0,10")  # fmt: skip
     summary = json.loads((out / "summary.json").read_text())
     assert len(summary["runs"]) == 3
     assert (out / "certified_accuracy.png").stat().st_size > 1000
     assert "ACR" in (out / "summary.md").read_text()
     assert set(summary["fixed_clean_accuracy"]["methods"]) == {"A", "gaussian -> gaussian"}
-    res = invoke("analyze", str(p), "--out-dir", out, ok=False)
-    assert res.exit_code == 1 and "not a certification TSV" in res.output
+    res = invoke("smooth", "analyze", p, "--out", out, ok=False)
+    assert res.exit_code == 1 and "not a certification run" in res.output
 
 
 def test_bad_input_messages(model, tmp_path):
-    out = tmp_path / "x.tsv"
-    res = invoke("certify", "-c", model, "--sigma", "0", "-o", out, ok=False)
+    out = tmp_path / "x"
+    res = invoke("smooth", "certify", "-c", model, "--sigma", "0", "--out", out, ok=False)
     assert res.exit_code == 2 and "--sigma" in res.output
-    res = invoke(
-        "certify", "-c", model, "--noise", "laplace", "--sigma", "0.5", "-o", out, ok=False
-    )
+    res = invoke("smooth", "certify", "-c", model, "--noise", "laplace", "--sigma", "0.5",
+                 "--out", out, ok=False)  # fmt: skip
     assert res.exit_code == 2 and "laplace" in res.output
-    res = invoke("certify", "-c", model, "--n0", "0", "--sigma", "0.5", "-o", out, ok=False)
-    assert res.exit_code == 2 and "--n0" in res.output
-    res = invoke("certify", "-c", model, "--noise", "uniform", "-o", out, ok=False)
+    res = invoke("smooth", "certify", "-c", model, "--noise", "uniform", "--out", out, ok=False)
     assert res.exit_code == 1 and "--sigma" in res.output
-    res = invoke("certify", "-c", tmp_path / "missing.pt", "--sigma", "0.5", "-o", out, ok=False)
+    res = invoke("smooth", "certify", "-c", tmp_path / "missing.pt", "--sigma", "0.5", "--out",
+                 out, ok=False)  # fmt: skip
     assert res.exit_code == 1 and "does not exist" in res.output
-    res = invoke(
-        "certify",
-        "-c",
-        model,
-        "--sigma",
-        "0.5",
-        "-o",
-        out,
-        "--n",
-        "5",
-        "--n0",
-        "5",
-        "--count",
-        "1",
-        "--alpha",
-        "0.001",
-        "--device",
-        "cpu",
-        "--no-progress",
-    )
+    res = invoke("smooth", "certify", "-c", model, "--sigma", "0.5", "--shard", "3/3", "--out",
+                 out, ok=False)  # fmt: skip
+    assert res.exit_code == 1 and "0..N-1" in res.output
+    res = invoke("smooth", "certify", "-c", model, "--sigma", "0.5", "--out", out, "--n", "5",
+                 "--n0", "5", "--count", "1", "--alpha", "0.001", "--device", "cpu", "-q")  # fmt: skip
     assert "smallest useful n is 10" in res.output
-    assert read_tsv(out)[2][0]["predict"] == "-1"
-    res = invoke(
-        "train", "--method", "nu-rs", "--sigma", "-1", "--out", tmp_path / "m.pt", ok=False
-    )
+    assert read_tsv(out / "samples.tsv")[2][0]["predict"] == "-1"
+    res = invoke("smooth", "train", "--sigma", "-1", "--out", tmp_path / "m", ok=False)
     assert res.exit_code == 2
 
 
@@ -235,11 +186,13 @@ def test_warnings_for_n0_above_n_and_a_model_not_trained_under_noise(model, tmp_
     from cure_lirpa.data import dataset_info
     from cure_lirpa.models import build_model
 
-    args = ["--sigma", "0.5", "--count", "1", "--alpha", "0.01", "--device", "cpu"]
-    res = invoke("certify", "-c", model, "--n0", "300", "--n", "200", *args, "-o", tmp_path / "a")
+    args = ["--sigma", "0.5", "--count", "1", "--alpha", "0.01", "--device", "cpu", "-q"]
+    res = invoke("smooth", "certify", "-c", model, "--n0", "300", "--n", "200", *args, "--out",
+                 tmp_path / "a")  # fmt: skip
     assert "--n0 300 is larger than --n 200" in res.output
     assert "not trained under noise" not in res.output
-    res = invoke("certify", "-c", model, "--n0", "20", "--n", "200", *args, "-o", tmp_path / "b")
+    res = invoke("smooth", "certify", "-c", model, "--n0", "20", "--n", "200", *args, "--out",
+                 tmp_path / "b")  # fmt: skip
     assert "Warning" not in res.output
 
     info = dataset_info("sample")
@@ -248,5 +201,6 @@ def test_warnings_for_n0_above_n_and_a_model_not_trained_under_noise(model, tmp_
     atomic_torch_save(
         make_checkpoint(net, "mlp", info, {"method": "natural"}, {"width": 8, "depth": 1}), plain
     )
-    res = invoke("certify", "-c", plain, "--n0", "20", "--n", "200", *args, "-o", tmp_path / "c")
+    res = invoke("smooth", "certify", "-c", plain, "--n0", "20", "--n", "200", *args, "--out",
+                 tmp_path / "c")  # fmt: skip
     assert "was not trained under noise" in res.output and "smooth train" in res.output

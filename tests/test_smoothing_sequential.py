@@ -4,6 +4,7 @@ catches, and the wiring through Smooth, the TSV writer and the CLI."""
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -290,79 +291,82 @@ def test_hybrid_on_known_probabilities_uses_half_alpha_each():
 def test_cli_sequential_decide_hybrid_estimate_and_resume(tmp_path):
     from click.testing import CliRunner
 
+    from cure_lirpa.cli import main
     from cure_lirpa.smoothing.analysis import load_run
-    from cure_lirpa.smoothing.certifier import read_tsv
-    from cure_lirpa.smoothing.cli import smooth
+    from cure_lirpa.smoothing.runner import read_tsv
 
     def invoke(*args, ok=True):
-        res = CliRunner().invoke(smooth, [str(a) for a in args])
+        res = CliRunner().invoke(main, ["smooth", *(str(a) for a in args)])
         if ok:
             assert res.exit_code == 0, res.output + repr(res.exception)
         return res
 
-    ckpt = tmp_path / "g.pt"
+    ckpt = tmp_path / "g"
     invoke(
         "train", "--sigma", "0.5", "--epochs", "1", "--train-count", "512", "--eval-count", "0",
-        "--width", "4", "--batch-size", "64", "--device", "cpu", "--out", ckpt, "--no-progress",
+        "--width", "4", "--batch-size", "64", "--device", "cpu", "--out", ckpt, "--quiet",
     )  # fmt: skip
     common = ["-c", ckpt, "--sigma", "0.5", "--n0", "20", "--alpha", "0.01", "--batch-size",
-              "200", "--count", "4", "--skip", "200", "--device", "cpu", "--no-progress"]  # fmt: skip
-    seq = tmp_path / "seq.tsv"
+              "200", "--count", "4", "--skip", "200", "--device", "cpu", "--quiet"]  # fmt: skip
+    seq = tmp_path / "seq"
     res = invoke("certify", *common, "--sequential", "decide", "--radii", "0.1,0.3",
-                 "--max-n", "2000", "-o", seq)  # fmt: skip
+                 "--max-n", "2000", "--out", seq)  # fmt: skip
     assert "mean draws per sample" in res.output and "certified accuracy (l2)" in res.output
-    header, columns, rows = read_tsv(seq)
+    header, columns, rows = read_tsv(seq / "samples.tsv")
     assert header["run"]["sequential"] == "decide" and header["run"]["radii"] == [0.1, 0.3]
     assert len(rows) == 4
     for r in rows:
         assert float(r["radius_l2"]) in (0.0, 0.1, 0.3)
         assert int(r["samples"]) == 20 + int(r["gaussian_n"]) <= int(r["drawn"])
         assert int(r["gaussian_n"]) <= 2000 and r["gaussian_stop"] in ("decided", "cap")
-    run = load_run(seq)  # smooth analyze reads it like a fixed-n TSV
+    summary = json.loads((seq / "summary.json").read_text())
+    assert set(summary["certified_accuracy"]["l2"]) == {"0.1", "0.3"}
+    assert summary["mean_samples_per_image"] == sum(int(r["samples"]) for r in rows) / 4
+    run = load_run(seq)  # smooth analyze reads it like a fixed-n run
     assert run.size == 4
-    # resuming a finished file recomputes nothing; other options are refused
+    # resuming a finished run recomputes nothing; other options are refused
     invoke("certify", *common, "--sequential", "decide", "--radii", "0.1,0.3", "--max-n", "2000",
-           "-o", seq, "--resume")  # fmt: skip
-    assert read_tsv(seq)[2] == rows
+           "--out", seq, "--resume")  # fmt: skip
+    assert read_tsv(seq / "samples.tsv")[2] == rows
     bad = invoke("certify", *common, "--sequential", "decide", "--radii", "0.2", "--max-n",
-                 "2000", "-o", seq, "--resume", ok=False)  # fmt: skip
-    assert bad.exit_code != 0 and "radii" in bad.output
+                 "2000", "--out", seq, "--resume", ok=False)  # fmt: skip
+    assert bad.exit_code != 0 and "radii: run [0.1, 0.3], now [0.2]" in bad.output
 
-    hyb = tmp_path / "hyb.tsv"
+    hyb = tmp_path / "hyb"
     invoke("certify", *common, "--noise", "hybrid", "--sequential", "decide", "--radius-norm",
-           "l1", "--radii", "0.5", "--max-n", "2000", "-o", hyb)  # fmt: skip
-    header, columns, rows = read_tsv(hyb)
+           "l1", "--radii", "0.5", "--max-n", "2000", "--out", hyb)  # fmt: skip
+    header, columns, rows = read_tsv(hyb / "samples.tsv")
     assert header["run"]["alpha_each"] == 0.005 and "rule" in columns
     assert all(int(r["samples"]) == 40 + int(r["gaussian_n"]) + int(r["uniform_n"]) for r in rows)
 
-    est = tmp_path / "est.tsv"
+    est = tmp_path / "est"
     invoke("certify", *common, "--sequential", "estimate", "--precision", "0.2", "--max-n",
-           "2000", "-o", est)  # fmt: skip
-    _, columns, rows = read_tsv(est)
+           "2000", "--out", est)  # fmt: skip
+    _, columns, rows = read_tsv(est / "samples.tsv")
     assert "gaussian_radius_upper" in columns
     for r in rows:
         assert float(r["radius_l2"]) <= float(r["gaussian_radius_upper"])
 
-    few = invoke("certify", *common, "--sequential", "decide", "--max-n", "3", "-o",
-                 tmp_path / "few.tsv", ok=False)  # fmt: skip
+    few = invoke("certify", *common, "--sequential", "decide", "--max-n", "3", "--out",
+                 tmp_path / "few", ok=False)  # fmt: skip
     assert few.exit_code == 1 and "max_n" in few.output and "Traceback" not in few.output
+    assert not (tmp_path / "few").exists()
 
 
 def test_benchmark_report_compares_paired_runs(tmp_path, monkeypatch):
     """The benchmark's comparison on two tiny TSVs of a classifier with known probabilities."""
     import benchmarks.smoothing_sequential as bench
-    from cure_lirpa.smoothing.certifier import certify_dataset
-    from cure_lirpa.smoothing.sequential import certify_dataset_sequential
+    from cure_lirpa.smoothing.runner import certify_dataset
 
     monkeypatch.setattr(bench, "RESULTS", tmp_path)
     noise = GaussianNoise(0.25)
     model = KnownProbabilities((0.999, 0.001), noise)
     data = torch.utils.data.TensorDataset(torch.zeros(6, 1), torch.tensor([0, 0, 0, 1, 1, 0]))
     kw = dict(sigma_gaussian=0.25, n0=20, alpha=0.001, batch_size=500, count=6)
-    fixed, seq = tmp_path / "f.tsv", tmp_path / "s.tsv"
+    fixed, seq = tmp_path / "f", tmp_path / "s"
     certify_dataset(model, 2, data, fixed, n=5000, **kw)
-    certify_dataset_sequential(model, 2, data, seq, max_n=5000, radii=bench.RADII, **kw)
-    row = bench.compare("mnist-0.25", fixed, seq, {})
+    certify_dataset(model, 2, data, seq, sequential="decide", max_n=5000, radii=bench.RADII, **kw)
+    row = bench.compare("mnist-0.25", fixed / "samples.tsv", seq / "samples.tsv", {})
     assert row["images"] == 6 and row["fixed_samples_per_image"] == 5020
     acc = row["certified_accuracy"]
     assert acc["0"]["fixed"] == pytest.approx(100 * 4 / 6)  # two images carry another label

@@ -96,25 +96,31 @@ CFG = dict(
 @pytest.mark.parametrize("method", ["nu-rs", "gaussian"])
 def test_resume_equals_uninterrupted(tmp_path, method):
     cfg = TrainConfig(method=method, schedule="cosine", **CFG)
-    full = tmp_path / "full.pt"
-    part = tmp_path / "part.pt"
+    full = tmp_path / "full"
+    part = tmp_path / "part"
     train(cfg, full, log=lambda s: None, progress=False)
     train(cfg, part, stop_after=1, log=lambda s: None, progress=False)
-    assert load_checkpoint(part)["epoch"] == 1
+    assert load_checkpoint(part / "checkpoint.pt")["epoch"] == 1
+    assert len((part / "metrics.jsonl").read_text().splitlines()) == 1
     train(cfg, part, resume=True, log=lambda s: None, progress=False)
-    a, b = load_checkpoint(full), load_checkpoint(part)
+    a, b = load_checkpoint(full / "checkpoint.pt"), load_checkpoint(part / "checkpoint.pt")
     assert b["epoch"] == 2
     for k in a["state_dict"]:
         assert torch.equal(a["state_dict"][k], b["state_dict"][k]), k
     assert a["trainer_state"]["history"][-1]["loss"] == b["trainer_state"]["history"][-1]["loss"]
+    assert (full / "metrics.jsonl").read_text().count("\n") == 2
 
 
-def test_resume_refuses_other_config(tmp_path):
+def test_resume_refuses_other_config_and_a_failed_run_leaves_nothing(tmp_path):
     cfg = TrainConfig(method="gaussian", **{**CFG, "epochs": 1, "eval_count": 0})
-    out = tmp_path / "m.pt"
+    out = tmp_path / "m"
     train(cfg, out, log=lambda s: None, progress=False)
-    with pytest.raises(UserError, match="already exists"):
+    with pytest.raises(UserError, match="already holds a smooth-train run"):
         train(cfg, out, log=lambda s: None)
     other = TrainConfig(method="gaussian", **{**CFG, "epochs": 1, "eval_count": 0, "sigma": 0.25})
-    with pytest.raises(UserError, match="different configuration.*sigma"):
+    with pytest.raises(UserError, match="other settings.*sigma: run 0.5, now 0.25"):
         train(other, out, resume=True, log=lambda s: None)
+    bad = TrainConfig(method="gaussian", **{**CFG, "dataset": "mnist", "data_root": str(tmp_path)})
+    with pytest.raises(UserError):
+        train(bad, tmp_path / "bad", log=lambda s: None)
+    assert not (tmp_path / "bad").exists()

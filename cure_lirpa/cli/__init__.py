@@ -1,8 +1,8 @@
 """The ``cure-lirpa`` command: thin click commands over the library (no logic of their own).
 
 Sub-commands: ``train`` (certified training), ``verify`` (multi-threat certification), ``merge``
-(the shards of a sharded verify run) and the
-``smooth`` group (randomized smoothing). Every :class:`~cure_lirpa.errors.UserError` raised by the
+(the shards of a sharded ``verify`` or ``smooth certify`` run) and the ``smooth`` group
+(randomized smoothing). Every :class:`~cure_lirpa.errors.UserError` raised by the
 library ends as one clean message and exit code 1, never a traceback.
 """
 
@@ -53,14 +53,14 @@ def main() -> None:
     Examples:
       cure-lirpa train --method cure-joint --epochs 4 --out runs/demo
       cure-lirpa verify runs/demo/checkpoint.pt --threat linf:0.1 --threat l2:0.5
-      cure-lirpa smooth train --method nu-rs --sigma 0.5 --out runs/nu.pt
-      cure-lirpa smooth certify -c runs/nu.pt --noise hybrid --sigma 0.5 -o runs/nu.tsv
+      cure-lirpa smooth train --method nu-rs --sigma 0.5 --out runs/nu
+      cure-lirpa smooth certify -c runs/nu --noise hybrid --sigma 0.5 --out runs/nu-hybrid
     """
 
 
 def _register() -> None:
-    from ..smoothing.cli import smooth
     from .merge import merge
+    from .smooth import smooth
     from .train import train
     from .verify import verify
 

@@ -1,4 +1,5 @@
-"""``cure-lirpa merge``: combine the shards of a sharded verify run into one result."""
+"""``cure-lirpa merge``: combine the shards of a sharded verify or smooth certify run into one
+result."""
 
 from __future__ import annotations
 
@@ -14,8 +15,9 @@ def merge(run: Path, shards: tuple[Path, ...]) -> None:
     """Merge the shard-K-of-N folders of RUN (or the SHARDS given) into RUN.
 
     Writes samples.csv, samples.jsonl, summary.json and summary.md exactly as an unsharded verify
-    run would (times are the sums over shards). Refuses shards made with different options and
-    lists the sample indices still missing.
+    run would (times are the sums over shards); for 'smooth certify' and 'smooth predict' runs
+    samples.tsv, samples.jsonl, summary.json and summary.md. Refuses shards made with different
+    options and lists the sample indices still missing.
 
     \b
     Examples:
@@ -25,7 +27,10 @@ def merge(run: Path, shards: tuple[Path, ...]) -> None:
     """
     from ..certification import markdown_table
     from ..shards import merge_shards
+    from .smooth import merge_smoothing
 
+    if merge_smoothing(run, shards):  # a 'smooth certify' / 'smooth predict' run
+        return
     summary = merge_shards(run, shards or None)
     click.echo(
         f"{summary['samples']} samples from {len(summary['merged_from'])} shards, clean accuracy "

@@ -3,12 +3,14 @@
 Independent of auto_LiRPA: it works with any ``nn.Module`` classifier on [0, 1] inputs.
 
 - :mod:`.noise`: Gaussian, Uniform and Normal-Uniform noise, sampled on the model's device.
-- :mod:`.certifier`: :class:`Smooth` (CERTIFY / PREDICT), Clopper–Pearson bound, resumable TSVs.
+- :mod:`.certifier`: :class:`Smooth` (CERTIFY / PREDICT), the Clopper–Pearson bound.
 - :mod:`.hybrid`: the NU paper's Table 1 rule combining a Gaussian and a Uniform certificate.
 - :mod:`.sequential`: anytime-valid sequential certification (stop once the radii are decided).
 - :mod:`.training`: noise augmentation, Normal-Uniform noise + similarity regulariser, consistency.
 - :mod:`.analysis`: certified accuracy, ACR, curves, comparison at fixed clean accuracy.
-- :mod:`.cli`: the ``smooth`` click group (``cure-lirpa smooth ...``).
+- :mod:`.runner`: whole datasets into resumable, shardable run folders (``smooth certify``).
+
+The commands (``cure-lirpa smooth ...``) are in :mod:`cure_lirpa.cli.smooth`.
 """
 
 from .certifier import (
@@ -16,13 +18,10 @@ from .certifier import (
     Certificate,
     Smooth,
     SmoothingWarning,
-    certify_dataset,
     check_sampling,
     clopper_pearson_lower,
     min_certify_n,
     min_predict_n,
-    predict_dataset,
-    read_tsv,
     sample_seed,
 )
 from .hybrid import HybridCertificate, HybridSmooth, combine, split_alpha
@@ -34,10 +33,10 @@ from .noise import (
     make_generator,
     make_noise,
 )
+from .runner import certify_dataset, merge_shards, predict_dataset, read_tsv
 from .sequential import (
     SequentialCertificate,
     SequentialTest,
-    certify_dataset_sequential,
     certify_sequential,
     certify_sequential_hybrid,
     estimate_radius,
@@ -57,7 +56,6 @@ __all__ = [
     "SmoothingWarning",
     "UniformNoise",
     "certify_dataset",
-    "certify_dataset_sequential",
     "certify_sequential",
     "certify_sequential_hybrid",
     "check_sampling",
@@ -67,6 +65,7 @@ __all__ = [
     "make_generator",
     "make_noise",
     "min_certify_n",
+    "merge_shards",
     "min_predict_n",
     "predict_dataset",
     "read_tsv",

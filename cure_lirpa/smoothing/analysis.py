@@ -1,4 +1,4 @@
-"""Metrics of certification TSVs: certified accuracy, ACR, curves and the fixed-clean-accuracy view.
+"""Metrics of certification runs (run folders of ``smooth certify`` or their TSVs): certified accuracy, ACR, curves and the fixed-clean-accuracy view.
 
 - Certified accuracy at radius r (per norm): fraction of samples whose prediction is correct and
   whose certified radius is >= r. At r = 0 this is the smoothed classifier's clean accuracy
@@ -21,7 +21,6 @@ import numpy as np
 
 from ..checkpoint import atomic_write_json, atomic_write_text
 from ..errors import UserError
-from .certifier import read_tsv
 
 NORMS = ("l2", "l1")
 DEFAULT_RADII = (0.25, 0.5, 0.75, 1.0)
@@ -46,7 +45,8 @@ class Run:
         return int(self.idx.size)
 
 
-def _describe_noises(noises: Sequence[dict[str, Any]]) -> str:
+def describe_noises(noises: Sequence[dict[str, Any]]) -> str:
+    """``gaussian(0.5)+uniform(0.58)``: the noises of a run."""
     return "+".join(f"{d.get('noise')}({d.get('sigma', '?'):g})" for d in noises)
 
 
@@ -57,13 +57,21 @@ def default_method(header: dict[str, Any]) -> str:
 
 
 def load_run(path: PathLike, method: Optional[str] = None) -> Run:
-    """Read a certification TSV written by ``smooth certify``."""
+    """Read a certification run: a run folder of ``smooth certify`` (finished or not) or the
+    ``samples.tsv`` it writes."""
+    from .runner import read_run, read_tsv
+
     path = Path(path)
-    if not path.is_file():
+    if path.is_dir():
+        header, rows = read_run(path)
+        name = path.name
+    elif path.is_file():
+        header, _, rows = read_tsv(path)
+        name = path.parent.name if path.name == "samples.tsv" else path.stem
+    else:
         raise UserError(f"{path} does not exist; produce it with 'cure-lirpa smooth certify'")
-    header, _, rows = read_tsv(path)
     if header.get("run", {}).get("command") != "certify":
-        raise UserError(f"{path} is not a certification TSV (it was written by 'smooth predict')")
+        raise UserError(f"{path} is not a certification run (it was written by 'smooth predict')")
     if not rows:
         raise UserError(f"{path} has no complete rows yet")
     run = header.get("run", {})
@@ -71,9 +79,8 @@ def load_run(path: PathLike, method: Optional[str] = None) -> Run:
     train = (
         f"{info.get('train_method')}({info.get('train_sigma')})" if info.get("train_method") else ""
     )
-    name = f"{path.stem}"
     if train:
-        name += f" [{train} cert {_describe_noises(run.get('noises', []))}]"
+        name += f" [{train} cert {describe_noises(run.get('noises', []))}]"
     return Run(
         name=name,
         method=method or default_method(header),
@@ -90,10 +97,12 @@ def load_run(path: PathLike, method: Optional[str] = None) -> Run:
 
 def merge_runs(runs: Sequence[Run]) -> list[Run]:
     """Merge shards: runs with the same method and the same run configuration apart from
-    ``start`` become one run (a sample present twice is counted once)."""
+    ``start``, ``count`` and ``shard`` become one run (a sample present twice is counted once)."""
     merged: dict[str, Run] = {}
     for r in runs:
-        cfg = {k: v for k, v in r.header.get("run", {}).items() if k not in ("start",)}
+        cfg = {
+            k: v for k, v in r.header.get("run", {}).items() if k not in ("start", "count", "shard")
+        }
         key = repr((r.method, sorted(cfg.items(), key=lambda kv: kv[0])))
         if key not in merged:
             merged[key] = r
@@ -287,10 +296,10 @@ def analyze(
     clean_levels: Sequence[float] = DEFAULT_CLEAN_LEVELS,
     max_radius: Optional[float] = None,
 ) -> dict[str, Any]:
-    """Summarise certification TSVs; write ``summary.json``, ``summary.md`` and
+    """Summarise certification runs (folders or TSVs); write ``summary.json``, ``summary.md`` and
     ``certified_accuracy.png`` into ``out_dir``. ``inputs`` are ``(method label or None, path)``."""
     if not inputs:
-        raise UserError("give at least one certification TSV to analyze")
+        raise UserError("give at least one certification run to analyze")
     runs = merge_runs([load_run(p, label) for label, p in inputs])
     summaries = [summarize(r, radii, radii_l1) for r in runs]
     comparison = compare_at_clean_accuracy(summaries, clean_levels)

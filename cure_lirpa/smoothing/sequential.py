@@ -47,25 +47,12 @@ import numpy as np
 import torch
 from scipy.special import betainc, betaln
 from scipy.stats import norm
-from torch import nn
 
 from ..errors import UserError
-from .certifier import (
-    ABSTAIN,
-    MODES,
-    Smooth,
-    SmoothingWarning,
-    TsvStream,
-    _check_alpha,
-    _run_loop,
-    check_sampling,
-    sample_seed,
-    select_indices,
-)
+from .certifier import ABSTAIN, Smooth, SmoothingWarning, _check_alpha, check_sampling
 from .noise import GaussianNoise, Noise, UniformNoise
 
 NORMS = ("l2", "l1")
-SEQUENTIAL_MODES = ("decide", "estimate")
 PRIOR_B = 0.1
 """Shape of the mixing density ``(1 - p1)^(b - 1)``: small b favours top-class probabilities near 1."""
 
@@ -368,7 +355,8 @@ class _Sampler:
         return self.smooth.base_classifier(batch).argmax(dim=1).cpu().numpy()
 
 
-def _check_common(n0: int, max_n: int, alpha: float, batch_size: int) -> None:
+def check_max_n(n0: int, max_n: int, alpha: float, batch_size: int) -> None:
+    """Raise :class:`UserError` for impossible counts or a ``max_n`` too small to ever certify."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", SmoothingWarning)
         msg = check_sampling(max_n, alpha, batch_size, n0=n0, what="certify")
@@ -391,7 +379,7 @@ def run_test(
 ) -> tuple[int, SequentialTest, int]:
     """Select the top class from ``n0`` draws (as CERTIFY), then run a :class:`SequentialTest` of
     ``thresholds`` on fresh draws. Returns ``(top class, test, samples drawn)``."""
-    _check_common(n0, max_n, alpha, batch_size)
+    check_max_n(n0, max_n, alpha, batch_size)
     model = smooth.base_classifier
     was_training = model.training
     model.eval()
@@ -561,7 +549,7 @@ def _certificate(
 
 
 # ---------------------------------------------------------------------------------------------
-# Hybrid (NU paper, Table 1) and whole datasets
+# Hybrid (NU paper, Table 1)
 
 
 def certify_sequential_hybrid(
@@ -588,161 +576,9 @@ def certify_sequential_hybrid(
     return combine(g, u), g, u
 
 
-def _seq_columns(name: str, sequential: str) -> list[str]:
-    cols = ["predict", "count", "n", "p_lower", "radius_l1", "radius_l2", "stop"]
-    if sequential == "estimate":
-        cols.append("radius_upper")
-    return [f"{name}_{c}" for c in cols]
-
-
-def sequential_columns(mode: str, sequential: str) -> list[str]:
-    """TSV columns of a sequential run (``mode`` 'gaussian', 'uniform' or 'hybrid')."""
-    base = ["idx", "label", "predict", "radius_l1", "radius_l2", "correct"]
-    names = ["gaussian", "uniform"] if mode == "hybrid" else [mode]
-    cols = base + (["rule"] if mode == "hybrid" else [])
-    for name in names:
-        cols += _seq_columns(name, sequential)
-    return cols + ["samples", "drawn", "time"]
-
-
-def certify_dataset_sequential(
-    model: nn.Module,
-    num_classes: int,
-    dataset: Any,
-    out: Any,
-    *,
-    sequential: str = "decide",
-    mode: str = "gaussian",
-    sigma_gaussian: Optional[float] = None,
-    sigma_uniform: Optional[float] = None,
-    radii: Sequence[float] = (0.25, 0.5, 0.75),
-    norm_name: str = "l2",
-    precision: float = 0.05,
-    max_radius: Optional[float] = None,
-    n0: int = 100,
-    max_n: int = 100_000,
-    alpha: float = 0.001,
-    futility_alpha: float = FUTILITY_ALPHA,
-    batch_size: int = 1000,
-    joint_alpha: bool = True,
-    seed: int = 0,
-    start: int = 0,
-    count: Optional[int] = None,
-    skip: int = 1,
-    device: torch.device | str = "cpu",
-    resume: bool = False,
-    overwrite: bool = False,
-    progress: Optional[bool] = None,
-    run_extra: Optional[dict[str, Any]] = None,
-    info: Optional[dict[str, Any]] = None,
-) -> list[dict[str, str]]:
-    """Sequential counterpart of :func:`~.certifier.certify_dataset`: one TSV row per sample with
-    the samples it used (``samples`` = n0 + estimation draws of every noise; ``drawn`` also counts
-    the unused tail of the last batch). Noise seeds are those of the fixed-n run, so the top class
-    is chosen from the same ``n0`` draws. The TSV is read by ``smooth analyze`` like a fixed-n one.
-    """
-    from .hybrid import combine, split_alpha
-
-    if sequential not in SEQUENTIAL_MODES:
-        raise UserError(
-            f"unknown sequential mode {sequential!r}; choose one of {', '.join(SEQUENTIAL_MODES)}"
-        )
-    if mode not in MODES:
-        raise UserError(f"unknown certification noise {mode!r}; choose one of {', '.join(MODES)}")
-    if norm_name not in NORMS:
-        raise UserError(f"unknown norm {norm_name!r}; choose one of {', '.join(NORMS)}")
-    smooths: dict[str, Smooth] = {}
-    if mode in ("gaussian", "hybrid"):
-        if sigma_gaussian is None:
-            raise UserError("Gaussian certification needs a sigma (--sigma or --sigma-gaussian)")
-        smooths["gaussian"] = Smooth(model, num_classes, GaussianNoise(sigma_gaussian), device)
-    if mode in ("uniform", "hybrid"):
-        if sigma_uniform is None:
-            raise UserError("Uniform certification needs a sigma (--sigma or --sigma-uniform)")
-        smooths["uniform"] = Smooth(model, num_classes, UniformNoise(sigma_uniform), device)
-    each_alpha = split_alpha(alpha, 2, joint_alpha) if mode == "hybrid" else alpha
-    _check_common(n0, max_n, each_alpha, batch_size)
-    radii = sorted({float(r) for r in radii})
-    if sequential == "decide" and not radii:
-        raise UserError("give at least one radius to decide (e.g. --radii 0.25,0.5,0.75)")
-    indices = select_indices(len(dataset), start, count, skip)
-    run = {
-        "command": "certify",
-        "sequential": sequential,
-        "mode": mode,
-        "noises": [s.noise.describe() for s in smooths.values()],
-        "norm": norm_name,
-        "n0": n0,
-        "max_n": max_n,
-        "alpha": alpha,
-        "alpha_each": each_alpha,
-        "futility_alpha": futility_alpha,
-        "batch_size": batch_size,
-        "seed": seed,
-        "start": start,
-        "skip": skip,
-        "device_type": torch.device(device).type,
-        **({"radii": radii} if sequential == "decide" else {}),
-        **({"precision": precision, "max_radius": max_radius} if sequential == "estimate" else {}),
-        **(run_extra or {}),
-    }
-    streams = {"gaussian": 0, "uniform": 1}
-
-    def make_row(idx: int, x: torch.Tensor, y: int) -> dict[str, Any]:
-        certs = {}
-        for name, smooth in smooths.items():
-            smooth.manual_seed(sample_seed(seed, idx, streams[name]))
-            if sequential == "decide":
-                certs[name] = certify_sequential(
-                    smooth, x, radii, n0, each_alpha, max_n, batch_size, norm_name,
-                    futility_alpha=futility_alpha,
-                )  # fmt: skip
-            else:
-                certs[name] = estimate_radius(
-                    smooth, x, precision, max_radius, n0, each_alpha, max_n, batch_size,
-                    norm_name, futility_alpha=futility_alpha,
-                )  # fmt: skip
-        row: dict[str, Any] = {}
-        for name, c in certs.items():
-            row.update(
-                {
-                    f"{name}_predict": c.label,
-                    f"{name}_count": c.count,
-                    f"{name}_n": c.n,
-                    f"{name}_p_lower": c.p_lower,
-                    f"{name}_radius_l1": c.radius_l1,
-                    f"{name}_radius_l2": c.radius_l2,
-                    f"{name}_stop": c.stop,
-                }
-            )
-            if sequential == "estimate":
-                row[f"{name}_radius_upper"] = c.radius_upper
-        if mode == "hybrid":
-            h = combine(certs["gaussian"], certs["uniform"])
-            label, r1, r2 = h.label, h.radius_l1, h.radius_l2
-            row["rule"] = h.rule
-        else:
-            c = certs[mode]
-            label, r1, r2 = c.label, c.radius_l1, c.radius_l2
-        row.update(
-            predict=label,
-            radius_l1=r1,
-            radius_l2=r2,
-            correct=int(label == y),
-            samples=sum(c.samples for c in certs.values()),
-            drawn=sum(c.n_drawn for c in certs.values()),
-        )
-        return row
-
-    desc = f"certify ({mode}, sequential {sequential})"
-    with TsvStream(out, sequential_columns(mode, sequential), run, info, resume, overwrite) as s:
-        return _run_loop(s, dataset, indices, make_row, progress, desc)
-
-
 __all__ = [
     "SequentialCertificate",
     "SequentialTest",
-    "certify_dataset_sequential",
     "certify_sequential",
     "certify_sequential_hybrid",
     "estimate_radius",

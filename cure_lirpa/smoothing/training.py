@@ -10,14 +10,16 @@ Methods (each a small object whose ``loss(model, x, y, generator)`` returns ``(l
 - ``consistency``: Jeong & Shin 2020, m Gaussian copies,
   ``mean_i CE(f(x+d_i), y) + lambda * mean_i KL(p_avg || p_i) + eta * H(p_avg)``.
 
-:func:`train` writes a checkpoint atomically after every epoch (with optimizer, schedule and RNG
-states) so that ``resume=True`` continues a killed run and ends with the same weights as an
-uninterrupted run under the same seed.
+:func:`train` writes a run folder (:mod:`cure_lirpa.runs`): ``config.json``, ``checkpoint.pt``
+(atomically after every epoch, with optimizer, schedule and every RNG state) and ``metrics.jsonl``,
+so that ``resume=True`` continues a killed run and ends with the same weights as an uninterrupted
+run under the same seed.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,16 +29,27 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..checkpoint import atomic_torch_save, dataset_info_of, load_checkpoint, make_checkpoint
+from ..checkpoint import (
+    atomic_torch_save,
+    atomic_write_text,
+    dataset_info_of,
+    load_checkpoint,
+    make_checkpoint,
+)
 from ..data import TrainData, dataset_info, load_dataset
 from ..errors import UserError
 from ..models import build_model
+from ..runs import Run, rng_state, set_rng_state
 from .noise import GaussianNoise, Noise, NormalUniformNoise, UniformNoise, make_generator
 
 METHODS = ("gaussian", "uniform", "nu", "nu-rs", "consistency")
 SCHEDULES = ("constant", "cosine")
-# Keys of TrainConfig that may change between a run and its resumption.
-RUNTIME_KEYS = ("data_root",)
+RUNTIME_KEYS = ("data_root", "eval_count")
+"""Config keys that may differ between a run and its resumption (they do not change the weights)."""
+KIND = "smooth-train"
+CHECKPOINT = "checkpoint.pt"
+METRICS = "metrics.jsonl"
+STATE_FORMAT = "cure-lirpa-smoothing-trainer/1"
 
 
 @dataclass
@@ -218,10 +231,6 @@ def evaluate(
 # The training loop
 
 
-def _rng_state(gen: torch.Generator) -> torch.Tensor:
-    return gen.get_state().clone()
-
-
 def train(
     config: TrainConfig,
     out: Union[str, Path],
@@ -233,27 +242,43 @@ def train(
     progress: Optional[bool] = None,
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
-    """Train a base classifier with ``config`` and write the checkpoint ``out`` after every epoch.
+    """Train a base classifier with ``config`` into the run folder ``out``.
 
-    ``resume=True`` continues from ``out`` (refusing a checkpoint of another configuration);
-    ``stop_after`` ends this call after that many epochs (continue later with ``resume``).
-    Returns ``{"out", "epoch", "history"}`` (history: one dict per epoch).
+    The folder holds ``config.json`` (the run layer's, :mod:`cure_lirpa.runs`), ``checkpoint.pt``
+    (written atomically after every epoch, with the optimizer state and every RNG state) and
+    ``metrics.jsonl`` (one line per epoch). ``resume=True`` continues the run in ``out`` (refusing
+    other settings, naming the keys) and ends with the weights of an uninterrupted run;
+    ``overwrite=True`` starts over; ``stop_after`` ends this call after that many epochs.
+    Returns ``{"out", "checkpoint", "epoch", "history"}`` (history: one dict per epoch).
     """
+    c = config.validated()
+    device = torch.device(device)
+    if resume and overwrite:
+        raise UserError("--resume and --overwrite contradict each other; pass one of them")
+    run = Run.open(out, KIND, c.to_dict(), resume=resume, overwrite=overwrite, mutable=RUNTIME_KEYS)
+    try:
+        return _train(c, run, device, stop_after, progress, log)
+    except BaseException:
+        run.discard_if_empty()
+        raise
+
+
+def _train(
+    c: TrainConfig,
+    run: Run,
+    device: torch.device,
+    stop_after: Optional[int],
+    progress: Optional[bool],
+    log: Callable[[str], None],
+) -> dict[str, Any]:
     from tqdm.auto import tqdm
 
-    c = config.validated()
-    out = Path(out)
-    device = torch.device(device)
     info = dataset_info(c.dataset)
+    ckpt_path = run.file(CHECKPOINT)
     ckpt = None
-    if out.exists():
-        if resume:
-            ckpt = load_checkpoint(out)
-            _check_resume(ckpt, c, device, out)
-        elif not overwrite:
-            raise UserError(
-                f"{out} already exists; pass --resume to continue it or --overwrite to start over"
-            )
+    if run.resumed and ckpt_path.is_file():
+        ckpt = load_checkpoint(ckpt_path)
+        _check_state(ckpt, device, ckpt_path)
 
     torch.manual_seed(c.seed)
     model = build_model(
@@ -266,8 +291,10 @@ def train(
         if c.schedule == "cosine"
         else None
     )
-    data_gen = torch.Generator().manual_seed(c.seed)
-    noise_gen = make_generator(device, c.seed + 1)
+    generators = {
+        "data": torch.Generator().manual_seed(c.seed),
+        "noise": make_generator(device, c.seed + 1),
+    }
     history: list[dict[str, Any]] = []
     start = 0
     if ckpt is not None:
@@ -276,15 +303,14 @@ def train(
         opt.load_state_dict(state["optimizer"])
         if sched is not None:
             sched.load_state_dict(state["scheduler"])
-        data_gen.set_state(state["data_rng"])
-        noise_gen.set_state(state["noise_rng"].to("cpu"))
-        torch.set_rng_state(state["torch_rng"])
+        set_rng_state(state["rng"], generators)
         history = list(state["history"])
         start = int(ckpt["epoch"])
-        log(f"resuming {out} after epoch {start} of {c.epochs}")
+        log(f"resuming {run.path} after epoch {start} of {c.epochs}")
         if start >= c.epochs:
-            log(f"{out} is already trained for {start} epochs; nothing to do")
-            return {"out": str(out), "epoch": start, "history": history}
+            log(f"{run.path} is already trained for {start} epochs; nothing to do")
+            return {"out": str(run.path), "checkpoint": str(ckpt_path), "epoch": start,
+                    "history": history}  # fmt: skip
 
     train_set = TrainData(load_dataset(c.dataset, "train", c.data_root), c.train_count)
     test_batches = None
@@ -306,9 +332,9 @@ def train(
             disable=None if progress is None else not progress,
             leave=False,
         )
-        for x, y in train_set.batches(c.batch_size, data_gen):
+        for x, y in train_set.batches(c.batch_size, generators["data"]):
             x, y = x.to(device), y.to(device)
-            loss, logits = method.loss(model, x, y, noise_gen)
+            loss, logits = method.loss(model, x, y, generators["noise"])
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -334,48 +360,39 @@ def train(
             )
         history.append(record)
         trainer_state = {
+            "format": STATE_FORMAT,
             "optimizer": opt.state_dict(),
             "scheduler": sched.state_dict() if sched is not None else None,
-            "data_rng": _rng_state(data_gen),
-            "noise_rng": _rng_state(noise_gen).cpu(),
-            "torch_rng": torch.get_rng_state(),
+            "rng": rng_state(generators),
             "device_type": device.type,
             "history": history,
         }
         ck = make_checkpoint(
             model, c.arch, info, c.to_dict(), c.arch_kwargs, epoch + 1, trainer_state
         )
-        atomic_torch_save(ck, out)
+        atomic_torch_save(ck, ckpt_path)
+        atomic_write_text(run.file(METRICS), "".join(json.dumps(h) + "\n" for h in history))
         done_now += 1
         msg = ", ".join(
             f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items()
         )
         log(msg)
-    return {"out": str(out), "epoch": start + done_now, "history": history}
+    return {
+        "out": str(run.path),
+        "checkpoint": str(ckpt_path),
+        "epoch": start + done_now,
+        "history": history,
+    }
 
 
-def _check_resume(ckpt: dict[str, Any], c: TrainConfig, device: torch.device, out: Path) -> None:
-    old = dict(ckpt.get("config") or {})
-    new = c.to_dict()
-    diff = [
-        k for k in sorted(set(old) | set(new)) if k not in RUNTIME_KEYS and old.get(k) != new.get(k)
-    ]
-    if diff:
-        details = "; ".join(
-            f"{k}: checkpoint has {old.get(k)!r}, this run has {new.get(k)!r}" for k in diff
-        )
-        raise UserError(
-            f"{out} was trained with a different configuration ({details}); resume with the same "
-            "options, or choose another --out"
-        )
+def _check_state(ckpt: dict[str, Any], device: torch.device, path: Path) -> None:
     state = ckpt.get("trainer_state") or {}
-    if "data_rng" not in state:
-        raise UserError(
-            f"{out} has no trainer state to resume from (not written by 'smooth train')"
-        )
+    if state.get("format") != STATE_FORMAT:
+        raise UserError(f"--resume: {path} has no 'smooth train' state to resume from")
     if state.get("device_type") != device.type:
         raise UserError(
-            f"{out} was trained on {state.get('device_type')}; resume it with --device {state.get('device_type')}"
+            f"--resume: {path} was trained on {state.get('device_type')}; resume it with "
+            f"--device {state.get('device_type')} (results are only reproducible on one device)"
         )
 
 

@@ -1,0 +1,672 @@
+"""``cure-lirpa smooth ...``: train, certify, predict and analyze with randomized smoothing.
+
+Thin click commands over :mod:`cure_lirpa.smoothing`, with the option conventions of ``train`` and
+``verify``: ``--out`` is a run folder, ``--resume`` / ``--overwrite``, ``--seed``, ``--device``
+(auto, cpu, cuda, cuda:N), ``--threads``, ``--quiet``; ``certify`` and ``predict`` take
+``--shard K/N`` and ``cure-lirpa merge`` combines the shards.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import warnings
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import click
+import torch
+
+from ..data import DATASETS, dataset_info, load_dataset
+from ..errors import UserError
+from ..threats import parse_eps
+from .common import DEVICE_CHOICE, THREADS_HELP, EpsType, resolve_device, set_threads
+
+POSITIVE = click.FloatRange(min=0.0, min_open=True)
+EPS = EpsType()
+SETTINGS = {"show_default": True}
+
+
+class RadiusList(click.ParamType):
+    """Comma-separated radii in pixel units, e.g. ``0.25,0.5,1`` or ``36/255,72/255``."""
+
+    name = "RADII"
+
+    def convert(self, value: Any, param: Any, ctx: Any) -> list[float]:
+        if isinstance(value, (list, tuple)):
+            return [float(v) for v in value]
+        try:
+            out = [parse_eps(v.strip()) for v in str(value).split(",") if v.strip()]
+        except UserError:
+            self.fail(
+                f"{value!r} is not a comma-separated list of radii (e.g. 0.25,0.5,1)", param, ctx
+            )
+        if not out or any(not math.isfinite(v) or v < 0 for v in out):
+            self.fail(f"{value!r} must hold one or more radii >= 0", param, ctx)
+        return out
+
+
+class NumberList(click.ParamType):
+    """Comma-separated non-negative numbers, e.g. ``45,50,55``."""
+
+    name = "NUMBERS"
+
+    def convert(self, value: Any, param: Any, ctx: Any) -> list[float]:
+        if isinstance(value, (list, tuple)):
+            return [float(v) for v in value]
+        try:
+            out = [float(v) for v in str(value).split(",") if v.strip()]
+        except ValueError:
+            self.fail(
+                f"{value!r} is not a comma-separated list of numbers (e.g. 90,95)", param, ctx
+            )
+        if not out or any(not math.isfinite(v) or v < 0 for v in out):
+            self.fail(f"{value!r} must hold one or more numbers >= 0", param, ctx)
+        return out
+
+
+def _options(options: list[Callable]) -> Callable:
+    def apply(fn: Callable) -> Callable:
+        for opt in reversed(options):
+            fn = opt(fn)
+        return fn
+
+    return apply
+
+
+def _run_options(what: str) -> list[Callable]:
+    """Options every run command shares (the names of ``train`` and ``verify``)."""
+    return [
+        click.option("--seed", type=int, default=0, help=f"Seed of the {what}."),
+        click.option(
+            "--device", type=DEVICE_CHOICE, default="auto", help="auto, cpu, cuda or cuda:N."
+        ),
+        click.option("--threads", type=click.IntRange(min=1), default=1, help=THREADS_HELP),
+        click.option("--resume", is_flag=True, help="Continue the run in --out (same options)."),
+        click.option("--overwrite", is_flag=True, help="Replace the run in --out."),
+        click.option("--quiet", "-q", is_flag=True, help="No progress bars and no progress lines."),
+    ]
+
+
+SAMPLE_OPTIONS = [
+    click.option(
+        "--checkpoint",
+        "-c",
+        required=True,
+        type=click.Path(path_type=Path),
+        help="Base classifier: the run folder of 'smooth train' (or its checkpoint.pt, or any "
+        "cure-lirpa checkpoint).",
+    ),
+    click.option(
+        "--out",
+        "-o",
+        required=True,
+        type=click.Path(file_okay=False, path_type=Path),
+        help="Run folder: config.json, samples.jsonl (as it goes), then samples.tsv, "
+        "summary.json, summary.md.",
+    ),
+    click.option(
+        "--n",
+        "n",
+        type=click.IntRange(min=1),
+        default=100_000,
+        help="Noisy samples of the estimate.",
+    ),
+    click.option(
+        "--alpha",
+        type=click.FloatRange(0, 1, min_open=True, max_open=True),
+        default=0.001,
+        help="Failure probability of each answer.",
+    ),
+    click.option(
+        "--batch-size",
+        type=click.IntRange(min=1),
+        default=1000,
+        help="Noisy copies per forward pass.",
+    ),
+    click.option(
+        "--dataset",
+        type=click.Choice(DATASETS),
+        default=None,
+        help="Dataset [default: the checkpoint's].",
+    ),
+    click.option(
+        "--data-root",
+        type=click.Path(),
+        default=None,
+        help="Folder with the dataset (not needed for 'sample').",
+    ),
+    click.option("--split", type=click.Choice(["test", "train"]), default="test"),
+    click.option("--start", type=click.IntRange(min=0), default=0, help="First sample index."),
+    click.option(
+        "--count",
+        type=click.IntRange(min=1),
+        default=None,
+        help="Number of samples [default: all from --start].",
+    ),
+    click.option(
+        "--skip",
+        type=click.IntRange(min=1),
+        default=1,
+        help="Take every SKIP-th sample (e.g. 20 on MNIST's 10,000 gives 500 evenly spaced).",
+    ),
+    click.option(
+        "--shard",
+        default=None,
+        metavar="K/N",
+        help="Only shard K of N (0-based) of the samples, into <out>/shard-K-of-N; merge the shards "
+        "with 'cure-lirpa merge <out>'. Under torchrun or a Slurm array it is set from the rank.",
+    ),
+    *_run_options(
+        "noise: sample i uses a seed derived from (seed, i), so shards and resumed runs agree"
+    ),
+]
+
+
+def _load_model(checkpoint: Path, device: torch.device):
+    """``(model, dataset info, sha256, info for the run)`` of a checkpoint file or run folder."""
+    from ..checkpoint import dataset_info_of, load_checkpoint, model_from_checkpoint
+    from ..smoothing.certifier import file_sha256
+    from ..smoothing.training import CHECKPOINT, checkpoint_summary
+
+    path = checkpoint / CHECKPOINT if checkpoint.is_dir() else checkpoint
+    ckpt = load_checkpoint(path)
+    model = model_from_checkpoint(ckpt).to(device).eval()
+    info = {"checkpoint": str(path), **checkpoint_summary(ckpt)}
+    return model, dataset_info_of(ckpt), file_sha256(path), info
+
+
+def _dataset(name: Optional[str], default: str, split: str, root: Optional[str]):
+    """The dataset to certify; refuses one whose image shape differs from the model's."""
+    if name and name != default and dataset_info(name).in_shape != dataset_info(default).in_shape:
+        raise UserError(
+            f"the checkpoint was trained on {default} {dataset_info(default).in_shape}, "
+            f"which does not match --dataset {name} {dataset_info(name).in_shape}"
+        )
+    return load_dataset(name or default, split, root)
+
+
+def _shard(text: Optional[str]):
+    from ..shards import parse_shard, shard_from_environment
+
+    return parse_shard(text) if text else shard_from_environment()
+
+
+def _warn(message: str) -> None:
+    click.echo(f"Warning: {message}", err=True)
+
+
+def _warn_small_n(n: int, alpha: float, what: str) -> None:
+    from ..smoothing.certifier import SmoothingWarning, check_sampling
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", SmoothingWarning)
+        msg = check_sampling(n, alpha, 1, what=what)
+    if msg:
+        _warn(msg)
+
+
+def _warn_not_noise_trained(checkpoint: Path, info: dict) -> None:
+    if info.get("train_sigma") is None:
+        _warn(
+            f"{checkpoint} was not trained under noise (no sigma in its config); a base "
+            "classifier that never saw Gaussian or Uniform noise mostly abstains or certifies tiny "
+            "radii. Train one with 'cure-lirpa smooth train --sigma SIGMA'"
+        )
+
+
+def _finish(out: Path, shard, explicit_shard: bool) -> Optional[Path]:
+    """After a shard: under torchrun (no --shard given) rank 0 merges when every rank is done.
+    Returns the folder whose results to print, or None (another rank merges)."""
+    from ..smoothing.runner import merge_under_torchrun
+
+    if shard is None:
+        return out
+    folder = out / shard.name
+    click.echo(f"shard {shard.index}/{shard.count} done in {folder}", err=True)
+    if explicit_shard or "RANK" not in os.environ:
+        click.echo(f"when every shard is done: cure-lirpa merge {out}", err=True)
+        return folder
+    merged = merge_under_torchrun(out, shard)
+    if merged is None:
+        return None
+    click.echo(f"merged {shard.count} shards into {out}", err=True)
+    return out
+
+
+@click.group("smooth")
+def smooth() -> None:
+    """Randomized smoothing for l1 and l2 (Cohen et al.; the NU paper's hybrid certificate).
+
+    \b
+    Typical session on the built-in MNIST sample:
+      cure-lirpa smooth train --method gaussian --sigma 0.5 --epochs 2 --out runs/g050
+      cure-lirpa smooth certify -c runs/g050 --sigma 0.5 --n 10000 --skip 10 --out runs/g050-cert
+      cure-lirpa smooth analyze runs/g050-cert --out runs/report
+    """
+
+
+@smooth.command("train", context_settings=SETTINGS)
+@click.option(
+    "--out",
+    "-o",
+    required=True,
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Run folder: config.json, checkpoint.pt (rewritten atomically after every epoch), "
+    "metrics.jsonl.",
+)
+@click.option(
+    "--method",
+    type=click.Choice(["gaussian", "uniform", "nu", "nu-rs", "consistency"]),
+    default="gaussian",
+    help="gaussian/uniform: noise augmentation; nu: Normal-Uniform noise; nu-rs: NU noise + "
+    "similarity regulariser (NU paper Eq. 3); consistency: Jeong & Shin 2020.",
+)
+@click.option(
+    "--sigma", type=POSITIVE, default=0.25, help="Noise std (pixel units); sigma_n for nu/nu-rs."
+)
+@click.option(
+    "--sigma-u",
+    type=POSITIVE,
+    default=None,
+    help="Uniform part's std for nu/nu-rs [default: sqrt(3)/2 * sigma, kurtosis -0.22].",
+)
+@click.option(
+    "--beta",
+    type=click.FloatRange(min=0),
+    default=3.0,
+    help="Weight of the similarity regulariser (nu-rs).",
+)
+@click.option(
+    "--consistency-m",
+    type=click.IntRange(min=1),
+    default=2,
+    help="Noisy copies per input (consistency).",
+)
+@click.option("--consistency-lambda", type=click.FloatRange(min=0), default=10.0)
+@click.option("--consistency-eta", type=click.FloatRange(min=0), default=0.5)
+@click.option("--dataset", type=click.Choice(DATASETS), default="sample")
+@click.option("--data-root", type=click.Path(), default=None, help="Folder with the dataset.")
+@click.option(
+    "--arch",
+    default="cnn-small",
+    help="Zoo architecture (mlp, cnn-small, cnn5, cnn7) or 'package.module:factory'.",
+)
+@click.option(
+    "--width", type=click.IntRange(min=1), default=None, help="Width of a zoo architecture."
+)
+@click.option("--epochs", type=click.IntRange(min=1), default=4)
+@click.option("--batch-size", type=click.IntRange(min=1), default=256)
+@click.option("--lr", type=POSITIVE, default=1e-3, help="Adam learning rate.")
+@click.option("--weight-decay", type=click.FloatRange(min=0), default=0.0)
+@click.option("--schedule", type=click.Choice(["constant", "cosine"]), default="constant")
+@click.option(
+    "--train-count",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Train on N training images only (quick runs): the first N, classes interleaved for "
+    "class-sorted ImageFolder data.",
+)
+@click.option(
+    "--eval-count",
+    type=click.IntRange(min=0),
+    default=1000,
+    help="Test samples for the per-epoch accuracy report (0 = none).",
+)
+@click.option(
+    "--stop-after",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Stop after this many epochs in this call (continue later with --resume).",
+)
+@_options(_run_options("weights, data order and noise"))
+def train_cmd(out: Path, width, seed, device, threads, quiet, stop_after, resume, overwrite, **o):
+    """Train a base classifier under noise.
+
+    \b
+    Examples:
+      cure-lirpa smooth train --method gaussian --sigma 0.25 --out runs/g025
+      cure-lirpa smooth train --method nu-rs --sigma 0.5 --beta 3 --dataset mnist \\
+          --data-root ../shared/data --epochs 4 --out runs/nu050
+      cure-lirpa smooth train ... --out runs/nu050 --resume       # after a kill
+    """
+    from ..smoothing.training import TrainConfig, train
+
+    set_threads(threads)
+    config = TrainConfig(arch_kwargs={} if width is None else {"width": width}, seed=seed, **o)
+    res = train(
+        config,
+        out,
+        resume=resume,
+        overwrite=overwrite,
+        device=resolve_device(device),
+        stop_after=stop_after,
+        progress=False if quiet else None,
+        log=(lambda _m: None) if quiet else (lambda m: click.echo(m, err=True)),
+    )
+    click.echo(f"{res['checkpoint']} (epoch {res['epoch']}/{config.epochs})")
+
+
+SEQUENTIAL_OPTIONS = [
+    click.option(
+        "--sequential",
+        type=click.Choice(["off", "decide", "estimate"]),
+        default="off",
+        help="off: fixed-n CERTIFY. decide: draw noise until every --radii radius is decided "
+        "(certified or not) by an anytime-valid test at the same alpha. estimate: until the "
+        "largest certified radius is known to --precision.",
+    ),
+    click.option(
+        "--radii",
+        type=RadiusList(),
+        default="0.25,0.5,0.75",
+        help="decide: radii to decide, in --radius-norm units (e.g. 0.25,0.5,0.75 or 36/255).",
+    ),
+    click.option(
+        "--radius-norm",
+        type=click.Choice(["l2", "l1"]),
+        default="l2",
+        help="Norm of --radii, --precision and --max-radius.",
+    ),
+    click.option(
+        "--max-n",
+        type=click.IntRange(min=1),
+        default=100_000,
+        help="Sequential: cap on the estimation draws per sample and noise (undecided "
+        "radii at the cap are reported as not certified).",
+    ),
+    click.option(
+        "--futility-alpha",
+        type=click.FloatRange(0, 1, min_open=True, max_open=True),
+        default=0.05,
+        help="Sequential: level of the 'not certifiable at r' decisions. They only withhold "
+        "certificates (the certificate's failure probability stays --alpha); a larger value "
+        "stops inputs below a radius' threshold sooner.",
+    ),
+    click.option(
+        "--precision",
+        type=EPS,
+        default="0.05",
+        help="estimate: stop when the certified radius is known to within this radius.",
+    ),
+    click.option(
+        "--max-radius",
+        type=EPS,
+        default=None,
+        help="estimate: largest radius of interest [default: the largest reachable within "
+        "--max-n draws].",
+    ),
+]
+
+
+@smooth.command("certify", context_settings=SETTINGS)
+@click.option(
+    "--noise",
+    type=click.Choice(["gaussian", "uniform", "hybrid"]),
+    default="gaussian",
+    help="Smoothing noise; hybrid = Gaussian and Uniform combined by Table 1.",
+)
+@click.option(
+    "--sigma", type=POSITIVE, default=None, help="Noise std for every noise used (pixel units)."
+)
+@click.option(
+    "--sigma-gaussian", type=POSITIVE, default=None, help="Gaussian std [default: --sigma]."
+)
+@click.option(
+    "--sigma-uniform",
+    type=POSITIVE,
+    default=None,
+    help="Uniform std, half-width sqrt(3)*sigma [default: --sigma].",
+)
+@click.option(
+    "--n0", type=click.IntRange(min=1), default=100, help="Noisy samples that choose the top class."
+)
+@click.option(
+    "--joint-alpha/--no-joint-alpha",
+    default=True,
+    help="hybrid: run each certificate at alpha/2 so the pair holds with probability 1-alpha "
+    "(--no-joint-alpha: each at alpha, the pair only 1-2*alpha, as the NU code).",
+)
+@_options(SEQUENTIAL_OPTIONS)
+@_options(SAMPLE_OPTIONS)
+@click.pass_context
+def certify_cmd(ctx: click.Context, **o: Any) -> None:
+    """Certify samples with CERTIFY (Cohen et al.) or sequentially (--sequential) into a run folder.
+
+    samples.tsv has one row per sample: idx label predict radius_l1 radius_l2 correct, then per
+    noise its predict, count, p_lower and radii (and for hybrid the Table 1 rule), then time in
+    seconds; predict = -1 means abstain. Read it with pandas.read_csv(path, sep='\\t',
+    comment='#'), or summarise runs with 'smooth analyze'.
+
+    \b
+    Examples:
+      cure-lirpa smooth certify -c runs/g050 --sigma 0.5 --out runs/g050-cert
+      cure-lirpa smooth certify -c runs/nu050 --noise hybrid --sigma-gaussian 0.5 \\
+          --sigma-uniform 0.58 --dataset mnist --data-root ../shared/data --skip 20 --n 10000 \\
+          --out runs/nu050-hybrid
+      # continue after a kill:
+      cure-lirpa smooth certify ... --out runs/g050-cert --resume
+      # two shards (on two machines, or as a job array), then merge them:
+      cure-lirpa smooth certify ... --shard 0/2 --out runs/g050-cert
+      cure-lirpa smooth certify ... --shard 1/2 --out runs/g050-cert
+      cure-lirpa merge runs/g050-cert
+      # sequential: stop each sample once radii 0.25, 0.5, 0.75 are decided (at most 100,000 draws)
+      cure-lirpa smooth certify -c runs/g050 --sigma 0.5 --sequential decide \\
+          --radii 0.25,0.5,0.75 --out runs/g050-seq
+    """
+    from ..smoothing.hybrid import split_alpha
+    from ..smoothing.runner import certify_dataset
+
+    set_threads(o["threads"])
+    dev = resolve_device(o["device"])
+    noise = o["noise"]
+    sg = o["sigma_gaussian"] if o["sigma_gaussian"] is not None else o["sigma"]
+    su = o["sigma_uniform"] if o["sigma_uniform"] is not None else o["sigma"]
+    if noise in ("gaussian", "hybrid") and sg is None:
+        raise UserError(
+            "pass --sigma (or --sigma-gaussian): the Gaussian noise std to certify with"
+        )
+    if noise in ("uniform", "hybrid") and su is None:
+        raise UserError("pass --sigma (or --sigma-uniform): the Uniform noise std to certify with")
+    model, info, sha, run_info = _load_model(o["checkpoint"], dev)
+    dataset = o["dataset"] or info.name
+    data = _dataset(o["dataset"], info.name, o["split"], o["data_root"])
+    sequential = o["sequential"]
+    if sequential == "off":
+        each = split_alpha(o["alpha"], 2, o["joint_alpha"]) if noise == "hybrid" else o["alpha"]
+        _warn_small_n(o["n"], each, "certify")
+        if o["n0"] > o["n"]:
+            _warn(
+                f"--n0 {o['n0']} is larger than --n {o['n']}: n0 draws only pick the top class, "
+                "the certificate rests on the n draws; use n0 much smaller than n (Cohen et al.: "
+                "n0 100, n 100000)"
+            )
+    elif ctx.get_parameter_source("n").name != "DEFAULT":
+        _warn("--n is not used by --sequential; --max-n caps the draws")
+    _warn_not_noise_trained(o["checkpoint"], run_info)
+    shard = _shard(o["shard"])
+    certify_dataset(
+        model,
+        info.num_classes,
+        data,
+        o["out"],
+        mode=noise,
+        sigma_gaussian=sg if noise != "uniform" else None,
+        sigma_uniform=su if noise != "gaussian" else None,
+        n0=o["n0"],
+        n=o["n"],
+        alpha=o["alpha"],
+        batch_size=o["batch_size"],
+        joint_alpha=o["joint_alpha"],
+        sequential=sequential,
+        radii=o["radii"],
+        norm_name=o["radius_norm"],
+        precision=o["precision"],
+        max_radius=o["max_radius"],
+        max_n=o["max_n"],
+        futility_alpha=o["futility_alpha"],
+        seed=o["seed"],
+        start=o["start"],
+        count=o["count"],
+        skip=o["skip"],
+        device=dev,
+        shard=shard,
+        resume=o["resume"],
+        overwrite=o["overwrite"],
+        progress=False if o["quiet"] else None,
+        run_extra={"checkpoint_sha256": sha, "dataset": dataset, "split": o["split"]},
+        info={**run_info, "data_root": o["data_root"]},
+    )
+    folder = _finish(o["out"], shard, o["shard"] is not None)
+    if folder is not None:
+        click.echo(certify_line(folder))
+
+
+def certify_line(folder: Path) -> str:
+    """One line about a finished certification run: samples, clean accuracy, ACR, certified
+    accuracy at its radii, mean draws (sequential)."""
+    import json
+
+    from ..smoothing.runner import SUMMARY_JSON
+
+    s = json.loads((folder / SUMMARY_JSON).read_text())
+    line = (
+        f"{folder}: {s['samples']} samples, clean accuracy {s['clean_accuracy']:.3f}, "
+        f"ACR l2 {s['acr']['l2']:.3f}, ACR l1 {s['acr']['l1']:.3f}"
+    )
+    norm = s.get("radius_norm", "l2")
+    cert = ", ".join(f"{r}: {v:.3f}" for r, v in s["certified_accuracy"][norm].items())
+    line += f"; certified accuracy ({norm}) {cert}"
+    if "mean_samples_per_image" in s:
+        line += f"; mean draws per sample {s['mean_samples_per_image']:.0f}"
+    return line
+
+
+@smooth.command("predict", context_settings=SETTINGS)
+@click.option("--noise", type=click.Choice(["gaussian", "uniform"]), default="gaussian")
+@click.option("--sigma", type=POSITIVE, required=True, help="Noise std (pixel units).")
+@_options(SAMPLE_OPTIONS)
+def predict_cmd(**o: Any) -> None:
+    """Predict with PREDICT (Cohen et al.): abstain unless the top class wins a binomial test.
+
+    \b
+    Example:
+      cure-lirpa smooth predict -c runs/g050 --sigma 0.5 --n 1000 --alpha 0.001 --out runs/g050-pred
+    """
+    import json
+
+    from ..smoothing.noise import make_noise
+    from ..smoothing.runner import SUMMARY_JSON, predict_dataset
+
+    set_threads(o["threads"])
+    dev = resolve_device(o["device"])
+    model, info, sha, run_info = _load_model(o["checkpoint"], dev)
+    data = _dataset(o["dataset"], info.name, o["split"], o["data_root"])
+    _warn_small_n(o["n"], o["alpha"], "predict")
+    _warn_not_noise_trained(o["checkpoint"], run_info)
+    shard = _shard(o["shard"])
+    predict_dataset(
+        model,
+        info.num_classes,
+        data,
+        o["out"],
+        noise=make_noise(o["noise"], o["sigma"]),
+        n=o["n"],
+        alpha=o["alpha"],
+        batch_size=o["batch_size"],
+        seed=o["seed"],
+        start=o["start"],
+        count=o["count"],
+        skip=o["skip"],
+        device=dev,
+        shard=shard,
+        resume=o["resume"],
+        overwrite=o["overwrite"],
+        progress=False if o["quiet"] else None,
+        run_extra={
+            "checkpoint_sha256": sha,
+            "dataset": o["dataset"] or info.name,
+            "split": o["split"],
+        },
+        info={**run_info, "data_root": o["data_root"]},
+    )
+    folder = _finish(o["out"], shard, o["shard"] is not None)
+    if folder is not None:
+        s = json.loads((folder / SUMMARY_JSON).read_text())
+        click.echo(
+            f"{folder}: {s['samples']} samples, accuracy {s['accuracy']:.3f}, "
+            f"abstained {s['abstained']:.3f}"
+        )
+
+
+def _parse_input(arg: str) -> tuple[Optional[str], str]:
+    if "=" in arg and not Path(arg).exists():
+        label, _, path = arg.partition("=")
+        if label and path:
+            return label, path
+    return None, arg
+
+
+@smooth.command("analyze", context_settings=SETTINGS)
+@click.argument("inputs", nargs=-1, required=True)
+@click.option(
+    "--out",
+    "--out-dir",
+    "-o",
+    "out",
+    required=True,
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Folder for summary.json, summary.md and certified_accuracy.png.",
+)
+@click.option(
+    "--radii",
+    type=RadiusList(),
+    default="0.25,0.5,0.75,1.0",
+    help="l2 radii for the certified-accuracy table.",
+)
+@click.option("--radii-l1", type=RadiusList(), default=None, help="l1 radii [default: --radii].")
+@click.option(
+    "--clean-acc",
+    type=NumberList(),
+    default="45,50,55,60,65,70,75",
+    help="Clean-accuracy levels (percent, or fractions <= 1) for the comparison at fixed "
+    "clean accuracy.",
+)
+@click.option("--max-radius", type=EPS, default=None, help="x-axis limit of the plot.")
+def analyze_cmd(inputs, out: Path, radii, radii_l1, clean_acc, max_radius):
+    """Certified accuracy, ACR (l1, l2), a plot, and ACR at fixed clean accuracy.
+
+    INPUTS are run folders of 'smooth certify' (or their samples.tsv), optionally labelled
+    METHOD=PATH. Runs with the same label form a method; their (clean accuracy, ACR) points are
+    interpolated at each --clean-acc level. Without a label a run's method is '<training method>
+    -> <certification noise>'. Runs that differ only in --start/--count are merged.
+
+    \b
+    Examples:
+      cure-lirpa smooth analyze runs/g025-cert runs/g050-cert --out runs/report
+      cure-lirpa smooth analyze gauss=runs/g025-cert gauss=runs/g050-cert nu=runs/nu040-hybrid \\
+          nu=runs/nu050-hybrid --clean-acc 90,95 --out runs/report
+    """
+    from ..smoothing.analysis import analyze, markdown_report
+
+    levels = [v / 100.0 if v > 1 else v for v in clean_acc]
+    result = analyze([_parse_input(a) for a in inputs], out, radii, radii_l1, levels, max_radius)
+    click.echo(markdown_report(result["runs"], result["fixed_clean_accuracy"]))
+    click.echo(f"wrote {out / 'summary.json'}, summary.md and certified_accuracy.png")
+
+
+def merge_smoothing(run: Path, shards: tuple[Path, ...]) -> bool:
+    """``cure-lirpa merge`` for smoothing runs: merge and report, True; False when ``run`` (or the
+    given shards) is not a smoothing run."""
+    from ..smoothing.runner import is_smoothing_run, merge_shards
+
+    if not is_smoothing_run(shards[0] if shards else run):
+        return False
+    summary = merge_shards(run, shards or None)
+    click.echo(f"merged {summary['shards']} shards into {run}")
+    if summary["kind"] == "smooth-certify":
+        click.echo(certify_line(run))
+    else:
+        click.echo(f"{run}: {summary['samples']} samples, accuracy {summary['accuracy']:.3f}")
+    click.echo(f"results: {run}/samples.tsv, samples.jsonl, summary.json, summary.md")
+    return True
