@@ -611,7 +611,6 @@ def _parse_input(arg: str) -> tuple[Optional[str], str]:
 @click.argument("inputs", nargs=-1, required=True)
 @click.option(
     "--out",
-    "--out-dir",
     "-o",
     "out",
     required=True,
