@@ -224,6 +224,9 @@ class Run:
                 f"{path} already holds other files ({', '.join(others[:3])}); choose an empty or "
                 "new folder for the run"
             )
+        if old is None and path.is_dir():  # leftovers of a run killed before it kept anything
+            for p in path.iterdir():
+                p.unlink()
         created = not path.exists()
         try:
             path.mkdir(parents=True, exist_ok=True)
