@@ -233,10 +233,15 @@ class Run:
         except OSError as exc:
             raise write_error(path, exc) from None
         run = cls(path, kind, _json(config), resumed=old is not None, created=created)
-        atomic_write_json(
-            path / CONFIG,
-            {"format": FORMAT, "kind": kind, "config": run.config, "versions": versions()},
-        )
+        try:
+            atomic_write_json(
+                path / CONFIG,
+                {"format": FORMAT, "kind": kind, "config": run.config, "versions": versions()},
+            )
+        except UserError:
+            if created:
+                shutil.rmtree(path, ignore_errors=True)
+            raise
         return run
 
     @staticmethod
