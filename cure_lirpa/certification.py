@@ -415,7 +415,7 @@ def certify_dataset(
 ) -> tuple[list[SampleRow], dict[str, Any]]:
     """Certify every sample of ``dataset``; ``done`` rows (from a resumed run) are skipped.
 
-    ``on_batch`` is called with each finished batch's rows (used to append to a partial file).
+    ``on_batch`` is called with each finished batch's rows (the CLI appends them to the run's samples.jsonl).
     """
     methods = list(dict.fromkeys(methods))
     for m in methods:
@@ -485,11 +485,12 @@ def certify_dataset(
 
 
 # ---------------------------------------------------------------------------------------------
-# Files: a per-sample CSV, a summary JSON and a JSONL partial file for --resume.
+# Files: a per-sample CSV and a summary JSON (the per-sample records are cure_lirpa.runs.Records).
 
 
 def row_to_json(row: SampleRow) -> str:
-    return json.dumps(asdict(row))
+    """One line of ``samples.jsonl`` (keys sorted, as :class:`cure_lirpa.runs.Records` writes)."""
+    return json.dumps(asdict(row), sort_keys=True)
 
 
 def row_from_json(line: str) -> SampleRow:

@@ -224,16 +224,24 @@ class Run:
                 f"{path} already holds other files ({', '.join(others[:3])}); choose an empty or "
                 "new folder for the run"
             )
+        if old is None and path.is_dir():  # leftovers of a run killed before it kept anything
+            for p in path.iterdir():
+                p.unlink()
         created = not path.exists()
         try:
             path.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise write_error(path, exc) from None
         run = cls(path, kind, _json(config), resumed=old is not None, created=created)
-        atomic_write_json(
-            path / CONFIG,
-            {"format": FORMAT, "kind": kind, "config": run.config, "versions": versions()},
-        )
+        try:
+            atomic_write_json(
+                path / CONFIG,
+                {"format": FORMAT, "kind": kind, "config": run.config, "versions": versions()},
+            )
+        except UserError:
+            if created:
+                shutil.rmtree(path, ignore_errors=True)
+            raise
         return run
 
     @staticmethod

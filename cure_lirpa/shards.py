@@ -80,8 +80,9 @@ def merge_shards(out: Path, shards: Optional[Sequence[Path]] = None) -> dict[str
     Refuses shards made with different options (naming the keys), shards of different N, and
     incomplete runs (naming the missing sample indices).
     """
-    from .certification import SampleRow, row_from_json, row_to_json, summarize, write_results
-    from .checkpoint import atomic_write_json, atomic_write_text
+    from .certification import SampleRow, row_to_json, summarize, write_results
+    from .checkpoint import atomic_write_json, atomic_write_text, versions
+    from .runs import CONFIG, FORMAT, RECORDS, Records, config_diff, read_config
     from .threats import parse_threat
 
     out = Path(out)
@@ -92,29 +93,23 @@ def merge_shards(out: Path, shards: Optional[Sequence[Path]] = None) -> dict[str
         )
     configs = []
     for d in dirs:
-        path = Path(d) / "config.json"
-        if not path.exists():
-            raise UserError(f"{d} holds no config.json: not a verify shard")
-        configs.append(json.loads(path.read_text()))
+        record = read_config(d)
+        if record is None or record.get("kind") != "verify":
+            raise UserError(f"{d} holds no verify run (no config.json of one): not a verify shard")
+        configs.append(record["config"])
     base = _without_shard(configs[0])
     for d, c in zip(dirs[1:], configs[1:]):
-        if _without_shard(c) != base:
-            keys = sorted(k for k in set(base) | set(_without_shard(c)) if base.get(k) != c.get(k))
+        keys = config_diff(base, _without_shard(c))
+        if keys:
             raise UserError(f"{d} was made with other options than {dirs[0]} ({', '.join(keys)})")
     counts = {c.get("shard", "0/1").split("/")[1] for c in configs}
     if len(counts) > 1:
         raise UserError(f"shards of different N cannot be merged: {sorted(counts)}")
     rows: dict[int, SampleRow] = {}
     for d in dirs:
-        records = Path(d) / "samples.jsonl"
-        partial = Path(d) / "samples.partial.jsonl"
-        source = records if records.exists() else partial
-        if not source.exists():
-            continue
-        for line in source.read_text().splitlines():
-            if line.strip().endswith("}"):
-                row = row_from_json(line)
-                rows[row.index] = row
+        for record in Records(Path(d) / RECORDS).read():
+            row = SampleRow(**record)
+            rows[row.index] = row
     expected = range(base["start"], base["start"] + base["count"])
     missing = [i for i in expected if i not in rows]
     if missing:
@@ -143,8 +138,10 @@ def merge_shards(out: Path, shards: Optional[Sequence[Path]] = None) -> dict[str
     summary["config"] = base
     summary["merged_from"] = [str(Path(d).name) for d in dirs]
     write_results(out, ordered, summary, threats, methods)
-    atomic_write_text(out / "samples.jsonl", "".join(row_to_json(r) + "\n" for r in ordered))
-    atomic_write_json(out / "config.json", base)
+    atomic_write_text(out / RECORDS, "".join(row_to_json(r) + "\n" for r in ordered))
+    atomic_write_json(
+        out / CONFIG, {"format": FORMAT, "kind": "verify", "config": base, "versions": versions()}
+    )
     return summary
 
 

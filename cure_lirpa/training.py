@@ -6,7 +6,8 @@
   arch, dataset, the *original* model's state_dict, the full config, versions, epoch and a
   ``trainer_state`` with the optimizer state, every RNG state and the metrics history);
 * ``metrics.jsonl`` -- one JSON object per finished epoch (rewritten atomically with the checkpoint);
-* ``config.json`` -- the resolved configuration, for humans.
+* ``config.json`` -- the resolved configuration (:class:`cure_lirpa.runs.Run`: a resume with other
+  settings, except :data:`RUNTIME_KEYS`, is refused naming the keys).
 
 The trainer does not know method names: it builds the method object with
 :func:`cure_lirpa.methods.make_method` and, per step, hands it the batch, the clean logits and the
@@ -35,20 +36,17 @@ import copy
 import dataclasses
 import json
 import math
-import random
 import statistics
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence, Union
 
-import numpy as np
 import torch
 from torch import nn
 
 from .checkpoint import (
     atomic_torch_save,
-    atomic_write_json,
     atomic_write_text,
     load_checkpoint,
     make_checkpoint,
@@ -76,6 +74,7 @@ from .methods import (
     make_method,
 )
 from .models import build_model, ibp_init
+from .runs import Run, rng_state, set_rng_state
 from .schedules import SHAPES, Ramp, crown_ibp_beta_at, eps_at, kappa_at, lr_at
 from .threats import format_eps
 from .train_step import StepResult, StepSchedule, TrainStep
@@ -83,11 +82,10 @@ from .train_step import StepResult, StepSchedule, TrainStep
 CHECKPOINT = "checkpoint.pt"
 METRICS = "metrics.jsonl"
 CONFIG = "config.json"
-OUTPUT_FILES = (CHECKPOINT, METRICS, CONFIG)
 DEFAULT_METHOD = "cure-joint"
 RUNTIME_KEYS = ("data_root", "memory_mb", "train_cert", "epochs")
 """Config keys that may differ between a run and its resumption (``epochs`` extends a run)."""
-STATE_FORMAT = "cure-lirpa-trainer/1"
+STATE_FORMAT = "cure-lirpa-trainer/2"
 INITS = ("default", "ibp")
 """Weight initialisations: the layers' own (``default``) or Shi et al.'s IBP initialisation."""
 
@@ -570,6 +568,29 @@ def train(
     batch of ``batch_size`` samples, gradients are all-reduced, and only rank 0 writes ``out`` and
     logs.
     """
+    opened: list[Run] = []
+    try:
+        return _train(config, out, opened, resume, overwrite, device, progress, log, callback,
+                      stop_after, world)  # fmt: skip
+    except BaseException:
+        for run in opened:  # no epoch finished: leave nothing behind
+            run.discard_if_empty()
+        raise
+
+
+def _train(
+    config: TrainConfig,
+    out: Union[str, Path],
+    opened: list[Run],
+    resume: bool,
+    overwrite: bool,
+    device: Union[str, torch.device],
+    progress: Optional[bool],
+    log: Optional[Callable[[str], None]],
+    callback: Optional[Callable[[dict[str, Any]], None]],
+    stop_after: Optional[int],
+    world: Optional[World],
+) -> TrainResult:
     c = config.validated()
     device = torch.device(device)
     out = Path(out)
@@ -582,30 +603,17 @@ def train(
         progress, callback = False, None
 
     def prepare() -> Optional[dict[str, Any]]:
-        """Checks of the run folder and the checkpoint to resume from (rank 0 only)."""
-        if out.exists() and not out.is_dir():
-            raise UserError(f"--out {out} is a file; give a folder for the run")
-        others = [p.name for p in out.iterdir() if not _leftover(p)] if out.is_dir() else []
-        if resume:
-            if not ckpt_path.is_file():
-                raise UserError(
-                    f"--resume: {ckpt_path} does not exist (no epoch of a run in {out} has "
-                    "finished); start the run without --resume"
-                )
-            ckpt = load_checkpoint(ckpt_path, map_location="cpu")
-            _check_resume(ckpt, c, device, ckpt_path)
-            return ckpt
-        if ckpt_path.exists() and not overwrite:
-            raise UserError(
-                f"{out} already exists and holds a run (checkpoint.pt); pass --resume to continue "
-                "it, --overwrite to replace it, or choose another --out"
+        """Open the run folder; the checkpoint to resume from, if any (rank 0 only)."""
+        opened.append(
+            Run.open(
+                out, "train", c.to_dict(), resume=resume, overwrite=overwrite, mutable=RUNTIME_KEYS
             )
-        if others and not overwrite:
-            raise UserError(
-                f"{out} already holds other files ({', '.join(sorted(others)[:3])}); choose an "
-                "empty or new --out, or pass --overwrite to replace this package's files in it"
-            )
-        return None
+        )
+        if not ckpt_path.is_file():  # a fresh run, or one killed before its first epoch ended
+            return None
+        ckpt = load_checkpoint(ckpt_path, map_location="cpu")
+        _check_resume(ckpt, device, ckpt_path)
+        return ckpt
 
     ckpt = prepare() if world is None else world.on_main(prepare)
 
@@ -628,8 +636,8 @@ def train(
         state = ckpt["trainer_state"]
         _load(model, net, ckpt["state_dict"])
         opt.load_state_dict(state["optimizer"])
-        data_gen.set_state(state["data_rng"])
-        ranks_rng = state.get("method_rng_by_rank") or [state["method_rng"]]
+        set_rng_state(state["rng"], {"data": data_gen})
+        ranks_rng = state["method_rng_by_rank"]
         if rank < len(ranks_rng) and len(ranks_rng) == (1 if world is None else world.size):
             method_gen.set_state(ranks_rng[rank])
         else:
@@ -639,17 +647,11 @@ def train(
             )
             if rank == 0:
                 method_gen.set_state(ranks_rng[0])
-        torch.set_rng_state(state["torch_rng"])
-        np.random.set_state(state["numpy_rng"])
-        random.setstate(state["python_rng"])
         history = list(state["history"])
         start = int(ckpt["epoch"])
         say(f"resuming {out} after epoch {start} of {c.epochs}")
-    elif main:  # a fresh run replaces this package's files (leftovers of a run that never
-        # finished an epoch, or the old run with --overwrite)
-        for path in list(out.iterdir()) if out.is_dir() else []:
-            if path.name in OUTPUT_FILES or _leftover(path):
-                path.unlink(missing_ok=True)
+    elif resume:
+        say(f"resuming {out}: no epoch had finished, starting at epoch 1")
     if ramp.end > c.epochs * steps:
         reached = eps_at(c.epochs * steps - 1, 1.0, ramp)
         say(
@@ -659,16 +661,8 @@ def train(
             "--epochs or lower --warmup-epochs / --ramp-epochs"
         )
 
-    created = not out.exists()
-    if main:
-        try:
-            out.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise UserError(f"cannot create --out {out}: {exc.strerror or exc}") from None
-
     def run_epochs() -> TrainResult:
         if main:
-            atomic_write_json(out / CONFIG, c.to_dict())
             if history:  # a kill between the checkpoint and the metrics file leaves them behind
                 atomic_write_text(out / METRICS, "".join(json.dumps(h) + "\n" for h in history))
         result = TrainResult(out, ckpt_path, out / METRICS, start, history, 0.0)
@@ -702,12 +696,8 @@ def train(
             trainer_state = {
                 "format": STATE_FORMAT,
                 "optimizer": opt.state_dict(),
-                "data_rng": _generator_state(data_gen),
-                "method_rng": method_rngs[0],
+                "rng": rng_state({"data": data_gen}),
                 "method_rng_by_rank": method_rngs,
-                "torch_rng": torch.get_rng_state(),
-                "numpy_rng": np.random.get_state(),
-                "python_rng": random.getstate(),
                 "device_type": device.type,
                 "steps_per_epoch": steps,
                 "global_step": (epoch + 1) * steps,
@@ -738,22 +728,7 @@ def train(
         result.seconds = round(time.perf_counter() - t_call, 2)
         return result
 
-    try:
-        return run_epochs()
-    except BaseException:
-        if main and not ckpt_path.exists():  # no epoch finished: leave nothing behind
-            for name in (CONFIG, METRICS):
-                (out / name).unlink(missing_ok=True)
-            if created and out.is_dir() and not any(out.iterdir()):
-                out.rmdir()
-        raise
-
-
-def _leftover(path: Path) -> bool:
-    """A file this package leaves in a run folder that never finished an epoch (its config,
-    metrics, or a temporary file of an interrupted atomic write)."""
-    name = path.name
-    return name in (CONFIG, METRICS) or (name.startswith(".") and name.endswith(".tmp"))
+    return run_epochs()
 
 
 def _collapsed(record: dict[str, Any], num_classes: int, epochs_done: int, warmup: float) -> bool:
@@ -871,33 +846,20 @@ def format_record(r: dict[str, Any], epochs: int) -> str:
     )
 
 
-def _check_resume(ckpt: dict[str, Any], c: TrainConfig, device: torch.device, path: Path) -> None:
-    old = dict(ckpt.get("config") or {})
-    new = c.to_dict()
-    diff = [
-        k
-        for k in sorted(set(old) | set(new))
-        if k not in RUNTIME_KEYS and _norm(old.get(k)) != _norm(new.get(k))
-    ]
-    if diff:
-        details = "; ".join(f"{k}: checkpoint {old.get(k)!r}, now {new.get(k)!r}" for k in diff)
-        raise UserError(
-            f"--resume: {path} was trained with a different configuration ({details}); resume "
-            "with the same options, or start a new run in another --out"
-        )
+def _check_resume(ckpt: dict[str, Any], device: torch.device, path: Path) -> None:
+    """The checkpoint holds a trainer state made on ``device``'s type (the run layer has checked
+    the configuration already)."""
     state = ckpt.get("trainer_state") or {}
     if state.get("format") != STATE_FORMAT:
-        raise UserError(f"--resume: {path} has no certified-training state to resume from")
+        raise UserError(
+            f"--resume: {path} has no certified-training state of this version to resume from; "
+            "start a new run in another --out"
+        )
     if state.get("device_type") != device.type:
         raise UserError(
             f"--resume: {path} was trained on {state.get('device_type')}; resume it with "
             f"--device {state.get('device_type')} (results are only reproducible on one device)"
         )
-
-
-def _norm(v: Any) -> Any:
-    """Compare configs as JSON would (tuples and lists alike)."""
-    return json.loads(json.dumps(v))
 
 
 # ---------------------------------------------------------------------------------------------

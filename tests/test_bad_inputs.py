@@ -221,9 +221,7 @@ def test_leftovers_of_a_run_killed_in_its_first_epoch_do_not_block_a_rerun(tmp_p
     out.mkdir()
     (out / "config.json").write_text("{}")
     (out / ".checkpoint.pt.abc.tmp").write_bytes(b"half")
-    refused(
-        run("--out", out, "--resume", *QUICK), "checkpoint.pt does not exist", "without --resume"
-    )
+    refused(run("--out", out, "--resume", *QUICK), "holds no train run", "without --resume")
     res = run("--out", out, *QUICK)
     assert res.exit_code == 0, res.output
     assert sorted(p.name for p in out.iterdir()) == [

@@ -63,14 +63,14 @@ def test_train_writes_checkpoint_metrics_and_config(tmp_path):
     assert ckpt["arch"] == "cnn-small" and ckpt["arch_kwargs"] == {"width": 4}
     assert ckpt["config"]["method"] == "cure-joint" and ckpt["epoch"] == 2
     state = ckpt["trainer_state"]
-    assert {"optimizer", "data_rng", "method_rng", "torch_rng", "numpy_rng", "python_rng"} <= set(
-        state
-    )
+    assert {"optimizer", "rng", "method_rng_by_rank"} <= set(state)
+    assert {"torch", "numpy", "python", "generators"} <= set(state["rng"])
     assert model_from_checkpoint(ckpt)(torch.zeros(1, 1, 28, 28)).shape == (1, 10)
     lines = [json.loads(s) for s in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in lines] == [1, 2]
     assert {"loss", "parts", "clean_accuracy", "certified", "eps", "lr", "seconds"} <= set(lines[0])
-    assert json.loads((out / "config.json").read_text())["train_count"] == 128
+    record = json.loads((out / "config.json").read_text())
+    assert record["kind"] == "train" and record["config"]["train_count"] == 128
 
 
 def test_cli_resume_matches_an_uninterrupted_run(tmp_path):
@@ -102,8 +102,8 @@ def test_existing_output_and_config_changes_are_refused(tmp_path):
     refused(run("--out", out, "--method", "ibp-linf", *QUICK, ok=False), "--resume", "--overwrite")
     refused(
         run("--out", out, "--method", "ibp-linf", "--lr", "0.01", "--resume", *QUICK, ok=False),
-        "different configuration",
-        "lr",
+        "other settings",
+        "lr: run 0.001, now 0.01",
     )
     assert (out / "checkpoint.pt").read_bytes() == before
     run("--out", out, "--epochs", "1", "--method", "natural", "--overwrite", *QUICK)
@@ -119,7 +119,7 @@ def test_existing_output_and_config_changes_are_refused(tmp_path):
         (["--method", "natural", "--gp-beta", "0.5"], ["gradient projection"]),
         (["--preset", "cure-finetune"], ["--init-from"]),
         (["--init-from", "no/such/checkpoint.pt"], ["does not exist"]),
-        (["--resume"], ["--resume", "does not exist"]),
+        (["--resume"], ["--resume", "holds no train run"]),
         (["--dataset", "mnist", "--data-root", "no/such/folder"], ["MNIST not found"]),
         (["--method", "pgd"], ["--method"]),
         (["--resume", "--overwrite"], ["contradict"]),

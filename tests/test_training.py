@@ -361,9 +361,9 @@ def test_gradient_projection_merges_the_two_sub_epochs(tmp_path, monkeypatch):
 def test_resume_refuses_another_configuration_and_extends_epochs(tmp_path):
     config = tiny(method="ibp-l2", epochs=1)
     train(config, tmp_path / "run", progress=False, log=None)
-    with pytest.raises(UserError, match="different configuration"):
+    with pytest.raises(UserError, match="other settings"):
         train(dataclasses.replace(config, lr=1e-2), tmp_path / "run", resume=True, log=None)
-    with pytest.raises(UserError, match="already exists"):
+    with pytest.raises(UserError, match="already holds a train run"):
         train(config, tmp_path / "run", log=None)
     more = train(dataclasses.replace(config, epochs=2), tmp_path / "run", resume=True, log=None)
     assert more.epoch == 2 and len(more.history) == 2

@@ -96,11 +96,11 @@ def test_verify_end_to_end_is_sound(checkpoint, tmp_path):
         assert r["union/certified"] == str(
             int(all(r[f"{t}/certified"] == "1" for t in ("linf:0.01", "l2:0.3", "l1:1")))
         )
-    assert not (out / "samples.partial.jsonl").exists()
+    assert len((out / "samples.jsonl").read_text().splitlines()) == 40
     assert "union" in res.output
 
 
-def test_verify_resume_continues_partial_file(checkpoint, tmp_path):
+def test_verify_resume_continues_after_a_kill_mid_line(checkpoint, tmp_path):
     out = tmp_path / "r"
     args = [
         "verify",
@@ -139,7 +139,7 @@ def test_verify_resume_continues_partial_file(checkpoint, tmp_path):
                 }
             )
         )
-    (out / "samples.partial.jsonl").write_text("\n".join(lines) + "\n" + lines[0][:20])
+    (out / "samples.jsonl").write_text("\n".join(lines) + "\n" + lines[0][:20])
     res = _run(*args)
     assert res.exit_code != 0 and "--resume" in res.output
     res = _run(*args, "--resume")

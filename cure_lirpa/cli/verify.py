@@ -103,7 +103,7 @@ def default_threats(ckpt: dict, dataset: str) -> tuple[str, ...]:
     "'cure-lirpa merge <out>'. Under torchrun or a Slurm array it is set from the rank.",
 )
 @click.option("--seed", type=click.IntRange(min=0), default=0, help="Seed of the PGD cross-check.")
-@click.option("--resume", is_flag=True, help="Continue a killed run from its partial file.")
+@click.option("--resume", is_flag=True, help="Continue a killed run from its samples.jsonl.")
 @click.option("--overwrite", is_flag=True, help="Replace results already in --out.")
 @click.option("--device", type=DEVICE_CHOICE, default="auto")
 @click.option(
@@ -146,17 +146,12 @@ def verify(
       cure-lirpa verify model.pt --method auto --count 1000 --shard 0/4 --out results/v
       cure-lirpa merge results/v
     """
+    from dataclasses import asdict
+
     from torch.utils.data import Subset
 
-    from ..certification import (
-        certify_dataset,
-        markdown_table,
-        row_from_json,
-        row_to_json,
-        write_results,
-    )
+    from ..certification import SampleRow, certify_dataset, markdown_table, write_results
     from ..checkpoint import (
-        atomic_write_json,
         dataset_info_of,
         load_checkpoint,
         model_from_checkpoint,
@@ -164,6 +159,7 @@ def verify(
     )
     from ..data import load_dataset, take
     from ..plots import PLOT_NAME
+    from ..runs import Run
     from ..shards import merge_when_all_done, parse_shard, shard_from_environment
     from ..threats import parse_threat
 
@@ -216,66 +212,34 @@ def verify(
                       shard_count=length)  # fmt: skip
         data = Subset(data, range(offset, offset + length))
         out = out / part.name
-    partial = out / "samples.partial.jsonl"
-    done = []
-    if overwrite:
-        names = ("summary.json", "summary.md", PLOT_NAME, "samples.csv", "samples.jsonl")
-        for name in (*names, partial.name, "config.json"):
-            (out / name).unlink(missing_ok=True)
-    if (out / "summary.json").exists() and not resume:
-        raise UserError(f"{out} already holds results; pass --overwrite or another --out")
-    if partial.exists():
-        if not resume:
-            raise UserError(f"{partial} exists from a killed run; pass --resume to continue it")
-        saved = json.loads((out / "config.json").read_text())
-        if saved != config:
-            diff = sorted(k for k in config if saved.get(k) != config[k])
-            raise UserError(f"--resume: {out} was made with different options ({', '.join(diff)})")
-        lines = partial.read_text().splitlines()
-        done = [row_from_json(line) for line in lines if line.strip().endswith("}")]
     model = model_from_checkpoint(ckpt)
-    created = not out.exists()
-    out.mkdir(parents=True, exist_ok=True)
-    written = len(done)
+    run = Run.open(out, "verify", config, resume=resume, overwrite=overwrite)
+    records = run.records()
+    done = [SampleRow(**r) for r in records.read()]
     try:
-        atomic_write_json(out / "config.json", config)
-        with open(partial, "w") as f:
-            f.write("".join(row_to_json(r) + "\n" for r in done))  # drops a line cut by a kill
-
-            def append(rows) -> None:
-                nonlocal written
-                f.write("".join(row_to_json(r) + "\n" for r in rows))
-                f.flush()
-                written += len(rows)
-
-            rows, summary = certify_dataset(
-                model,
-                data,
-                threats,
-                methods,
-                info.in_shape,
-                device=dev,
-                batch_size=batch_size,
-                memory_mb=memory_mb,
-                attack=attack,
-                attack_steps=attack_steps,
-                attack_restarts=attack_restarts,
-                first_index=config.get("shard_start", start),
-                seed=seed,
-                done=done,
-                on_batch=append,
-                progress=not quiet,
-            )
+        rows, summary = certify_dataset(
+            model,
+            data,
+            threats,
+            methods,
+            info.in_shape,
+            device=dev,
+            batch_size=batch_size,
+            memory_mb=memory_mb,
+            attack=attack,
+            attack_steps=attack_steps,
+            attack_restarts=attack_restarts,
+            first_index=config.get("shard_start", start),
+            seed=seed,
+            done=done,
+            on_batch=lambda rows: records.append(asdict(r) for r in rows),
+            progress=not quiet,
+        )
     except Exception:
-        if written == 0:  # nothing worth resuming: leave no partial output behind
-            partial.unlink(missing_ok=True)
-            (out / "config.json").unlink(missing_ok=True)
-            if created:
-                out.rmdir()
+        run.discard_if_empty()  # nothing worth resuming: leave no partial output behind
         raise
     summary["config"] = config
     write_results(out, rows, summary, threats, methods)
-    partial.replace(out / "samples.jsonl")  # the per-sample records, kept for merging
     if part is not None:
         click.echo(f"shard {part.index}/{part.count}: samples {config['shard_start']}.."
                    f"{config['shard_start'] + len(rows) - 1} in {out}")  # fmt: skip
