@@ -54,7 +54,8 @@ from cure_lirpa.smoothing.analysis import (
     summarize,
 )
 from cure_lirpa.smoothing.certifier import file_sha256
-from cure_lirpa.smoothing.runner import TSV, certify_dataset
+from cure_lirpa.smoothing.results import TSV
+from cure_lirpa.smoothing.runner import certify_dataset
 from cure_lirpa.smoothing.training import CHECKPOINT, TrainConfig, checkpoint_summary, train
 
 HERE = Path(__file__).resolve().parent

@@ -48,7 +48,8 @@ from cure_lirpa.checkpoint import (
 from cure_lirpa.data import load_dataset
 from cure_lirpa.runs import read_config
 from cure_lirpa.smoothing.certifier import file_sha256
-from cure_lirpa.smoothing.runner import TSV, certify_dataset, read_tsv
+from cure_lirpa.smoothing.results import TSV, read_tsv
+from cure_lirpa.smoothing.runner import certify_dataset
 from cure_lirpa.smoothing.training import CHECKPOINT, TrainConfig, checkpoint_summary, train
 
 RADII = (0.25, 0.5, 0.75)

@@ -12,7 +12,7 @@ from click.testing import CliRunner
 
 from cure_lirpa.cli import main
 from cure_lirpa.runs import Records
-from cure_lirpa.smoothing.runner import read_tsv
+from cure_lirpa.smoothing.results import read_tsv
 
 torch.set_num_threads(1)
 
@@ -204,3 +204,32 @@ def test_warnings_for_n0_above_n_and_a_model_not_trained_under_noise(model, tmp_
     res = invoke("smooth", "certify", "-c", plain, "--n0", "20", "--n", "200", *args, "--out",
                  tmp_path / "c")  # fmt: skip
     assert "was not trained under noise" in res.output and "smooth train" in res.output
+
+
+def test_shards_from_a_slurm_array_and_from_torchrun_ranks(model, tmp_path):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    args = ["smooth", "certify", "-c", model, "--sigma", "0.5", *CERT, "--count", "4"]
+    invoke(*args, "--out", tmp_path / "one")
+    slurm = tmp_path / "slurm"  # a job array: the shard comes from the environment, merge later
+    for k in range(2):
+        env = {"SLURM_ARRAY_TASK_ID": str(k), "SLURM_ARRAY_TASK_COUNT": "2"}
+        res = CliRunner().invoke(main, [str(a) for a in args] + ["--out", str(slurm)], env=env)
+        assert res.exit_code == 0 and f"shard-{k}-of-2" in res.output, res.output
+        assert "cure-lirpa merge" in res.output
+    invoke("merge", slurm)
+    assert _summary(slurm) == _summary(tmp_path / "one")
+
+    torchrun = tmp_path / "torchrun"  # two ranks: each certifies its shard, rank 0 merges
+    args = [a if a != "--n" else "-n" for a in args]  # torchrun takes --n for its own --nnodes
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "cure_lirpa", *(str(a) for a in args), "--out", str(torchrun)]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parents[1])}
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "merged 2 shards" in done.stderr
+    assert _summary(torchrun) == _summary(tmp_path / "one")
+    assert _tsv_without_time(torchrun) == _tsv_without_time(tmp_path / "one")

@@ -293,7 +293,7 @@ def test_cli_sequential_decide_hybrid_estimate_and_resume(tmp_path):
 
     from cure_lirpa.cli import main
     from cure_lirpa.smoothing.analysis import load_run
-    from cure_lirpa.smoothing.runner import read_tsv
+    from cure_lirpa.smoothing.results import read_tsv
 
     def invoke(*args, ok=True):
         res = CliRunner().invoke(main, ["smooth", *(str(a) for a in args)])

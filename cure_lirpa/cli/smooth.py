@@ -107,10 +107,12 @@ SAMPLE_OPTIONS = [
     ),
     click.option(
         "--n",
+        "-n",
         "n",
         type=click.IntRange(min=1),
         default=100_000,
-        help="Noisy samples of the estimate.",
+        help="Noisy samples of the estimate. Under torchrun write -n (torchrun reads --n as an "
+        "abbreviation of its own options).",
     ),
     click.option(
         "--alpha",
@@ -172,7 +174,7 @@ def _load_model(checkpoint: Path, device: torch.device):
     path = checkpoint / CHECKPOINT if checkpoint.is_dir() else checkpoint
     ckpt = load_checkpoint(path)
     model = model_from_checkpoint(ckpt).to(device).eval()
-    info = {"checkpoint": str(path), **checkpoint_summary(ckpt)}
+    info = {"checkpoint": str(path.resolve()), **checkpoint_summary(ckpt)}
     return model, dataset_info_of(ckpt), file_sha256(path), info
 
 
@@ -527,7 +529,7 @@ def certify_line(folder: Path) -> str:
     accuracy at its radii, mean draws (sequential)."""
     import json
 
-    from ..smoothing.runner import SUMMARY_JSON
+    from ..smoothing.results import SUMMARY_JSON
 
     s = json.loads((folder / SUMMARY_JSON).read_text())
     line = (
@@ -556,7 +558,8 @@ def predict_cmd(**o: Any) -> None:
     import json
 
     from ..smoothing.noise import make_noise
-    from ..smoothing.runner import SUMMARY_JSON, predict_dataset
+    from ..smoothing.results import SUMMARY_JSON
+    from ..smoothing.runner import predict_dataset
 
     set_threads(o["threads"])
     dev = resolve_device(o["device"])

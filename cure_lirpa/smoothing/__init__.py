@@ -8,7 +8,8 @@ Independent of auto_LiRPA: it works with any ``nn.Module`` classifier on [0, 1] 
 - :mod:`.sequential`: anytime-valid sequential certification (stop once the radii are decided).
 - :mod:`.training`: noise augmentation, Normal-Uniform noise + similarity regulariser, consistency.
 - :mod:`.analysis`: certified accuracy, ACR, curves, comparison at fixed clean accuracy.
-- :mod:`.runner`: whole datasets into resumable, shardable run folders (``smooth certify``).
+- :mod:`.runner`: whole datasets into resumable, shardable run folders (``smooth certify``);
+  :mod:`.results`: the TSV and summaries such a run writes.
 
 The commands (``cure-lirpa smooth ...``) are in :mod:`cure_lirpa.cli.smooth`.
 """
@@ -33,7 +34,8 @@ from .noise import (
     make_generator,
     make_noise,
 )
-from .runner import certify_dataset, merge_shards, predict_dataset, read_tsv
+from .results import read_tsv
+from .runner import certify_dataset, merge_shards, predict_dataset
 from .sequential import (
     SequentialCertificate,
     SequentialTest,

@@ -59,7 +59,8 @@ def default_method(header: dict[str, Any]) -> str:
 def load_run(path: PathLike, method: Optional[str] = None) -> Run:
     """Read a certification run: a run folder of ``smooth certify`` (finished or not) or the
     ``samples.tsv`` it writes."""
-    from .runner import read_run, read_tsv
+    from .results import read_tsv
+    from .runner import read_run
 
     path = Path(path)
     if path.is_dir():
