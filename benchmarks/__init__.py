@@ -18,6 +18,7 @@ Shared helpers (light imports only: importing this package must not import torch
 
 from __future__ import annotations
 
+import importlib
 import multiprocessing
 import os
 import re
@@ -129,9 +130,13 @@ def run_isolated(
     """Run ``target(*args)`` in a fresh child process; returns its exit code (None on timeout).
 
     ``target`` must be a module-level function of an importable module (it is pickled by
-    reference), not one of the caller's ``__main__``. A negative exit code
+    reference; a function of a module run with ``python -m`` is looked up under the module's
+    name), not one of a script's ``__main__``. A negative exit code
     is the signal that killed the child (-9: typically the kernel's out-of-memory killer).
     """
+    main_spec = getattr(sys.modules["__main__"], "__spec__", None)
+    if target.__module__ == "__main__" and main_spec is not None:  # ``python -m benchmarks.x``:
+        target = getattr(importlib.import_module(main_spec.name), target.__name__)  # by its name
     proc = _context().Process(target=target, args=args)
     # The child needs only ``target``'s module. Hide the caller's __main__ while starting it, so
     # that multiprocessing does not re-run the caller's script in the child (a script without an

@@ -136,6 +136,13 @@ SUITES: dict[str, Suite] = {
             fragments=(("ddp", "ddp/ddp.md"),),
         ),
         Suite(
+            "sharded_verify",
+            "benchmarks.sharded_verify:main",
+            "sharded verify: one process against N shards side by side + merge (equal results)",
+            quick=False,
+            fragments=(("sharded_verify", "sharded_verify/summary.md"),),
+        ),
+        Suite(
             "smoothing_mnist",
             "benchmarks.smoothing_mnist:main",
             "randomized smoothing on MNIST (Gaussian, uniform, NU hybrid)",

@@ -282,23 +282,17 @@ def error_path(path: Path) -> Path:
 
 def certify_cell(spec: dict[str, Any], path: str) -> None:
     """Child-process entry point: run one cell and write its JSON (or ``.error.json``)."""
-    from cure_lirpa.checkpoint import atomic_write_json
+    from cure_lirpa.runs import store
 
     target = Path(path)
     try:
         result = _run_cell(spec)
     except Exception as exc:  # reported to the parent through the error file (not Ctrl-C: a
         # cell interrupted by the user must run again on resume)
-        atomic_write_json(
-            error_path(target),
-            {
-                "key": spec["key"],
-                "error": describe(exc)[:2000],
-                "traceback": traceback.format_exc()[-4000:],
-            },
-        )
+        error = {"error": describe(exc)[:2000], "traceback": traceback.format_exc()[-4000:]}
+        store(error_path(target), spec["key"], error)
         sys.exit(1)
-    atomic_write_json(target, result)
+    store(target, spec["key"], result)
     error_path(target).unlink(missing_ok=True)
 
 
@@ -574,15 +568,9 @@ def cell_methods(methods: Sequence[str], cascade: bool, attack: bool) -> list[st
 
 def load_cell(path: Path, key: dict[str, Any]) -> Optional[dict[str, Any]]:
     """The cell's result (or its error record) if it was made with ``key``, else None."""
-    for p in (path, error_path(path)):
-        if p.is_file():
-            try:
-                saved = json.loads(p.read_text())
-            except (OSError, ValueError):
-                continue
-            if saved.get("key") == key:
-                return saved
-    return None
+    from cure_lirpa.runs import cached
+
+    return cached(path, key) or cached(error_path(path), key)
 
 
 def run_cells(
@@ -598,7 +586,7 @@ def run_cells(
     on_model_done: Optional[Any] = None,
 ) -> None:
     """Run every missing cell, each in a fresh process; cells already on disk are skipped."""
-    from cure_lirpa.checkpoint import atomic_write_json
+    from cure_lirpa.runs import store
 
     kinds = cell_methods(methods, cascade, attack)
     total = sum(runs(m, t) for e in entries for t in e.threats for m in kinds)
@@ -620,8 +608,8 @@ def run_cells(
                 res = load_cell(path, spec["key"])
                 if code != 0 or res is None or "error" in res:
                     if res is None or "error" not in res:
-                        res = {"key": spec["key"], "error": f"cell process {exit_reason(code)}"}
-                        atomic_write_json(error_path(path), res)
+                        res = {"error": f"cell process {exit_reason(code)}"}
+                        store(error_path(path), spec["key"], res)
                     log(f"[{k}/{total}] {e.name} {threat} {method}: FAILED ({res['error']})")
                     continue
                 log(f"[{k}/{total}] {e.name} {threat} {method}: {cell_line(res)} ({dt:.1f} s)")

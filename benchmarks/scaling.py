@@ -21,7 +21,6 @@ benchmarks/results/scaling[-quick]/. Usage::
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import platform
 import statistics
@@ -104,19 +103,15 @@ def point_path(out: Path, sweep: str, batch: int, width: int, threat: str, metho
 
 def measure_point(spec: dict[str, Any], path: str) -> None:
     """Child-process entry point: time and measure one point; write its JSON (or an error)."""
-    from cure_lirpa.checkpoint import atomic_write_json
+    from cure_lirpa.runs import store
 
     try:
         result = _measure(spec)
     except Exception as exc:  # reported through the file (Ctrl-C is not: rerun on resume)
-        result = {
-            "key": spec["key"],
-            "error": describe(exc)[:2000],
-            "traceback": traceback.format_exc()[-4000:],
-        }
-        atomic_write_json(path, result)
+        error = {"error": describe(exc)[:2000], "traceback": traceback.format_exc()[-4000:]}
+        store(path, spec["key"], error)
         sys.exit(1)
-    atomic_write_json(path, result)
+    store(path, spec["key"], result)
 
 
 def _measure(spec: dict[str, Any]) -> dict[str, Any]:
@@ -210,14 +205,10 @@ def point_spec(
 
 
 def load_point(path: Path, key: dict[str, Any]) -> Optional[dict[str, Any]]:
-    if path.is_file():
-        try:
-            saved = json.loads(path.read_text())
-        except (OSError, ValueError):
-            return None
-        if saved.get("key") == key:
-            return saved
-    return None
+    """The point's result (or error record) if it was measured with ``key``, else None."""
+    from cure_lirpa.runs import cached
+
+    return cached(path, key)
 
 
 def run_points(
@@ -229,7 +220,7 @@ def run_points(
     retry_failed: bool = False,
 ) -> list[dict[str, Any]]:
     """Measure every missing point (cheapest method first); returns all points of these settings."""
-    from cure_lirpa.checkpoint import atomic_write_json
+    from cure_lirpa.runs import store
 
     todo = [(p, t, m) for m in methods for t in threats for p in points(s)]
     done = []
@@ -242,8 +233,8 @@ def run_points(
             code = run_isolated(measure_point, spec, str(path))
             res = load_point(path, spec["key"])
             if res is None:
-                res = {"key": spec["key"], "error": f"point process {exit_reason(code)}"}
-                atomic_write_json(path, res)
+                res = {"error": f"point process {exit_reason(code)}"}
+                store(path, spec["key"], res)
             what = f"[{k}/{len(todo)}] {method} {threat} batch {batch} width {width}"
             if "error" in res:
                 log(f"{what}: FAILED ({res['error']})")

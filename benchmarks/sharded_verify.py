@@ -1,0 +1,165 @@
+"""Sharded verification: one ``cure-lirpa verify`` process against N shards run side by side, merged.
+
+Trains a small model on the built-in sample data (or takes ``--checkpoint``), certifies the same
+images once unsharded and once as N shards started at the same time (``--shard K/N``, one process
+each), merges the shards with ``cure-lirpa merge`` and checks that the merged run equals the
+unsharded one (per-sample certified flags, margins and PGD results; summary figures). Reports the wall
+time of each, the summed CPU time and their ratios.
+
+Run:  python -m benchmarks run --suite sharded_verify [-- --count 256 --shards 2]
+Writes benchmarks/results/sharded_verify/results.json and summary.md.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Optional
+
+import click
+
+OUT = Path(__file__).parent / "results" / "sharded_verify"
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _cli(args: list[str], threads: int) -> subprocess.Popen:
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONPATH": str(ROOT)}
+    env.pop("RANK", None), env.pop("WORLD_SIZE", None)
+    cmd = [sys.executable, "-m", "cure_lirpa", *args]
+    return subprocess.Popen(
+        cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+
+
+def _wait(procs: list[subprocess.Popen]) -> None:
+    for p in procs:
+        output, _ = p.communicate()
+        if p.returncode != 0:
+            raise click.ClickException(f"{' '.join(p.args)} failed:\n{output[-3000:]}")
+
+
+def _children_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def _timed(procs_args: list[list[str]], threads: int) -> tuple[float, float]:
+    """Run the commands side by side; (wall seconds, CPU seconds of all of them)."""
+    cpu0, t0 = _children_cpu(), time.perf_counter()
+    _wait([_cli(a, threads) for a in procs_args])
+    return time.perf_counter() - t0, _children_cpu() - cpu0
+
+
+def _rows(folder: Path) -> list[dict[str, str]]:
+    """Per-sample CSV rows without timing columns (the part that must agree)."""
+    rows = list(csv.DictReader((folder / "samples.csv").open()))
+    return [{k: v for k, v in r.items() if "second" not in k} for r in rows]
+
+
+@click.command(context_settings={"show_default": True})
+@click.option("--checkpoint", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--count", type=click.IntRange(min=2), default=256, help="Test images to certify.")
+@click.option("--shards", type=click.IntRange(min=2), default=2, help="N: shards run side by side.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=32)
+@click.option("--method", "methods", multiple=True, default=("ibp", "crown"), help="Bound methods.")
+@click.option("--threads", type=click.IntRange(min=1), default=1, help="torch threads per process.")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=OUT)
+def main(
+    checkpoint: Optional[Path],
+    count: int,
+    shards: int,
+    batch_size: int,
+    methods: tuple[str, ...],
+    threads: int,
+    out: Path,
+) -> None:
+    """Time one verify process against N shards + merge, and check they agree."""
+    from cure_lirpa.checkpoint import atomic_write_json, atomic_write_text, versions
+
+    with tempfile.TemporaryDirectory(prefix="cure-lirpa-shards-") as tmp:
+        work = Path(tmp)
+        model = "--checkpoint"
+        if checkpoint is None:
+            model = "the demo model ('cure-lirpa train' with its defaults, on the sample data)"
+            checkpoint = work / "model" / "checkpoint.pt"
+            _wait([_cli(["train", "--device", "cpu", "--quiet", "--out", str(checkpoint.parent)],
+                        threads)])  # fmt: skip
+        common = ["verify", str(checkpoint), "--count", str(count), "--batch-size",
+                  str(batch_size), "--threat", "linf:0.1", "--threat", "l2:0.5",
+                  "--device", "cpu", "--threads", str(threads), "--quiet", "--seed", "0"]  # fmt: skip
+        for m in methods:
+            common += ["--method", m]
+        click.echo(f"unsharded: {count} images in one process")
+        one_wall, one_cpu = _timed([[*common, "--out", str(work / "one")]], threads)
+        click.echo(f"{shards} shards side by side")
+        sharded = work / "sharded"
+        shard_wall, shard_cpu = _timed(
+            [[*common, "--out", str(sharded), "--shard", f"{k}/{shards}"] for k in range(shards)],
+            threads,
+        )
+        t0 = time.perf_counter()
+        _wait([_cli(["merge", str(sharded)], threads)])
+        merge_wall = time.perf_counter() - t0
+        a = json.loads((work / "one" / "summary.json").read_text())
+        b = json.loads((sharded / "summary.json").read_text())
+        keys = ("clean_accuracy", "certified", "certified_best", "union", "pgd_accuracy")
+        same_summary = all(a.get(k) == b.get(k) for k in keys)
+        same_rows = _rows(work / "one") == _rows(sharded)
+    result = {
+        "model": model,
+        "count": count,
+        "shards": shards,
+        "batch_size": batch_size,
+        "methods": list(methods),
+        "threads_per_process": threads,
+        "cpus": os.cpu_count(),
+        "load_average_at_end": os.getloadavg(),
+        "wall_seconds_unsharded": one_wall,
+        "wall_seconds_sharded": shard_wall,
+        "wall_seconds_merge": merge_wall,
+        "cpu_seconds_unsharded": one_cpu,
+        "cpu_seconds_sharded": shard_cpu,
+        "wall_ratio": one_wall / (shard_wall + merge_wall),
+        "identical_rows": same_rows,
+        "identical_summary": same_summary,
+        "union_best": a["union"]["best"],
+        "versions": versions(),
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(out / "results.json", result)
+    r = result
+    lines = [
+        f"# Sharded verify: 1 process against {shards} shards side by side + merge "
+        f"({count} images, {', '.join(methods)}, l∞ 0.1 and l2 0.5, batch {batch_size}, "
+        f"{threads} thread(s) per process, {os.cpu_count()} CPUs)",
+        "",
+        "| run | wall s | CPU s (all processes) |",
+        "|---|---|---|",
+        f"| 1 process | {one_wall:.1f} | {one_cpu:.1f} |",
+        f"| {shards} shards | {shard_wall:.1f} | {shard_cpu:.1f} |",
+        f"| merge | {merge_wall:.1f} | - |",
+        "",
+        f"Wall ratio (1 process over shards + merge): {r['wall_ratio']:.2f}x. "
+        f"Merged run equal to the unsharded one: per-sample rows {'yes' if same_rows else 'NO'}, "
+        f"summary {'yes' if same_summary else 'NO'} (union certified {r['union_best']:.1f}%).",
+        "",
+        f"Model: {model}. Load average at the end: "
+        f"{', '.join(f'{v:.1f}' for v in os.getloadavg())} (other jobs on the machine slow both "
+        "runs; the agreement does not depend on it). Each process starts Python, torch and "
+        "auto_LiRPA and traces the model, a fixed cost that the shards pay N times.",
+    ]
+    atomic_write_text(out / "summary.md", "\n".join(lines) + "\n")
+    click.echo("\n".join(lines))
+    if not (same_rows and same_summary):
+        raise click.ClickException("the merged shards differ from the unsharded run")
+
+
+if __name__ == "__main__":
+    main()
