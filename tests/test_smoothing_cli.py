@@ -224,9 +224,10 @@ def test_shards_from_a_slurm_array_and_from_torchrun_ranks(model, tmp_path):
     assert _summary(slurm) == _summary(tmp_path / "one")
 
     torchrun = tmp_path / "torchrun"  # two ranks: each certifies its shard, rank 0 merges
-    args = [a if a != "--n" else "-n" for a in args]  # torchrun takes --n for its own --nnodes
+    # '--' keeps torchrun from reading --n and --start as abbreviations of its own options
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "cure_lirpa", *(str(a) for a in args), "--out", str(torchrun)]  # fmt: skip
+           "-m", "cure_lirpa", "--", *(str(a) for a in args), "--start", "0",
+           "--out", str(torchrun)]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parents[1])}
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]

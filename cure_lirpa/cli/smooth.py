@@ -107,12 +107,10 @@ SAMPLE_OPTIONS = [
     ),
     click.option(
         "--n",
-        "-n",
         "n",
         type=click.IntRange(min=1),
         default=100_000,
-        help="Noisy samples of the estimate. Under torchrun write -n (torchrun reads --n as an "
-        "abbreviation of its own options).",
+        help="Noisy samples of the estimate.",
     ),
     click.option(
         "--alpha",
