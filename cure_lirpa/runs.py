@@ -95,14 +95,19 @@ class Records:
     """An append-only JSON-lines file of per-sample records that survives a kill at any byte.
 
     Every :meth:`append` writes whole lines, flushes and fsyncs. A kill during a write leaves at
-    most one torn last line; :meth:`read` ignores it and :meth:`append` cuts it off first.
+    most one torn last line; :meth:`read` ignores it and :meth:`append` cuts it off first. The file
+    is scanned once per object; later appends of the same object only add their bytes (one writer
+    per file).
     """
 
     def __init__(self, path: PathLike) -> None:
         self.path = Path(path)
+        self._good: Optional[int] = None  # known good length after this object's own appends
 
     def _good_length(self) -> int:
         """Bytes up to the end of the last complete, parseable line."""
+        if self._good is not None:
+            return self._good
         if not self.path.exists():
             return 0
         data = self.path.read_bytes()
@@ -133,10 +138,13 @@ class Records:
             with open(self.path, "r+b" if self.path.exists() else "wb") as f:
                 f.truncate(good)
                 f.seek(good)
-                f.write(text.encode("utf-8"))
+                data = text.encode("utf-8")
+                f.write(data)
                 f.flush()
                 os.fsync(f.fileno())
+            self._good = good + len(data)
         except OSError as exc:
+            self._good = None
             raise write_error(self.path, exc) from None
 
     def __len__(self) -> int:

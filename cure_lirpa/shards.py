@@ -17,7 +17,7 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 from .errors import UserError
 
@@ -145,18 +145,26 @@ def merge_shards(out: Path, shards: Optional[Sequence[Path]] = None) -> dict[str
     return summary
 
 
-def merge_when_all_done(out: Path, shard: Shard) -> Optional[dict[str, Any]]:
-    """Under torchrun: wait for every rank (a gloo barrier), then merge on rank 0 (others: None)."""
+def started_by_torchrun() -> bool:
+    """Whether this process is a rank of a torchrun job with more than one process (a Slurm array
+    task is not: its tasks never meet, so they are merged afterwards with ``cure-lirpa merge``)."""
+    return "RANK" in os.environ and int(os.environ.get("WORLD_SIZE", "1") or 1) > 1
+
+
+def merge_when_all_done(
+    out: Path, merge: Optional[Callable[[Path], dict[str, Any]]] = None
+) -> Optional[dict[str, Any]]:
+    """Under torchrun: wait for every rank (a gloo barrier), then ``merge(out)`` on rank 0 and
+    return its summary (other ranks: None). ``merge`` defaults to :func:`merge_shards`."""
     import torch.distributed as dist
 
-    if not dist.is_available():
-        return merge_shards(out) if shard.index == 0 else None
+    merge = merge or merge_shards
     own = not dist.is_initialized()
     if own:
         dist.init_process_group("gloo")
     try:
         dist.barrier()
-        return merge_shards(out) if dist.get_rank() == 0 else None
+        return merge(out) if dist.get_rank() == 0 else None
     finally:
         if own:
             dist.destroy_process_group()

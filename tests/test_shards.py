@@ -87,6 +87,20 @@ def test_merged_shards_equal_the_unsharded_run(checkpoint, unsharded, tmp_path):
     _same_results(unsharded, out)
 
 
+def test_slurm_array_tasks_shard_and_print_the_merge_command(
+    checkpoint, unsharded, tmp_path, monkeypatch
+):
+    out = tmp_path / "array"
+    monkeypatch.setenv("SLURM_ARRAY_TASK_COUNT", "2")
+    for k in (0, 1):  # array tasks never meet: no process group, each says how to merge
+        monkeypatch.setenv("SLURM_ARRAY_TASK_ID", str(k))
+        res = _run("verify", checkpoint, *COMMON, "--out", out)
+        assert res.exit_code == 0, res.output
+        assert f"cure-lirpa merge {out}" in res.output
+    assert _run("merge", out).exit_code == 0
+    _same_results(unsharded, out)
+
+
 def test_merge_lists_missing_samples_and_refuses_other_options(checkpoint, tmp_path):
     out = tmp_path / "v"
     assert _run("verify", checkpoint, *COMMON, "--shard", "0/3", "--out", out).exit_code == 0

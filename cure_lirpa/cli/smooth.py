@@ -9,7 +9,6 @@ Thin click commands over :mod:`cure_lirpa.smoothing`, with the option convention
 from __future__ import annotations
 
 import math
-import os
 import warnings
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -218,16 +217,17 @@ def _warn_not_noise_trained(checkpoint: Path, info: dict) -> None:
 def _finish(out: Path, shard, explicit_shard: bool) -> Optional[Path]:
     """After a shard: under torchrun (no --shard given) rank 0 merges when every rank is done.
     Returns the folder whose results to print, or None (another rank merges)."""
-    from ..smoothing.runner import merge_under_torchrun
+    from ..shards import merge_when_all_done, started_by_torchrun
+    from ..smoothing.runner import merge_shards
 
     if shard is None:
         return out
     folder = out / shard.name
     click.echo(f"shard {shard.index}/{shard.count} done in {folder}", err=True)
-    if explicit_shard or "RANK" not in os.environ:
+    if explicit_shard or not started_by_torchrun():
         click.echo(f"when every shard is done: cure-lirpa merge {out}", err=True)
         return folder
-    merged = merge_under_torchrun(out, shard)
+    merged = merge_when_all_done(out, merge_shards)
     if merged is None:
         return None
     click.echo(f"merged {shard.count} shards into {out}", err=True)

@@ -160,7 +160,12 @@ def verify(
     from ..data import load_dataset, take
     from ..plots import PLOT_NAME
     from ..runs import Run
-    from ..shards import merge_when_all_done, parse_shard, shard_from_environment
+    from ..shards import (
+        merge_when_all_done,
+        parse_shard,
+        shard_from_environment,
+        started_by_torchrun,
+    )
     from ..threats import parse_threat
 
     set_threads(threads)
@@ -171,7 +176,8 @@ def verify(
         raise UserError(
             f"{checkpoint} is a randomized-smoothing base classifier (trained with {noise}); its "
             "guarantee is the smoothed classifier's: certify it with 'cure-lirpa smooth certify "
-            f"-c {checkpoint} --sigma {sigma:g}'. verify bounds models from 'cure-lirpa train'"
+            f"-c {checkpoint} --sigma {sigma:g} --out RUN'. verify bounds models from "
+            "'cure-lirpa train'"
         )
     info = dataset_info_of(ckpt)
     dataset = dataset or info.name
@@ -243,10 +249,11 @@ def verify(
     if part is not None:
         click.echo(f"shard {part.index}/{part.count}: samples {config['shard_start']}.."
                    f"{config['shard_start'] + len(rows) - 1} in {out}")  # fmt: skip
-        if shard is None:  # started by torchrun / a job array: rank 0 merges when all are done
-            merged = merge_when_all_done(run_dir, part)
-            if merged is not None:
+        if shard is None and started_by_torchrun():  # rank 0 merges when all ranks are done
+            if merge_when_all_done(run_dir) is not None:
                 click.echo(f"merged {part.count} shards into {run_dir}")
+        else:
+            click.echo(f"when every shard is done: cure-lirpa merge {run_dir}")
     click.echo(
         f"\n{len(rows)} samples of {dataset}/{split}, clean accuracy "
         f"{summary['clean_accuracy']:.1f}%\n"

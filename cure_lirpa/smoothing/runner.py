@@ -499,18 +499,3 @@ def merge_shards(out: PathLike, shards: Optional[Sequence[PathLike]] = None) -> 
     atomic_write_text(out / RECORDS, "".join(json.dumps(r, sort_keys=True) + "\n" for r in ordered))
     summary = write_outputs(out, base["kind"], config, ordered)
     return {**summary, "shards": len(dirs), "kind": base["kind"]}
-
-
-def merge_under_torchrun(out: PathLike, shard: Shard) -> Optional[dict[str, Any]]:
-    """Started by torchrun: wait for every rank (a gloo barrier), then merge on rank 0."""
-    import torch.distributed as dist
-
-    own = not dist.is_initialized()
-    if own:
-        dist.init_process_group("gloo")
-    try:
-        dist.barrier()
-        return merge_shards(out) if dist.get_rank() == 0 else None
-    finally:
-        if own:
-            dist.destroy_process_group()
