@@ -36,14 +36,6 @@ from cure_lirpa.training import (
 MNIST = ((1, 28, 28), 10, (0.1307,), (0.3081,))
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def tiny(**kw) -> TrainConfig:
     """A few-second run: 192 sample images, cnn-small of width 4, batches of 64."""
     base = dict(
