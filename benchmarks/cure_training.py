@@ -466,8 +466,11 @@ def measure_speed(
     save_summary(results / "speed.json", out)
     lines = [
         f"Optimizer-step time on one batch of 256 images, {torch.get_num_threads()} thread(s), "
-        f"fastest of {reps} rounds; natural step {t_nat:.3f} s. Each round times one step of every "
-        "row in turn, so the load of the shared machine (load average "
+        f"fastest of {reps} rounds; natural step {t_nat:.3f} s. The step is the training loop's "
+        "own, as the rows train: gradient clipping and the no-grad IBP pass that reports certified "
+        "accuracy on the batch for the norms the loss does not bound (`train_cert`, on by default; "
+        "a natural step pays it for both norms). Each round times one step of every row in turn, "
+        "so the load of the shared machine (load average "
         f"{out['load_average']['start']:.1f} at the start, {out['load_average']['end']:.1f} at "
         f"the end, {os.cpu_count()} CPUs) hits all rows alike: compare the ratios; the seconds "
         "depend on the load.",
