@@ -433,9 +433,15 @@ def measure_speed(
         if row != "cure-finetune":  # the same step as cure-max+ba with other weights
             configs[row] = row_config(row, s, results, data_root, l2_factor, seed)
     log(f"[speed] timing {len(configs)} methods on one batch of 256, {reps} interleaved rounds")
-    times = step_times(configs, x, y, rounds=reps)
+    times = step_times(configs, x, y, rounds=reps, clock="cpu")
     t_nat = times.pop("natural (reference)")
-    out: dict[str, Any] = {"batch": 256, "rounds": reps, "natural_seconds": t_nat, "rows": {}}
+    out: dict[str, Any] = {
+        "batch": 256,
+        "rounds": reps,
+        "clock": "cpu",
+        "natural_seconds": t_nat,
+        "rows": {},
+    }
     for row, t in times.items():
         out["rows"][row] = {"seconds": t, "ratio": t / t_nat}
         log(f"[speed] {row}: {t:.3f} s/step = {t / t_nat:.2f}x natural")
@@ -465,17 +471,18 @@ def measure_speed(
     out["load_average"] = {"start": load_before[0], "end": os.getloadavg()[0]}
     save_summary(results / "speed.json", out)
     lines = [
-        f"Optimizer-step time on one batch of 256 images, {torch.get_num_threads()} thread(s), "
-        f"fastest of {reps} rounds; natural step {t_nat:.3f} s. The step is the training loop's "
+        f"Optimizer-step CPU time on one batch of 256 images, {torch.get_num_threads()} "
+        f"thread(s), fastest of {reps} rounds; natural step {t_nat:.3f} CPU s. The step is the "
+        "training loop's "
         "own, as the rows train: gradient clipping and the no-grad IBP pass that reports certified "
         "accuracy on the batch for the norms the loss does not bound (`train_cert`, on by default; "
         "a natural step pays it for both norms). Each round times one step of every row in turn, "
-        "so the load of the shared machine (load average "
-        f"{out['load_average']['start']:.1f} at the start, {out['load_average']['end']:.1f} at "
-        f"the end, {os.cpu_count()} CPUs) hits all rows alike: compare the ratios; the seconds "
-        "depend on the load.",
+        "and CPU time leaves out the waits for a core, so the load of the shared machine (load "
+        f"average {out['load_average']['start']:.1f} at the start, "
+        f"{out['load_average']['end']:.1f} at the end, {os.cpu_count()} CPUs) hits all rows "
+        "alike: compare the ratios; the seconds still depend on the machine and its load.",
         "",
-        "| row | s / step | x natural | target |",
+        "| row | CPU s / step | x natural | target |",
         "|---|---|---|---|",
     ]
     for r, v in out["rows"].items():

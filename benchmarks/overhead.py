@@ -7,9 +7,11 @@
    CNN on the same batch -- the training loop's own step, with and without the training-certificate
    pass. Target: ratio <= 3.0.
 
-Every comparison interleaves its calls (one call of each contender per round, median over the
-rounds), so the load of a shared machine hits both sides alike: the ratios are what to read, the
-seconds depend on the load (the report gives the load average).
+Times are CPU seconds of this process (``time.process_time``: the waits for a core on a loaded
+machine are not counted), and every comparison interleaves its calls (one call of each contender
+per round, median over the rounds), so the load of a shared machine hits both sides alike: the
+ratios are what to read, the seconds still depend on the machine and its load (the report gives the
+load average).
 
 Run:  python benchmarks/overhead.py [--batch 256] [--repeats 20] [--threads 1]
 Writes benchmarks/results/overhead/overhead.json and overhead.md.
@@ -45,15 +47,16 @@ OUT = Path(__file__).parent / "results" / "overhead"
 
 
 def _median_times(fns, repeats: int) -> list[float]:
-    """Median seconds of each function, calls interleaved so that machine load hits all alike."""
+    """Median CPU seconds of each function (``time.process_time``, which leaves out the waits for a
+    core), calls interleaved so that machine load hits all alike."""
     for fn in fns:
         fn()  # warm-up
     times: list[list[float]] = [[] for _ in fns]
     for _ in range(repeats):
         for fn, ts in zip(fns, times):
-            t0 = time.perf_counter()
+            t0 = time.process_time()
             fn()
-            ts.append(time.perf_counter() - t0)
+            ts.append(time.process_time() - t0)
     return [statistics.median(ts) for ts in times]
 
 
@@ -120,7 +123,7 @@ def training_step_ratio(x, y, repeats: int) -> dict:
     }
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        t = step_times(configs, x, y, rounds=repeats, statistic="median")
+        t = step_times(configs, x, y, rounds=repeats, statistic="median", clock="cpu")
     res: dict = {}
     for cert in ("cert", "no-cert"):
         nat = t[f"natural/{cert}"]
@@ -154,6 +157,7 @@ def main() -> None:
     result = {
         "batch": args.batch,
         "threads": args.threads,
+        "clock": "cpu",
         "repeats": args.repeats,
         "machine": platform.processor() or platform.machine(),
         "versions": versions(),
@@ -167,14 +171,15 @@ def main() -> None:
     load = result["load_average"]
     lines = [
         f"# Overhead (cnn-small, batch {args.batch}, {args.threads} thread(s), median of "
-        f"{args.repeats} interleaved rounds)",
+        f"{args.repeats} interleaved rounds of CPU time)",
         "",
-        "Each round calls every contender once in turn, so the load of the shared machine (load "
+        "Each round calls every contender once in turn and CPU time leaves out the waits for a "
+        "core, so the load of the shared machine (load "
         f"average {load['start']:.1f} at the start, {load['end']:.1f} at the end, "
         f"{result['cpus']} CPUs) hits them alike: compare the ratios; the seconds depend on the "
         "load.",
         "",
-        "| bound call | batch | direct auto_LiRPA (s) | wrapper (s) | ratio (target <= 1.10) |",
+        "| bound call | batch | direct auto_LiRPA (CPU s) | wrapper (CPU s) | ratio (target <= 1.10) |",
         "|---|---|---|---|---|",
     ]
     for k, v in result["wrapper_overhead"].items():
@@ -187,7 +192,7 @@ def main() -> None:
         "training-certificate pass of `cure-lirpa train` (its default), *no-cert*: "
         "`--no-train-cert`.",
         "",
-        "| training step | certificates pass | seconds | ratio to natural (target <= 3.0) |",
+        "| training step | certificates pass | CPU s | ratio to natural (target <= 3.0) |",
         "|---|---|---|---|",
     ]
     for cert, ts in result["training_step"].items():
