@@ -13,15 +13,21 @@ Shared helpers (light imports only: importing this package must not import torch
   measured");
 * :func:`rss_now_mb` / :func:`rss_peak_mb` read the current and peak resident set size and
   :func:`reset_peak_rss` restarts the peak at the current size (Linux);
-* :func:`slug` turns threat and model names into file names; :func:`log` prints timestamped lines.
+* :func:`slug` turns threat and model names into file names; :func:`log` prints timestamped lines;
+* :func:`save_summary` writes a results file that is committed (JSON or Markdown): JSON is stamped
+  with :func:`commit_stamp` (the commit of the code that wrote it and whether that code had
+  uncommitted changes), and absolute paths in either are made :func:`portable`. Per-cell and
+  per-point caches (``cells/``, ``points/``, ...) stay local and are not committed.
 """
 
 from __future__ import annotations
 
+import functools
 import importlib
 import multiprocessing
 import os
 import re
+import subprocess
 import sys
 import time
 import types
@@ -69,6 +75,91 @@ def provenance(results_json: Path, report_only: bool) -> dict[str, Any]:
         except (OSError, ValueError, KeyError):
             pass
     return {"command": command_line(), "generated": time.strftime("%Y-%m-%d %H:%M")}
+
+
+@functools.cache
+def commit_stamp() -> dict[str, Any]:
+    """``{"commit": <git rev-parse HEAD>, "dirty": <bool>}`` of this checkout, taken once per
+    process (at the first call, i.e. when the measurement starts). ``dirty``: the code that makes
+    the numbers (``cure_lirpa/``, ``benchmarks/`` but its results, ``setup.cfg``,
+    ``pyproject.toml``) differs from that commit. Both None outside a git checkout."""
+    git = ["git", "-C", str(REPO)]
+    code = [
+        "cure_lirpa",
+        "benchmarks",
+        "setup.cfg",
+        "pyproject.toml",
+        ":(exclude)benchmarks/results",
+    ]
+    try:
+        sha = subprocess.run(
+            [*git, "rev-parse", "HEAD"], capture_output=True, text=True, check=True, timeout=30
+        ).stdout.strip()
+        status = subprocess.run(
+            [*git, "status", "--porcelain", "--", *code],
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=30,
+        ).stdout
+    except (OSError, subprocess.SubprocessError):
+        return {"commit": None, "dirty": None}
+    return {"commit": sha, "dirty": bool(status.strip())}
+
+
+_ABS_PATH = re.compile(r"(?<![^\s\"'`(\[=<,])/(?:[\w.+@-]+/)+[\w.+@-]+")
+"""An absolute POSIX path of two or more parts inside a text, at its start or after a space, quote
+or bracket (not the ``/255`` of ``linf:2/255``, not ``l∞/l2/l1``, not a URL)."""
+
+
+def portable_path(path: str) -> str:
+    """An absolute path as committed results show it: relative to the repository (also for a path
+    into another checkout's ``benchmarks/results``), ``../x`` for a sibling of the repository
+    (e.g. the default data folder ``../shared/data``), else the file's name only."""
+    p = Path(path)
+    parts = p.parts
+    if len(parts) > 1 and parts[1] in ("proc", "sys", "dev"):
+        return path  # the same on every Linux machine
+    for i in range(len(parts) - 1):
+        if parts[i : i + 2] == ("benchmarks", "results"):
+            return str(Path(*parts[i:]))
+    for base, prefix in ((REPO, ""), (REPO.parent, "..")):
+        try:
+            rel = p.relative_to(base)
+        except ValueError:
+            continue
+        return str(Path(prefix, rel)) if str(rel) != "." else (prefix or ".")
+    return p.name or path
+
+
+def portable(value: Any) -> Any:
+    """``value`` (JSON-like: dicts, lists, strings, numbers) with every absolute path, alone or
+    inside a text, replaced by :func:`portable_path`."""
+    if isinstance(value, dict):
+        return {k: portable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [portable(v) for v in value]
+    if isinstance(value, Path):
+        value = str(value)
+    if isinstance(value, str) and "/" in value:
+        return _ABS_PATH.sub(lambda m: portable_path(m.group(0)), value)
+    return value
+
+
+def save_summary(path: Path, content: Any) -> None:
+    """Write a committed results file atomically: Markdown text, or JSON (a dict) that starts with
+    the :func:`commit_stamp` of this process (the code that wrote the file; a report rebuilt from
+    caches or from an older summary gets the rebuild's commit); absolute paths in either become
+    :func:`portable`."""
+    from cure_lirpa.checkpoint import atomic_write_json, atomic_write_text
+
+    if isinstance(content, str):
+        atomic_write_text(path, portable(content))
+        return
+    stamp = commit_stamp()
+    atomic_write_json(
+        path, portable({**stamp, **{k: v for k, v in content.items() if k not in stamp}})
+    )
 
 
 def slug(text: str) -> str:

@@ -64,6 +64,7 @@ from benchmarks import (  # noqa: E402
     rss_now_mb,
     rss_peak_mb,
     run_isolated,
+    save_summary,
     slug,
 )
 
@@ -1173,12 +1174,11 @@ def plots(result: dict[str, Any], out: Path) -> None:
 
 
 def write_report(result: dict[str, Any], out: Path) -> None:
-    """``results.json``, ``summary.md``, ``results.md`` and the plots, all written atomically."""
-    from cure_lirpa.checkpoint import atomic_write_json, atomic_write_text
-
-    atomic_write_json(out / "results.json", result)
-    atomic_write_text(out / "summary.md", summary_markdown(result))
-    atomic_write_text(out / "results.md", detail_markdown(result))
+    """``results.json`` (stamped with the commit), ``summary.md``, ``results.md`` and the plots, all
+    written atomically (see :func:`benchmarks.save_summary`)."""
+    save_summary(out / "results.json", result)
+    save_summary(out / "summary.md", summary_markdown(result))
+    save_summary(out / "results.md", detail_markdown(result))
     plots(result, out)
 
 
@@ -1384,6 +1384,11 @@ def main(
             "code": run["code"],
             "models": collect(entries, methods, s, run, out, cascade, attack),
         }
+        if report_only and not result["models"]:
+            raise click.ClickException(
+                f"--report-only: no cells of these settings in {out / 'cells'} (the cells are a "
+                "local cache, not committed); run the suite without --report-only"
+            )
         write_report(result, out)
 
     if not report_only:

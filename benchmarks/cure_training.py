@@ -49,6 +49,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import platform
+import sys
 import time
 from pathlib import Path
 from typing import Any, Optional, Sequence
@@ -57,8 +58,11 @@ import click
 import torch
 from torch.utils.data import Subset
 
-from cure_lirpa.checkpoint import (
-    atomic_write_json,
+if __package__ in (None, ""):  # run as `python benchmarks/<suite>.py`: the repository is the root
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks import save_summary  # noqa: E402
+from cure_lirpa.checkpoint import (  # noqa: E402
     atomic_write_text,
     load_checkpoint,
     model_from_checkpoint,
@@ -313,7 +317,7 @@ def run_row(
         except UserError as exc:  # e.g. a collapsed (constant) model refused by the bounds
             log(f"[{row}] certification failed: {exc}")
             out = dict(base, error=str(exc))
-            atomic_write_json(folder / "row.json", out)
+            save_summary(folder / "row.json", out)
             return out
         summary["stamp"] = stamp
         write_results(verify_dir, rows, summary, threats, list(BOUND_METHODS))
@@ -337,7 +341,7 @@ def run_row(
         "verify_seconds_total": summary.get("seconds_total"),
         "versions": versions(),
     }
-    atomic_write_json(folder / "row.json", out)
+    save_summary(folder / "row.json", out)
     return out
 
 
@@ -423,14 +427,21 @@ def measure_speed(
     ds = load_dataset(s["dataset"], "train", data_root)
     x, y = stack(take(ds, 0, 256))
     reps = s["speed_repeats"]
+    load_before = os.getloadavg()
     configs = {"natural (reference)": row_config("natural", s, results, data_root, l2_factor, seed)}
     for row in rows:
         if row != "cure-finetune":  # the same step as cure-max+ba with other weights
             configs[row] = row_config(row, s, results, data_root, l2_factor, seed)
     log(f"[speed] timing {len(configs)} methods on one batch of 256, {reps} interleaved rounds")
-    times = step_times(configs, x, y, rounds=reps)
+    times = step_times(configs, x, y, rounds=reps, clock="cpu")
     t_nat = times.pop("natural (reference)")
-    out: dict[str, Any] = {"batch": 256, "rounds": reps, "natural_seconds": t_nat, "rows": {}}
+    out: dict[str, Any] = {
+        "batch": 256,
+        "rounds": reps,
+        "clock": "cpu",
+        "natural_seconds": t_nat,
+        "rows": {},
+    }
     for row, t in times.items():
         out["rows"][row] = {"seconds": t, "ratio": t / t_nat}
         log(f"[speed] {row}: {t:.3f} s/step = {t / t_nat:.2f}x natural")
@@ -457,12 +468,21 @@ def measure_speed(
         }
     out["threads"] = torch.get_num_threads()
     out["machine"] = {"cpus": os.cpu_count(), "platform": platform.platform()}
-    atomic_write_json(results / "speed.json", out)
+    out["load_average"] = {"start": load_before[0], "end": os.getloadavg()[0]}
+    save_summary(results / "speed.json", out)
     lines = [
-        f"Optimizer-step time on one batch of 256 images, {torch.get_num_threads()} threads, "
-        f"fastest of {reps} interleaved rounds; natural step {t_nat:.3f} s.",
+        f"Optimizer-step CPU time on one batch of 256 images, {torch.get_num_threads()} "
+        f"thread(s), fastest of {reps} rounds; natural step {t_nat:.3f} CPU s. The step is the "
+        "training loop's "
+        "own, as the rows train: gradient clipping and the no-grad IBP pass that reports certified "
+        "accuracy on the batch for the norms the loss does not bound (`train_cert`, on by default; "
+        "a natural step pays it for both norms). Each round times one step of every row in turn, "
+        "and CPU time leaves out the waits for a core, so the load of the shared machine (load "
+        f"average {out['load_average']['start']:.1f} at the start, "
+        f"{out['load_average']['end']:.1f} at the end, {os.cpu_count()} CPUs) hits all rows "
+        "alike: compare the ratios; the seconds still depend on the machine and its load.",
         "",
-        "| row | s / step | x natural | target |",
+        "| row | CPU s / step | x natural | target |",
         "|---|---|---|---|",
     ]
     for r, v in out["rows"].items():
@@ -587,7 +607,7 @@ def report(results: Path, log, dataset: str = "mnist") -> None:
     if speed.is_file():
         lines += ["", "## Training step time", "", speed.read_text().strip()]
     atomic_write_text(results / "summary.md", "\n".join(lines) + "\n")
-    atomic_write_json(results / "summary.json", {"rows": found})
+    save_summary(results / "summary.json", {"rows": found})
     plot([r for r in found if not r.get("error")], results / "union_accuracy.png", dataset)
     log(f"wrote {results / 'summary.md'}")
 

@@ -26,7 +26,11 @@ from pathlib import Path
 
 import torch
 
-from cure_lirpa.checkpoint import atomic_write_json, atomic_write_text, load_checkpoint, versions
+if __package__ in (None, ""):  # run as `python benchmarks/<suite>.py`: the repository is the root
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks import save_summary  # noqa: E402
+from cure_lirpa.checkpoint import load_checkpoint, versions  # noqa: E402
 
 OUT = Path(__file__).parent / "results" / "ddp"
 ROOT = Path(__file__).resolve().parents[1]
@@ -155,7 +159,7 @@ def main() -> None:
         "rows": rows,
     }
     args.out.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(args.out / "ddp.json", result)
+    save_summary(args.out / "ddp.json", result)
     lines = [
         f"# Data-parallel training: 2 processes against 1 (cnn-small, {args.train_count} sample "
         f"images, global batch {args.batch_size}, {args.epochs} epochs, {args.threads} thread(s) "
@@ -186,7 +190,7 @@ def main() -> None:
         "process; what is missing to 2x is the all-reduce, the per-step work that does not shrink "
         "with the slice, and the smaller batches' lower efficiency.",
     ]
-    atomic_write_text(args.out / "ddp.md", "\n".join(lines) + "\n")
+    save_summary(args.out / "ddp.md", "\n".join(lines) + "\n")
     print("\n".join(lines))
     print(f"\nwrote {args.out}/ddp.json and ddp.md")
 

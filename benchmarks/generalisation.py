@@ -30,10 +30,12 @@ from typing import Any, Optional
 import click
 import torch
 
+if __package__ in (None, ""):  # run as `python benchmarks/<suite>.py`: the repository is the root
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks import save_summary  # noqa: E402
 from cure_lirpa.bounds import BoundedClassifier, certified
 from cure_lirpa.checkpoint import (
-    atomic_write_json,
-    atomic_write_text,
     dataset_info_of,
     load_checkpoint,
     model_from_checkpoint,
@@ -425,8 +427,8 @@ def main(
                 batch,
             )
         report["seconds_total"] = time.perf_counter() - t_all
-        atomic_write_json(out / "generalisation.json", report)
-        atomic_write_text(out / "generalisation.md", markdown(report))
+        save_summary(out / "generalisation.json", report)
+        save_summary(out / "generalisation.md", markdown(report))
     log(
         f"wrote {out / 'generalisation.json'} and {out / 'generalisation.md'} "
         f"in {time.perf_counter() - t_all:.0f} s"

@@ -39,6 +39,7 @@ from benchmarks import (  # noqa: E402
     rss_now_mb,
     rss_peak_mb,
     run_isolated,
+    save_summary,
 )
 
 OUT = RESULTS / "patches"
@@ -246,13 +247,12 @@ def main(
     report_only: bool,
 ) -> None:
     """Cascade against IBP on patches, and peak memory against the budget."""
-    from cure_lirpa.checkpoint import atomic_write_json, atomic_write_text
-
     OUT.mkdir(parents=True, exist_ok=True)
     results_json = OUT / "results.json"
     if report_only:
         res = json.loads(results_json.read_text())
-        atomic_write_text(OUT / "summary.md", report(res))
+        save_summary(results_json, res)
+        save_summary(OUT / "summary.md", report(res))
         return
     started = time.perf_counter()
     if checkpoint is None:
@@ -289,8 +289,8 @@ def main(
         "memory": memory,
         "wall_seconds": time.perf_counter() - started,
     }
-    atomic_write_json(results_json, res)
-    atomic_write_text(OUT / "summary.md", report(res))
+    save_summary(results_json, res)
+    save_summary(OUT / "summary.md", report(res))
     log(f"wrote {results_json} and summary.md")
 
 

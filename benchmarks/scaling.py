@@ -45,6 +45,7 @@ from benchmarks import (  # noqa: E402
     rss_now_mb,
     rss_peak_mb,
     run_isolated,
+    save_summary,
     slug,
 )
 from benchmarks.certificates import LABEL, METHODS, code_fingerprint, describe, warm_up
@@ -419,7 +420,7 @@ def main(
     report_only: bool,
 ) -> None:
     """Time and memory of IBP, CROWN-IBP, CROWN and alpha-CROWN against batch size and width."""
-    from cure_lirpa.checkpoint import atomic_write_json, atomic_write_text, versions
+    from cure_lirpa.checkpoint import versions
     from cure_lirpa.errors import UserError
     from cure_lirpa.threats import parse_threat
 
@@ -454,6 +455,11 @@ def main(
             for res in [load_point(point_path(out, sw, b, w, t, m), spec["key"])]
             if res is not None
         ]
+        if not pts:
+            raise click.ClickException(
+                f"--report-only: no points of these settings in {out / 'points'} (the points are "
+                "a local cache, not committed); run the suite without --report-only"
+            )
     else:
         pts = run_points(s, threats, methods, threads, out, retry_failed)
     origin = provenance(out / "results.json", report_only)
@@ -472,8 +478,8 @@ def main(
         "versions": versions(),
         "points": pts,
     }
-    atomic_write_json(out / "results.json", result)
-    atomic_write_text(out / "summary.md", summary_markdown(result))
+    save_summary(out / "results.json", result)
+    save_summary(out / "summary.md", summary_markdown(result))
     plot(result, out / "scaling.png")
     log(
         f"done in {time.perf_counter() - t_start:.0f} s: {out / 'summary.md'}, results.json, "

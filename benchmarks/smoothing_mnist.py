@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import os
 import platform
+import sys
 import time
 from pathlib import Path
 from typing import Any, Optional, Sequence
@@ -37,9 +38,12 @@ from typing import Any, Optional, Sequence
 import click
 import torch
 
-from cure_lirpa.checkpoint import (
+if __package__ in (None, ""):  # run as `python benchmarks/<suite>.py`: the repository is the root
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks import save_summary  # noqa: E402
+from cure_lirpa.checkpoint import (  # noqa: E402
     atomic_write_json,
-    atomic_write_text,
     load_checkpoint,
     model_from_checkpoint,
 )
@@ -277,9 +281,9 @@ def report(out: Path, levels: Sequence[float] = (0.9, 0.92, 0.94, 0.96, 0.98)) -
     for run, s in zip(runs, main):
         run.name = s["name"]
     plot_certified_accuracy(runs, out / "certified_accuracy.png")
-    atomic_write_json(out / "summary.json", {"rows": rows, "fixed_clean_accuracy": comparison})
+    save_summary(out / "summary.json", {"rows": rows, "fixed_clean_accuracy": comparison})
     text = "\n".join(md)
-    atomic_write_text(out / "summary.md", text)
+    save_summary(out / "summary.md", text)
     return text
 
 

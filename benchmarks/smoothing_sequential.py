@@ -29,6 +29,7 @@ import json
 import math
 import os
 import platform
+import sys
 import time
 from pathlib import Path
 from typing import Any, Optional
@@ -38,10 +39,12 @@ import numpy as np
 import torch
 from scipy.stats import norm
 
-from benchmarks import DEFAULT_DATA, RESULTS, log, provenance
+if __package__ in (None, ""):  # run as `python benchmarks/<suite>.py`: the repository is the root
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks import DEFAULT_DATA, RESULTS, log, provenance, save_summary  # noqa: E402
 from cure_lirpa.checkpoint import (
     atomic_write_json,
-    atomic_write_text,
     load_checkpoint,
     model_from_checkpoint,
 )
@@ -456,8 +459,8 @@ def report(
         "threads": torch.get_num_threads(),
         "load_average": [round(v, 2) for v in os.getloadavg()],
     }
-    atomic_write_json(out / "summary.json", {**meta, "models": rows, "environment": env})
-    atomic_write_text(out / "results.md", text)
+    save_summary(out / "summary.json", {**meta, "models": rows, "environment": env})
+    save_summary(out / "results.md", text)
     return text
 
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 import os
 import platform
 import statistics
+import sys
 import time
 from pathlib import Path
 from typing import Any, Optional
@@ -27,9 +28,11 @@ from typing import Any, Optional
 import click
 import torch
 
-from cure_lirpa.checkpoint import (
-    atomic_write_json,
-    atomic_write_text,
+if __package__ in (None, ""):  # run as `python benchmarks/<suite>.py`: the repository is the root
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks import save_summary  # noqa: E402
+from cure_lirpa.checkpoint import (  # noqa: E402
     dataset_info_of,
     load_checkpoint,
     model_from_checkpoint,
@@ -226,8 +229,8 @@ def main(
         if out_dir
         else HERE / "results" / "smoothing" / ("speed-quick" if quick else "speed")
     )
-    atomic_write_json(out / "speed.json", res)
-    atomic_write_text(out / "speed.md", _markdown(res))
+    save_summary(out / "speed.json", res)
+    save_summary(out / "speed.md", _markdown(res))
     click.echo(_markdown(res))
     click.echo(f"wrote {out / 'speed.json'} and {out / 'speed.md'}")
 

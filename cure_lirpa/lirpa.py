@@ -287,7 +287,7 @@ def _import() -> types.ModuleType:
     except ImportError as exc:
         raise ImportError(
             "auto_LiRPA is not installed. Install it with "
-            "'pip install --no-deps auto-LiRPA==0.3 tqdm appdirs pyyaml packaging' "
+            "'pip install --no-deps auto-LiRPA==0.3 tqdm appdirs packaging' "
             "(or run 'make install')."
         ) from exc
     finally:

@@ -24,15 +24,6 @@ from cure_lirpa.threats import NormBall
 SHAPE = (1, 6, 6)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: intra-op threads only add contention on the shared 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def tiny_net(seed: int = 0, bn: bool = False) -> nn.Module:
     torch.manual_seed(seed)
     layers = [nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(64, 16)]

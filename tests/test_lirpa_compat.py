@@ -21,15 +21,6 @@ from torch import nn
 from cure_lirpa import lirpa
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: intra-op threads only add contention on the shared 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _wrap(model: nn.Module, x: torch.Tensor, **opts) -> lirpa.BoundedModule:
     return lirpa.BoundedModule(
         model.eval(), torch.zeros_like(x[:1]), bound_opts=lirpa.bound_opts(**opts)

@@ -30,14 +30,6 @@ QUICK = [
 ]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def run(*args, ok: bool = True):
     result = CliRunner().invoke(main, ["train", *map(str, args)])
     if ok:

@@ -36,14 +36,6 @@ from cure_lirpa.training import (
 MNIST = ((1, 28, 28), 10, (0.1307,), (0.3081,))
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def tiny(**kw) -> TrainConfig:
     """A few-second run: 192 sample images, cnn-small of width 4, batches of 64."""
     base = dict(
@@ -429,3 +421,20 @@ def test_timed_step_is_the_training_step(monkeypatch):
     calls.update(clip=0, certify=0)
     step_time(tiny(method="sabr-linf", grad_clip=0.0, train_cert=False), x, y, repeats=2)
     assert calls == {"clip": 0, "certify": 0}
+
+
+def test_step_times_cpu_clock_reads_process_time(monkeypatch):
+    """clock='cpu' times the step with the process's CPU clock (what a loaded machine inflates
+    least), not with wall time; an unknown clock is refused."""
+    import itertools
+
+    from cure_lirpa import training
+    from cure_lirpa.data import load_dataset, stack, take
+
+    ticks = itertools.count()
+    monkeypatch.setattr(training.time, "process_time", lambda: 2.0 * next(ticks))
+    x, y = stack(take(load_dataset("sample", "train"), 0, 16))
+    t = training.step_times({"a": tiny(), "b": tiny(method="ibp-linf")}, x, y, 2, clock="cpu")
+    assert t == {"a": 2.0, "b": 2.0}  # one tick of 2 s between the two reads around each step
+    with pytest.raises(UserError, match="clock"):
+        training.step_times({"a": tiny()}, x, y, 1, clock="thread")

@@ -34,12 +34,11 @@ from ..errors import UserError
 from .certifier import ABSTAIN, Certificate, Smooth
 from .noise import GaussianNoise, UniformNoise
 
-RULES = ("agree", "uniform-abstained", "gaussian-abstained", "both-abstained", "disagree")
-
 
 @dataclass(frozen=True)
 class HybridCertificate:
-    """Combined certificate; ``rule`` names the Table 1 row that produced it (one of :data:`RULES`)."""
+    """Combined certificate; ``rule`` names the Table 1 row that produced it: ``agree``,
+    ``uniform-abstained``, ``gaussian-abstained``, ``both-abstained`` or ``disagree``."""
 
     label: int
     radius_l1: float

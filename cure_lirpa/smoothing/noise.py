@@ -204,13 +204,6 @@ def make_noise(name: str, sigma: float, sigma_u: Optional[float] = None) -> Nois
     raise UserError(f"unknown noise {name!r}; choose one of {', '.join(NOISES)}")
 
 
-def noise_from_description(desc: dict[str, Any]) -> Noise:
-    """Inverse of :meth:`Noise.describe`."""
-    if desc.get("noise") == "normal-uniform":
-        return NormalUniformNoise(desc["sigma_n"], desc["sigma_u"])
-    return make_noise(desc.get("noise", "?"), desc.get("sigma", 0.0))
-
-
 def make_generator(device: torch.device | str, seed: Optional[int] = None) -> torch.Generator:
     """A ``torch.Generator`` on ``device`` (seeded when ``seed`` is given, else from entropy)."""
     gen = torch.Generator(device=torch.device(device))
