@@ -83,14 +83,15 @@ def main(
     report_only: bool,
 ) -> None:
     """Time one verify process against N shards + merge, and check they agree."""
-    from cure_lirpa.checkpoint import atomic_write_json, atomic_write_text, versions
+    from benchmarks import save_summary
+    from cure_lirpa.checkpoint import versions
 
     if report_only:
         result = json.loads((out / "results.json").read_text())
         result.setdefault("cpu_ratio", result["cpu_seconds_unsharded"] * result["shards"]
                           / result["cpu_seconds_sharded"])  # fmt: skip
-        atomic_write_json(out / "results.json", result)
-        atomic_write_text(out / "summary.md", summary_markdown(result))
+        save_summary(out / "results.json", result)
+        save_summary(out / "summary.md", summary_markdown(result))
         click.echo(summary_markdown(result))
         return
 
@@ -145,9 +146,9 @@ def main(
         "versions": versions(),
     }
     out.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(out / "results.json", result)
+    save_summary(out / "results.json", result)
     text = summary_markdown(result)
-    atomic_write_text(out / "summary.md", text)
+    save_summary(out / "summary.md", text)
     click.echo(text)
     if not (same_rows and same_summary):
         raise click.ClickException("the merged shards differ from the unsharded run")
