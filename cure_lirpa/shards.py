@@ -22,6 +22,8 @@ from typing import Any, Callable, Optional, Sequence
 from .errors import UserError
 
 SHARD_DIR = re.compile(r"^shard-(\d+)-of-(\d+)$")
+SHARD_KEYS = ("shard", "shard_start", "shard_count")
+"""Config keys of one shard, not of the run."""
 
 
 @dataclass(frozen=True)
@@ -70,62 +72,104 @@ def shard_dirs(out: Path) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
-def _without_shard(config: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in config.items() if k not in ("shard", "shard_start", "shard_count")}
+@dataclass
+class Gathered:
+    """The shards of one run: its kind, its config without the shard keys, the shard folders and
+    every record ordered by sample index."""
+
+    kind: str
+    config: dict[str, Any]
+    dirs: list[Path]
+    records: list[dict[str, Any]]
 
 
-def merge_shards(out: Path, shards: Optional[Sequence[Path]] = None) -> dict[str, Any]:
-    """Merge the shards in ``out`` (or the given shard folders) into ``out``; returns the summary.
+def gather_shards(
+    out: Path,
+    shards: Optional[Sequence[Path]],
+    kinds: Sequence[str],
+    index_key: str,
+    expected: Callable[[dict[str, Any]], Sequence[int]],
+    not_compared: Sequence[str] = SHARD_KEYS,
+) -> Gathered:
+    """Read the ``shard-K-of-N`` folders of ``out`` (or ``shards``) of a run of one of ``kinds``.
 
-    Refuses shards made with different options (naming the keys), shards of different N, and
-    incomplete runs (naming the missing sample indices).
+    Refuses folders without such a run, shards of different kinds, settings (naming the keys, all
+    but ``not_compared``) or N, and an incomplete run (listing the missing indices of
+    ``expected(config)``). Records are keyed by ``record[index_key]``.
     """
-    from .certification import SampleRow, row_to_json, summarize, write_results
-    from .checkpoint import atomic_write_json, atomic_write_text, versions
-    from .runs import CONFIG, FORMAT, RECORDS, Records, config_diff, read_config
-    from .threats import parse_threat
+    from .runs import RECORDS, Records, config_diff, describe_diff, read_config
 
     out = Path(out)
-    dirs = list(shards) if shards else (shard_dirs(out) if out.is_dir() else [])
+    dirs = [Path(d) for d in shards] if shards else (shard_dirs(out) if out.is_dir() else [])
     if not dirs:
-        raise UserError(
-            f"no shard-K-of-N folders in {out}; run verify with --shard K/N --out {out}"
-        )
-    configs = []
+        raise UserError(f"no shard-K-of-N folders in {out}; run the command with --shard K/N")
+    records = []
     for d in dirs:
         record = read_config(d)
-        if record is None or record.get("kind") != "verify":
-            raise UserError(f"{d} holds no verify run (no config.json of one): not a verify shard")
-        configs.append(record["config"])
-    base = _without_shard(configs[0])
-    for d, c in zip(dirs[1:], configs[1:]):
-        keys = config_diff(base, _without_shard(c))
-        if keys:
-            raise UserError(f"{d} was made with other options than {dirs[0]} ({', '.join(keys)})")
-    counts = {c.get("shard", "0/1").split("/")[1] for c in configs}
+        if record is None or record.get("kind") not in kinds:
+            raise UserError(f"{d} holds no {' or '.join(kinds)} run (no config.json of one)")
+        if "shard" not in record["config"]:
+            raise UserError(f"{d} is not a shard (it was run without --shard)")
+        records.append(record)
+    first, base = dirs[0], records[0]
+    for d, r in zip(dirs[1:], records[1:]):
+        if r["kind"] != base["kind"]:
+            raise UserError(f"{d} holds a {r['kind']} run, {first} a {base['kind']} run")
+        diff = config_diff(base["config"], r["config"], ignore=not_compared)
+        if diff:
+            raise UserError(
+                f"{d} was made with other settings than {first} "
+                f"({describe_diff(base['config'], r['config'], diff)}); shards of one run must "
+                "share every option except --shard"
+            )
+    counts = sorted({r["config"]["shard"].split("/")[1] for r in records})
     if len(counts) > 1:
-        raise UserError(f"shards of different N cannot be merged: {sorted(counts)}")
-    rows: dict[int, SampleRow] = {}
+        raise UserError(f"shards of different N cannot be merged: N = {', '.join(counts)}")
+    by_index: dict[int, dict[str, Any]] = {}
     for d in dirs:
-        for record in Records(Path(d) / RECORDS).read():
-            row = SampleRow(**record)
-            rows[row.index] = row
-    expected = range(base["start"], base["start"] + base["count"])
-    missing = [i for i in expected if i not in rows]
+        for rec in Records(d / RECORDS).read():
+            by_index[int(rec[index_key])] = rec
+    config = {k: v for k, v in base["config"].items() if k not in SHARD_KEYS}
+    indices = list(expected(config))
+    missing = [i for i in indices if i not in by_index]
     if missing:
         shown = ", ".join(map(str, missing[:30])) + (" ..." if len(missing) > 30 else "")
         raise UserError(
-            f"{len(missing)} of {len(expected)} samples are missing (indices {shown}); run or "
-            "resume the shards that hold them (verify --shard K/N --resume), then merge again"
+            f"{len(missing)} of {len(indices)} samples are missing (indices {shown}); run or "
+            "resume the shards that hold them (--shard K/N --resume), then merge again"
         )
-    ordered = [rows[i] for i in expected]
-    threats = [parse_threat(t) for t in base["threats"]]
-    methods = base["methods"]
+    return Gathered(base["kind"], config, dirs, [by_index[i] for i in indices])
+
+
+def write_merged(out: Path, gathered: Gathered) -> None:
+    """The merged run's ``config.json`` and ``samples.jsonl`` (as the unsharded run writes them)."""
+    from .checkpoint import atomic_write_json, atomic_write_text, versions
+    from .runs import CONFIG, FORMAT, RECORDS
+
+    record = {"format": FORMAT, "kind": gathered.kind, "config": gathered.config}
+    atomic_write_json(Path(out) / CONFIG, {**record, "versions": versions()})
+    lines = "".join(json.dumps(r, sort_keys=True) + "\n" for r in gathered.records)
+    atomic_write_text(Path(out) / RECORDS, lines)
+
+
+def merge_shards(out: Path, shards: Optional[Sequence[Path]] = None) -> dict[str, Any]:
+    """Merge the verify shards in ``out`` (or the given shard folders) into ``out``: the
+    summary.json, summary.md, samples.csv and samples.jsonl of the unsharded run; returns the
+    summary (see :func:`gather_shards` for what is refused)."""
+    from .certification import SampleRow, summarize, write_results
+    from .threats import parse_threat
+
+    g = gather_shards(
+        out, shards, ["verify"], "index", lambda c: range(c["start"], c["start"] + c["count"])
+    )
+    ordered = [SampleRow(**r) for r in g.records]
+    threats = [parse_threat(t) for t in g.config["threats"]]
+    methods = g.config["methods"]
     times: dict = {}
     seconds = 0.0
     peaks = []
-    for d in dirs:  # times add up over shards; peak memory is the largest shard's
-        summary_path = Path(d) / "summary.json"
+    for d in g.dirs:  # times add up over shards; peak memory is the largest shard's
+        summary_path = d / "summary.json"
         if summary_path.exists():
             s = json.loads(summary_path.read_text())
             seconds += s.get("seconds_total", 0.0)
@@ -135,13 +179,10 @@ def merge_shards(out: Path, shards: Optional[Sequence[Path]] = None) -> dict[str
                 times[(t, m)] = times.get((t, m), 0.0) + per_image * s["samples"]
     summary = summarize(ordered, threats, methods, times, seconds)
     summary["peak_memory_mb"] = max(peaks, default=0.0)
-    summary["config"] = base
-    summary["merged_from"] = [str(Path(d).name) for d in dirs]
+    summary["config"] = g.config
+    summary["merged_from"] = [d.name for d in g.dirs]
     write_results(out, ordered, summary, threats, methods)
-    atomic_write_text(out / RECORDS, "".join(row_to_json(r) + "\n" for r in ordered))
-    atomic_write_json(
-        out / CONFIG, {"format": FORMAT, "kind": "verify", "config": base, "versions": versions()}
-    )
+    write_merged(out, g)
     return summary
 
 

@@ -109,7 +109,7 @@ def test_merge_lists_missing_samples_and_refuses_other_options(checkpoint, tmp_p
     other = [a if a != "l2:0.3" else "l2:0.4" for a in COMMON]
     assert _run("verify", checkpoint, *other, "--shard", "1/3", "--out", out).exit_code == 0
     res = _run("merge", out)
-    assert res.exit_code != 0 and "other options" in res.output and "threats" in res.output
+    assert res.exit_code != 0 and "other settings" in res.output and "threats" in res.output
 
 
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="no torch.distributed")

@@ -17,7 +17,6 @@ unsharded run's files (only the per-sample ``time`` differs).
 
 from __future__ import annotations
 
-import json
 import time
 import warnings
 from pathlib import Path
@@ -26,10 +25,9 @@ from typing import Any, Callable, Optional, Sequence, Union
 import torch
 from torch import nn
 
-from ..checkpoint import atomic_write_json, atomic_write_text, versions
 from ..errors import UserError
-from ..runs import CONFIG, FORMAT, RECORDS, Records, Run, config_diff, describe_diff, read_config
-from ..shards import Shard, shard_dirs
+from ..runs import RECORDS, Records, Run, read_config
+from ..shards import Shard, gather_shards, shard_dirs, write_merged
 from .certifier import Smooth, SmoothingWarning, check_sampling, sample_seed
 from .hybrid import combine, split_alpha
 from .noise import GaussianNoise, Noise, UniformNoise
@@ -451,51 +449,7 @@ def merge_shards(out: PathLike, shards: Optional[Sequence[PathLike]] = None) -> 
     and an incomplete run (listing the missing sample indices). Returns the summary.
     """
     out = Path(out)
-    dirs = [Path(d) for d in shards] if shards else (shard_dirs(out) if out.is_dir() else [])
-    if not dirs:
-        raise UserError(
-            f"no shard-K-of-N folders in {out}; run 'smooth certify --shard K/N --out {out}'"
-        )
-    records = []
-    for d in dirs:
-        record = read_config(d)
-        if record is None or record.get("kind") not in KINDS.values():
-            raise UserError(f"{d} holds no smoothing run (no config.json of 'smooth certify')")
-        if "shard" not in record["config"]:
-            raise UserError(f"{d} is not a shard (it was run without --shard)")
-        records.append(record)
-    first, base = dirs[0], records[0]
-    for d, r in zip(dirs[1:], records[1:]):
-        if r["kind"] != base["kind"]:
-            raise UserError(f"{d} holds a {r['kind']} run, {first} a {base['kind']} run")
-        diff = config_diff(base["config"], r["config"], ignore=NOT_COMPARED)
-        if diff:
-            raise UserError(
-                f"{d} was made with other settings than {first} "
-                f"({describe_diff(base['config'], r['config'], diff)}); shards of one run must "
-                "share every option except --shard"
-            )
-    counts = sorted({r["config"]["shard"].split("/")[1] for r in records})
-    if len(counts) > 1:
-        raise UserError(f"shards of different N cannot be merged: N = {', '.join(counts)}")
-    by_index: dict[int, dict[str, Any]] = {}
-    for d in dirs:
-        for rec in Records(d / RECORDS).read():
-            by_index[int(rec["idx"])] = rec
-    config = {k: v for k, v in base["config"].items() if k != "shard"}
-    expected = expected_indices(config)
-    missing = [i for i in expected if i not in by_index]
-    if missing:
-        shown = ", ".join(map(str, missing[:30])) + (" ..." if len(missing) > 30 else "")
-        raise UserError(
-            f"{len(missing)} of {len(expected)} samples are missing (indices {shown}); run or "
-            "resume the shards that hold them (--shard K/N --resume), then merge again"
-        )
-    ordered = [by_index[i] for i in expected]
-    atomic_write_json(
-        out / CONFIG,
-        {"format": FORMAT, "kind": base["kind"], "config": config, "versions": versions()},
-    )
-    atomic_write_text(out / RECORDS, "".join(json.dumps(r, sort_keys=True) + "\n" for r in ordered))
-    summary = write_outputs(out, base["kind"], config, ordered)
-    return {**summary, "shards": len(dirs), "kind": base["kind"]}
+    g = gather_shards(out, shards, list(KINDS.values()), "idx", expected_indices, NOT_COMPARED)
+    write_merged(out, g)
+    summary = write_outputs(out, g.kind, g.config, g.records)
+    return {**summary, "shards": len(g.dirs), "kind": g.kind}
