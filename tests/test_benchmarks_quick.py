@@ -89,18 +89,70 @@ def test_cure_training_report_uses_each_datasets_threats(tmp_path: Path):
 def test_cure_training_goal_lines_say_met_or_missed():
     from benchmarks.cure_training import goal_line
 
-    def row(name, method, clean, u2):
-        return {"row": name, "method": method, "clean": clean, "union_linf_l2": u2}
+    def row(name, method, clean, u2, seconds=600.0, cpu=None, violations=0):
+        return {
+            "row": name,
+            "method": method,
+            "clean": clean,
+            "union_linf_l2": u2,
+            "train_seconds": seconds,
+            "train_cpu_seconds": cpu,
+            "soundness_violations": {"l2": violations},
+        }
 
     mnist = [row("a", "cure-joint", 92.0, 80.0), row("b", "cure-joint", 95.0, 76.0)]
     assert goal_line(mnist, "mnist").startswith("Goal") and "met; best row b" in goal_line(
         mnist, "mnist"
     )
+    assert "Tried" in goal_line(mnist, "mnist") and "a 80.0 / 92.0 in 600 s" in goal_line(
+        mnist, "mnist"
+    )
     assert "MISSED" in goal_line([row("a", "cure-joint", 92.0, 80.0)], "mnist")
+    # over the 15-minute budget (CPU seconds count where recorded), or unsound: not the goal
+    late = [row("b", "cure-joint", 95.0, 76.0, seconds=600.0, cpu=1000.0)]
+    assert "MISSED" in goal_line(late, "mnist") and "(over budget)" in goal_line(late, "mnist")
+    loaded = [row("b", "cure-joint", 95.0, 76.0, seconds=2000.0, cpu=800.0)]
+    assert "met; best row b" in goal_line(loaded, "mnist")
+    assert "MISSED" in goal_line([row("b", "cure-joint", 95.0, 76.0, violations=1)], "mnist")
     cifar = [row("s", "ibp-linf", 40.0, 24.0), row("c", "cure-max", 40.0, 28.0)]
     assert "MISSED" in goal_line(cifar, "cifar10") and "+4.0 points" in goal_line(cifar, "cifar10")
     cifar[1]["union_linf_l2"] = 29.5
     assert "met; best CURE row c 29.5" in goal_line(cifar, "cifar10")
+
+
+def test_cure_training_staged_certification_equals_every_method_everywhere(tiny_checkpoint):
+    """IBP on all images, then CROWN and (l2 only) SDP-CROWN on the images still open certify
+    exactly what running IBP, CROWN and SDP-CROWN on every image certifies."""
+    from benchmarks.cure_training import certify
+    from cure_lirpa.certification import certify_dataset
+    from cure_lirpa.checkpoint import load_checkpoint, model_from_checkpoint
+    from cure_lirpa.data import load_dataset, take
+    from cure_lirpa.threats import parse_threat
+
+    ckpt = load_checkpoint(tiny_checkpoint)
+    model = model_from_checkpoint(ckpt)
+    in_shape = tuple(ckpt["dataset"]["in_shape"])
+    test = take(load_dataset("sample", "test"), 0, 40)
+    threats = [parse_threat("linf:0.02"), parse_threat("l2:0.4")]
+    rows, summary = certify(model, test, threats, in_shape, {"attack_steps": 5})
+    every, _ = certify_dataset(
+        model, test, threats, ["ibp", "crown", "sdp-crown"], in_shape, attack=False
+    )
+    linf, l2 = (t.name for t in threats)
+    assert "sdp-crown" in rows[0].certified[l2]
+    assert linf not in summary["stage_images"]["sdp-crown"]  # l2 balls only
+    for t in (linf, l2):
+        staged = [r.best(t) for r in rows]
+        assert staged == [r.correct and r.best(t) for r in every]
+        assert summary["soundness_violations"][t] == 0
+    # SDP-CROWN ran exactly on the correct images IBP and CROWN left open under l2
+    open_l2 = sum(
+        r.correct and not (r.certified[l2]["ibp"] or r.certified[l2]["crown"]) for r in rows
+    )
+    assert summary["stage_images"]["sdp-crown"][l2] == open_l2
+    assert (
+        0 < sum(r.best(l2) for r in rows) < sum(r.correct for r in rows)
+    )  # radii that discriminate
 
 
 def test_certificates_suite_smoke(tiny_checkpoint: Path, tmp_path: Path):
