@@ -150,22 +150,20 @@ ROWS.update(
         ),
     }
 )
-E12 = {
-    "train_count": None,
-    "epochs": 12,
-    "warmup_epochs": 1.0,
-    "ramp_epochs": 6.0,
-    "lr_milestones": (10.0,),
-}
-"""The schedule of the rows aimed at the MNIST goal (at most 15 minutes of training): all 60,000
-training images, 12 epochs (1 warm-up, ramp over 6, lr x0.2 from epoch 10). CROWN-IBP mixing
+E12 = {"epochs": 12, "warmup_epochs": 1.0, "ramp_epochs": 6.0, "lr_milestones": (10.0,)}
+"""The schedule of the rows aimed at the MNIST goal (at most 15 minutes of training): 12 epochs of
+the suite's 30,000 images (1 warm-up, ramp over 6, lr x0.2 from epoch 10). CROWN-IBP mixing
 (``--crown-ibp``) does not fit: one CROWN-IBP bound with gradients costs about ten IBP bounds, so
 its ramp alone takes far longer than the budget."""
 ROWS.update(
     {
         "cure-joint-e12": (
-            "CURE-Joint (IBP blocks), 12 epochs on all 60,000 images",
+            "CURE-Joint (IBP blocks), 12 epochs",
             {"method": "cure-joint", **E12},
+        ),
+        "cure-joint-e12-mtl2": (
+            "CURE-Joint, IBP l∞ block and MTL-IBP l2 block (alpha 0.3), 12 epochs",
+            {"method": "cure-joint", "l2_variant": "mtl-ibp", "mtl_alpha_l2": 0.3, **E12},
         ),
     }
 )
