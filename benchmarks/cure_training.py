@@ -7,9 +7,10 @@ For each row (one trained model) this script
    skips a finished one) into ``<results>/<row>/``;
 2. certifies ``--test-count`` test images (default 1000; the first ones, classes interleaved for
    the class-sorted CIFAR-10 ImageFolder) under the dataset's three threats (MNIST linf:0.1, l2:0.5,
-   l1:1; CIFAR-10 linf:2/255, l2:0.25, l1:0.5) with IBP (plus a PGD cross-check) and CROWN (``cure_lirpa.certification.certify_dataset``)
-   into ``<results>/<row>/verify/`` (skipped when done for the same checkpoint); CROWN runs only on
-   the images IBP leaves open, which gives the same best-of and union accuracy;
+   l1:1; CIFAR-10 linf:2/255, l2:0.25, l1:0.5) with IBP (plus a PGD cross-check), CROWN and, under
+   l2, SDP-CROWN (``cure_lirpa.certification.certify_dataset``) into ``<results>/<row>/verify/``
+   (skipped when done for the same checkpoint and procedure); each method after IBP runs only on
+   the images the earlier ones leave open, which gives the same best-of and union accuracy;
 3. writes ``<results>/<row>/row.json`` and refreshes ``summary.md``, ``summary.json`` and
    ``union_accuracy.png`` from every row present in the results folder.
 
@@ -164,6 +165,16 @@ ROWS.update(
         "cure-joint-e12-mtl2": (
             "CURE-Joint, IBP l∞ block and MTL-IBP l2 block (alpha 0.3), 12 epochs",
             {"method": "cure-joint", "l2_variant": "mtl-ibp", "mtl_alpha_l2": 0.3, **E12},
+        ),
+        "cure-joint-e12-mtl2-seed1": (
+            "as cure-joint-e12-mtl2, seed 1 (data order, attack starts, initial weights)",
+            {
+                "method": "cure-joint",
+                "l2_variant": "mtl-ibp",
+                "mtl_alpha_l2": 0.3,
+                **E12,
+                "seed": 1,
+            },
         ),
     }
 )
