@@ -584,6 +584,27 @@ def _certified_cell(row: dict[str, Any], threat: str) -> str:
     return f"{value:.1f} (SDP +{gain:.1f})"
 
 
+def stage_cost_line(rows: list[dict[str, Any]]) -> str:
+    """One sentence: seconds per image of CROWN and SDP-CROWN under l2 on the images they ran on,
+    for the rows whose verification recorded them ('' if none did)."""
+    parts = []
+    for r in rows:
+        seconds, images = r.get("stage_seconds") or {}, r.get("stage_images") or {}
+        cells = []
+        for method, label in (("crown", "CROWN"), ("sdp-crown", "SDP-CROWN")):
+            for t, n in (images.get(method) or {}).items():
+                if t.startswith("l2:") and n and t in (seconds.get(method) or {}):
+                    cells.append(f"{label} {seconds[method][t] / n:.2f} s x {n}")
+        if cells:
+            parts.append(f"{r['row']} {', '.join(cells)}")
+    if not parts:
+        return ""
+    return (
+        "l2 verification cost, seconds per image on the images each method ran on (one thread, "
+        "batches of 50, shared machine): " + "; ".join(parts) + "."
+    )
+
+
 def _size(row: dict[str, Any]) -> str:
     """``6 x 30000``: epochs and training images of a row ('all' when the whole set was used)."""
     n = row.get("config", {}).get("train_count")
@@ -660,6 +681,9 @@ def report(results: Path, log, dataset: str = "mnist") -> None:
         "Per-method numbers, PGD accuracy and soundness checks: summary.json and "
         "<row>/verify/summary.md.",
     ]
+    cost = stage_cost_line([r for r in found if not r.get("error")])
+    if cost:
+        lines.append(cost)
     lines += ["", goal_line([r for r in found if not r.get("error")], dataset)]
     speed = results / "speed.md"
     if speed.is_file():
@@ -709,7 +733,13 @@ def _mnist_goal(done: list[dict[str, Any]]) -> str:
     return (
         f"Goal ({GOALS['mnist']}): {'met' if met else 'MISSED'}; best row {best['row']}: union "
         f"l∞+l2 {best['union_linf_l2']:.1f} at clean {best['clean']:.1f}, "
-        f"{_budget_seconds(best):.0f} s of training{why}. Tried (union l∞+l2 / clean, training "
+        f"{_budget_seconds(best):.0f} s of training"
+        + (
+            ""
+            if best.get("train_cpu_seconds") is None
+            else f" (CPU; {best['train_seconds']:.0f} s wall-clock on the shared machine)"
+        )
+        + f"{why}. Tried (union l∞+l2 / clean, training "
         f"seconds: CPU where recorded, else wall-clock): {tried}."
     )
 

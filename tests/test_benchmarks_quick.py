@@ -86,6 +86,42 @@ def test_cure_training_report_uses_each_datasets_threats(tmp_path: Path):
     assert (tmp_path / "union_accuracy.png").is_file()
 
 
+def test_cure_training_report_shows_the_sdp_crown_share_and_cost(tmp_path: Path):
+    """A row verified with the SDP-CROWN stage shows its l2 share in the cell and its cost per
+    image; CPU training seconds appear beside wall-clock ones."""
+    from benchmarks.cure_training import report
+
+    (tmp_path / "cure-joint").mkdir()
+    out = {
+        "row": "cure-joint",
+        "description": "joint",
+        "test_images": 1000,
+        "clean": 93.5,
+        "certified": {"linf:0.1": 84.0, "l2:0.5": 80.0},
+        "certified_by_method": {
+            "linf:0.1": {"ibp": 83.0, "crown": 1.0, "sdp-crown": 0.0},
+            "l2:0.5": {"ibp": 50.0, "crown": 26.5, "sdp-crown": 3.5},
+        },
+        "stage_images": {"crown": {"linf:0.1": 100, "l2:0.5": 400}, "sdp-crown": {"l2:0.5": 200}},
+        "stage_seconds": {"crown": {"linf:0.1": 5.0, "l2:0.5": 80.0}, "sdp-crown": {"l2:0.5": 100}},
+        "union": 80.0,
+        "union_linf_l2": 79.5,
+        "train_seconds": 1000.0,
+        "train_cpu_seconds": 600.0,
+        "soundness_violations": {"linf:0.1": 0, "l2:0.5": 0},
+        "method": "cure-joint",
+        "epochs": 12,
+        "config": {"train_count": 30000},
+    }
+    (tmp_path / "cure-joint" / "row.json").write_text(json.dumps(out))
+    report(tmp_path, lambda msg: None, "mnist")
+    text = (tmp_path / "summary.md").read_text()
+    assert "| 93.5 | 84.0 | 80.0 (SDP +3.5) | - |" in text
+    assert "1000 s, CPU 600 s" in text
+    assert "cure-joint CROWN 0.20 s x 400, SDP-CROWN 0.50 s x 200" in text
+    assert "met; best row cure-joint: union l∞+l2 79.5 at clean 93.5" in text
+
+
 def test_cure_training_goal_lines_say_met_or_missed():
     from benchmarks.cure_training import goal_line
 
