@@ -672,7 +672,8 @@ def report(results: Path, log, dataset: str = "mnist") -> None:
         "steps), an upper bound on certified accuracy; a certified image that PGD breaks would be "
         "a soundness violation (summary.json, per row).",
         "Training time = wall-clock seconds on the shared machine, then the training process's "
-        "CPU seconds where recorded (one thread; not inflated by other jobs' time slices); in "
+        "CPU seconds where recorded (one thread; other jobs' time slices are not counted, though "
+        "contention still slows each step); in "
         "brackets, where the step "
         "time was measured (speed table), the cost in natural steps of the same batch: optimizer "
         "steps x the step-time ratio at the end of the ramp (warm-up steps cost less, the IBP "
