@@ -86,21 +86,109 @@ def test_cure_training_report_uses_each_datasets_threats(tmp_path: Path):
     assert (tmp_path / "union_accuracy.png").is_file()
 
 
+def test_cure_training_report_shows_the_sdp_crown_share_and_cost(tmp_path: Path):
+    """A row verified with the SDP-CROWN stage shows its l2 share in the cell and its cost per
+    image; CPU training seconds appear beside wall-clock ones."""
+    from benchmarks.cure_training import report
+
+    (tmp_path / "cure-joint").mkdir()
+    out = {
+        "row": "cure-joint",
+        "description": "joint",
+        "test_images": 1000,
+        "clean": 93.5,
+        "certified": {"linf:0.1": 84.0, "l2:0.5": 80.0},
+        "certified_by_method": {
+            "linf:0.1": {"ibp": 83.0, "crown": 1.0, "sdp-crown": 0.0},
+            "l2:0.5": {"ibp": 50.0, "crown": 26.5, "sdp-crown": 3.5},
+        },
+        "stage_images": {"crown": {"linf:0.1": 100, "l2:0.5": 400}, "sdp-crown": {"l2:0.5": 200}},
+        "stage_seconds": {"crown": {"linf:0.1": 5.0, "l2:0.5": 80.0}, "sdp-crown": {"l2:0.5": 100}},
+        "union": 80.0,
+        "union_linf_l2": 79.5,
+        "train_seconds": 1000.0,
+        "train_cpu_seconds": 600.0,
+        "soundness_violations": {"linf:0.1": 0, "l2:0.5": 0},
+        "method": "cure-joint",
+        "epochs": 12,
+        "config": {"train_count": 30000},
+    }
+    (tmp_path / "cure-joint" / "row.json").write_text(json.dumps(out))
+    report(tmp_path, lambda msg: None, "mnist")
+    text = (tmp_path / "summary.md").read_text()
+    assert "| 93.5 | 84.0 | 80.0 (SDP +3.5) | - |" in text
+    assert "1000 s, CPU 600 s" in text
+    assert "cure-joint CROWN 0.20 s x 400, SDP-CROWN 0.50 s x 200" in text
+    assert "met; best row cure-joint: union l∞+l2 79.5 at clean 93.5" in text
+
+
 def test_cure_training_goal_lines_say_met_or_missed():
     from benchmarks.cure_training import goal_line
 
-    def row(name, method, clean, u2):
-        return {"row": name, "method": method, "clean": clean, "union_linf_l2": u2}
+    def row(name, method, clean, u2, seconds=600.0, cpu=None, violations=0):
+        return {
+            "row": name,
+            "method": method,
+            "clean": clean,
+            "union_linf_l2": u2,
+            "train_seconds": seconds,
+            "train_cpu_seconds": cpu,
+            "soundness_violations": {"l2": violations},
+        }
 
     mnist = [row("a", "cure-joint", 92.0, 80.0), row("b", "cure-joint", 95.0, 76.0)]
     assert goal_line(mnist, "mnist").startswith("Goal") and "met; best row b" in goal_line(
         mnist, "mnist"
     )
+    assert "Tried" in goal_line(mnist, "mnist") and "a 80.0 / 92.0 in 600 s" in goal_line(
+        mnist, "mnist"
+    )
     assert "MISSED" in goal_line([row("a", "cure-joint", 92.0, 80.0)], "mnist")
+    # over the 15-minute budget (CPU seconds count where recorded), or unsound: not the goal
+    late = [row("b", "cure-joint", 95.0, 76.0, seconds=600.0, cpu=1000.0)]
+    assert "MISSED" in goal_line(late, "mnist") and "(over budget)" in goal_line(late, "mnist")
+    loaded = [row("b", "cure-joint", 95.0, 76.0, seconds=2000.0, cpu=800.0)]
+    assert "met; best row b" in goal_line(loaded, "mnist")
+    assert "MISSED" in goal_line([row("b", "cure-joint", 95.0, 76.0, violations=1)], "mnist")
     cifar = [row("s", "ibp-linf", 40.0, 24.0), row("c", "cure-max", 40.0, 28.0)]
     assert "MISSED" in goal_line(cifar, "cifar10") and "+4.0 points" in goal_line(cifar, "cifar10")
     cifar[1]["union_linf_l2"] = 29.5
     assert "met; best CURE row c 29.5" in goal_line(cifar, "cifar10")
+
+
+def test_cure_training_staged_certification_equals_every_method_everywhere(tiny_checkpoint):
+    """IBP on all images, then CROWN and (l2 only) SDP-CROWN on the images still open certify
+    exactly what running IBP, CROWN and SDP-CROWN on every image certifies."""
+    from benchmarks.cure_training import certify
+    from cure_lirpa.certification import certify_dataset
+    from cure_lirpa.checkpoint import load_checkpoint, model_from_checkpoint
+    from cure_lirpa.data import load_dataset, take
+    from cure_lirpa.threats import parse_threat
+
+    ckpt = load_checkpoint(tiny_checkpoint)
+    model = model_from_checkpoint(ckpt)
+    in_shape = tuple(ckpt["dataset"]["in_shape"])
+    test = take(load_dataset("sample", "test"), 0, 40)
+    threats = [parse_threat("linf:0.02"), parse_threat("l2:0.4")]
+    rows, summary = certify(model, test, threats, in_shape, {"attack_steps": 5})
+    every, _ = certify_dataset(
+        model, test, threats, ["ibp", "crown", "sdp-crown"], in_shape, attack=False
+    )
+    linf, l2 = (t.name for t in threats)
+    assert "sdp-crown" in rows[0].certified[l2]
+    assert linf not in summary["stage_images"]["sdp-crown"]  # l2 balls only
+    for t in (linf, l2):
+        staged = [r.best(t) for r in rows]
+        assert staged == [r.correct and r.best(t) for r in every]
+        assert summary["soundness_violations"][t] == 0
+    # SDP-CROWN ran exactly on the correct images IBP and CROWN left open under l2
+    open_l2 = sum(
+        r.correct and not (r.certified[l2]["ibp"] or r.certified[l2]["crown"]) for r in rows
+    )
+    assert summary["stage_images"]["sdp-crown"][l2] == open_l2
+    assert (
+        0 < sum(r.best(l2) for r in rows) < sum(r.correct for r in rows)
+    )  # radii that discriminate
 
 
 def test_certificates_suite_smoke(tiny_checkpoint: Path, tmp_path: Path):
