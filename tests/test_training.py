@@ -388,6 +388,21 @@ def test_presets_set_the_paper_defaults_and_yield_to_explicit_options():
         apply_preset(TrainConfig(), "cure-finetune", ()).validated()
 
 
+def test_cure_mtl_preset_trains_joint_with_an_mtl_l2_block(tmp_path):
+    for dataset, alpha in (("mnist", 0.3), ("cifar10", 0.2)):
+        v = preset_values("cure-mtl", dataset, 0.1)
+        assert (v["method"], v["linf_variant"], v["l2_variant"]) == ("cure-joint", "ibp", "mtl-ibp")
+        assert v["mtl_alpha_l2"] == alpha
+    assert preset_values("cure-mtl", "cifar10")["init"] == "ibp"
+    base = tiny(epochs=2)
+    explicit = {"arch", "arch_kwargs", "train_count", "batch_size", "epochs", "lr"}
+    config = apply_preset(base, "cure-mtl", explicit).validated()
+    assert config.mtl_alpha_l2 == 0.3 and config.warmup_epochs == pytest.approx(1 / 6, abs=1e-4)
+    result = train(config, tmp_path / "run", progress=False, log=None)
+    parts = result.last["parts"]
+    assert {"linf", "l2"} <= set(parts) and all(math.isfinite(v) for v in parts.values())
+
+
 def test_step_time_is_measured():
     from cure_lirpa.data import load_dataset, stack, take
 
