@@ -103,6 +103,67 @@ def test_cure_training_goal_lines_say_met_or_missed():
     assert "met; best CURE row c 29.5" in goal_line(cifar, "cifar10")
 
 
+def _sample_test(n: int):
+    from cure_lirpa.data import load_dataset, take
+
+    return take(load_dataset("sample", "test", None), 0, n)
+
+
+def test_cure_training_certify_stages_sdp_crown_on_open_l2_images(tiny_checkpoint: Path):
+    """IBP on all, CROWN then SDP-CROWN (l2 only) on the images still open: a later stage never
+    runs where an earlier one certified, SDP-CROWN adds to the best-of figure, PGD breaks none."""
+    from benchmarks.cure_training import certify
+    from cure_lirpa.checkpoint import load_checkpoint, model_from_checkpoint
+    from cure_lirpa.threats import parse_threat
+
+    model = model_from_checkpoint(load_checkpoint(tiny_checkpoint))
+    threats = [parse_threat(t) for t in ("linf:0.01", "l2:0.3")]
+    s = {"attack_steps": 5, "sdp_crown": True}
+    rows, summary = certify(model, _sample_test(30), threats, (1, 28, 28), s)
+    assert set(summary["certified"]["l2:0.3"]) == {"ibp", "crown", "sdp-crown"}
+    assert (
+        "l2:0.3" in summary["sdp_crown_images"] and "linf:0.01" not in summary["sdp_crown_images"]
+    )
+    for r in rows:
+        assert not r.certified["linf:0.01"]["sdp-crown"]
+        c = r.certified["l2:0.3"]
+        assert c["ibp"] + c["crown"] + c["sdp-crown"] <= 1  # each stage only on open images
+    assert summary["soundness_violations"] == {"linf:0.01": 0, "l2:0.3": 0}
+    assert summary["sdp_crown_images"]["l2:0.3"] == sum(
+        r.correct and not r.certified["l2:0.3"]["ibp"] and not r.certified["l2:0.3"]["crown"]
+        for r in rows
+    )
+
+
+def test_cure_training_certify_withdraws_later_certificates_pgd_breaks(
+    tiny_checkpoint: Path, monkeypatch
+):
+    """A (deliberately wrong) CROWN stage that certifies every open image: the images PGD broke
+    count as soundness violations and lose the certificate."""
+    import cure_lirpa.certification as cert
+    from benchmarks.cure_training import certify
+    from cure_lirpa.checkpoint import load_checkpoint, model_from_checkpoint
+    from cure_lirpa.threats import parse_threat
+
+    real = cert.certify_dataset
+
+    def wrong(model, data, threats, methods, *a, **kw):
+        out, info = real(model, data, threats, methods, *a, **kw)
+        if methods == ["crown"]:
+            for r in out:
+                r.certified[threats[0].name]["crown"] = True
+        return out, info
+
+    monkeypatch.setattr(cert, "certify_dataset", wrong)
+    model = model_from_checkpoint(load_checkpoint(tiny_checkpoint))
+    threat = parse_threat("linf:0.1")
+    rows, summary = certify(model, _sample_test(30), [threat], (1, 28, 28), {"attack_steps": 5})
+    broken = [r for r in rows if r.correct and r.robust[threat.name] is False]
+    assert broken, "the natural MLP should be broken by PGD at l∞ 0.1"
+    assert summary["soundness_violations"][threat.name] == len(broken)
+    assert not any(r.best(threat.name) for r in broken)
+
+
 def test_certificates_suite_smoke(tiny_checkpoint: Path, tmp_path: Path):
     from benchmarks.certificates import main
 
