@@ -103,6 +103,48 @@ def test_cure_training_goal_lines_say_met_or_missed():
     assert "met; best CURE row c 29.5" in goal_line(cifar, "cifar10")
 
 
+def test_cure_training_reads_per_sample_flags_under_either_threat_spelling(tmp_path: Path):
+    """Union flags and the soundness cross-check from samples.csv, for a file written with the
+    decimal name of 2/255 (older results) and one with the fraction."""
+    from benchmarks.cure_training import _union_flags, _violations, goal_line
+
+    def write(row, name, flags):
+        cols = ["index"] + [
+            f"{t}/{c}"
+            for t in (name, "l2:0.25")
+            for c in ("ibp/certified", "certified", "pgd_robust")
+        ]
+        lines = [",".join(cols)] + [
+            ",".join([str(i), *(str(v) for v in f)]) for i, f in enumerate(flags)
+        ]
+        (tmp_path / row / "verify").mkdir(parents=True)
+        (tmp_path / row / "verify" / "samples.csv").write_text("\n".join(lines) + "\n")
+
+    # per image: linf (ibp, best, pgd), l2 (ibp, best, pgd)
+    write("old", "linf:0.00784314", [(1, 1, 1, 0, 1, 1), (1, 1, 1, 0, 0, 1), (0, 0, 0, 0, 0, 0)])
+    write("new", "linf:2/255", [(1, 1, 1, 1, 1, 1), (0, 1, 1, 0, 1, 1), (0, 1, 0, 0, 0, 1)])
+    pair = ["linf:2/255", "l2:0.25"]
+    assert _union_flags(tmp_path / "old" / "verify" / "samples.csv", pair) == {
+        0: True,
+        1: False,
+        2: False,
+    }
+    assert _union_flags(tmp_path / "new" / "verify" / "samples.csv", pair) == {
+        0: True,
+        1: True,
+        2: False,
+    }
+    assert _violations(tmp_path / "old", {"soundness_violations": {"l2:0.25": 2}}) == 2
+    assert _violations(tmp_path / "new", {}) == 1  # image 2: certified under l∞, PGD broke it
+    rows = [
+        {"row": "old", "method": "ibp-linf", "clean": 50.0, "union_linf_l2": 100 / 3},
+        {"row": "new", "method": "cure-joint", "clean": 50.0, "union_linf_l2": 200 / 3},
+    ]
+    line = goal_line(rows, "cifar10", tmp_path)
+    assert "met; best CURE row new" in line
+    assert "3 images, 1 are certified under both threats by new only and 0 by old only" in line
+
+
 def _sample_test(n: int):
     from cure_lirpa.data import load_dataset, take
 
