@@ -43,11 +43,11 @@ reads) is a reduced-scale run for a CPU: the same cnn-small and schedule (lr 1e-
 images (2,000 per class), the CURE paper's smaller pair l∞ 2/255 and l2 0.25, SABR lambda 0.1 (the
 paper trains CNN7 for 160 epochs on a GPU: ``examples/cifar10.py --paper``). Its goal: the best
 CURE row beats the best single-norm row on union(l∞, l2) by at least 5 points; the rows of
-:data:`CIFAR_ROWS` are the CURE configurations tried for it (and ``ibp-linf+shi``, the single-norm
-row with the same recipe)::
+:data:`CIFAR_ROWS` are the configurations tried for it (with ``cure-joint+shi`` and
+``ibp-linf+shi``, the rows of Shi et al.'s recipe)::
 
     python -m benchmarks.cure_training --dataset cifar10 --no-speed \
-        --rows cure-joint+shi,cure-joint-a0.8+shi,cure-joint-l2mtl,ibp-linf+shi
+        --rows cure-joint-l2mtl,ibp-linf+shi,mtl-ibp-l2-a0.2
 
 ``--sdp-crown`` adds a third certification stage for l2: SDP-CROWN on the images IBP and CROWN
 leave open.
