@@ -191,6 +191,83 @@ def test_cure_training_staged_certification_equals_every_method_everywhere(tiny_
     )  # radii that discriminate
 
 
+def test_cure_training_reads_per_sample_flags_under_either_threat_spelling(tmp_path: Path):
+    """Union flags and the soundness cross-check from samples.csv, for a file written with the
+    decimal name of 2/255 (older results) and one with the fraction."""
+    from benchmarks.cure_training import _union_flags, _violations, goal_line
+
+    def write(row, name, flags):
+        cols = ["index"] + [
+            f"{t}/{c}"
+            for t in (name, "l2:0.25")
+            for c in ("ibp/certified", "certified", "pgd_robust")
+        ]
+        lines = [",".join(cols)] + [
+            ",".join([str(i), *(str(v) for v in f)]) for i, f in enumerate(flags)
+        ]
+        (tmp_path / row / "verify").mkdir(parents=True)
+        (tmp_path / row / "verify" / "samples.csv").write_text("\n".join(lines) + "\n")
+
+    # per image: linf (ibp, best, pgd), l2 (ibp, best, pgd)
+    write("old", "linf:0.00784314", [(1, 1, 1, 0, 1, 1), (1, 1, 1, 0, 0, 1), (0, 0, 0, 0, 0, 0)])
+    write("new", "linf:2/255", [(1, 1, 1, 1, 1, 1), (0, 1, 1, 0, 1, 1), (0, 1, 0, 0, 0, 1)])
+    pair = ["linf:2/255", "l2:0.25"]
+    assert _union_flags(tmp_path / "old" / "verify" / "samples.csv", pair) == {
+        0: True,
+        1: False,
+        2: False,
+    }
+    assert _union_flags(tmp_path / "new" / "verify" / "samples.csv", pair) == {
+        0: True,
+        1: True,
+        2: False,
+    }
+    assert _violations(tmp_path / "old", {"soundness_violations": {"l2:0.25": 2}}) == 2
+    assert _violations(tmp_path / "new", {}) == 1  # image 2: certified under l∞, PGD broke it
+    rows = [
+        {"row": "old", "method": "ibp-linf", "clean": 50.0, "union_linf_l2": 100 / 3},
+        {"row": "new", "method": "cure-joint", "clean": 50.0, "union_linf_l2": 200 / 3},
+    ]
+    line = goal_line(rows, "cifar10", tmp_path)
+    assert "met; best CURE row new" in line
+    assert "3 images, 1 are certified under both threats by new only and 0 by old only" in line
+
+
+def _sample_test(n: int):
+    from cure_lirpa.data import load_dataset, take
+
+    return take(load_dataset("sample", "test", None), 0, n)
+
+
+def test_cure_training_certify_withdraws_later_certificates_pgd_breaks(
+    tiny_checkpoint: Path, monkeypatch
+):
+    """A (deliberately wrong) CROWN stage that certifies every open image: the images PGD broke
+    count as soundness violations and lose the certificate."""
+    import cure_lirpa.certification as cert
+    from benchmarks.cure_training import certify
+    from cure_lirpa.checkpoint import load_checkpoint, model_from_checkpoint
+    from cure_lirpa.threats import parse_threat
+
+    real = cert.certify_dataset
+
+    def wrong(model, data, threats, methods, *a, **kw):
+        out, info = real(model, data, threats, methods, *a, **kw)
+        if methods == ["crown"]:
+            for r in out:
+                r.certified[threats[0].name]["crown"] = True
+        return out, info
+
+    monkeypatch.setattr(cert, "certify_dataset", wrong)
+    model = model_from_checkpoint(load_checkpoint(tiny_checkpoint))
+    threat = parse_threat("linf:0.1")
+    rows, summary = certify(model, _sample_test(30), [threat], (1, 28, 28), {"attack_steps": 5})
+    broken = [r for r in rows if r.correct and r.robust[threat.name] is False]
+    assert broken, "the natural MLP should be broken by PGD at l∞ 0.1"
+    assert summary["soundness_violations"][threat.name] == len(broken)
+    assert not any(r.best(threat.name) for r in broken)
+
+
 def test_certificates_suite_smoke(tiny_checkpoint: Path, tmp_path: Path):
     from benchmarks.certificates import main
 
