@@ -62,6 +62,7 @@ SUITES: dict[str, Suite] = {
                 ("certificates", "certificates/summary.md"),
                 ("certificates-sdp", "certificates-sdp/summary.md"),
                 ("certificates-sdp-cifar10", "certificates-sdp-cifar10/summary.md"),
+                ("certificates-sdp-goal", "certificates-sdp-goal/summary.md"),
             ),
         ),
         Suite(
