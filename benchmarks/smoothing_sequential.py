@@ -131,7 +131,8 @@ def prepare_model(name: str, quick: bool, data_root: Optional[str], device: torc
     return model, config, path, file_sha256(path), info
 
 
-def run_fixed(
+def run_stage(
+    stage: str,
     name: str,
     out: Path,
     cfg: dict[str, Any],
@@ -139,11 +140,19 @@ def run_fixed(
     data_root: Optional[str],
     device: torch.device,
 ) -> Path:
-    """Fixed-n CERTIFY (the reference) on the model's evenly spaced test images; returns the TSV."""
+    """Certify the model's evenly spaced test images with fixed-n CERTIFY (``stage='fixed'``, the
+    reference) or sequentially (``'sequential'``: ``decide`` at :data:`RADII`); returns the TSV."""
     model, config, _, sha, info = prepare_model(name, quick, data_root, device)
     test = load_dataset(config.dataset, "test", config.data_root)
-    run_dir = out / "tsv" / f"{name}_fixed_n{cfg['n']}"
-    log(f"[{name}] fixed-n CERTIFY, n = {cfg['n']}, {cfg['images']} images -> {run_dir}")
+    if stage == "fixed":
+        run_dir = out / "tsv" / f"{name}_fixed_n{cfg['n']}"
+        what = f"fixed-n CERTIFY, n = {cfg['n']}, {cfg['images']} images"
+        own: dict[str, Any] = {"n": cfg["n"]}
+    else:
+        run_dir = out / "tsv" / f"{name}_sequential_max{cfg['max_n']}"
+        what = f"sequential, radii {RADII}, max_n = {cfg['max_n']}"
+        own = {"sequential": "decide", "radii": RADII, "norm_name": "l2", "max_n": cfg["max_n"]}
+    log(f"[{name}] {what} -> {run_dir}")
     certify_dataset(
         model,
         10,
@@ -152,7 +161,6 @@ def run_fixed(
         mode="gaussian",
         sigma_gaussian=MODELS[name]["sigma"],
         n0=cfg["n0"],
-        n=cfg["n"],
         alpha=cfg["alpha"],
         batch_size=cfg["batch"],
         seed=0,
@@ -163,45 +171,7 @@ def run_fixed(
         resume=read_config(run_dir) is not None,
         run_extra={"checkpoint_sha256": sha, "dataset": config.dataset, "split": "test"},
         info=info,
-    )
-    return run_dir / TSV
-
-
-def run_sequential(
-    name: str,
-    out: Path,
-    cfg: dict[str, Any],
-    quick: bool,
-    data_root: Optional[str],
-    device: torch.device,
-) -> Path:
-    """Sequential certification (``decide`` at :data:`RADII`) of the same images; returns the TSV."""
-    model, config, _, sha, info = prepare_model(name, quick, data_root, device)
-    test = load_dataset(config.dataset, "test", config.data_root)
-    run_dir = out / "tsv" / f"{name}_sequential_max{cfg['max_n']}"
-    log(f"[{name}] sequential, radii {RADII}, max_n = {cfg['max_n']} -> {run_dir}")
-    certify_dataset(
-        model,
-        10,
-        test,
-        run_dir,
-        sequential="decide",
-        mode="gaussian",
-        sigma_gaussian=MODELS[name]["sigma"],
-        radii=RADII,
-        norm_name="l2",
-        n0=cfg["n0"],
-        max_n=cfg["max_n"],
-        alpha=cfg["alpha"],
-        batch_size=cfg["batch"],
-        seed=0,
-        start=0,
-        count=cfg["images"],
-        skip=cfg["skip"],
-        device=device,
-        resume=read_config(run_dir) is not None,
-        run_extra={"checkpoint_sha256": sha, "dataset": config.dataset, "split": "test"},
-        info=info,
+        **own,
     )
     return run_dir / TSV
 
@@ -514,10 +484,9 @@ def main(
     if not report_only:
         log(f"results in {out}; load average {os.getloadavg()}")
         for name in names:
-            if stage in ("all", "fixed"):
-                run_fixed(name, out, cfg, quick, data_root, device)
-            if stage in ("all", "sequential"):
-                run_sequential(name, out, cfg, quick, data_root, device)
+            for one in ("fixed", "sequential"):
+                if stage in ("all", one):
+                    run_stage(one, name, out, cfg, quick, data_root, device)
     text = report(out, names, cfg, report_only, quick, data_root)
     click.echo(text or "no model has both runs yet")
 
