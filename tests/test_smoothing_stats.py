@@ -9,6 +9,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
+from known_probabilities import KnownProbabilities
 from scipy.stats import beta, binomtest, norm
 from torch import nn
 
@@ -200,25 +201,6 @@ def test_split_alpha():
 
 
 # --------------------------------------------------------------------------- soundness
-
-
-class KnownProbabilities(nn.Module):
-    """Input (B, 1) = noise around x = 0; the class is the bucket of the first coordinate, with
-    thresholds at the noise's quantiles, so P(class k) = probs[k] exactly."""
-
-    def __init__(self, probs, noise):
-        super().__init__()
-        cdf = np.cumsum(probs)[:-1]
-        if isinstance(noise, GaussianNoise):
-            t = noise.sigma * norm.ppf(cdf)
-        else:
-            t = -noise.half_width + 2 * noise.half_width * cdf
-        self.register_buffer("t", torch.tensor(t, dtype=torch.float32))
-        self.k = len(probs)
-
-    def forward(self, x):
-        cls = torch.bucketize(x[:, 0].contiguous(), self.t)
-        return nn.functional.one_hot(cls, self.k).float()
 
 
 @pytest.mark.parametrize("noise", [GaussianNoise(1.0), UniformNoise(0.5)])
