@@ -136,7 +136,15 @@ ROWS.update(
             "as sabr-linf+shi, with SABR boxes of full width 2 tau at pixels at 0 or 1",
             {"method": "sabr-linf", **SHI, "ibp_reg": 1.0, "l1_reg": 1e-5},
         ),
+        "sabr-linf+shi-ctrain": (
+            "SABR l∞ with CTRAIN's SABR defaults: lambda 0.2, regulariser 0.5, L1 1e-6, batch 64",
+            {"method": "sabr-linf", **SHI, "sabr_lambda": 0.2, "batch_size": 64},
+        ),
         "ibp-linf+shi": ("IBP l∞ with IBP init and regulariser", {"method": "ibp-linf", **SHI}),
+        "mtl-ibp-linf-b64": (
+            "as mtl-ibp-linf, batch 64 (the default of CTRAIN's MNIST loader)",
+            {"method": "mtl-ibp-linf", **SHI, "batch_size": 64},
+        ),
         "mtl-ibp-linf": (
             "MTL-IBP l∞ (alpha 0.5, 1-step attack), IBP init and regulariser",
             {"method": "mtl-ibp-linf", **SHI},

@@ -34,6 +34,7 @@ the folder needs to exist only where rank 0 runs. Backends: gloo on CPU, nccl on
 from __future__ import annotations
 
 import datetime
+import gc
 import os
 from dataclasses import dataclass
 from typing import Any, Callable, Optional, TypeVar
@@ -220,9 +221,20 @@ def init_from_environment(device: torch.device, timeout_minutes: float = 30.0) -
     return World.from_process_group(device)
 
 
-def shutdown() -> None:
-    """Leave the process group (if joined)."""
-    if dist.is_available() and dist.is_initialized():
+def shutdown(finished: bool = True) -> None:
+    """Leave the process group (if joined).
+
+    ``finished``: every rank got through its work. The ranks then meet at a barrier first, so that
+    no rank tears down its gloo connections (and exits) while rank 0 is still writing the run folder
+    -- a rank leaving early could abort in gloo's teardown. After a failure the group is left
+    without the collective teardown (it would wait for ranks that never come); torchrun stops the
+    others when this rank exits with an error.
+    """
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    if finished:
+        gc.collect()  # DistributedDataParallel wrappers of this run hold the group; free them first
+        dist.barrier()
         dist.destroy_process_group()
 
 

@@ -168,7 +168,8 @@ def test_torchrun_cli_trains_in_two_processes(tmp_path):
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parents[1])}
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-2000:]
+    # the ranks' own messages come first in torchrun's stderr, its traceback last
+    assert done.returncode == 0, done.stderr[:6000]
     assert done.stdout.count("checkpoint.pt") == 1  # only rank 0 reports
     history = load_checkpoint(out / "checkpoint.pt")["trainer_state"]["history"]
     assert history[-1]["processes"] == 2 and history[-1]["epoch"] == 1

@@ -447,10 +447,12 @@ def _run(ctx: click.Context, o: dict[str, Any]) -> None:
         world = distributed.init_from_environment(device)
     else:
         device = resolve_device(o["device"])
+    finished = False
     try:
         _train(config, o, device, world)
+        finished = True
     finally:
-        distributed.shutdown()
+        distributed.shutdown(finished)
 
 
 def _train(config: TrainConfig, o: dict[str, Any], device, world) -> None:
