@@ -62,6 +62,21 @@ def command_line() -> str:
     return " ".join(["python", str(first), *argv[1:]])
 
 
+def read_results(results_json: Path) -> dict[str, Any]:
+    """The results a ``--report-only`` run rebuilds its report from; a clear error (not a
+    traceback) when the suite has not written them yet."""
+    import json
+
+    import click
+
+    if not results_json.is_file():
+        raise click.ClickException(
+            f"--report-only rebuilds the report from {results_json}, which does not exist yet; "
+            "run the suite without --report-only first"
+        )
+    return json.loads(results_json.read_text())
+
+
 def provenance(results_json: Path, report_only: bool) -> dict[str, Any]:
     """``command`` and ``generated`` (date) for a report: this process's, or with ``report_only``
     those of the run that measured the results (read back from ``results_json``, with its

@@ -35,6 +35,7 @@ from benchmarks import (  # noqa: E402
     exit_reason,
     log,
     provenance,
+    read_results,
     reset_peak_rss,
     rss_now_mb,
     rss_peak_mb,
@@ -250,7 +251,7 @@ def main(
     OUT.mkdir(parents=True, exist_ok=True)
     results_json = OUT / "results.json"
     if report_only:
-        res = json.loads(results_json.read_text())
+        res = read_results(results_json)
         save_summary(results_json, res)
         save_summary(OUT / "summary.md", report(res))
         return

@@ -83,11 +83,11 @@ def main(
     report_only: bool,
 ) -> None:
     """Time one verify process against N shards + merge, and check they agree."""
-    from benchmarks import save_summary
+    from benchmarks import read_results, save_summary
     from cure_lirpa.checkpoint import versions
 
     if report_only:
-        result = json.loads((out / "results.json").read_text())
+        result = read_results(out / "results.json")
         result.setdefault("cpu_ratio", result["cpu_seconds_unsharded"] * result["shards"]
                           / result["cpu_seconds_sharded"])  # fmt: skip
         save_summary(out / "results.json", result)

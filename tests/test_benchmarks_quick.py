@@ -356,3 +356,18 @@ def test_certificates_suite_smoke(tiny_checkpoint: Path, tmp_path: Path):
     res = CliRunner().invoke(main, args, catch_exceptions=False)
     assert res.exit_code == 0, res.output
     assert {p: p.stat().st_mtime_ns for p in (out / "cells").rglob("*.json")} == stamps
+
+
+@pytest.mark.parametrize("suite", ["patches", "sharded_verify"])
+def test_report_only_without_results_says_what_to_run(suite: str, tmp_path: Path, monkeypatch):
+    import importlib
+
+    module = importlib.import_module(f"benchmarks.{suite}")
+    if suite == "patches":
+        monkeypatch.setattr(module, "OUT", tmp_path)
+        args = ["--report-only"]
+    else:
+        args = ["--report-only", "--out", str(tmp_path)]
+    res = CliRunner().invoke(module.main, args)
+    assert res.exit_code == 1 and "run the suite without --report-only first" in res.output
+    assert res.exception is None or isinstance(res.exception, SystemExit)
