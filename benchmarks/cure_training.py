@@ -141,6 +141,10 @@ ROWS.update(
             {"method": "sabr-linf", **SHI, "sabr_lambda": 0.2, "batch_size": 64},
         ),
         "ibp-linf+shi": ("IBP l∞ with IBP init and regulariser", {"method": "ibp-linf", **SHI}),
+        "ibp-linf+shi-b64": (
+            "IBP l∞ with IBP init and regulariser, batch 64",
+            {"method": "ibp-linf", **SHI, "batch_size": 64},
+        ),
         "mtl-ibp-linf-b64": (
             "as mtl-ibp-linf, batch 64 (the default of CTRAIN's MNIST loader)",
             {"method": "mtl-ibp-linf", **SHI, "batch_size": 64},
@@ -186,6 +190,15 @@ ROWS.update(
             "CURE-Joint, IBP l∞ block and MTL-IBP l2 block (alpha 0.3), 12 epochs",
             {"method": "cure-joint", "l2_variant": "mtl-ibp", "mtl_alpha_l2": 0.3, **E12},
         ),
+        "cure-joint-mtl2-b64": (
+            "CURE-Joint, IBP l∞ block and MTL-IBP l2 block (alpha 0.3), 6 epochs, batch 64",
+            {
+                "method": "cure-joint",
+                "l2_variant": "mtl-ibp",
+                "mtl_alpha_l2": 0.3,
+                "batch_size": 64,
+            },
+        ),
         "cure-joint-e12-mtl2-seed1": (
             "as cure-joint-e12-mtl2, seed 1 (data order, attack starts, initial weights)",
             {
@@ -222,6 +235,20 @@ CIFAR_ROWS: dict[str, tuple[str, dict[str, Any]]] = {
     "mtl-ibp-l2-a0.1": (
         "MTL-IBP l2 alone (alpha 0.1), IBP init: the l2 block of cure-joint-l2mtl0.1",
         {"method": "mtl-ibp-l2", **SHI, "ibp_reg": 0.0, "mtl_alpha_l2": 0.1},
+    ),
+    "cure-joint-l2mtl0.1-b64": (
+        "as cure-joint-l2mtl0.1, batch 64",
+        {
+            "method": "cure-joint",
+            "l2_variant": "mtl-ibp",
+            "mtl_alpha_l2": 0.1,
+            **SHI,
+            "batch_size": 64,
+        },
+    ),
+    "mtl-ibp-l2-a0.1-b64": (
+        "as mtl-ibp-l2-a0.1, batch 64",
+        {"method": "mtl-ibp-l2", **SHI, "ibp_reg": 0.0, "mtl_alpha_l2": 0.1, "batch_size": 64},
     ),
 }
 """Rows tried for the CIFAR-10 goal (CURE configurations that keep clean accuracy, and the
