@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from click.testing import CliRunner
 
 REPO = Path(__file__).resolve().parents[1]
@@ -371,3 +372,41 @@ def test_report_only_without_results_says_what_to_run(suite: str, tmp_path: Path
     res = CliRunner().invoke(module.main, args)
     assert res.exit_code == 1 and "run the suite without --report-only first" in res.output
     assert res.exception is None or isinstance(res.exception, SystemExit)
+
+
+def test_reattack_reports_a_wrong_certificate(tiny_checkpoint: Path):
+    """Every image of a natural model flagged certified at l∞ 0.3 (a wrong certificate): the strong
+    attack breaks them, says so, and keeps them in reattack.json; an honest flag passes."""
+    from benchmarks.reattack import main
+    from cure_lirpa.data import load_dataset
+
+    row = tiny_checkpoint.parent
+    test = load_dataset("sample", "test")
+    (row / "verify").mkdir(exist_ok=True)
+    lines = ["index,label,linf:0.3/certified,linf:0.3/ibp/certified,union/certified"]
+    lines += [f"{i},{int(test[i][1])},1,0,1" for i in range(20)]
+    (row / "verify" / "samples.csv").write_text("\n".join(lines) + "\n")
+    res = CliRunner().invoke(main, [str(row), "--steps", "20", "--restarts", "1"])
+    assert res.exit_code == 1 and "wrong certificates" in res.output, res.output
+    saved = json.loads((row / "verify" / "reattack.json").read_text())["threats"]["linf:0.3"]
+    assert saved["certified"] == 20 and saved["broken"] >= 15
+    assert len(saved["broken_indices"]) == saved["broken"]
+
+    # an honest flag: images classified with a clear margin, at a radius no attack can use
+    from cure_lirpa.checkpoint import load_checkpoint, model_from_checkpoint
+
+    model = model_from_checkpoint(load_checkpoint(tiny_checkpoint)).eval()
+    x = torch.stack([test[i][0] for i in range(20)])
+    y = torch.tensor([int(test[i][1]) for i in range(20)])
+    with torch.no_grad():
+        logits = model(x)
+    top2 = logits.topk(2, dim=1).values
+    sure = (logits.argmax(1) == y) & (top2[:, 0] - top2[:, 1] > 0.5)
+    assert sure.sum() >= 5
+    lines = ["index,label,linf:1e-05/certified,union/certified"]
+    lines += [f"{i},{int(y[i])},{int(sure[i])},{int(sure[i])}" for i in range(20)]
+    (row / "verify" / "samples.csv").write_text("\n".join(lines) + "\n")
+    res = CliRunner().invoke(main, [str(row), "--steps", "5", "--restarts", "1"])
+    assert res.exit_code == 0, res.output
+    saved = json.loads((row / "verify" / "reattack.json").read_text())["threats"]["linf:1e-05"]
+    assert saved == {**saved, "certified": int(sure.sum()), "broken": 0}
