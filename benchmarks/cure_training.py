@@ -694,6 +694,68 @@ def measure_speed(
     return out
 
 
+BOUND_COST_METHODS = ("ibp", "crown-ibp", "crown", "sdp-crown")
+
+
+def measure_bound_cost(
+    row: str, s: dict[str, Any], results: Path, data_root, l2_factor, seed, log, batch: int = 64
+) -> dict[str, Any]:
+    """What an l2 bound term in training would cost: CPU seconds of one margin lower bound (no
+    backward pass) of a training batch under the dataset's l2 threat, per bound method, on
+    ``row``'s trained model, against one natural optimizer step on the same batch (same process,
+    interleaved rounds, fastest round). Writes ``bound_cost.json`` / ``bound_cost.md``."""
+    from cure_lirpa.bounds import BoundedClassifier
+    from cure_lirpa.checkpoint import dataset_info_of
+
+    ckpt = load_checkpoint(results / row / CHECKPOINT)
+    model = model_from_checkpoint(ckpt).eval()
+    bounded = BoundedClassifier(model, dataset_info_of(ckpt).in_shape, memory_mb=4096.0)
+    threat = parse_threat(THREATS[s["family"]][1])
+    x, y = stack(take(load_dataset(s["dataset"], "train", data_root), 0, batch))
+    natural = {"natural": row_config("natural", s, results, data_root, l2_factor, seed)}
+    reps = max(2, min(5, s["speed_repeats"]))
+    times: dict[str, list[float]] = {m: [] for m in ("natural", *BOUND_COST_METHODS)}
+    log(f"[bound cost] {row}: {threat} bounds of {batch} images, {reps} interleaved rounds")
+    for _ in range(reps):
+        times["natural"].append(step_times(natural, x, y, rounds=1, clock="cpu")["natural"])
+        for method in BOUND_COST_METHODS:
+            t0 = time.process_time()
+            if method == "sdp-crown":  # optimises its own parameters with autograd
+                bounded.margin_lower_bounds(x, y, threat, method)
+            else:
+                with torch.no_grad():
+                    bounded.margin_lower_bounds(x, y, threat, method)
+            times[method].append(time.process_time() - t0)
+    t_nat = min(times.pop("natural"))
+    out = {
+        "row": row,
+        "threat": str(threat),
+        "batch": batch,
+        "rounds": reps,
+        "natural_step_seconds": t_nat,
+        "methods": {m: {"seconds": min(t), "ratio": min(t) / t_nat} for m, t in times.items()},
+        "threads": torch.get_num_threads(),
+        "load_average": os.getloadavg()[0],
+    }
+    save_summary(results / "bound_cost.json", out)
+    lines = [
+        f"What an l2 bound term in training would cost: CPU seconds of one margin lower bound "
+        f"under {threat} of a batch of {batch} training images (no backward pass), on the trained "
+        f"model of `{row}`, against one natural optimizer step on the same batch "
+        f"({t_nat:.3f} CPU s); fastest of {reps} interleaved rounds, "
+        f"{torch.get_num_threads()} thread(s).",
+        "",
+        "| bound | CPU s / batch | x natural step |",
+        "|---|---|---|",
+    ]
+    for m, v in out["methods"].items():
+        lines.append(f"| {m} | {v['seconds']:.3f} | {v['ratio']:.1f} |")
+    atomic_write_text(results / "bound_cost.md", "\n".join(lines) + "\n")
+    for m, v in out["methods"].items():
+        log(f"[bound cost] {m}: {v['seconds']:.3f} s = {v['ratio']:.1f}x a natural step")
+    return out
+
+
 # ---------------------------------------------------------------------------------------------
 
 
@@ -855,6 +917,9 @@ def report(results: Path, log, dataset: str = "mnist") -> None:
     speed = results / "speed.md"
     if speed.is_file():
         lines += ["", "## Training step time", "", speed.read_text().strip()]
+    cost = results / "bound_cost.md"
+    if cost.is_file():
+        lines += ["", "## Cost of an l2 bound in training", "", cost.read_text().strip()]
     atomic_write_text(results / "summary.md", "\n".join(lines) + "\n")
     save_summary(results / "summary.json", {"rows": found})
     plot([r for r in found if not r.get("error")], results / "union_accuracy.png", dataset)
@@ -1067,6 +1132,13 @@ def plot(rows: list[dict[str, Any]], path: Path, dataset: str = "mnist") -> None
     default=None,
     help="Comma-separated rows whose step time --speed measures [default: every row].",
 )
+@click.option(
+    "--bound-cost",
+    "bound_cost_row",
+    default=None,
+    help="Time one l2 bound per bound method (IBP, CROWN-IBP, CROWN, SDP-CROWN) of a training "
+    "batch of 64 on this finished row's model against a natural step (bound_cost.md).",
+)
 @click.option("--report-only", is_flag=True, help="Only rebuild the summary from finished rows.")
 def main(
     dataset: str,
@@ -1084,6 +1156,7 @@ def main(
     stop_after_epoch: Optional[int],
     threats_opt: Optional[str],
     speed_rows: Optional[str],
+    bound_cost_row: Optional[str],
     report_only: bool,
 ) -> None:
     """Train and certify the CURE rows on MNIST or CIFAR-10; write the table, the plot and step
@@ -1146,6 +1219,13 @@ def main(
                 f"unknown --speed-rows {unknown}; choose from {', '.join(ROWS)}"
             )
         measure_speed(timed, s, folder, root, train_l2_factor, seed, log)
+    if bound_cost_row:
+        if not (folder / bound_cost_row / CHECKPOINT).is_file():
+            raise click.BadParameter(
+                f"no trained model {folder / bound_cost_row / CHECKPOINT}; run that row first",
+                param_hint="--bound-cost",
+            )
+        measure_bound_cost(bound_cost_row, s, folder, root, train_l2_factor, seed, log)
     t0 = time.perf_counter()
     for row in picked:
         cfg = row_config(row, s, folder, root, train_l2_factor, seed)
