@@ -410,3 +410,31 @@ def test_reattack_reports_a_wrong_certificate(tiny_checkpoint: Path):
     assert res.exit_code == 0, res.output
     saved = json.loads((row / "verify" / "reattack.json").read_text())["threats"]["linf:1e-05"]
     assert saved == {**saved, "certified": int(sure.sum()), "broken": 0}
+
+
+def test_bound_cost_times_every_l2_bound_against_a_natural_step(tmp_path: Path, tiny_checkpoint):
+    """--bound-cost: one timing per bound method on the row's own model, the ratios to a natural
+    step, and the table in the suite's summary."""
+    import shutil
+
+    from benchmarks.cure_training import BOUND_COST_METHODS, measure_bound_cost, report, settings
+
+    (tmp_path / "natural").mkdir()
+    shutil.copy(tiny_checkpoint, tmp_path / "natural" / "checkpoint.pt")
+    s = settings(quick=True, dataset="mnist")
+    out = measure_bound_cost("natural", s, tmp_path, None, 1.0, 0, lambda msg: None, batch=8)
+    assert out["threat"] == "l2:0.5" and set(out["methods"]) == set(BOUND_COST_METHODS)
+    for v in out["methods"].values():
+        assert v["seconds"] > 0 and v["ratio"] == pytest.approx(
+            v["seconds"] / out["natural_step_seconds"]
+        )
+    assert out["methods"]["sdp-crown"]["seconds"] > out["methods"]["ibp"]["seconds"]
+    from benchmarks.cure_training import THREATS
+
+    row = {"row": "natural", "description": "natural", "test_images": 10, "clean": 50.0}
+    row.update(certified=dict.fromkeys(THREATS["mnist"], 0.0), union=0.0, union_linf_l2=0.0)
+    row.update(train_seconds=1.0, method="natural", epochs=2, config={"train_count": 1000})
+    (tmp_path / "natural" / "row.json").write_text(json.dumps(row))
+    report(tmp_path, lambda msg: None, "mnist")
+    text = (tmp_path / "summary.md").read_text()
+    assert "## Cost of an l2 bound in training" in text and "| sdp-crown |" in text
