@@ -63,6 +63,7 @@ SUITES: dict[str, Suite] = {
                 ("certificates-sdp", "certificates-sdp/summary.md"),
                 ("certificates-sdp-cifar10", "certificates-sdp-cifar10/summary.md"),
                 ("certificates-sdp-goal", "certificates-sdp-goal/summary.md"),
+                ("certificates-sdp-blocks", "certificates-sdp-blocks/summary.md"),
             ),
         ),
         Suite(
