@@ -56,6 +56,7 @@ Rows certified by older versions of this script without the SDP-CROWN stage show
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import platform
 import sys
@@ -976,6 +977,15 @@ def _mnist_goal(done: list[dict[str, Any]]) -> str:
     )
 
 
+def sign_test(a: int, b: int) -> float:
+    """Two-sided exact sign test of ``a`` against ``b`` discordant pairs (binomial, p = 1/2)."""
+    n, k = a + b, min(a, b)
+    if n == 0:
+        return 1.0
+    tail = sum(math.comb(n, i) for i in range(k + 1)) / 2**n
+    return min(1.0, 2 * tail)
+
+
 def goal_line(rows: list[dict[str, Any]], dataset: str, results: Optional[Path] = None) -> str:
     """One sentence: is the dataset's goal met by the rows in the table, and by which row. With
     ``results`` (the folder of the rows), the CIFAR-10 sentence also counts the test images only
@@ -1002,7 +1012,8 @@ def goal_line(rows: list[dict[str, Any]], dataset: str, results: Optional[Path] 
             b_only = sum(b[i] and not a[i] for i in a)
             paired = (
                 f" On the same {len(a)} images, {a_only} are certified under both threats by "
-                f"{bc['row']} only and {b_only} by {bs['row']} only."
+                f"{bc['row']} only and {b_only} by {bs['row']} only (two-sided sign test on "
+                f"those images: p = {sign_test(a_only, b_only):.2g})."
             )
     return (
         f"Goal ({GOALS[dataset]}): {'met' if gap >= 5.0 else 'MISSED'}; best CURE row "

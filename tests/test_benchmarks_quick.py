@@ -232,6 +232,15 @@ def test_cure_training_reads_per_sample_flags_under_either_threat_spelling(tmp_p
     line = goal_line(rows, "cifar10", tmp_path)
     assert "met; best CURE row new" in line
     assert "3 images, 1 are certified under both threats by new only and 0 by old only" in line
+    assert "(two-sided sign test on those images: p = 1)" in line  # one discordant image
+
+
+def test_sign_test_is_the_exact_binomial_one():
+    from benchmarks.cure_training import sign_test
+
+    assert sign_test(0, 0) == 1.0 and sign_test(3, 3) == 1.0
+    assert sign_test(5, 0) == pytest.approx(2 / 32)  # both tails of Binomial(5, 1/2)
+    assert sign_test(54, 30) == pytest.approx(sign_test(30, 54)) and sign_test(54, 30) < 0.05
 
 
 def _sample_test(n: int):
