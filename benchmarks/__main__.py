@@ -64,6 +64,7 @@ SUITES: dict[str, Suite] = {
                 ("certificates-sdp-cifar10", "certificates-sdp-cifar10/summary.md"),
                 ("certificates-sdp-goal", "certificates-sdp-goal/summary.md"),
                 ("certificates-sdp-blocks", "certificates-sdp-blocks/summary.md"),
+                ("certificates-sdp-small", "certificates-sdp-small/summary.md"),
             ),
         ),
         Suite(
