@@ -173,3 +173,20 @@ def test_torchrun_cli_trains_in_two_processes(tmp_path):
     assert done.stdout.count("checkpoint.pt") == 1  # only rank 0 reports
     history = load_checkpoint(out / "checkpoint.pt")["trainer_state"]["history"]
     assert history[-1]["processes"] == 2 and history[-1]["epoch"] == 1
+
+
+def test_shutdown_meets_the_other_ranks_only_after_a_finished_run(monkeypatch):
+    """A finished run: barrier, then leave the group (no rank leaves while rank 0 still writes).
+    After a failure: neither (the barrier would wait for ranks that never come)."""
+    from cure_lirpa import distributed
+
+    calls: list[str] = []
+    monkeypatch.setattr(distributed.dist, "is_available", lambda: True)
+    monkeypatch.setattr(distributed.dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(distributed.dist, "barrier", lambda: calls.append("barrier"))
+    monkeypatch.setattr(distributed.dist, "destroy_process_group", lambda: calls.append("destroy"))
+    distributed.shutdown(finished=True)
+    assert calls == ["barrier", "destroy"]
+    calls.clear()
+    distributed.shutdown(finished=False)
+    assert calls == []
