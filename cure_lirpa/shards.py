@@ -205,7 +205,9 @@ def merge_when_all_done(
         dist.init_process_group("gloo")
     try:
         dist.barrier()
-        return merge(out) if dist.get_rank() == 0 else None
+        summary = merge(out) if dist.get_rank() == 0 else None
+        dist.barrier()  # no rank leaves the group (gloo teardown) while rank 0 still merges
+        return summary
     finally:
         if own:
             dist.destroy_process_group()
