@@ -560,12 +560,12 @@ def _violations(folder: Path, row: dict[str, Any]) -> int:
         with open(path, newline="") as f:
             for r in csv.DictReader(f):
                 n += sum(
-                    r[k] == "1" and r[t + "/pgd_robust"] == "0" for t, k in _best_cols(r).items()
+                    r[k] == "1" and r[t + "/pgd_robust"] == "0" for t, k in best_columns(r).items()
                 )
     return n
 
 
-def _best_cols(csv_row: dict[str, str]) -> dict[str, str]:
+def best_columns(csv_row: dict[str, str]) -> dict[str, str]:
     """Threat name -> its best-of ``<threat>/certified`` column in a per-sample CSV row (the
     threats with a ``<threat>/pgd_robust`` column; method columns are ``<threat>/<method>/...``)."""
     return {
@@ -586,7 +586,7 @@ def _union_flags(csv_path: Path, threats: Sequence[str]) -> dict[int, bool]:
         rows = list(csv.DictReader(f))
     if not rows:
         return {}
-    cols = _best_cols(rows[0])
+    cols = best_columns(rows[0])
     picked = [_lookup(cols, t) for t in threats]
     if any(c is None for c in picked):
         return {}

@@ -26,23 +26,20 @@ if __package__ in (None, ""):  # run as `python benchmarks/<suite>.py`: the repo
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks import DEFAULT_DATA, save_summary  # noqa: E402
+from benchmarks.cure_training import best_columns  # noqa: E402
 from cure_lirpa.attacks import pgd  # noqa: E402
 from cure_lirpa.checkpoint import load_checkpoint, model_from_checkpoint  # noqa: E402
 from cure_lirpa.data import load_dataset  # noqa: E402
 from cure_lirpa.threats import parse_threat  # noqa: E402
 
-CERTIFIED = "/certified"
-
 
 def certified_images(samples_csv: Path) -> dict[str, list[tuple[int, int]]]:
-    """Per threat column of ``samples.csv`` (e.g. ``linf:0.1``): the (index, label) of every image
+    """Per threat of ``samples.csv`` (e.g. ``linf:0.1``): the (index, label) of every image
     certified under it by any bound method (the row's best-of flag)."""
     rows = list(csv.DictReader(samples_csv.open()))
-    threats = [c[: -len(CERTIFIED)] for c in rows[0] if c.endswith(CERTIFIED) and c.count("/") == 1]
     return {
-        t: [(int(r["index"]), int(r["label"])) for r in rows if r[t + CERTIFIED] == "1"]
-        for t in threats
-        if t != "union"
+        t: [(int(r["index"]), int(r["label"])) for r in rows if r[col] == "1"]
+        for t, col in best_columns(rows[0]).items()
     }
 
 

@@ -392,8 +392,11 @@ def test_reattack_reports_a_wrong_certificate(tiny_checkpoint: Path):
     row = tiny_checkpoint.parent
     test = load_dataset("sample", "test")
     (row / "verify").mkdir(exist_ok=True)
-    lines = ["index,label,linf:0.3/certified,linf:0.3/ibp/certified,union/certified"]
-    lines += [f"{i},{int(test[i][1])},1,0,1" for i in range(20)]
+    # the columns cure_lirpa.certification writes: per method, then best-of and PGD, then union
+    head = (
+        "index,label,linf:0.3/ibp/certified,linf:0.3/certified,linf:0.3/pgd_robust,union/certified"
+    )
+    lines = [head] + [f"{i},{int(test[i][1])},0,1,1,1" for i in range(20)]
     (row / "verify" / "samples.csv").write_text("\n".join(lines) + "\n")
     res = CliRunner().invoke(main, [str(row), "--steps", "20", "--restarts", "1"])
     assert res.exit_code == 1 and "wrong certificates" in res.output, res.output
@@ -412,8 +415,8 @@ def test_reattack_reports_a_wrong_certificate(tiny_checkpoint: Path):
     top2 = logits.topk(2, dim=1).values
     sure = (logits.argmax(1) == y) & (top2[:, 0] - top2[:, 1] > 0.5)
     assert sure.sum() >= 5
-    lines = ["index,label,linf:1e-05/certified,union/certified"]
-    lines += [f"{i},{int(y[i])},{int(sure[i])},{int(sure[i])}" for i in range(20)]
+    lines = ["index,label,linf:1e-05/certified,linf:1e-05/pgd_robust,union/certified"]
+    lines += [f"{i},{int(y[i])},{int(sure[i])},1,{int(sure[i])}" for i in range(20)]
     (row / "verify" / "samples.csv").write_text("\n".join(lines) + "\n")
     res = CliRunner().invoke(main, [str(row), "--steps", "5", "--restarts", "1"])
     assert res.exit_code == 0, res.output
