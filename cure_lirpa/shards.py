@@ -199,15 +199,18 @@ def merge_when_all_done(
     return its summary (other ranks: None). ``merge`` defaults to :func:`merge_shards`."""
     import torch.distributed as dist
 
+    from .distributed import shutdown
+
     merge = merge or merge_shards
     own = not dist.is_initialized()
     if own:
         dist.init_process_group("gloo")
+    finished = False
     try:
         dist.barrier()
         summary = merge(out) if dist.get_rank() == 0 else None
-        dist.barrier()  # no rank leaves the group (gloo teardown) while rank 0 still merges
+        finished = True
         return summary
     finally:
-        if own:
-            dist.destroy_process_group()
+        if own:  # after a finished merge the ranks meet once more before leaving the group
+            shutdown(finished)
