@@ -181,6 +181,8 @@ E12 = {"epochs": 12, "warmup_epochs": 1.0, "ramp_epochs": 6.0, "lr_milestones": 
 the suite's 30,000 images (1 warm-up, ramp over 6, lr x0.2 from epoch 10). CROWN-IBP mixing
 (``--crown-ibp``) does not fit: one CROWN-IBP bound with gradients costs about ten IBP bounds, so
 its ramp alone takes far longer than the budget."""
+JOINT_MTL2 = {"method": "cure-joint", "l2_variant": "mtl-ibp", "mtl_alpha_l2": 0.3}
+"""CURE-Joint over an IBP l∞ block and an MTL-IBP l2 block (alpha 0.3): the MNIST goal's rows."""
 ROWS.update(
     {
         "cure-joint-e12": (
@@ -189,26 +191,15 @@ ROWS.update(
         ),
         "cure-joint-e12-mtl2": (
             "CURE-Joint, IBP l∞ block and MTL-IBP l2 block (alpha 0.3), 12 epochs",
-            {"method": "cure-joint", "l2_variant": "mtl-ibp", "mtl_alpha_l2": 0.3, **E12},
+            {**JOINT_MTL2, **E12},
         ),
         "cure-joint-mtl2-b64": (
             "CURE-Joint, IBP l∞ block and MTL-IBP l2 block (alpha 0.3), 6 epochs, batch 64",
-            {
-                "method": "cure-joint",
-                "l2_variant": "mtl-ibp",
-                "mtl_alpha_l2": 0.3,
-                "batch_size": 64,
-            },
+            {**JOINT_MTL2, "batch_size": 64},
         ),
         "cure-joint-e12-mtl2-seed1": (
             "as cure-joint-e12-mtl2, seed 1 (data order, attack starts, initial weights)",
-            {
-                "method": "cure-joint",
-                "l2_variant": "mtl-ibp",
-                "mtl_alpha_l2": 0.3,
-                **E12,
-                "seed": 1,
-            },
+            {**JOINT_MTL2, **E12, "seed": 1},
         ),
     }
 )
