@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 from contextlib import contextmanager
-from typing import Callable, Iterator, Optional, Sequence
+from typing import Callable, Iterator, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -25,6 +25,9 @@ from .errors import UserError
 from .threats import NormBall, Threat
 
 LOSSES = ("margin", "ce")
+Generators = Union[torch.Generator, Sequence[torch.Generator], None]
+"""A generator for the whole batch, one per sample (a sample's random starts then do not depend on
+the other samples of its batch), or None (torch's global generator)."""
 """Attack objectives: ``margin`` = max_{j != y} f_j - f_y (> 0 iff misclassified); ``ce`` = cross-entropy."""
 
 
@@ -114,6 +117,17 @@ def random_delta(
     return g * radius.view(view)
 
 
+def _random_start(p: float, eps: float, x: torch.Tensor, generator: Generators) -> torch.Tensor:
+    """:func:`random_delta` for the batch ``x``, from one generator or one per sample."""
+    if generator is None or isinstance(generator, torch.Generator):
+        return random_delta(p, eps, x, generator)
+    if len(generator) != len(x):
+        raise UserError(
+            f"got {len(generator)} generators for {len(x)} samples; give one per sample"
+        )
+    return torch.cat([random_delta(p, eps, x[i : i + 1], g) for i, g in enumerate(generator)])
+
+
 def _ascent_direction(p: float, g: torch.Tensor, x_adv: torch.Tensor, l1_k: int) -> torch.Tensor:
     """Steepest-ascent direction of unit lp norm for the gradient ``g`` (B, ...).
 
@@ -146,7 +160,7 @@ def _check_inputs(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> None:
         )
     if x.numel() and (x.min() < -1e-6 or x.max() > 1 + 1e-6):
         raise UserError(
-            f"x must be in [0, 1] pixel space (got values in [{x.min():.3g}, {x.max():.3g}]); "
+            f"x must be in [0, 1] pixel space (got values in [{float(x.min()):.9g}, {float(x.max()):.9g}]); "
             "attacks and threats work on unnormalised images: put normalisation inside the model"
         )
 
@@ -172,7 +186,7 @@ def _run_pgd(
     loss: str,
     keep: str,
     include_clean: bool,
-    generator: Optional[torch.Generator],
+    generator: Generators,
     l1_k: int = 1,
     callback: Optional[Callable[[int, torch.Tensor], None]] = None,
 ) -> torch.Tensor:
@@ -215,7 +229,7 @@ def _run_pgd(
                 consider(x, model(x))
         for _ in range(restarts):
             if random_start and ball.eps > 0:
-                x_adv = ball.project(x + random_delta(ball.p, ball.eps, x, generator), x)
+                x_adv = ball.project(x + _random_start(ball.p, ball.eps, x, generator), x)
             else:
                 x_adv = x.clone()
             for i in range(len(step_sizes) + 1):
@@ -248,7 +262,7 @@ def pgd(
     step_size: Optional[float] = None,
     random_start: bool = True,
     loss: str = "margin",
-    generator: Optional[torch.Generator] = None,
+    generator: Generators = None,
     l1_sparsity: float = 0.01,
 ) -> torch.Tensor:
     """Most adversarial point found by PGD in the threat set around each sample; shape of ``x``.
@@ -261,6 +275,8 @@ def pgd(
     norm. ``restarts`` runs, each from a random start inside the ball (``random_start``) or from x.
     Per sample the clean input and all iterates of all restarts compete: a misclassified point beats
     a correctly classified one, ties are broken by the attack ``loss`` (``'margin'`` or ``'ce'``).
+    ``generator``: one for the batch, or one per sample so that each sample's random starts (the
+    attack's only randomness) do not depend on the samples it is batched with.
     """
     ball = _as_ball(threat)
     _check_inputs(model, x, y)

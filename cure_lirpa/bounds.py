@@ -30,14 +30,15 @@ from typing import Callable, Iterator, Optional, Sequence
 import torch
 from torch import nn
 
-from . import lirpa
+from . import backends, lirpa
 from .errors import UserError
 from .models import Classifier
+from .region import BoundResult, Region
 from .threats import BoxFamily, NormBall, Threat
 
 _log = logging.getLogger(__name__)
 
-METHODS = (*lirpa.METHODS, "sdp-crown")  # ibp, crown-ibp, crown, alpha-crown, sdp-crown
+METHODS = backends.names()  # ibp, crown-ibp, crown, alpha-crown, sdp-crown
 _BYTES = 4
 _BOX_COPIES = 8
 
@@ -194,7 +195,7 @@ class BoundedClassifier:
             x0 = self._to_bound_space(torch.full((1, *self.in_shape), 0.5, device=self.device))
             for p in (math.inf, 2.0, 1.0):
                 box = (x0 - 0.1, x0 + 0.1) if p == math.inf else (None, None)
-                self._check_trace(x0, lirpa.perturbation(p, 0.1, *box), p)
+                self._check_trace(Region(x0, p, 0.1, *box))
 
     def _trace(self, target: nn.Module):
         """``target`` as an auto_LiRPA ``BoundedModule``; refuses untraceable models and models whose
@@ -288,32 +289,46 @@ class BoundedClassifier:
         self, x: torch.Tensor, y: torch.Tensor, threat: Threat, method: str = "ibp"
     ) -> torch.Tensor:
         """Lower bounds (B, K-1) on ``f_y - f_j`` over ``threat`` around each x (B, *in_shape)."""
-        if method not in METHODS:
-            raise UserError(f"unknown bound method {method!r}; choose one of {', '.join(METHODS)}")
-        if method == "sdp-crown":  # l2 balls; its own backward pass (cure_lirpa/sdp_crown.py)
-            from . import sdp_crown
+        return self.bounds(x, y, threat, method).lower
 
-            return sdp_crown.margin_lower_bounds(self, x, y, threat)
+    def bounds(
+        self, x: torch.Tensor, y: torch.Tensor, threat: Threat, method: str = "ibp"
+    ) -> BoundResult:
+        """:meth:`margin_lower_bounds` and, per sample, whether ``method`` fell back to a looser one.
+
+        Raises :class:`UnsupportedMethod` (a :class:`UserError`) if ``method`` cannot bound this
+        model under ``threat`` (:meth:`supports` says why beforehand).
+        """
+        self._require(method, threat)
         x, y = self._check_input(x, y)
         if isinstance(threat, NormBall):
             if threat.p == math.inf:
-                return self.box_lower_bounds(
-                    (x - threat.eps).clamp(0, 1), (x + threat.eps).clamp(0, 1), y, method
-                )
-            return self._chunked(x, y, method, p=threat.p, eps=threat.eps)
+                lo, hi = (x - threat.eps).clamp(0, 1), (x + threat.eps).clamp(0, 1)
+                return self._chunked(y, method, x_L=lo, x_U=hi)
+            return self._chunked(y, method, x=x, p=threat.p, eps=threat.eps)
         if isinstance(threat, BoxFamily):
-            return self._box_family_bounds(x, y, threat, method)
+            return BoundResult.exact(self._box_family_bounds(x, y, threat, method))
         raise UserError(f"threat {threat} is not supported by the bounded classifier")
+
+    def supports(self, method: str, threat: Optional[Threat]) -> Optional[str]:
+        """None if bound ``method`` can bound this model under ``threat`` (None: boxes), else why not."""
+        return backends.get(method).supports(self, threat)
+
+    def _require(self, method: str, threat: Optional[Threat]) -> None:
+        reason = self.supports(method, threat)
+        if reason is not None:
+            raise UnsupportedMethod(reason)
 
     def box_lower_bounds(
         self, x_L: torch.Tensor, x_U: torch.Tensor, y: torch.Tensor, method: str = "ibp"
     ) -> torch.Tensor:
         """Lower bounds (B, K-1) on the margins over the boxes ``[x_L, x_U]`` (each (B, *in_shape))."""
+        self._require(method, None)
         x_L, y = self._check_input(x_L, y)
         x_U, y = self._check_input(x_U, y)
         if bool((x_L > x_U).any()):
             raise UserError("box lower corners must not exceed their upper corners (x_L <= x_U)")
-        return self._chunked(None, y, method, x_L=x_L, x_U=x_U)
+        return self._chunked(y, method, x_L=x_L, x_U=x_U).lower
 
     def box_margins(
         self,
@@ -330,8 +345,7 @@ class BoundedClassifier:
         the others are +inf. ``on_chunk`` is called with the sample index (P,) of each finished
         chunk of pairs (for progress bars).
         """
-        if method not in METHODS:
-            raise UserError(f"unknown bound method {method!r}; choose one of {', '.join(METHODS)}")
+        self._require(method, threat)
         x, y = self._check_input(x, y)
         n = threat.num_boxes(self.in_shape)
         out = torch.full((len(x), n), math.inf, device=self.device)
@@ -420,89 +434,107 @@ class BoundedClassifier:
             margin_matrix(y, self.num_classes),
         )
 
+    # ----------------------------------------------------------------------------------------
+    # The one door from a threat to bound space
+
+    def ball_region(self, x: torch.Tensor, p: float, eps: float) -> Region:
+        """The lp ball (p = 2 or 1) of radius ``eps`` (pixel units) around ``x`` (B, *in_shape), in
+        bound space. Unfolded normalisation ``(x - mean) / std`` maps it into the ellipsoid with
+        semi-axes ``eps / std_c``, which the ball of radius ``eps / min(std)`` covers (exact when all
+        channels share one std)."""
+        if self._scale is not None:
+            eps = eps / float(self._scale.min())
+        return Region(self._to_bound_space(x), p, eps)
+
+    def box_region(self, x_L: torch.Tensor, x_U: torch.Tensor) -> Region:
+        """The box ``[x_L, x_U]`` (each (B, *in_shape), pixel units) in bound space (exact)."""
+        lo, hi = self._to_bound_space(x_L), self._to_bound_space(x_U)
+        return Region((lo + hi) / 2, math.inf, float((hi - lo).max()) / 2, lo, hi)
+
     def _chunked(
         self,
-        x: Optional[torch.Tensor],
         y: torch.Tensor,
         method: str,
+        x: Optional[torch.Tensor] = None,
         p: float = math.inf,
         eps: float = 0.0,
         x_L: Optional[torch.Tensor] = None,
         x_U: Optional[torch.Tensor] = None,
-    ) -> torch.Tensor:
+    ) -> BoundResult:
+        """Bounds over lp balls (``x``, ``p``, ``eps``) or boxes (``x_L``, ``x_U``), in chunks that
+        fit the memory budget."""
         n = self.chunk_size(method)
         out = []
         for s in range(0, len(y), n):
             sl = slice(s, s + n)
-            out.append(
-                self._bound(
-                    None if x is None else x[sl],
-                    y[sl],
-                    method,
-                    p,
-                    eps,
-                    None if x_L is None else x_L[sl],
-                    None if x_U is None else x_U[sl],
-                )
-            )
-        return torch.cat(out)
+            if x_L is not None and x_U is not None:
+                region = self.box_region(x_L[sl], x_U[sl])
+            else:
+                assert x is not None
+                region = self.ball_region(x[sl], p, eps)
+            out.append(self._bound(region, y[sl], method))
+        return BoundResult.cat(out)
 
-    def _bound(self, x, y, method, p, eps, x_L, x_U) -> torch.Tensor:
-        """One auto_LiRPA call: either an lp ball (x, p, eps) or a box (x_L, x_U)."""
-        args = (x, y, method, p, eps, x_L, x_U)
-        if x_L is not None:
-            lo, hi = self._to_bound_space(x_L), self._to_bound_space(x_U)
-            center = (lo + hi) / 2
-            ptb = lirpa.perturbation(math.inf, float((hi - lo).max()) / 2, lo, hi)
-        else:
-            center = self._to_bound_space(x)
-            if self._scale is not None:  # the ball of radius eps/min(std) covers the ellipsoid
-                eps = eps / float(self._scale.min())
-            ptb = lirpa.perturbation(p, eps)
+    def _bound(self, region: Region, y: torch.Tensor, method: str) -> BoundResult:
+        """One backend call on a region in bound space, then the once-per-norm trace check."""
+        backend = backends.get(method)
         C = margin_matrix(y, self.num_classes)
         grad = self.trainable and torch.is_grad_enabled()
-        with torch.set_grad_enabled(grad or method == "alpha-crown"):
-            try:
-                lb, _ = lirpa.compute_bounds(
-                    self.module, lirpa.BoundedTensor(center, ptb), C, method
-                )
-            except lirpa.BoundFailure as exc:
-                if self._conv_mode == "matrix":
-                    raise UserError(
-                        f"auto_LiRPA {lirpa.AUTO_LIRPA_VERSION} cannot compute {method} bounds for "
-                        f"this model ({exc}). IBP may still work; otherwise express the failing "
-                        "operation with standard layers (Conv2d, Linear, BatchNorm, ReLU)."
-                    ) from None
-                # auto_LiRPA 0.3's default "patches" mode for convolutions lacks some operators
-                # (e.g. a product with a learnt per-channel scale); its "matrix" mode has them.
-                _log.info(
-                    "%s bounds failed in patches mode (%s); retrying in matrix mode", method, exc
-                )
-                self._conv_mode = "matrix"
-                self.module = self._trace(self.traced)
-                self.train(self.trainable and self.model.training)
-                return self._bound(*args)
+        with torch.set_grad_enabled(grad):
+            result = backend.bound(self, region, C)
         if not self.trainable:
-            self._check_trace(center, ptb, p)
-        return lb if grad else lb.detach()
+            self._check_trace(region)
+        fell = result.fell_back.to(torch.bool).cpu()
+        return BoundResult(result.lower if grad else result.lower.detach(), fell)
 
-    def _check_trace(self, center: torch.Tensor, ptb, p: float) -> None:
+    def lirpa_bounds(
+        self,
+        region: Region,
+        C: torch.Tensor,
+        method: str,
+        interm_bounds: Optional[dict] = None,
+    ) -> BoundResult:
+        """auto_LiRPA's bound ``method`` (ibp, crown-ibp, crown, alpha-crown) over ``region`` for the
+        specification ``C`` (B, S, K): lower bounds (B, S). For backends; ``interm_bounds`` holds
+        the intermediate bounds fixed (:func:`cure_lirpa.lirpa.node_bounds`)."""
+        try:
+            out = lirpa.compute_bounds(
+                self.module, region.bounded_tensor(), C, method, interm_bounds=interm_bounds
+            )
+        except lirpa.BoundFailure as exc:
+            if self._conv_mode == "matrix":
+                raise UserError(
+                    f"auto_LiRPA {lirpa.AUTO_LIRPA_VERSION} cannot compute {method} bounds for "
+                    f"this model ({exc}). IBP may still work; otherwise express the failing "
+                    "operation with standard layers (Conv2d, Linear, BatchNorm, ReLU)."
+                ) from None
+            # auto_LiRPA 0.3's default "patches" mode for convolutions lacks some operators
+            # (e.g. a product with a learnt per-channel scale); its "matrix" mode has them.
+            _log.info("%s bounds failed in patches mode (%s); retrying in matrix mode", method, exc)
+            self._conv_mode = "matrix"
+            self.module = self._trace(self.traced)
+            self.train(self.trainable and self.model.training)
+            return self.lirpa_bounds(region, C, method, interm_bounds)
+        return BoundResult(out.lower, torch.full((len(region),), out.fell_back, dtype=torch.bool))
+
+    def _check_trace(self, region: Region) -> None:
         """Once per norm: the traced graph computes the model's function on points of the threat set
         (a frozen data-dependent branch or an untraceable op would make bounds describe another
         function), and lp-ball bounds do not have zero width (a dropped perturbation)."""
-        key = "box" if p == math.inf else f"l{p:g}"
+        key = "box" if region.is_box else f"l{region.p:g}"
         if key in self._checked_threats:
             return
+        center, p = region.center, region.p
         gen = torch.Generator(device=center.device).manual_seed(0)
         x0 = center[:1]
-        if key == "box":
-            lo, hi = ptb.x_L[:1], ptb.x_U[:1]
+        if region.lower is not None and region.upper is not None:
+            lo, hi = region.lower[:1], region.upper[:1]
             u = torch.rand(8, *x0.shape[1:], generator=gen, device=x0.device)
             points = torch.cat([x0, lo, hi, lo + u * (hi - lo)])
         else:
             delta = torch.randn(8, *x0.shape[1:], generator=gen, device=x0.device)
             norms = delta.flatten(1).norm(p=p, dim=1).view(-1, *[1] * (x0.dim() - 1))
-            points = torch.cat([x0, x0 + delta / norms * float(ptb.eps)])
+            points = torch.cat([x0, x0 + delta / norms * float(region.eps)])
         with torch.no_grad():
             modes = self.module.training, _modes(self.traced)
             # auto_LiRPA's parameter nodes set requires_grad to the module's mode on every forward,
@@ -545,17 +577,18 @@ class BoundedClassifier:
                 "control flow or an operation the tracer cannot follow. Certificates would describe "
                 "another function; rewrite forward with tensor operations only."
             )
-        if key != "box" and float(ptb.eps) > 0:
-            self._check_lp_width(center, ptb)
+        if key != "box" and float(region.eps) > 0:
+            self._check_lp_width(Region(center[:1], p, region.eps))
         self._checked_threats.add(key)
 
-    def _constant_near(self, center: torch.Tensor, ptb) -> bool:
+    def _constant_near(self, ball: Region) -> bool:
         """Is the traced network constant on random points of the ball (zero width is then sound)?"""
+        center = ball.center
         gen = torch.Generator(device=center.device).manual_seed(0)
         delta = torch.randn(16, *center.shape[1:], generator=gen, device=center.device)
-        norms = delta.flatten(1).norm(p=float(ptb.norm), dim=1).view(-1, *[1] * (center.dim() - 1))
+        norms = delta.flatten(1).norm(p=ball.p, dim=1).view(-1, *[1] * (center.dim() - 1))
         with torch.no_grad():
-            out = self.traced(center + delta / norms * float(ptb.eps))
+            out = self.traced(center + delta / norms * float(ball.eps))
             ref = self.traced(center)
         return bool(torch.allclose(out, ref.expand_as(out), atol=1e-6, rtol=0))
 
@@ -566,13 +599,11 @@ class BoundedClassifier:
             x = x / self._scale
         return x
 
-    def _check_lp_width(self, center: torch.Tensor, ptb) -> None:
+    def _check_lp_width(self, ball: Region) -> None:
         """Refuse models whose lp-ball IBP bounds have zero width (the perturbation was dropped)."""
         with torch.no_grad():
-            lo, hi = self.module.compute_bounds(
-                x=(lirpa.BoundedTensor(center[:1], ptb),), method="IBP", C=None
-            )
-        if float((hi - lo).max()) <= 0 and not self._constant_near(center[:1], ptb):
+            lo, hi = self.module.compute_bounds(x=(ball.bounded_tensor(),), method="IBP", C=None)
+        if float((hi - lo).max()) <= 0 and not self._constant_near(ball):
             raise UserError(  # a last guard: lp_ball_droppers and InputIdentity should prevent it
                 "l2/l1 bounds of this model have zero width: an operation before its first affine "
                 "layer drops the lp-ball perturbation in auto_LiRPA, which would make every "
@@ -590,8 +621,8 @@ class BoundedClassifier:
             raise UserError(f"{x.shape[0]} inputs but {y.shape[0]} labels")
         if len(x) and (float(x.min()) < -1e-6 or float(x.max()) > 1 + 1e-6):
             raise UserError(
-                f"inputs must be images in [0, 1] (got values in [{float(x.min()):.3g}, "
-                f"{float(x.max()):.3g}]): threat sets are clipped to [0, 1] and radii are in pixel "
+                f"inputs must be images in [0, 1] (got values in [{float(x.min()):.9g}, "
+                f"{float(x.max()):.9g}]): threat sets are clipped to [0, 1] and radii are in pixel "
                 "units. Pass unnormalised images and put the normalisation in the model "
                 "(cure_lirpa.models.Classifier(body, mean, std))."
             )
@@ -601,6 +632,10 @@ class BoundedClassifier:
                 f"{self.num_classes} outputs (got {int(y.min())}..{int(y.max())})"
             )
         return x.to(self.device), y.to(self.device)
+
+
+class UnsupportedMethod(UserError):
+    """A bound method cannot bound this model under this threat (the message says why)."""
 
 
 def certified(lb: torch.Tensor) -> torch.Tensor:

@@ -29,11 +29,11 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from . import lirpa
 from .attacks import box_pgd, pgd
 from .bounds import METHODS, BoundedClassifier
 from .errors import UserError
 from .threats import BoxFamily, NormBall, Threat
+from .vocabulary import CASCADE_BUDGET
 
 CASCADE = ("ibp", "crown-ibp", "crown", "alpha-crown")
 REFUTE_BOXES = 16
@@ -43,15 +43,17 @@ REFUTE_STEPS = 20
 LAST_STAGE_GROUP = 4
 """Boxes per alpha-CROWN call in the box-family cascade (it stops at a sample's first failure)."""
 
-L2_CASCADE = ("ibp", "crown-ibp", "crown", "sdp-crown", "alpha-crown")
-"""The cascade under l2 balls: SDP-CROWN is tighter than CROWN there and cheaper than alpha-CROWN
-(benchmarks/certificates.py measures both)."""
+LP_CASCADE = ("ibp", "crown-ibp", "crown", "sdp-crown", "alpha-crown")
+"""The cascade under l2 and l1 balls: SDP-CROWN is tighter than CROWN there (for l1 through the
+enclosing l2 ball) and cheaper than alpha-CROWN (benchmarks/certificates.py measures both)."""
+BUDGET = CASCADE_BUDGET
+TIMEOUT = "timeout"
 
 
 def cascade_for(threat: Threat) -> tuple[str, ...]:
     """The cascade's stages, cheapest first, for ``threat``."""
-    if isinstance(threat, NormBall) and threat.p == 2.0:
-        return L2_CASCADE
+    if isinstance(threat, NormBall) and threat.p in (2.0, 1.0):
+        return LP_CASCADE
     return CASCADE
 
 
@@ -69,6 +71,9 @@ class SampleRow:
     ``alpha_fallback`` lists the threats under which this sample's alpha-CROWN bound (method
     ``alpha-crown`` or the cascade's last stage) is the CROWN bound, because auto_LiRPA's
     alpha-CROWN failed on its batch (sound, but not optimised; see :mod:`cure_lirpa.lirpa`).
+    ``skipped[threat]`` maps the cascade stages skipped for this sample to the reason (the bound
+    method does not support the model or the threat). ``decided_by[threat] == "timeout"``: the
+    sample's time budget ran out before a stage certified it (not certified).
     """
 
     index: int
@@ -80,6 +85,7 @@ class SampleRow:
     robust: dict[str, Optional[bool]] = field(default_factory=dict)
     violations: list[str] = field(default_factory=list)
     alpha_fallback: list[str] = field(default_factory=list)
+    skipped: dict[str, dict[str, str]] = field(default_factory=dict)
 
     @property
     def correct(self) -> bool:
@@ -93,19 +99,33 @@ class SampleRow:
 def _margins(
     bc: BoundedClassifier, x: torch.Tensor, y: torch.Tensor, threat: Threat, method: str
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Certified margins min_j lb_j (B,) and, per sample, whether its alpha-CROWN bound fell back
-    to the CROWN bound (bool (B,); all False for other methods)."""
-    if method != "alpha-crown":
-        lb = bc.margin_lower_bounds(x, y, threat, method)
-        return lb.min(1).values.cpu(), torch.zeros(len(x), dtype=torch.bool)
-    lirpa.ALPHA_CALLS.clear()
-    lb = bc.margin_lower_bounds(x, y, threat, method)
-    calls = list(lirpa.ALPHA_CALLS)
-    if sum(n for n, _ in calls) == len(x):  # the calls are the batch's chunks, in order
-        fell = torch.cat([torch.full((n,), flag, dtype=torch.bool) for n, flag in calls])
-    else:  # a retry or an unexpected split: flag the whole batch if any call fell back
-        fell = torch.full((len(x),), any(flag for _, flag in calls), dtype=torch.bool)
-    return lb.min(1).values.cpu(), fell
+    """Certified margins min_j lb_j (B,) and, per sample, whether its bound fell back to a looser
+    method (bool (B,); alpha-CROWN answered by CROWN where auto_LiRPA 0.3 fails)."""
+    result = bc.bounds(x, y, threat, method)
+    return result.lower.min(1).values.cpu(), result.fell_back
+
+
+class Budget:
+    """Seconds of bound computation left per sample (None: unlimited). A batched stage's time is
+    shared equally by the samples it ran on."""
+
+    def __init__(self, samples: int, seconds: Optional[float]):
+        self.seconds = seconds
+        self.spent = torch.zeros(samples, dtype=torch.float64)
+
+    def charge(self, index: torch.Tensor, seconds: float) -> None:
+        self.spent[index] += seconds / max(1, len(index))
+
+    def out(self, index: torch.Tensor) -> torch.Tensor:
+        """Bool (len(index),): which of these samples have spent their budget."""
+        if self.seconds is None:
+            return torch.zeros(len(index), dtype=torch.bool)
+        return self.spent[index] >= self.seconds
+
+
+def _skip_reason(bc: BoundedClassifier, method: str, threat: Threat) -> Optional[str]:
+    """Why the cascade must skip ``method`` for this model and threat (None: run it)."""
+    return bc.supports(method, threat)
 
 
 def _cascade(
@@ -115,28 +135,46 @@ def _cascade(
     threat: Threat,
     times: dict,
     correct: torch.Tensor,
-) -> tuple[torch.Tensor, list[str], torch.Tensor]:
-    """Cheapest-first: returns the deciding margins (B,), the deciding method per sample and the
-    alpha-CROWN fallback flags (bool (B,)).
+    budget: Optional[float] = None,
+) -> tuple[torch.Tensor, list[str], torch.Tensor, list[dict[str, str]]]:
+    """Cheapest-first: returns the deciding margins (B,), the deciding method per sample (or
+    ``timeout``), the alpha-CROWN fallback flags (bool (B,)) and per sample the stages skipped while
+    it was open (stage -> reason).
 
     Misclassified samples are never certifiable and skip every stage (margin -inf, "none").
     """
     margin = torch.full((len(x),), -math.inf)
     fallback = torch.zeros(len(x), dtype=torch.bool)
     by = ["none"] * len(x)
+    skipped: list[dict[str, str]] = [{} for _ in range(len(x))]
+    clock = Budget(len(x), budget)
     open_idx = torch.arange(len(x))[correct]
-    for method in cascade_for(threat):
+    stages = cascade_for(threat)
+    for k, method in enumerate(stages):
         if len(open_idx) == 0:
             break
+        reason = _skip_reason(bc, method, threat)
+        if reason is not None:
+            for i in open_idx.tolist():
+                skipped[i][method] = reason
+            continue
         t0 = time.perf_counter()
         lb, fell = _margins(bc, x[open_idx], y[open_idx], threat, method)
         fallback[open_idx] = fell
-        times[(threat.name, f"auto:{method}")] += time.perf_counter() - t0
+        spent = time.perf_counter() - t0
+        times[(threat.name, f"auto:{method}")] += spent
+        clock.charge(open_idx, spent)
         for i, v in zip(open_idx.tolist(), lb.tolist()):
             margin[i] = v
             by[i] = method
         open_idx = open_idx[lb <= 0]
-    return margin, by, fallback
+        if k == len(stages) - 1:
+            break
+        late = clock.out(open_idx)
+        for i in open_idx[late].tolist():
+            by[i] = TIMEOUT
+        open_idx = open_idx[~late]
+    return margin, by, fallback, skipped
 
 
 def _box_cascade(
@@ -148,7 +186,8 @@ def _box_cascade(
     times: dict,
     correct: torch.Tensor,
     advance: Callable[[float], None],
-) -> tuple[torch.Tensor, list[str]]:
+    budget: Optional[float] = None,
+) -> tuple[torch.Tensor, list[str], list[dict[str, str]]]:
     """The cascade for a box family, run per (sample, box) pair.
 
     IBP bounds every box of every correctly classified sample; only the boxes it leaves open go on.
@@ -159,7 +198,8 @@ def _box_cascade(
     takes the boxes with the lowest bounds first and stops at the first box it cannot certify.
 
     Returns the margins (B,) -- the minimum over boxes of the best lower bound found for each box,
-    so always a lower bound over the whole threat set -- and the last method run per sample.
+    so always a lower bound over the whole threat set --, the last method run per sample (or
+    ``timeout`` when its ``budget`` seconds ran out first) and the stages skipped per sample.
     ``advance(images)`` reports progress: half of each sample for IBP, half for the rest.
     """
     name, n, b = threat.name, threat.num_boxes(bc.in_shape), len(x)
@@ -167,45 +207,65 @@ def _box_cascade(
     open_ = correct.view(-1, 1).expand(b, n).clone()
     by = ["ibp" if c else "none" for c in correct.tolist()]
     total = max(1, int(open_.sum()))
+    clock = Budget(b, budget)
+    skipped: list[dict[str, str]] = [{} for _ in range(b)]
 
     t0 = time.perf_counter()
     lb = bc.box_margins(
         x, y, threat, "ibp", open_, on_chunk=lambda idx: advance(0.5 * b * len(idx) / total)
     ).cpu()
     times[(name, "auto:ibp")] += time.perf_counter() - t0
+    clock.charge(correct.nonzero().view(-1), time.perf_counter() - t0)
     best = torch.where(open_, lb, best)
     open_ &= lb <= 0
     if not correct.any():
         advance(0.5 * b)  # no IBP chunk ran
     if threat.exact_boxes and open_.any():
         t0 = time.perf_counter()
+        attacked = open_.any(1).nonzero().view(-1)
         for i in _refuted(bc, model, x, y, threat, open_, best):
             open_[i] = False
             by[i] = "attack"
         times[(name, "auto:attack")] += time.perf_counter() - t0
+        clock.charge(attacked, time.perf_counter() - t0)
+    reasons = {m: _skip_reason(bc, m, threat) for m in CASCADE[1:]}
     for i in range(b):
+        me = torch.tensor([i])
         for stage, method in enumerate(CASCADE[1:], start=2):
             if not open_[i].any():
                 break
-            t0 = time.perf_counter()
+            if bool(clock.out(me)):
+                by[i] = TIMEOUT
+                break
+            if reasons[method] is not None:
+                skipped[i][method] = str(reasons[method])
+                continue
+            by[i] = method
             index = open_[i].nonzero().view(-1)
             last = stage == len(CASCADE)
             if last:  # hardest boxes first: the sample is decided at its first failure
                 index = index[best[i, index].argsort()]
             for group in index.split(LAST_STAGE_GROUP if last else len(index)):
+                t0 = time.perf_counter()
                 mask = torch.zeros(1, n, dtype=torch.bool)
                 mask[0, group] = True
                 lb = bc.box_margins(x[i : i + 1], y[i : i + 1], threat, method, mask)[0].cpu()
                 best[i, group] = torch.maximum(best[i, group], lb[group])
                 open_[i, group] = lb[group] <= 0
+                spent = time.perf_counter() - t0
+                times[(name, f"auto:{method}")] += spent
+                clock.charge(me, spent)
                 if last and open_[i, group].any():
                     break
-            times[(name, f"auto:{method}")] += time.perf_counter() - t0
-            by[i] = method
+                if open_[i].any() and bool(clock.out(me)):
+                    by[i] = TIMEOUT
+                    break
+            if by[i] == TIMEOUT:
+                break
         advance(0.5)
     margin = best.min(1).values
     margin[~correct] = -math.inf
-    return margin, by
+    return margin, by, skipped
 
 
 def _refuted(
@@ -239,6 +299,11 @@ def _refuted(
     return sorted({i for i, m in zip(samples, found.tolist()) if m < 0})
 
 
+def pgd_seed(seed: int, index: int) -> int:
+    """Seed of the PGD cross-check's random starts for the sample of dataset index ``index``."""
+    return seed * 1_000_003 + index
+
+
 def certify_batch(
     bc: BoundedClassifier,
     model: nn.Module,
@@ -253,12 +318,14 @@ def certify_batch(
     first_index: int = 0,
     seed: int = 0,
     advance: Optional[Callable[[float], None]] = None,
+    budget: Optional[float] = BUDGET,
 ) -> list[SampleRow]:
     """Certify one batch ``x`` (B, C, H, W) in [0, 1] with labels ``y`` (B,).
 
-    The PGD cross-check is seeded by ``seed`` and the batch's first sample index, so a resumed or
-    sharded run attacks every batch exactly as an uninterrupted one. ``advance(images)`` is called
-    as work finishes, adding up to B over the batch (progress bars).
+    The PGD cross-check draws each sample's random starts from its own generator, seeded by
+    :func:`pgd_seed` (``seed`` and the sample's index ``first_index + i``), so a sample is attacked
+    alike in any batch: resumed and sharded runs attack it as the plain run does.
+    ``advance(images)`` is called as work finishes, adding up to B over the batch (progress bars).
     """
     times = times if times is not None else defaultdict(float)
     share = 1.0 / (len(threats) * len(methods))
@@ -274,9 +341,11 @@ def certify_batch(
             t0 = time.perf_counter()
             fell = torch.zeros(len(y), dtype=torch.bool)
             if method == "auto" and family:
-                margin, by = _box_cascade(bc, model, x, y, threat, times, correct, step)
+                margin, by, skipped = _box_cascade(
+                    bc, model, x, y, threat, times, correct, step, budget
+                )
             elif method == "auto":
-                margin, by, fell = _cascade(bc, x, y, threat, times, correct)
+                margin, by, fell, skipped = _cascade(bc, x, y, threat, times, correct, budget)
             elif family:
                 total = len(y) * threat.num_boxes(bc.in_shape)
                 margin = bc.box_margins(
@@ -286,8 +355,10 @@ def certify_batch(
             else:
                 margin, fell = _margins(bc, x, y, threat, method)
             if method == "auto":
-                for r, b in zip(rows, by):
+                for r, b, sk in zip(rows, by, skipped):
                     r.decided_by[name] = b
+                    if sk:
+                        r.skipped[name] = sk
             else:
                 times[(name, method)] += time.perf_counter() - t0
             if not family:
@@ -308,9 +379,10 @@ def certify_batch(
                 threat,
                 steps=attack_steps,
                 restarts=attack_restarts,
-                generator=torch.Generator(device=bc.device).manual_seed(
-                    seed * 1_000_003 + first_index
-                ),
+                generator=[
+                    torch.Generator().manual_seed(pgd_seed(seed, first_index + i))
+                    for i in range(len(y))
+                ],
             )
             with torch.no_grad():
                 robust = model(x_adv).argmax(1).cpu() == y.cpu()
@@ -358,6 +430,8 @@ def summarize(
         out["alpha_crown_fallbacks"] = {
             t: sum(t in getattr(r, "alpha_fallback", ()) for r in rows) for t in names
         }
+    if "auto" in methods:
+        out["cascade"] = {t: _cascade_summary(rows, t) for t in names}
     for t in names:
         attacked = [r for r in rows if r.robust.get(t) is not None]
         if attacked:
@@ -368,6 +442,18 @@ def summarize(
     out["seconds_total"] = seconds
     out["peak_memory_mb"] = peak_memory_mb()
     return out
+
+
+def _cascade_summary(rows: Sequence[SampleRow], threat: str) -> dict[str, Any]:
+    """Samples per deciding stage, timeouts, and the skipped stages with their reasons."""
+    decided: dict[str, int] = defaultdict(int)
+    skipped: dict[str, dict[str, Any]] = {}
+    for r in rows:
+        decided[r.decided_by.get(threat, "none")] += 1
+        for stage, reason in r.skipped.get(threat, {}).items():
+            entry = skipped.setdefault(stage, {"samples": 0, "reason": reason})
+            entry["samples"] += 1
+    return {"decided_by": dict(decided), "timeouts": decided.get(TIMEOUT, 0), "skipped": skipped}
 
 
 PROBE_IMAGES = 16
@@ -412,8 +498,11 @@ def certify_dataset(
     on_batch: Optional[Callable[[list[SampleRow]], None]] = None,
     progress: bool = False,
     seed: int = 0,
+    budget: Optional[float] = BUDGET,
 ) -> tuple[list[SampleRow], dict[str, Any]]:
     """Certify every sample of ``dataset``; ``done`` rows (from a resumed run) are skipped.
+
+    ``budget``: seconds of bound computation per sample and threat for the cascade (None: no limit).
 
     ``on_batch`` is called with each finished batch's rows (the CLI appends them to the run's samples.jsonl).
     """
@@ -458,18 +547,19 @@ def certify_dataset(
                 f"{tuple(in_shape)}; pick the dataset the checkpoint was trained on"
             )
         args = (threats, methods, attack, attack_steps, attack_restarts, times)
+        limit = {"budget": budget}
         first = first_index + seen + lo
         if bar is not None and len(rows) == skip and len(dataset) - skip > 1:
             # Time a few images after a warm-up call (first calls pay for set-up) and announce the
             # whole run's estimated time; the results are discarded, so every batch is certified
             # as in a run without a progress bar.
             probe = (threats, methods, attack, attack_steps, attack_restarts, defaultdict(float))
-            certify_batch(bc, model, x[:1], y[:1], *probe, first, seed)
+            certify_batch(bc, model, x[:1], y[:1], *probe, first, seed, **limit)
             k = min(len(y), PROBE_IMAGES)
             t0 = time.perf_counter()
-            certify_batch(bc, model, x[:k], y[:k], *probe, first, seed)
+            certify_batch(bc, model, x[:k], y[:k], *probe, first, seed, **limit)
             bar.write(estimate_text((time.perf_counter() - t0) / k, len(dataset) - skip, k))
-        batch_rows = certify_batch(bc, model, x, y, *args, first, seed, advance)
+        batch_rows = certify_batch(bc, model, x, y, *args, first, seed, advance, **limit)
         seen += lo + len(batch_rows)
         rows.extend(batch_rows)
         if on_batch is not None:
@@ -506,7 +596,7 @@ def csv_text(rows: Sequence[SampleRow], threats: Sequence[Threat], methods: Sequ
         for m in methods:
             header += [f"{t}/{m}/certified", f"{t}/{m}/margin"]
         if "auto" in methods:
-            header.append(f"{t}/auto/decided_by")
+            header += [f"{t}/auto/decided_by", f"{t}/auto/skipped"]
         header += [f"{t}/certified", f"{t}/pgd_robust"]
     header.append("union/certified")
     lines = [",".join(header)]
@@ -516,7 +606,7 @@ def csv_text(rows: Sequence[SampleRow], threats: Sequence[Threat], methods: Sequ
             for m in methods:
                 cells += [int(r.certified[t][m]), f"{r.margins[t][m]:.6g}"]
             if "auto" in methods:
-                cells.append(r.decided_by.get(t, ""))
+                cells += [r.decided_by.get(t, ""), ";".join(r.skipped.get(t, {}))]
             rb = r.robust.get(t)
             cells += [int(r.best(t)), "" if rb is None else int(rb)]
         cells.append(int(all(r.best(t) for t in names)))

@@ -27,9 +27,10 @@ import re
 import sys
 import types
 import warnings
-from collections import deque
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Iterator, NamedTuple, Optional
 
 import numpy as np
 import torch
@@ -313,12 +314,6 @@ BoundedModule = _auto_lirpa.BoundedModule
 BoundedTensor = _auto_lirpa.BoundedTensor
 PerturbationLpNorm = _auto_lirpa.PerturbationLpNorm
 
-ALPHA_FALLBACKS = 0
-"""alpha-CROWN calls answered with the CROWN bound because auto_LiRPA 0.3 failed (see
-:func:`compute_bounds`), since import."""
-ALPHA_CALLS: deque[tuple[int, bool]] = deque(maxlen=4096)
-"""The latest alpha-CROWN calls in order: ``(batch size, answered by the CROWN bound)``. A reader
-clears it before a bound computation to learn which samples' bounds fell back."""
 _log = logging.getLogger("cure_lirpa.lirpa")
 
 # Method names of this package -> auto_LiRPA's.
@@ -339,7 +334,7 @@ def bound_opts(
     ``sparse_spec_alpha`` stays on, as in auto_LiRPA: without it every ReLU keeps one slope per neuron
     of every later layer and alpha-CROWN on a small CNN takes tens of seconds per image instead of
     about one; on the inputs where 0.3's sparse-spec code fails, :func:`compute_bounds` returns the
-    CROWN bound (counted in :data:`ALPHA_FALLBACKS`).
+    CROWN bound (and says so in its ``fell_back`` field).
     """
     opts: dict[str, Any] = {
         "sparse_features_alpha": False,
@@ -351,14 +346,23 @@ def bound_opts(
     return opts
 
 
+class Bounds(NamedTuple):
+    """What :func:`compute_bounds` returns: lower and upper bounds (upper None when not asked) and
+    whether alpha-CROWN was answered by the CROWN bound (auto_LiRPA 0.3 failed on the batch)."""
+
+    lower: torch.Tensor
+    upper: Optional[torch.Tensor]
+    fell_back: bool = False
+
+
 def compute_bounds(
     module: Any,
     x: torch.Tensor,
     C: Optional[torch.Tensor],
     method: str,
     interm_bounds: Optional[dict] = None,
-) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """Call ``module.compute_bounds`` with this package's method name; returns ``(lb, ub)``.
+) -> Bounds:
+    """Call ``module.compute_bounds`` with this package's method name; returns :class:`Bounds`.
 
     ``x`` is a ``BoundedTensor``; it is always passed as a 1-tuple (auto_LiRPA reuses stored bounds
     when ``x`` is None, which would silently turn CROWN into CROWN-IBP).
@@ -372,7 +376,7 @@ def compute_bounds(
         if interm_bounds is None and method in ("crown", "alpha-crown"):
             kwargs["reference_bounds"] = ibp_reference_bounds(module, x)
         if method != "alpha-crown":
-            return module.compute_bounds(**kwargs)
+            return Bounds(*module.compute_bounds(**kwargs))
         return _alpha_crown(module, kwargs)
     except Exception as exc:
         if not _raised_in_auto_lirpa(exc):
@@ -400,15 +404,10 @@ def _innermost_function(exc: BaseException) -> str:
     return "?" if code is None else f"{code.co_name} ({Path(code.co_filename).name})"
 
 
-def _alpha_crown(
-    module: Any, kwargs: dict[str, Any]
-) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-    n = int(kwargs["x"][0].shape[0])
+def _alpha_crown(module: Any, kwargs: dict[str, Any]) -> Bounds:
     with torch.enable_grad():
         try:
-            out = module.compute_bounds(**kwargs)
-            ALPHA_CALLS.append((n, False))
-            return out
+            return Bounds(*module.compute_bounds(**kwargs))
         except (AssertionError, KeyError) as exc:
             if not _raised_in_auto_lirpa(exc):
                 raise
@@ -417,14 +416,10 @@ def _alpha_crown(
         # can miss a table: KeyError). Its dense and shared-slope code paths avoid that but cost
         # tens of seconds per CIFAR-sized image, so these inputs get the CROWN bound: alpha-CROWN
         # with the slopes it starts from (exactly CROWN's bound, sound).
-        global ALPHA_FALLBACKS
-        ALPHA_FALLBACKS += 1
         _log.debug("alpha-CROWN failed inside auto_LiRPA (%r); using the CROWN bound", failure)
         for node in getattr(module, "optimizable_activations", ()):
             node.opt_end()  # leave the failed optimisation: CROWN must not read its slopes
-        out = module.compute_bounds(**dict(kwargs, method=METHODS["crown"]))
-        ALPHA_CALLS.append((n, True))
-        return out
+        return Bounds(*module.compute_bounds(**dict(kwargs, method=METHODS["crown"])), True)
 
 
 def ibp_reference_bounds(
@@ -495,3 +490,177 @@ def perturbation(
 ) -> Any:
     """An auto_LiRPA ``PerturbationLpNorm`` (``p`` is ``math.inf``, 2.0 or 1.0; eps in pixel units)."""
     return PerturbationLpNorm(norm=np.inf if p == float("inf") else p, eps=eps, x_L=x_L, x_U=x_U)
+
+
+def relu_input_bounds(module: Any) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """``(lower, upper)`` pre-activation bounds of every ReLU node of ``module`` in graph order, as
+    the last bound computation left them (detached)."""
+    return [(n.inputs[0].lower.detach(), n.inputs[0].upper.detach()) for n in module.relus]
+
+
+# ---------------------------------------------------------------------------------------------
+# The traced graph as plain data, and a ReLU rule for the final backward pass (for SDP-CROWN)
+
+
+@dataclass
+class GraphNode:
+    """One node of a traced graph, described without auto_LiRPA types.
+
+    ``kind``: ``input``, ``constant`` (does not depend on the input), ``linear`` (``weight`` a matrix
+    in either orientation, times ``scale``), ``conv`` (``weight`` a kernel, ``stride``, ``padding``,
+    ``dilation``, ``groups``, ``in_shape`` of one sample), ``batchnorm`` (``scale`` the per-channel
+    multipliers), ``relu``, ``add`` / ``sub`` (sums), ``mul`` / ``div`` by a constant (``scale`` its
+    largest / smallest magnitude), ``concat``, ``shape`` (reshape, flatten, identity-like),
+    ``other``. ``inputs``: names of the inputs that depend on the perturbed input.
+    """
+
+    name: str
+    kind: str
+    inputs: list[str]
+    weight: Optional[torch.Tensor] = None
+    scale: Optional[torch.Tensor] = None
+    stride: tuple[int, ...] = (1, 1)
+    padding: tuple[int, ...] = (0, 0)
+    dilation: tuple[int, ...] = (1, 1)
+    groups: int = 1
+    in_shape: tuple[int, ...] = ()
+
+
+_SHAPE_NODES = (
+    "BoundFlatten", "BoundReshape", "BoundUnsqueeze", "BoundSqueeze", "BoundDropout",
+    "BoundIdentity",
+)  # fmt: skip
+
+
+def _value(node: Any) -> Optional[torch.Tensor]:
+    for attr in ("forward_value", "param", "buffer", "value"):
+        v = getattr(node, attr, None)
+        if isinstance(v, torch.Tensor):
+            return v.detach()
+    return None
+
+
+def graph(module: Any) -> list[GraphNode]:
+    """The nodes of ``module`` in topological order, after a bound computation (which marks the
+    nodes that depend on the perturbed input)."""
+    out: list[GraphNode] = []
+    for node in module._modules.values():
+        kind = type(node).__name__
+        live = [i for i in node.inputs if getattr(i, "perturbed", False)]
+        names = [i.name for i in live]
+        if kind == "BoundInput":
+            out.append(GraphNode(node.name, "input", []))
+        elif not getattr(node, "perturbed", False):
+            out.append(GraphNode(node.name, "constant", []))
+        elif kind == "BoundRelu":
+            out.append(GraphNode(node.name, "relu", names))
+        elif kind in ("BoundAdd", "BoundSub"):
+            out.append(GraphNode(node.name, kind[5:].lower(), names))
+        elif kind in _SHAPE_NODES and len(live) == 1 and node.inputs[0] is live[0]:
+            out.append(GraphNode(node.name, "shape", names))
+        elif kind == "BoundConcat":
+            out.append(GraphNode(node.name, "concat", names))
+        else:
+            out.append(_affine_node(node, kind, live, names))
+    return out
+
+
+def _affine_node(node: Any, kind: str, live: list, names: list[str]) -> GraphNode:
+    """Linear, Conv, BatchNorm, and Mul/Div by a constant; anything else is ``other``."""
+    other = GraphNode(node.name, "other", names)
+    if len(live) != 1:
+        return other
+    consts = [_value(i) for i in node.inputs if i is not live[0]]
+    if kind == "BoundLinear" and node.inputs[0] is live[0] and not getattr(node, "transA", 0):
+        return GraphNode(
+            node.name, "linear", names, weight=consts[0], scale=_abs(getattr(node, "alpha", 1.0))
+        )
+    if kind == "BoundMatMul" and consts and consts[0] is not None and consts[0].dim() == 2:
+        return GraphNode(node.name, "linear", names, weight=consts[0], scale=_abs(1.0))
+    if kind == "BoundConv" and node.inputs[0] is live[0]:
+        return GraphNode(
+            node.name, "conv", names, weight=consts[0],
+            stride=tuple(node.stride), padding=tuple(node.padding),
+            dilation=tuple(node.dilation), groups=int(node.groups),
+            in_shape=tuple(node.inputs[0].output_shape[1:]),
+        )  # fmt: skip
+    if kind == "BoundBatchNormalization" and node.inputs[0] is live[0] and not node.training:
+        weight, _, _, var = consts[:4]
+        return GraphNode(node.name, "batchnorm", names, scale=weight / (var + node.eps).sqrt())
+    if kind in ("BoundMul", "BoundDiv") and consts and consts[0] is not None:
+        if kind == "BoundDiv" and node.inputs[0] is not live[0]:
+            return other
+        return GraphNode(node.name, kind[5:].lower(), names, scale=consts[0])
+    return other
+
+
+def _abs(v: Any) -> torch.Tensor:
+    return torch.tensor(abs(float(v)))
+
+
+def relu_inputs(module: Any) -> dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Per ReLU node name: its pre-activation's ``(lower, upper, value at the centre)``, each
+    (B, *shape), as the last bound computation left them (detached)."""
+    out = {}
+    for n in module.relus:
+        x = n.inputs[0]
+        center = module.get_forward_value(x)  # the input node holds the ball's centre
+        out[n.name] = (x.lower.detach(), x.upper.detach(), center.detach())
+    return out
+
+
+def node_bounds(module: Any) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Bounds of every intermediate node from the last bound computation, in the form
+    :func:`compute_bounds` takes as ``interm_bounds`` (so a later call does not recompute them)."""
+    out = {}
+    for node in module._modules.values():
+        lower, upper = getattr(node, "lower", None), getattr(node, "upper", None)
+        if (
+            getattr(node, "perturbed", False)
+            and isinstance(lower, torch.Tensor)
+            and isinstance(upper, torch.Tensor)
+            and node.name not in module.output_name
+        ):
+            out[node.name] = (lower.detach(), upper.detach())
+    return out
+
+
+ReluRule = Callable[[str, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+
+
+@contextmanager
+def relu_backward_rule(module: Any, rule: ReluRule) -> Iterator[None]:
+    """Inside the block, the backward pass from ``module``'s output (the final specification) goes
+    through each ReLU node by ``rule(relu name, last_lA) -> (lA, bias)`` instead of CROWN's
+    relaxation: ``last_lA`` and ``lA`` have auto_LiRPA's layout (S, B, *shape), ``bias`` is (S, B).
+    Backward passes from other nodes (intermediate bounds) keep auto_LiRPA's rule."""
+    final = module.final_name
+    patched = []
+    for node in module.relus:
+        original = node.bound_backward
+
+        def bound_backward(last_lA, last_uA, x=None, start_node=None, _o=original, _n=node, **kw):
+            if (
+                start_node is not None
+                and start_node.name == final
+                and last_uA is None
+                and isinstance(last_lA, torch.Tensor)
+            ):
+                lA, bias = rule(_n.name, last_lA)
+                return [(lA, None)], bias, 0
+            return _o(last_lA, last_uA, x, start_node=start_node, **kw)
+
+        node.bound_backward = bound_backward
+        patched.append(node)
+    try:
+        yield
+    finally:
+        for node in patched:
+            del node.bound_backward  # the instance attribute; the class method shows again
+
+
+def relu_preactivations(module: Any, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Per ReLU node name: its pre-activation at the points ``x`` (a plain forward pass)."""
+    with torch.no_grad():
+        module(x)
+        return {n.name: n.inputs[0].forward_value.detach().clone() for n in module.relus}

@@ -112,9 +112,13 @@ class TrainingNetwork:
 
         Keep train mode while training: auto_LiRPA's parameter nodes set ``requires_grad`` of the
         shared parameters to the module's mode on every forward; train mode restores the model's
-        own flags.
+        own flags. Dropout stays off in the bounds (they bound the network ``verify`` certifies,
+        without dropout); the clean and attack forward passes of the model keep it.
         """
         self.bounded.train(mode)
+        for node in self.bounded.module.modules():  # bounds are of the network without dropout
+            if type(node).__name__ == "BoundDropout":
+                node.train(False)
         if mode:
             for p, flag in self._requires_grad:
                 p.requires_grad_(flag)

@@ -35,7 +35,21 @@ class Normalize(nn.Module):
         self.register_buffer("std", torch.tensor(list(std), dtype=torch.float32).view(-1, 1, 1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # a grayscale image would broadcast silently against an RGB mean (not checked in a trace,
+        # where shapes are tensors: the run checks its shapes before it traces)
+        if not (torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()):
+            self._check_channels(x)
         return (x - self.mean) / self.std
+
+    def _check_channels(self, x: torch.Tensor) -> None:
+        channels = int(self.mean.shape[0])
+        if channels > 1 and (x.dim() < 2 or x.shape[1] != channels):
+            shape = "x".join(str(d) for d in x.shape[1:])
+            raise UserError(
+                f"images of shape {shape} do not fit this model: its normalisation has "
+                f"{channels} channels, so it takes {channels}xHxW images; use a dataset of "
+                f"{channels}-channel images or a model built for {shape}"
+            )
 
 
 class Classifier(nn.Module):
@@ -186,10 +200,12 @@ def check_output_shape(
     try:
         with torch.no_grad():
             out = model(torch.zeros(2, *in_shape))
+    except UserError as exc:
+        raise UserError(f"model {name!r}: {exc}") from None
     except Exception as exc:
         raise UserError(
             f"model {name!r} fails on a batch of two {shape} images: {type(exc).__name__}: "
-            f"{str(exc)[:200]}"
+            f"{_one_line(exc)[:200]}"
         ) from None
     finally:
         model.train(was_training)
@@ -238,7 +254,31 @@ def load_user_model(spec: str, **kwargs) -> nn.Module:
     factory = getattr(module, attr, None)
     if factory is None or not callable(factory):
         raise UserError(f"module {module_name!r} has no callable {attr!r}")
-    model = factory(**_factory_arguments(factory, spec, kwargs))
+    arguments = _factory_arguments(factory, spec, kwargs)
+    try:
+        model = factory(**arguments)
+    except UserError:
+        raise
+    except Exception as exc:
+        raise UserError(
+            f"user model {spec!r}: {attr}() raised {type(exc).__name__}: {_one_line(exc)}"
+            f"{_where(exc)}"
+        ) from None
     if not isinstance(model, nn.Module):
         raise UserError(f"{spec!r} returned {type(model).__name__}, expected a torch.nn.Module")
     return model
+
+
+def _one_line(exc: BaseException) -> str:
+    """An exception's message on one line."""
+    return " ".join(str(exc).split()) or "(no message)"
+
+
+def _where(exc: BaseException) -> str:
+    """`` (at file:line)``: where the exception was raised, or "" when unknown."""
+    tb = exc.__traceback__
+    if tb is None:
+        return ""
+    while tb.tb_next is not None:
+        tb = tb.tb_next
+    return f" (at {tb.tb_frame.f_code.co_filename}:{tb.tb_lineno})"

@@ -1,5 +1,5 @@
-"""One run folder for every long job: ``train``, ``smooth train``, ``verify``, ``smooth certify``
-and the benchmark cells.
+"""One run folder for every command that writes results: ``train``, ``verify``, ``smooth train``,
+``smooth certify``, ``smooth predict``, ``smooth analyze`` and ``merge``.
 
 A run folder holds
 
@@ -11,9 +11,13 @@ A run folder holds
   (:class:`Records`): a kill at any byte loses at most the torn last line, which a resume drops.
 * results (``summary.json`` ...) written atomically when the run ends.
 
-The rules are the same for every command: a folder that holds a run is refused unless ``--resume``
-(continue it; same config) or ``--overwrite`` (start over) is given; ``--resume`` without a run is
-refused; a run that fails before it wrote anything worth keeping leaves nothing behind
+The rules are the same for every command, and :meth:`Run.open` is the one place that holds them:
+a new or empty folder starts a run; a folder with other files is refused; a folder that holds a run
+is refused unless ``--resume`` (continue it; same config) or ``--overwrite`` (start over) is given,
+and both together are refused, so only ``--overwrite`` alone deletes a run; ``--resume`` without a
+run is refused; a folder another process uses is refused (:func:`lock_folder`). ``merge`` rebuilds
+a run with the same settings without ``--resume`` (its shards hold every sample) and never deletes
+its shard folders. A run that fails before it wrote anything worth keeping leaves nothing behind
 (:meth:`Run.discard_if_empty`).
 """
 
@@ -24,13 +28,18 @@ import os
 import random
 import shutil
 from pathlib import Path
-from typing import Any, Iterable, Optional, Sequence, Union
+from typing import AbstractSet, Any, Iterable, Optional, Sequence, Union
 
 import numpy as np
 import torch
 
 from .checkpoint import atomic_write_json, versions, write_error
 from .errors import UserError
+
+try:
+    import fcntl
+except ImportError:  # Windows: folders are not locked
+    fcntl = None  # type: ignore[assignment]
 
 FORMAT = "cure-lirpa-run/1"
 CONFIG = "config.json"
@@ -167,15 +176,63 @@ def read_config(path: PathLike) -> Optional[dict[str, Any]]:
     return record
 
 
+# folders this process holds (lock_folder): real path -> (descriptor, device, inode)
+_HELD: dict[str, tuple[int, int, int]] = {}
+
+
+def lock_folder(path: PathLike) -> None:
+    """Hold the folder ``path`` for this process: an exclusive ``flock`` on the folder itself,
+    released by :func:`unlock_folder` or when the process ends, however it ends. Refuses a folder
+    another process holds; this process may take a folder it holds again. A file system without
+    locks leaves the folder unlocked."""
+    if fcntl is None:
+        return
+    key = os.path.realpath(path)
+    stat = os.stat(key)
+    held = _HELD.get(key)
+    if held is not None and held[1:] == (stat.st_dev, stat.st_ino):
+        return
+    unlock_folder(key)  # a folder deleted and made again under the same name
+    fd = os.open(key, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise UserError(
+            f"{path} is in use by another cure-lirpa process; wait until it ends, or choose "
+            "another folder"
+        ) from None
+    except OSError:
+        os.close(fd)
+        return
+    _HELD[key] = (fd, stat.st_dev, stat.st_ino)
+
+
+def unlock_folder(path: PathLike) -> None:
+    """Release a folder :func:`lock_folder` holds (nothing if it holds none)."""
+    held = _HELD.pop(os.path.realpath(path), None)
+    if held is not None:
+        os.close(held[0])
+
+
 class Run:
     """A run folder (see the module docstring); create it with :meth:`open`."""
 
-    def __init__(self, path: Path, kind: str, config: dict[str, Any], resumed: bool, created: bool):
+    def __init__(
+        self,
+        path: Path,
+        kind: str,
+        config: dict[str, Any],
+        resumed: bool,
+        created: bool,
+        sources: Sequence[Path] = (),
+    ):
         self.path = path
         self.kind = kind
         self.config = config
         self.resumed = resumed
         self._created = created
+        self._sources = tuple(sources)
 
     @classmethod
     def open(
@@ -187,74 +244,51 @@ class Run:
         resume: bool = False,
         overwrite: bool = False,
         mutable: Iterable[str] = (),
+        sources: Iterable[PathLike] = (),
     ) -> Run:
-        """Start a new run of ``kind`` in ``path`` or continue (``resume``) the one there.
+        """Start a new run of ``kind`` in ``path`` or continue (``resume``) the one there: the
+        run-folder rule of every command (the module docstring).
 
         ``config`` is everything that determines the results (JSON-serialisable); on resume it
         must equal the stored one except for the ``mutable`` keys (which are updated).
-        ``overwrite`` deletes the run in ``path`` first. Raises :class:`UserError` for a folder
-        that holds a run when neither is given, a resume without a run or with another config.
+        ``overwrite`` deletes the run in ``path`` first. ``sources`` are the folders a merge
+        rebuilds the run from (its shard folders): never deleted, no other files, and a run with
+        the same settings is rebuilt without ``resume``. The folder is locked for this process
+        (:func:`lock_folder`) until :meth:`close`. Raises :class:`UserError` for both ``resume``
+        and ``overwrite``, a folder that holds a run when neither is given, a resume without a run
+        or with another config, other files in the folder, and a folder in use by another process.
         """
         path = Path(path)
-        flag = "--resume"
-        if path.exists() and not path.is_dir():
-            raise UserError(f"{path} is a file; give a folder for the run's outputs")
-        old = read_config(path)
-        if old is not None and old.get("kind") != kind:
-            raise UserError(
-                f"{path} holds a {old.get('kind')} run, not a {kind} run; choose another folder"
-            )
-        if old is not None and overwrite:
-            shutil.rmtree(path)
-            old = None
-        elif old is not None and not resume:
-            if cls._nothing_kept(path):  # a run killed before it kept anything: start over
-                shutil.rmtree(path)
-                old = None
-            else:
-                raise UserError(
-                    f"{path} already holds a {kind} run; pass --resume to continue it, "
-                    "--overwrite to start over, or choose another folder"
-                )
-        if old is None and resume:
-            raise UserError(f"{flag}: {path} holds no {kind} run to continue; start without {flag}")
-        if old is not None:
-            diff = config_diff(old["config"], config, ignore=mutable)
-            if diff:
-                raise UserError(
-                    f"{flag}: {path} was made with other settings "
-                    f"({describe_diff(old['config'], config, diff)}); resume with the same "
-                    "options, or start a new run in another folder"
-                )
-        if old is None and path.is_dir() and any(not _ours(p) for p in path.iterdir()):
-            others = sorted(p.name for p in path.iterdir() if not _ours(p))
-            raise UserError(
-                f"{path} already holds other files ({', '.join(others[:3])}); choose an empty or "
-                "new folder for the run"
-            )
-        if old is None and path.is_dir():  # leftovers of a run killed before it kept anything
-            for p in path.iterdir():
-                p.unlink()
+        keep = {Path(p).resolve() for p in sources}
+        _decide(path, kind, config, resume, overwrite, mutable, keep)  # refuse before any change
         created = not path.exists()
         try:
             path.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise write_error(path, exc) from None
-        run = cls(path, kind, _json(config), resumed=old is not None, created=created)
+        lock_folder(path)
         try:
+            old = _decide(path, kind, config, resume, overwrite, mutable, keep)  # now it is ours
+            if old is None:
+                created |= _clear(path, keep)
+            run = cls(path, kind, _json(config), old is not None, created, tuple(keep))
             atomic_write_json(
                 path / CONFIG,
                 {"format": FORMAT, "kind": kind, "config": run.config, "versions": versions()},
             )
-        except UserError:
-            if created:
-                shutil.rmtree(path, ignore_errors=True)
+        except BaseException:
+            unlock_folder(path)
+            if created and path.is_dir() and not _entries(path):
+                path.rmdir()
             raise
         return run
 
-    @staticmethod
-    def _nothing_kept(path: Path) -> bool:
-        return all(_ours(p) and (p.name == CONFIG or _empty(p)) for p in path.iterdir())
+    def close(self) -> None:
+        """Release the folder (:func:`lock_folder`) once the run is over."""
+        unlock_folder(self.path)
+
+    def _nothing_kept(self) -> bool:
+        return _nothing_kept(self.path, set(self._sources))
 
     def file(self, name: str) -> Path:
         return self.path / name
@@ -264,13 +298,106 @@ class Run:
 
     def discard_if_empty(self) -> None:
         """After a failure: remove the run if it kept nothing (only its config, empty records or
-        temporary files), and the folder if this run created it."""
-        if not self.path.is_dir() or not self._nothing_kept(self.path):
-            return
-        for p in self.path.iterdir():
+        temporary files), and the folder if this run created it; release the folder."""
+        try:
+            if not self.path.is_dir() or not self._nothing_kept():
+                return
+            for p in self.path.iterdir():
+                if p.resolve() not in self._sources:
+                    p.unlink()
+            if self._created and not any(self.path.iterdir()):
+                self.path.rmdir()
+        finally:
+            self.close()
+
+
+def _decide(
+    path: Path,
+    kind: str,
+    config: dict[str, Any],
+    resume: bool,
+    overwrite: bool,
+    mutable: Iterable[str],
+    sources: AbstractSet[Path],
+) -> Optional[dict[str, Any]]:
+    """The run-folder rule of :meth:`Run.open`, without changing anything: the ``config.json``
+    record of the run to continue, or None to start a new run (after :func:`_clear`)."""
+    if resume and overwrite:
+        raise UserError(
+            f"--resume and --overwrite contradict each other (--resume continues the run in "
+            f"{path}, --overwrite deletes it); pass one of them"
+        )
+    if path.exists() and not path.is_dir():
+        raise UserError(f"{path} is a file; give a folder for the run's outputs")
+    old = read_config(path)
+    if old is not None and old.get("kind") != kind:
+        raise UserError(
+            f"{path} holds a {old.get('kind')} run, not a {kind} run; choose another folder"
+        )
+    if old is not None and (overwrite or (not resume and _nothing_kept(path, sources))):
+        return None  # start over (also over a run killed before it kept anything)
+    if old is not None and not resume and not sources:
+        raise UserError(
+            f"{path} already holds a {kind} run; pass --resume to continue it, "
+            "--overwrite to start over, or choose another folder"
+        )
+    if old is None and resume:
+        raise UserError(f"--resume: {path} holds no {kind} run to continue; start without --resume")
+    if old is not None:
+        _check_same(path, old["config"], config, mutable, resume)
+        return old
+    others = sorted(p.name for p in _entries(path) if not _ours(p) and p.resolve() not in sources)
+    if others:
+        raise UserError(
+            f"{path} already holds other files ({', '.join(others[:3])}); choose an empty or "
+            "new folder for the run"
+        )
+    return None
+
+
+def _check_same(
+    path: Path, old: dict[str, Any], new: dict[str, Any], mutable: Iterable[str], resume: bool
+) -> None:
+    """Refuse to continue (or rebuild, for a merge) a run made with other settings."""
+    diff = config_diff(old, new, ignore=mutable)
+    if not diff:
+        return
+    what = describe_diff(old, new, diff)
+    if resume:
+        raise UserError(
+            f"--resume: {path} was made with other settings ({what}); resume with the same "
+            "options, or start a new run in another folder"
+        )
+    raise UserError(
+        f"{path} already holds a run made with other settings ({what}); pass --overwrite to "
+        "replace it, or choose another folder"
+    )
+
+
+def _entries(path: Path) -> list[Path]:
+    return list(path.iterdir()) if path.is_dir() else []
+
+
+def _nothing_kept(path: Path, sources: AbstractSet[Path] = frozenset()) -> bool:
+    """Whether the run in ``path`` kept nothing: only its config, empty records, temporary files
+    (and the ``sources`` it is rebuilt from)."""
+    return all(
+        p.resolve() in sources or (_ours(p) and (p.name == CONFIG or _empty(p)))
+        for p in _entries(path)
+    )
+
+
+def _clear(path: Path, sources: AbstractSet[Path]) -> bool:
+    """Delete everything in ``path`` but the ``sources``; whether a run was deleted."""
+    had_run = read_config(path) is not None
+    for p in _entries(path):
+        if p.resolve() in sources:
+            continue
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p)
+        else:
             p.unlink()
-        if self._created:
-            self.path.rmdir()
+    return had_run
 
 
 def _ours(p: Path) -> bool:

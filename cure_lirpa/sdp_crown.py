@@ -13,34 +13,32 @@ the ball ``B2(z_hat, rho)`` (and in CROWN's box ``[l, u]``), back-propagated coe
 
 Each one-dimensional minimum is a convex quadratic on two intervals (t <= 0, t >= 0), solved in
 closed form. At ``lambda = 0`` it is the best offset for ``g`` over the box, which for CROWN's slopes
-is exactly CROWN's offset, so the bound is never looser than CROWN with the same slopes; the larger of
-the two offsets is taken in every layer anyway (both are valid).
+is exactly CROWN's offset; the larger of the two offsets is taken at every ReLU (both are valid), so
+the bound is never looser than CROWN with the same slopes.
 
-Layers whose input is not a ball (every ReLU but one fed directly by the input ball, and even that
-one sees an ellipsoid) are handled as in the paper: the pre-activation set is enclosed in a ball
-centred at the pre-activation of the clean input, with the input radius times the spectral norms of
-the affine layers in between (ReLU is 1-Lipschitz and keeps the ball's centre at ``ReLU(z_hat)``).
-Here that radius is also capped by the ball around the box ``[l, u]``, ``||max(z_hat - l,
-u - z_hat)||_2``. Spectral norms are upper bounds: exact (SVD) for Linear, and for Conv2d the largest
-singular value of the circular convolution on the zero-padded grid (Sedghi, Gupta, Long, ICLR 2019),
-of which the zero-padded, strided convolution is a sub-block.
+The ball holding each ReLU's pre-activation is centred at the pre-activation of the clean input
+(the centre of the threat ball). Its radius is propagated through the graph as in the paper: the input
+radius times an upper bound on the l2 operator norm of every affine node on the way (exact SVD for
+Linear; for Conv2d the largest singular value of the circular convolution on the zero-padded grid,
+Sedghi, Gupta, Long, ICLR 2019, of which the zero-padded strided convolution is a sub-block;
+the largest multiplier for BatchNorm and constant products), unchanged by ReLU (1-Lipschitz, and
+the centre maps to ``ReLU(z_hat)``) and reshapes, summed over the branches of an addition. Every
+radius is capped by the ball around CROWN's box, ``||max(z_hat - l, u - z_hat)||_2``, which also
+covers any node the propagation does not know (its radius is then unbounded before the cap).
 
-Design (auto_LiRPA 0.3 has no hook for a per-layer offset, so the backward pass is our own):
+Design: the backward pass is auto_LiRPA's own CROWN pass over the traced graph (any graph it
+traces: residual blocks, custom ``forward``s, concatenations, unfolded normalisation), with the
+intermediate bounds of a preceding CROWN call held fixed and, at each ReLU of the final pass, this
+module's rule (:func:`cure_lirpa.lirpa.relu_backward_rule`). Per ReLU one ``lambda`` per sample
+and margin (``lambda = lambda_0 * exp(theta)``, positive without projection) and, as in alpha-CROWN,
+one lower slope per unstable neuron, sample and margin in ``[0, 1]`` are optimised jointly with Adam
+for the classifier's alpha-CROWN step count; every step's bound is valid and the best one per margin
+is kept, never below CROWN's.
 
-* intermediate pre-activation bounds ``[l, u]`` come from auto_LiRPA's CROWN on the same l2 ball
-  (read from the ``BoundRelu`` nodes after one CROWN call through :mod:`cure_lirpa.lirpa`);
-* a backward pass written here for ``Linear``, ``Conv2d``, ``ReLU``, ``Flatten``, eval-mode
-  ``BatchNorm1d/2d``, ``Identity``/``Dropout`` (eval) and nested ``nn.Sequential`` (the zoo, with its
-  normalisation folded by :mod:`cure_lirpa.bounds`); every other model is refused with a
-  :class:`~cure_lirpa.errors.UserError`;
-* per ReLU layer one ``lambda`` per sample and margin (``lambda = lambda_0 * exp(theta)``, so it
-  stays positive without projection) and, as in alpha-CROWN, one lower slope per unstable neuron,
-  sample and margin in ``[0, 1]``, optimised jointly with Adam for the classifier's alpha-CROWN step
-  count; every step's bound is valid and the best one per margin is kept;
-* the result is the element-wise maximum with auto_LiRPA's CROWN bound.
-
-Threats: l2 balls. An l1 ball of radius r lies in the l2 ball of radius r, so for l1 the bound is the
-larger of CROWN's l1 bound and this l2 bound. l∞ balls and box families get CROWN's bound.
+Threats arrive mapped into bound space by :class:`~cure_lirpa.bounds.BoundedClassifier` (normalisation
+folded, or applied with the radius divided by the smallest std). l2 balls get the bound above. An l1
+ball of radius r lies in the l2 ball of radius r, so for l1 the bound is the larger of CROWN's l1 bound
+and this l2 bound. Boxes (l∞ balls, box families) get CROWN's bound.
 """
 
 from __future__ import annotations
@@ -51,93 +49,57 @@ from typing import TYPE_CHECKING, Optional
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from . import lirpa
-from .errors import UserError
-from .threats import NormBall, Threat
+from .region import BoundResult, Region
+from .threats import Threat
 
-if TYPE_CHECKING:  # bounds imports this module lazily; avoid the cycle at import time
+if TYPE_CHECKING:
     from .bounds import BoundedClassifier
 
 METHOD = "sdp-crown"
 LAMBDA_LR = 0.2
 ALPHA_LR = 0.5
-_SAFETY = 1.0 + 1e-4  # relative margin on computed spectral norms (float round-off)
-_TRAIN_DEPENDENT = (nn.BatchNorm1d, nn.BatchNorm2d, nn.Dropout)
-_SUPPORTED = "Linear, Conv2d, ReLU, Flatten, BatchNorm1d/2d (eval mode), Identity, Dropout"
+_SAFETY = 1.0 + 1e-4  # relative margin on computed operator norms (float round-off)
 
 
-# ---------------------------------------------------------------------------------------------
-# The layers of a supported model
+def operator_norm_upper(node: lirpa.GraphNode) -> float:
+    """An upper bound on the l2 operator norm of an affine node's linear part (inf if unknown)."""
+    with torch.no_grad():
+        if node.kind == "linear" and node.weight is not None and node.weight.dim() == 2:
+            norm = float(torch.linalg.matrix_norm(node.weight.double(), ord=2))
+            return norm * float(node.scale if node.scale is not None else 1.0) * _SAFETY
+        if node.kind == "conv" and node.weight is not None and _plain_conv(node):
+            pad = node.padding if len(node.padding) == 2 else node.padding[:2]
+            return conv_norm_upper(node.weight, node.stride, pad, node.in_shape) * _SAFETY
+        if node.kind in ("batchnorm", "mul") and node.scale is not None:
+            return float(node.scale.abs().max()) * _SAFETY
+        if node.kind == "div" and node.scale is not None:
+            return float(1.0 / node.scale.abs().min()) * _SAFETY
+    return math.inf
 
 
-def model_layers(module: nn.Module) -> list[nn.Module]:
-    """The leaf layers of ``module`` in order (nested ``nn.Sequential`` flattened).
-
-    Raises :class:`UserError` for any layer the SDP-CROWN backward pass does not implement.
-    """
-    if isinstance(module, nn.Sequential):
-        return [leaf for child in module.children() for leaf in model_layers(child)]
-    if isinstance(module, (nn.Identity, nn.Dropout)) or type(module).__name__ == "InputIdentity":
-        return []  # InputIdentity: the identity layer the bounded classifier may put in front
-    if isinstance(module, nn.Conv2d):
-        if module.groups != 1 or module.dilation != (1, 1) or module.padding_mode != "zeros":
-            raise UserError(
-                f"sdp-crown supports Conv2d with groups=1, dilation=1 and zero padding, got {module}"
-            )
-        if isinstance(module.padding, str):
-            raise UserError(
-                f"sdp-crown needs numeric Conv2d padding, got padding={module.padding!r}"
-            )
-        return [module]
-    if isinstance(module, nn.Flatten):
-        if module.start_dim != 1 or module.end_dim != -1:
-            raise UserError("sdp-crown supports nn.Flatten() with start_dim=1, end_dim=-1 only")
-        return [module]
-    if isinstance(module, (nn.BatchNorm1d, nn.BatchNorm2d)):
-        if module.running_mean is None:
-            raise UserError("sdp-crown needs BatchNorm with running statistics (eval mode)")
-        return [module]
-    if isinstance(module, (nn.Linear, nn.ReLU)):
-        return [module]
-    raise UserError(
-        f"sdp-crown does not support the layer {type(module).__name__}; it supports models built "
-        f"as nn.Sequential of {_SUPPORTED} (every zoo model). Use --method crown or alpha-crown "
-        "for this model."
+def _plain_conv(node: lirpa.GraphNode) -> bool:
+    """Groups 1, dilation 1, 2-D, symmetric zero padding."""
+    pads = tuple(node.padding)
+    symmetric = len(pads) == 2 or (len(pads) == 4 and pads[:2] == pads[2:])
+    return (
+        node.groups == 1
+        and all(d == 1 for d in node.dilation)
+        and len(node.stride) == 2
+        and len(node.in_shape) == 3
+        and symmetric
     )
 
 
-def _bn_affine(bn: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
-    """Eval-mode BatchNorm as ``scale * x + shift`` (each (C,))."""
-    scale = bn.running_var.add(bn.eps).rsqrt()
-    if bn.weight is not None:
-        scale = scale * bn.weight
-    shift = -bn.running_mean * scale
-    if bn.bias is not None:
-        shift = shift + bn.bias
-    return scale, shift
-
-
-def _bn_view(t: torch.Tensor, ndim: int) -> torch.Tensor:
-    return t.view(1, -1, *[1] * (ndim - 2))
-
-
-def spectral_norm_upper(layer: nn.Module, in_shape: tuple[int, ...]) -> float:
-    """An upper bound on the l2 operator norm of the linear part of ``layer`` on inputs of
-    ``in_shape`` (one sample's shape)."""
-    with torch.no_grad():
-        if isinstance(layer, nn.Linear):
-            return float(torch.linalg.matrix_norm(layer.weight.double(), ord=2)) * _SAFETY
-        if isinstance(layer, nn.Conv2d):
-            return _conv_norm_upper(layer, in_shape) * _SAFETY
-        if isinstance(layer, (nn.BatchNorm1d, nn.BatchNorm2d)):
-            return float(_bn_affine(layer)[0].abs().max()) * _SAFETY
-    return 1.0  # ReLU, Flatten
-
-
-def _conv_norm_upper(conv: nn.Conv2d, in_shape: tuple[int, ...]) -> float:
-    """Upper bound on the operator norm of a zero-padded, strided Conv2d on ``in_shape``.
+def conv_norm_upper(
+    weight: torch.Tensor,
+    stride: tuple[int, ...],
+    padding: tuple[int, ...],
+    in_shape: tuple[int, ...],
+) -> float:
+    """Upper bound on the operator norm of a zero-padded, strided 2-D convolution (kernel ``weight``
+    (out, in, kh, kw), groups 1, dilation 1) on inputs of ``in_shape`` (C, H, W).
 
     Zero padding embeds the image isometrically in the padded grid (padded further to a multiple of
     the stride). Space-to-depth by the stride s (an isometric re-arrangement: channel (c, i, j) holds
@@ -147,9 +109,9 @@ def _conv_norm_upper(conv: nn.Conv2d, in_shape: tuple[int, ...]) -> float:
     ``(out, in)`` matrix per frequency (Sedghi, Gupta, Long, ICLR 2019). None of these steps
     increases the norm, so the largest singular value over the frequencies bounds it.
     """
-    w = conv.weight.detach().double()
+    w = weight.detach().double()
     co, ci, kh, kw = w.shape
-    (sh, sw), (ph, pw) = conv.stride, conv.padding
+    (sh, sw), (ph, pw) = stride, padding
     kh2, kw2 = -(-kh // sh), -(-kw // sw)
     w = F.pad(w, (0, kw2 * sw - kw, 0, kh2 * sh - kh))
     w = (
@@ -164,7 +126,7 @@ def _conv_norm_upper(conv: nn.Conv2d, in_shape: tuple[int, ...]) -> float:
 
 
 # ---------------------------------------------------------------------------------------------
-# Forward: centres and radii of the balls holding each ReLU's pre-activation
+# The balls holding each ReLU's pre-activation
 
 
 @dataclass
@@ -181,48 +143,38 @@ class ReluLayer:
         return (self.lower < 0) & (self.upper > 0)
 
 
-def _forward(
-    layers: list[nn.Module], center: torch.Tensor, eps: float, bounds: list[tuple]
-) -> tuple[list[ReluLayer], list[tuple[int, ...]]]:
-    """Pre-activation balls of every ReLU (in order) and every layer's input shape."""
-    h = center
-    radius = torch.full((len(center),), float(eps), dtype=center.dtype, device=center.device)
-    relus: list[ReluLayer] = []
-    shapes: list[tuple[int, ...]] = []
-    with torch.no_grad():
-        for layer in layers:
-            shapes.append(tuple(h.shape[1:]))
-            if isinstance(layer, nn.ReLU):
-                k = len(relus)
-                if k >= len(bounds):
-                    raise UserError("sdp-crown: the model has more ReLUs than auto_LiRPA's graph")
-                lo, up = (b.reshape(len(h), -1) for b in bounds[k])
-                zc = h.reshape(len(h), -1)
-                if lo.shape != zc.shape:
-                    raise UserError(
-                        "sdp-crown: auto_LiRPA's ReLU bounds do not match the model's layers "
-                        f"({tuple(lo.shape)} vs {tuple(zc.shape)}); use crown or alpha-crown"
-                    )
-                tol = 1e-4 * (1 + zc.abs())
-                if bool(((zc < lo - tol) | (zc > up + tol)).any()):
-                    raise UserError(
-                        "sdp-crown: auto_LiRPA's ReLU bounds do not contain the clean "
-                        "pre-activations (its graph differs from the model's layer order)"
-                    )
-                box = torch.maximum(zc - lo, up - zc).clamp_min(0).norm(dim=1)
-                radius = torch.minimum(radius, box)
-                relus.append(ReluLayer(lo, up, zc, radius.clone()))
-                h = F.relu(h)
-            else:
-                radius = radius * spectral_norm_upper(layer, tuple(h.shape[1:]))
-                h = layer(h)
-    if len(relus) != len(bounds):
-        raise UserError("sdp-crown: the model has fewer ReLUs than auto_LiRPA's graph")
-    return relus, shapes
+def relu_balls(module, eps: float) -> dict[str, ReluLayer]:
+    """Per ReLU node of a bounded module (after a CROWN call on the l2 ball of radius ``eps``): its
+    pre-activation bounds and the ball holding the pre-activation (see the module doc)."""
+    inputs = lirpa.relu_inputs(module)
+    radius: dict[str, torch.Tensor] = {}
+    layers: dict[str, ReluLayer] = {}
+    batch = next(iter(inputs.values()))[0].shape[0] if inputs else 1
+    for node in lirpa.graph(module):
+        live = [radius[i] for i in node.inputs]
+        if node.kind == "input":
+            r = torch.full((batch,), float(eps), dtype=torch.float64)
+        elif node.kind == "constant":
+            r = torch.zeros(batch, dtype=torch.float64)
+        elif node.kind in ("shape", "add", "sub"):
+            r = sum(live, torch.zeros(batch, dtype=torch.float64))
+        elif node.kind == "concat":
+            r = torch.stack(live).pow(2).sum(0).sqrt()
+        elif node.kind == "relu":
+            lower, upper, center = (t.reshape(batch, -1) for t in inputs[node.name])
+            box = torch.maximum(center - lower, upper - center).clamp_min(0).norm(dim=1)
+            r = torch.minimum(live[0], box.double())
+            layers[node.name] = ReluLayer(lower, upper, center, r.to(center.dtype))
+        else:  # affine nodes; "other" gets inf and is capped by the box at the next ReLU
+            norm = operator_norm_upper(node) if len(live) == 1 else math.inf
+            r = sum(live, torch.zeros(batch, dtype=torch.float64))
+            r = torch.where(r > 0, r * norm, r)
+        radius[node.name] = r
+    return layers
 
 
 # ---------------------------------------------------------------------------------------------
-# Backward: the linear bound with SDP-CROWN offsets
+# The ReLU rule of the final backward pass
 
 
 def _piece_min(k: torch.Tensor, lam: torch.Tensor, zc, a, b) -> torch.Tensor:
@@ -261,159 +213,103 @@ def _crown_slopes(layer: ReluLayer) -> tuple[torch.Tensor, torch.Tensor, torch.T
     return up_slope, up_icpt, low_slope
 
 
-def _backward(
-    layers: list[nn.Module],
-    shapes: list[tuple[int, ...]],
-    relus: list[ReluLayer],
-    C: torch.Tensor,
-    alphas: list[torch.Tensor],
-    thetas: list[torch.Tensor],
-    lam0: list[Optional[torch.Tensor]],
-    slopes: list[tuple],
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Back-substitute ``C`` (B, S, K) to the input: returns ``(A (B, S, *in_shape), bias (B, S))``.
+class _Rule:
+    """SDP-CROWN's rule at each ReLU of the final backward pass, with its optimisable variables:
+    per ReLU the lower slopes (B, S, n) and ``theta`` (B, S), ``lambda = lambda_0 * exp(theta)``."""
 
-    Each ReLU's offset is the larger of CROWN's (for the chosen slopes) and SDP-CROWN's.
-    """
-    B, S = C.shape[:2]
-    A = C
-    bias = torch.zeros(B, S, dtype=C.dtype, device=C.device)
-    k = len(relus)
-    for layer, shape in zip(reversed(layers), reversed(shapes)):
-        if isinstance(layer, nn.Linear):
-            if layer.bias is not None:
-                bias = bias + A @ layer.bias
-            A = A @ layer.weight
-        elif isinstance(layer, nn.Conv2d):
-            out_shape = A.shape[2:]
-            flat = A.reshape(B * S, *out_shape)
-            if layer.bias is not None:
-                bias = bias + (A.sum((3, 4)) * layer.bias).sum(-1)
-            pad = tuple(
-                shape[1 + i]
-                - (
-                    (out_shape[1 + i] - 1) * layer.stride[i]
-                    - 2 * layer.padding[i]
-                    + layer.kernel_size[i]
-                )
-                for i in range(2)
-            )
-            A = F.conv_transpose2d(
-                flat, layer.weight, None, layer.stride, layer.padding, output_padding=pad
-            ).reshape(B, S, *shape)
-        elif isinstance(layer, (nn.BatchNorm1d, nn.BatchNorm2d)):
-            scale, shift = _bn_affine(layer)
-            view = _bn_view(scale, A.dim() - 1)
-            bias = bias + (A * _bn_view(shift, A.dim() - 1).unsqueeze(0)).flatten(2).sum(-1)
-            A = A * view.unsqueeze(0)
-        elif isinstance(layer, nn.Flatten):
-            A = A.reshape(B, S, *shape)
-        elif isinstance(layer, nn.ReLU):
-            k -= 1
-            r = relus[k]
-            up_slope, up_icpt, _ = slopes[k]
-            c = A.reshape(B, S, -1)
-            unstable = r.unstable.unsqueeze(1)
-            active = (r.lower >= 0).to(c.dtype).unsqueeze(1)
-            low = torch.where(unstable, lirpa.clip_slope(alphas[k]), active)
-            pos, neg = c.clamp(min=0), c.clamp(max=0)
-            g = pos * low + neg * up_slope.unsqueeze(1)
-            crown = (neg * up_icpt.unsqueeze(1)).sum(-1)
-            if lam0[k] is None:  # the optimum for one layer's offset is near ||g|| / (2 rho)
-                scale = (g * unstable).detach().norm(dim=-1) / (2 * r.radius.unsqueeze(1))
-                lam0[k] = scale.nan_to_num(1.0).clamp(1e-6, 1e6)
-            lam = lam0[k] * thetas[k].exp()
-            bias = bias + torch.maximum(crown, relu_offset(c, g, lam, r))
-            A = g.reshape(B, S, *shape)
-        else:  # pragma: no cover - model_layers refuses everything else
-            raise AssertionError(type(layer))
-    return A, bias
+    def __init__(self, layers: dict[str, ReluLayer]):
+        self.layers = layers
+        self.slopes = {name: _crown_slopes(layer) for name, layer in layers.items()}
+        self.alphas: dict[str, torch.Tensor] = {}
+        self.thetas: dict[str, torch.Tensor] = {}
+        self.lam0: dict[str, torch.Tensor] = {}
+
+    def params(self) -> list[torch.Tensor]:
+        return [*self.alphas.values(), *self.thetas.values()]
+
+    def __call__(self, name: str, last_lA: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        S, B = last_lA.shape[:2]
+        layer = self.layers[name]
+        up_slope, up_icpt, low0 = self.slopes[name]
+        c = last_lA.reshape(S, B, -1).transpose(0, 1)  # (B, S, n)
+        if name not in self.alphas:
+            self.alphas[name] = low0.unsqueeze(1).expand(B, S, -1).clone().requires_grad_(True)
+            self.thetas[name] = torch.zeros(B, S, dtype=c.dtype, requires_grad=True)
+        unstable = layer.unstable.unsqueeze(1)
+        active = (layer.lower >= 0).to(c.dtype).unsqueeze(1)
+        low = torch.where(unstable, lirpa.clip_slope(self.alphas[name]), active)
+        pos, neg = c.clamp(min=0), c.clamp(max=0)
+        g = pos * low + neg * up_slope.unsqueeze(1)
+        crown = (neg * up_icpt.unsqueeze(1)).sum(-1)
+        if name not in self.lam0:  # the optimum for one layer's offset is near ||g|| / (2 rho)
+            scale = (g * unstable).detach().norm(dim=-1) / (2 * layer.radius.unsqueeze(1))
+            self.lam0[name] = scale.nan_to_num(1.0).clamp(1e-6, 1e6)
+        lam = self.lam0[name] * self.thetas[name].exp()
+        bias = torch.maximum(crown, relu_offset(c, g, lam, layer))
+        return g.transpose(0, 1).reshape(last_lA.shape), bias.transpose(0, 1)
 
 
 # ---------------------------------------------------------------------------------------------
-# Entry points
+# The backend
 
 
-def margin_lower_bounds(
-    bc: BoundedClassifier, x: torch.Tensor, y: torch.Tensor, threat: Threat
-) -> torch.Tensor:
-    """Lower bounds (B, K-1) on ``f_y - f_j`` over ``threat`` with SDP-CROWN (see the module doc).
+class SdpCrown:
+    """The SDP-CROWN bound method (see the module doc); a :class:`~cure_lirpa.backends.Backend`.
 
-    ``bc`` is a :class:`~cure_lirpa.bounds.BoundedClassifier`; ``x`` (B, *in_shape) in [0, 1].
+    It receives the threat already mapped into bound space by the bounded classifier (a
+    :class:`~cure_lirpa.region.Region`) and bounds any graph auto_LiRPA's CROWN bounds.
     """
-    if bc.trainable:
-        raise UserError(
-            "sdp-crown is a verification method: build the BoundedClassifier with trainable=False"
-        )
-    if not isinstance(threat, NormBall) or threat.p == math.inf:
-        return bc.margin_lower_bounds(x, y, threat, "crown")
-    layers = model_layers(bc.traced)
-    x, y = bc._check_input(x, y)
-    n = bc.chunk_size(METHOD)
-    # Verification bounds the model in eval mode (BatchNorm running statistics, no dropout), like
-    # the bounded module, whatever mode the wrapped model is in.
-    modes = [(m, m.training) for m in bc.traced.modules() if isinstance(m, _TRAIN_DEPENDENT)]
-    for m, _ in modes:
-        m.training = False
-    try:
-        out = [
-            _l2_bounds(bc, layers, x[s : s + n], y[s : s + n], threat.eps)
-            for s in range(0, len(y), n)
-        ]
-    finally:
-        for m, flag in modes:
-            m.training = flag
-    lb = torch.cat(out)
-    if threat.p == 1.0:  # the l1 ball of radius eps lies in the l2 ball of radius eps
-        lb = torch.maximum(lb, bc.margin_lower_bounds(x, y, threat, "crown"))
-    return lb
+
+    name = METHOD
+    trainable = False
+
+    def supports(self, bc: BoundedClassifier, threat: Optional[Threat]) -> Optional[str]:
+        if bc.trainable:
+            return "sdp-crown is a verification method (the classifier is built for training)"
+        return None
+
+    def bound(self, bc: BoundedClassifier, region: Region, C: torch.Tensor) -> BoundResult:
+        """l2 regions: SDP-CROWN's bound, at least CROWN's. l1 regions: the larger of CROWN's l1
+        bound and SDP-CROWN's bound over the enclosing l2 ball of the same radius. Boxes: CROWN."""
+        crown = bc.lirpa_bounds(region, C, "crown")
+        if region.is_box or region.eps <= 0:
+            return crown
+        ball = region if region.p == 2.0 else Region(region.center, 2.0, region.eps)
+        crown_l2 = crown if region.p == 2.0 else bc.lirpa_bounds(ball, C, "crown")
+        lb = _optimise(bc, ball, C, crown_l2.lower)
+        return BoundResult.exact(torch.maximum(lb, crown.lower.detach()))
 
 
-def _iterations(bc: BoundedClassifier) -> int:
-    opts = getattr(bc.module, "bound_opts", {}) or {}
-    return int((opts.get("optimize_bound_args") or {}).get("iteration", 20))
-
-
-def _l2_bounds(
-    bc: BoundedClassifier, layers: list[nn.Module], x: torch.Tensor, y: torch.Tensor, eps: float
+def _optimise(
+    bc: BoundedClassifier, ball: Region, C: torch.Tensor, crown: torch.Tensor
 ) -> torch.Tensor:
-    from .bounds import margin_matrix
-
-    center = bc._to_bound_space(x)
-    ptb = lirpa.perturbation(2.0, eps)
-    C = margin_matrix(y, bc.num_classes)
-    with torch.no_grad():
-        crown, _ = lirpa.compute_bounds(bc.module, lirpa.BoundedTensor(center, ptb), C, "crown")
-        bounds = [
-            (node.inputs[0].lower.detach(), node.inputs[0].upper.detach())
-            for node in bc.module.relus
-        ]
-    bc._check_trace(center, ptb, 2.0)  # the traced graph is the model; the ball was not dropped
-    relus, shapes = _forward(layers, center, eps, bounds)
-    if not relus or eps <= 0:
-        return crown.detach()
-    B, S = C.shape[:2]
-    slopes = [_crown_slopes(r) for r in relus]
-    alphas = [s[2].unsqueeze(1).expand(B, S, -1).clone().requires_grad_(True) for s in slopes]
-    lam0: list[Optional[torch.Tensor]] = [None] * len(relus)  # set by the first pass
-    thetas = [torch.zeros(B, S, dtype=C.dtype, device=C.device, requires_grad=True) for _ in relus]
-    opt = torch.optim.Adam(
-        [{"params": alphas, "lr": ALPHA_LR}, {"params": thetas, "lr": LAMBDA_LR}]
-    )
-    x_flat = center.reshape(B, -1)
+    """SDP-CROWN lower bounds (B, S) over the l2 ``ball`` right after a CROWN call on it."""
+    layers = relu_balls(bc.module, ball.eps)
     best = crown.detach().clone()
-    for _ in range(max(1, _iterations(bc))):
-        with torch.enable_grad():
-            A, bias = _backward(layers, shapes, relus, C, alphas, thetas, lam0, slopes)
-            A = A.reshape(B, S, -1)
-            lb = torch.einsum("bsd,bd->bs", A, x_flat) + bias - eps * A.norm(dim=-1)
-            best = torch.maximum(best, lb.detach())
-            # gradients for the slopes and lambdas only: the model's parameters get none
-            grads = torch.autograd.grad(-lb.sum(), [*alphas, *thetas])
-        for p, g in zip([*alphas, *thetas], grads):
-            p.grad = g
+    if not layers:
+        return best
+    interm = lirpa.node_bounds(bc.module)
+    rule = _Rule(layers)
+    opt: Optional[torch.optim.Optimizer] = None
+    for _ in range(max(1, bc.alpha_iterations)):
+        with torch.enable_grad(), lirpa.relu_backward_rule(bc.module, rule):
+            lb = bc.lirpa_bounds(ball, C, "crown", interm_bounds=interm).lower
+            loss = -lb.sum()
+        best = torch.maximum(best, lb.detach())
+        params = rule.params()
+        if opt is None:
+            opt = torch.optim.Adam(
+                [
+                    {"params": list(rule.alphas.values()), "lr": ALPHA_LR},
+                    {"params": list(rule.thetas.values()), "lr": LAMBDA_LR},
+                ]
+            )
+        # gradients for the slopes and lambdas only: the model's parameters get none
+        grads = torch.autograd.grad(loss, params, allow_unused=True)
+        for p, g in zip(params, grads):
+            p.grad = torch.zeros_like(p) if g is None else g
         opt.step()
         with torch.no_grad():
-            for a in alphas:
+            for a in rule.alphas.values():
                 a.clamp_(0.0, 1.0)
     return best

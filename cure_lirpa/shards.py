@@ -1,9 +1,10 @@
 """Sharded certification: split one verify run into K/N shards, run them anywhere, merge them.
 
-A run certifies samples ``start .. start+count-1``. Shard K of N takes one contiguous block of them;
-blocks are whole multiples of the batch size, so every shard sees exactly the batches the unsharded
-run sees, and with verify's PGD seeded per batch (by the batch's first sample index) a merged run is
-the unsharded run: the same certified flags, margins, PGD results and summary (only times differ).
+A run certifies samples ``start .. start+count-1``. Shard K of N takes one contiguous block of them,
+the blocks' sizes differing by at most one (:meth:`Shard.block`). Every random choice is seeded per
+sample (verify's PGD by the sample's index, smoothing's noise by ``smoothing.sample_seed``),
+so a merged run is the unsharded run: the same certified flags, margins, PGD results and summary
+(only times differ, and margins to float rounding when batches are cut differently).
 
 Each shard writes to ``<out>/shard-K-of-N/`` (``config.json``, ``samples.jsonl``, ``samples.csv``,
 ``summary.json``, ``summary.md``); :func:`merge_shards` checks that all shards share one config,
@@ -17,9 +18,12 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence
 
 from .errors import UserError
+
+if TYPE_CHECKING:
+    from .runs import Run
 
 SHARD_DIR = re.compile(r"^shard-(\d+)-of-(\d+)$")
 SHARD_KEYS = ("shard", "shard_start", "shard_count")
@@ -37,12 +41,11 @@ class Shard:
     def name(self) -> str:
         return f"shard-{self.index}-of-{self.count}"
 
-    def block(self, n: int, batch_size: int) -> tuple[int, int]:
-        """``(offset, length)`` of this shard's samples among n, in whole batches where possible."""
-        batches = -(-n // batch_size)
-        per = -(-batches // self.count)  # batches per shard, the last shards may get fewer
-        lo = min(n, self.index * per * batch_size)
-        hi = min(n, (self.index + 1) * per * batch_size)
+    def block(self, n: int) -> tuple[int, int]:
+        """``(offset, length)`` of this shard's contiguous slice of n samples; the N slices cover
+        them in order and their lengths differ by at most one (empty only when n < N)."""
+        lo = self.index * n // self.count
+        hi = (self.index + 1) * n // self.count
         return lo, hi - lo
 
 
@@ -141,27 +144,41 @@ def gather_shards(
     return Gathered(base["kind"], config, dirs, [by_index[i] for i in indices])
 
 
-def write_merged(out: Path, gathered: Gathered) -> None:
-    """The merged run's ``config.json`` and ``samples.jsonl`` (as the unsharded run writes them)."""
-    from .checkpoint import atomic_write_json, atomic_write_text, versions
-    from .runs import CONFIG, FORMAT, RECORDS
+def open_merged(
+    out: Path, gathered: Gathered, overwrite: bool = False, mutable: Sequence[str] = ()
+) -> Run:
+    """The run folder ``out`` of the merge of ``gathered`` (:meth:`Run.open` writes its
+    ``config.json``): a run there with the same settings is rebuilt, other settings need
+    ``overwrite``, and the shard folders (merged ones and those in ``out``) are kept."""
+    from .runs import Run
 
-    record = {"format": FORMAT, "kind": gathered.kind, "config": gathered.config}
-    atomic_write_json(Path(out) / CONFIG, {**record, "versions": versions()})
+    kept = [*gathered.dirs, *(shard_dirs(out) if Path(out).is_dir() else [])]
+    return Run.open(out, gathered.kind, gathered.config, overwrite=overwrite, mutable=mutable,
+                    sources=kept)  # fmt: skip
+
+
+def write_merged(out: Path, gathered: Gathered) -> None:
+    """The merged run's ``samples.jsonl`` (as the unsharded run writes it)."""
+    from .checkpoint import atomic_write_text
+    from .runs import RECORDS
+
     lines = "".join(json.dumps(r, sort_keys=True) + "\n" for r in gathered.records)
     atomic_write_text(Path(out) / RECORDS, lines)
 
 
-def merge_shards(out: Path, shards: Optional[Sequence[Path]] = None) -> dict[str, Any]:
+def merge_shards(
+    out: Path, shards: Optional[Sequence[Path]] = None, *, overwrite: bool = False
+) -> dict[str, Any]:
     """Merge the verify shards in ``out`` (or the given shard folders) into ``out``: the
     summary.json, summary.md, samples.csv and samples.jsonl of the unsharded run; returns the
-    summary (see :func:`gather_shards` for what is refused)."""
+    summary (see :func:`gather_shards` and :func:`open_merged` for what is refused)."""
     from .certification import SampleRow, summarize, write_results
     from .threats import parse_threat
 
     g = gather_shards(
         out, shards, ["verify"], "index", lambda c: range(c["start"], c["start"] + c["count"])
     )
+    run = open_merged(out, g, overwrite)
     ordered = [SampleRow(**r) for r in g.records]
     threats = [parse_threat(t) for t in g.config["threats"]]
     methods = g.config["methods"]
@@ -183,6 +200,7 @@ def merge_shards(out: Path, shards: Optional[Sequence[Path]] = None) -> dict[str
     summary["merged_from"] = [d.name for d in g.dirs]
     write_results(out, ordered, summary, threats, methods)
     write_merged(out, g)
+    run.close()
     return summary
 
 

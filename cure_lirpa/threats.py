@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from fractions import Fraction
-from typing import Callable, ClassVar, Iterator
+from typing import Callable, ClassVar, Iterator, Optional, Sequence
 
 import torch
 
@@ -165,6 +165,7 @@ def parse_threat(text: str) -> Threat:
             eps = parse_eps(arg)
         except UserError as exc:
             raise UserError(f"threat {text!r}: {exc}") from None
+        check_radius(kind, eps, what=f"threat {text.strip()}")
         return NormBall(NORMS[kind], eps)
     _load_families()
     if kind in _PARSERS:
@@ -183,6 +184,40 @@ def _load_families() -> None:
         except ModuleNotFoundError as exc:
             if exc.name != name:
                 raise
+
+
+def covering_radius(norm: str, in_shape: Optional[Sequence[int]] = None) -> Optional[float]:
+    """The radius from which the ``norm`` ball around any point of the input box [0, 1]^d holds the
+    whole box: 1 for l∞, sqrt(d) for l2, d for l1 (the box's diameter); None when the norm needs
+    ``d`` and ``in_shape`` is not given."""
+    p = NORMS[norm]
+    if p == math.inf:
+        return 1.0
+    if in_shape is None:
+        return None
+    return float(math.prod(in_shape)) ** (1.0 / p)
+
+
+def check_radius(
+    norm: str, eps: float, in_shape: Optional[Sequence[int]] = None, what: str = "radius"
+) -> None:
+    """Refuse an lp radius whose ball covers the whole input box [0, 1]^d (:func:`covering_radius`):
+    every image is then within reach and nothing can be certified. Without ``in_shape`` only l∞
+    (radius >= 1) is checked."""
+    limit = covering_radius(norm, in_shape)
+    if limit is None or eps < limit:
+        return
+    d = "d" if in_shape is None else str(math.prod(in_shape))
+    how = {"linf": "1", "l2": f"{limit:g} = sqrt(d)", "l1": f"{limit:g} = d"}[norm]
+    hint = "e.g. 8/255"
+    if float(eps).is_integer() and eps <= 255:
+        hint = f"did you mean {format_eps(eps / 255)}?"
+    shown = {"linf": "l∞"}.get(norm, norm)
+    raise UserError(
+        f"{what}: an {shown} ball of radius {format_eps(eps)} covers the whole input box "
+        f"[0, 1]^{d} (from radius {how} on), so no image can be certified; radii are in "
+        f"[0, 1] pixel units ({hint})"
+    )
 
 
 def parse_eps(text: str) -> float:

@@ -76,7 +76,7 @@ from .methods import (
 from .models import build_model, ibp_init
 from .runs import Run, rng_state, set_rng_state
 from .schedules import SHAPES, Ramp, crown_ibp_beta_at, eps_at, kappa_at, lr_at
-from .threats import format_eps
+from .threats import check_radius, format_eps
 from .train_step import StepResult, StepSchedule, TrainStep
 
 CHECKPOINT = "checkpoint.pt"
@@ -183,10 +183,13 @@ class TrainConfig:
                 raise UserError(
                     f"--{name.replace('_', '-')} must be a finite number >= 0 (pixel units), got {v}"
                 )
-        if c.eps_linf > 1:
-            raise UserError(f"--eps-linf {c.eps_linf:g} is larger than the whole [0, 1] range")
         c.train_eps_linf = c.eps_linf if c.train_eps_linf is None else float(c.train_eps_linf)
         c.train_eps_l2 = c.eps_l2 if c.train_eps_l2 is None else float(c.train_eps_l2)
+        in_shape = dataset_info(c.dataset).in_shape
+        for name in ("eps_linf", "train_eps_linf", "eps_l2", "train_eps_l2"):
+            check_radius(
+                name.rpartition("_")[2], getattr(c, name), in_shape, f"--{name.replace('_', '-')}"
+            )
         if c.ba_direction is None:
             c.ba_direction = "l2" if c.dataset in ("sample", "mnist") else "linf"
         if c.ba_direction not in NORMS:
@@ -250,6 +253,8 @@ class TrainConfig:
             raise UserError("gradient projection (--gp-beta) needs a certified method, not natural")
         if c.train_count is not None and c.train_count < 2:
             raise UserError(f"--train-count must be >= 2, got {c.train_count}")
+        if c.train_count is not None and c.train_count < c.batch_size:
+            c.batch_size = int(c.train_count)  # one batch of all the images (the CLI says so)
         if not c.memory_mb > 0:
             raise UserError(f"--memory-mb must be > 0, got {c.memory_mb}")
         if c.preset is not None and c.preset not in PRESETS:
@@ -603,6 +608,9 @@ def train(
         for run in opened:  # no epoch finished: leave nothing behind
             run.discard_if_empty()
         raise
+    finally:
+        for run in opened:
+            run.close()
 
 
 def _train(

@@ -6,6 +6,7 @@ import sys
 import textwrap
 from pathlib import Path
 
+import click
 import numpy as np
 import pytest
 import torch
@@ -58,6 +59,8 @@ def user_models(tmp_path, monkeypatch):
             """
             from torch import nn
 
+            from cure_lirpa.models import Classifier
+
             def seven(in_shape, num_classes):
                 return nn.Sequential(nn.Flatten(), nn.Linear(784, 7))
 
@@ -66,6 +69,28 @@ def user_models(tmp_path, monkeypatch):
 
             def good(in_shape, num_classes):
                 return nn.Sequential(nn.Flatten(), nn.Linear(784, num_classes))
+
+            def _pooled(channels, num_classes):
+                return nn.Sequential(
+                    nn.Conv2d(channels, 4, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                    nn.Linear(4, num_classes),
+                )
+
+            def rgb(in_shape, num_classes):  # an RGB model: its normalisation has 3 channels
+                rgb_mean = (0.49, 0.48, 0.45)
+                return Classifier(_pooled(3, num_classes), rgb_mean, (0.25, 0.24, 0.26))
+
+            def gray(in_shape, num_classes):  # a grayscale model
+                return Classifier(_pooled(1, num_classes), (0.13,), (0.31,))
+
+            def boom(in_shape, num_classes):
+                raise ValueError("hidden size must be even, got 7")
+
+            def dropout(in_shape, num_classes):
+                return nn.Sequential(
+                    nn.Flatten(), nn.Linear(784, 32), nn.ReLU(), nn.Dropout(0.2),
+                    nn.Linear(32, num_classes),
+                )
             """
         )
     )
@@ -262,3 +287,193 @@ def test_clopper_pearson_refuses_alpha_outside_0_1(alpha):
 
     with pytest.raises(UserError, match="alpha must be in"):
         clopper_pearson_lower(50, 100, alpha)
+
+
+# ---------------------------------------------------------------------------------------------
+# Silent wrong runs and unclear errors (issue 17, section 4): one clear line each
+
+
+def _checkpoint(path: Path, dataset: str = "sample") -> Path:
+    """An untrained cnn-small (width 4) checkpoint of ``dataset``."""
+    from cure_lirpa.checkpoint import make_checkpoint
+    from cure_lirpa.data import dataset_info
+    from cure_lirpa.models import build_model
+
+    info = dataset_info(dataset)
+    torch.manual_seed(0)
+    model = build_model("cnn-small", info.in_shape, info.num_classes, info.mean, info.std, width=4)
+    torch.save(make_checkpoint(model, "cnn-small", info, {}, {"width": 4}), path)
+    return path
+
+
+def cli(*args):
+    return CliRunner().invoke(main, [*map(str, args)])
+
+
+def test_sequential_max_n_below_n0_is_refused(tmp_path):
+    ckpt = _checkpoint(tmp_path / "model.pt")
+    out = tmp_path / "cert"
+    res = cli("smooth", "certify", "-c", ckpt, "--sigma", "1/2", "--sequential", "decide",
+              "--n0", 100, "--max-n", 50, "--count", 2, "-q", "--device", "cpu", "--out", out)  # fmt: skip
+    refused(res, "--max-n 50 is below --n0 100")
+    assert not out.exists()
+
+
+def test_a_ball_that_covers_the_input_box_is_refused(tmp_path):
+    ckpt = _checkpoint(tmp_path / "model.pt")
+    out = tmp_path / "v"
+    # l∞ >= 1 covers [0, 1]^d whatever d: refused while parsing, by every command
+    refused(cli("verify", ckpt, "--threat", "linf:5", "--out", out),
+            "linf:5", "covers the whole input box", "did you mean 5/255?")  # fmt: skip
+    with pytest.raises(UserError, match="covers the whole input box"):
+        parse_threat("linf:1")
+    assert parse_threat("l2:30").eps == 30  # l2 / l1 need the input size: checked per command
+    # l2 >= sqrt(d) (28 on 1x28x28), l1 >= d (784)
+    for threat in ("l2:28", "l1:784"):
+        res = cli("verify", ckpt, "--threat", threat, "--count", 2, "-q", "--out", out)
+        refused(res, threat, "covers the whole input box [0, 1]^784")
+    assert not out.exists()
+    refused(run("--eps-l2", "30", "--out", out, *QUICK), "--eps-l2", "[0, 1]^784")
+    refused(run("--eps-linf", "1", "--out", out, *QUICK), "--eps-linf", "covers the whole")
+    assert not out.exists()
+    res = cli("verify", ckpt, "--threat", "l2:27.9", "--count", 2, "-q", "--no-attack",
+              "--method", "ibp", "--device", "cpu", "--out", out)  # fmt: skip
+    assert res.exit_code == 0, res.output
+
+
+def test_a_model_for_other_channels_is_refused_with_both_shapes(tmp_path, user_models):
+    out = tmp_path / "run"
+    # grayscale images into an RGB model (its 3-channel normalisation would broadcast silently)
+    refused(run("--arch", "badmodels:rgb", "--out", out, *QUICK), "1x28x28", "3xHxW")
+    res = cli("smooth", "train", "--arch", "badmodels:rgb", "--train-count", 16, "--epochs", 1,
+              "--eval-count", 0, "-q", "--device", "cpu", "--out", out)  # fmt: skip
+    refused(res, "1x28x28", "3xHxW")
+    assert not out.exists()
+    # RGB images into a grayscale model
+    root = tmp_path / "cifar"
+    _images(root / "train", classes=10, size=32)
+    _images(root / "test", classes=10, size=32)
+    res = run("--arch", "badmodels:gray", "--dataset", "cifar10", "--data-root", root,
+              "--out", out, *QUICK)  # fmt: skip
+    refused(res, "3x32x32", "channels")
+    assert not out.exists()
+    # a checkpoint certified on a dataset of other images
+    ckpt = _checkpoint(tmp_path / "cifar.pt", "cifar10")
+    res = cli("verify", ckpt, "--dataset", "sample", "--count", 2, "-q", "--out", out)
+    refused(res, "(1, 28, 28)", "(3, 32, 32)")
+
+
+def test_train_count_below_batch_size_trains_one_batch_and_says_so(tmp_path):
+    out = tmp_path / "run"
+    res = run("--train-count", 40, "--batch-size", 64, "--width", 4, "--epochs", 1,
+              "--device", "cpu", "--quiet", "--out", out)  # fmt: skip
+    assert res.exit_code == 0, res.output
+    assert "warning: --train-count 40 is below --batch-size 64" in res.output
+    assert load_checkpoint(out / "checkpoint.pt")["config"]["batch_size"] == 40
+    out = tmp_path / "smooth"
+    res = cli("smooth", "train", "--train-count", 40, "--width", 4, "--epochs", 1,
+              "--eval-count", 0, "-q", "--device", "cpu", "--out", out)  # fmt: skip
+    assert res.exit_code == 0, res.output
+    assert "--train-count 40 is below --batch-size 256" in res.output
+    assert load_checkpoint(out / "checkpoint.pt")["config"]["batch_size"] == 40
+
+
+def test_a_model_with_dropout_trains_with_certificates(tmp_path, user_models):
+    out = tmp_path / "run"
+    res = run("--arch", "badmodels:dropout", "--method", "cure-random", "--crown-ibp",
+              "--warmup-epochs", 0, "--ramp-epochs", 0.5, "--train-count", 128,
+              "--batch-size", 32, "--epochs", 1, "--device", "cpu", "--quiet",
+              "--out", out)  # fmt: skip
+    assert res.exit_code == 0, res.output
+    last = load_checkpoint(out / "checkpoint.pt")["trainer_state"]["history"][-1]
+    assert last["eps"]["linf"] > 0 and set(last["certified"]) >= {"linf", "l2", "union"}
+
+
+def test_a_factory_that_raises_is_one_line(tmp_path, user_models):
+    out = tmp_path / "run"
+    refused(
+        run("--arch", "badmodels:boom", "--out", out, *QUICK),
+        "'badmodels:boom': boom() raised ValueError: hidden size must be even, got 7",
+        "badmodels.py:",
+    )
+    assert not out.exists()
+
+
+def test_input_range_errors_name_the_range_to_the_last_digit():
+    from torch import nn
+
+    from cure_lirpa.attacks import pgd
+    from cure_lirpa.bounds import BoundedClassifier
+
+    model = nn.Sequential(nn.Flatten(), nn.Linear(4, 2)).eval()
+    x = torch.full((1, 1, 2, 2), 0.5)
+    x[0, 0, 0, 0] = 1.0000015  # float32 1.00000155: '.3g' would print 1
+    y = torch.zeros(1, dtype=torch.long)
+    threat = parse_threat("linf:0.1")
+    with pytest.raises(UserError, match=r"\[0\.5, 1\.0000015"):
+        BoundedClassifier(model, (1, 2, 2)).margin_lower_bounds(x, y, threat, "ibp")
+    with pytest.raises(UserError, match=r"\[0\.5, 1\.0000015"):
+        pgd(model, x, y, threat, steps=1, restarts=1)
+
+
+# ---------------------------------------------------------------------------------------------
+# One convention per option (issue 17, section 5)
+
+
+def _commands() -> dict:
+    smooth = main.commands["smooth"]
+    return {
+        "train": main.commands["train"],
+        "verify": main.commands["verify"],
+        "merge": main.commands["merge"],
+        **{f"smooth {name}": cmd for name, cmd in smooth.commands.items()},
+    }
+
+
+SHARED = {
+    "quiet": ["--quiet", "-q"],
+    "out": ["--out", "-o"],
+    "device": ["--device"],
+    "seed": ["--seed"],
+    "batch_size": ["--batch-size"],
+    "threads": ["--threads"],
+    "resume": ["--resume"],
+    "overwrite": ["--overwrite"],
+}
+RUN_COMMANDS = ["train", "verify", "smooth train", "smooth certify", "smooth predict"]
+
+
+@pytest.mark.parametrize("name", RUN_COMMANDS)
+def test_shared_options_are_the_same_on_every_run_command(name):
+    reference = {p.name: p for p in _commands()["train"].params}
+    params = {p.name: p for p in _commands()[name].params}
+    for key, opts in SHARED.items():
+        assert key in params, f"{name} has no {opts[0]}"
+        p, ref = params[key], reference[key]
+        assert sorted(p.opts) == sorted(opts), (name, p.opts)
+        assert type(p.type) is type(ref.type) and p.is_flag == ref.is_flag, (name, key)
+        if isinstance(p.type, click.IntRange):
+            assert p.type.min == ref.type.min or key == "batch_size", (name, key)
+    for name, cmd in _commands().items():  # and wherever else they appear, they are the same
+        for p in cmd.params:
+            if p.name in SHARED and p.name != "out":
+                assert sorted(p.opts) == sorted(SHARED[p.name]), (name, p.opts)
+
+
+def test_every_radius_option_accepts_the_same_forms():
+    from cure_lirpa.cli.common import ThreatType
+
+    found = []
+    for name, cmd in _commands().items():
+        for p in cmd.params:
+            words = set(p.name.split("_"))
+            radius = bool(words & {"eps", "sigma", "radius", "radii", "precision"})
+            if not isinstance(p, click.Option) or not radius or p.name.endswith("_norm"):
+                continue
+            found.append(f"{name} {p.opts[0]}")
+            for text, value in [("0.25", 0.25), ("1/4", 0.25), ("8/255", 8 / 255)]:
+                got = p.type.convert(text, p, None)
+                assert (got[0] if isinstance(got, list) else got) == pytest.approx(value), found[-1]
+    assert {"train --eps-l2", "smooth certify --sigma", "smooth train --sigma",
+            "smooth certify --radii", "smooth analyze --max-radius"} <= set(found)  # fmt: skip
+    assert ThreatType().convert("l2:1/4", None, None).eps == 0.25

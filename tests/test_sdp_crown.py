@@ -22,10 +22,10 @@ import pytest
 import torch
 from torch import nn
 
-from cure_lirpa import sdp_crown
+from cure_lirpa import lirpa, sdp_crown
 from cure_lirpa.attacks import pgd
 from cure_lirpa.bounds import BoundedClassifier, margin_matrix
-from cure_lirpa.certification import L2_CASCADE, certify_batch
+from cure_lirpa.certification import LP_CASCADE, certify_batch
 from cure_lirpa.errors import UserError
 from cure_lirpa.models import build_model, load_user_model
 from cure_lirpa.threats import NormBall
@@ -153,7 +153,7 @@ def test_conv_spectral_norm_is_an_upper_bound_and_close():
         dense = nn.functional.conv2d(basis, conv.weight, None, conv.stride, conv.padding)
         dense = dense.flatten(1).t().detach()
         exact = float(torch.linalg.matrix_norm(dense.double(), ord=2))
-        bound = sdp_crown.spectral_norm_upper(conv, shape)
+        bound = sdp_crown.conv_norm_upper(conv.weight, conv.stride, conv.padding, shape)
         assert exact <= bound <= 1.25 * exact, (conv, exact, bound)
 
 
@@ -162,23 +162,21 @@ def test_pre_activation_balls_contain_sampled_pre_activations():
     bc = BoundedClassifier(model, IN_SHAPE)
     gen = torch.Generator().manual_seed(1)
     x, y, eps = 0.2 + 0.6 * torch.rand(2, *IN_SHAPE, generator=gen), torch.tensor([0, 1]), 0.5
-    center = bc._to_bound_space(x)
     for _ in range(2):  # the first call also runs a one-sample zero-width check (IBP)
         bc.margin_lower_bounds(x, y, NormBall(2.0, eps), "crown")  # fills the ReLU nodes' bounds
-    bounds = [(n.inputs[0].lower, n.inputs[0].upper) for n in bc.module.relus]
-    layers = sdp_crown.model_layers(bc.traced)
-    relus, _ = sdp_crown._forward(layers, center, eps, bounds)
+    balls = sdp_crown.relu_balls(bc.module, bc.ball_region(x, 2.0, eps).eps)
     pts = _sphere(x, NormBall(2.0, eps), 64, gen).flatten(0, 1)
-    h, k = bc._to_bound_space(pts), 0
-    with torch.no_grad():
-        for layer in layers:
-            if isinstance(layer, nn.ReLU):
-                z = h.reshape(64, 2, -1)
-                dist = (z - relus[k].center.unsqueeze(0)).norm(dim=2)
-                assert torch.all(dist <= relus[k].radius.unsqueeze(0) + 1e-4)
-                k += 1
-            h = layer(h)
-    assert k == len(relus) == 6
+    sampled = lirpa.relu_preactivations(bc.module, bc.ball_region(pts, 2.0, eps).center)
+    for name, ball in balls.items():
+        z = sampled[name].reshape(64, 2, -1)
+        dist = (z - ball.center.unsqueeze(0)).norm(dim=2)
+        assert torch.all(dist <= ball.radius.unsqueeze(0) + 1e-4)
+        box = torch.maximum(ball.center - ball.lower, ball.upper - ball.center).norm(dim=1)
+        assert torch.all(ball.radius <= box + 1e-5)
+    assert len(balls) == 6
+    # the propagated radius, not only the box, decides somewhere (spectral norms at work)
+    first = balls[next(iter(balls))]
+    assert torch.all(first.radius < first.center.new_tensor(float("inf")))
 
 
 class _PlainModule(nn.Module):
@@ -190,18 +188,24 @@ class _PlainModule(nn.Module):
         return self.fc(torch.flatten(x, 1))
 
 
-def test_unsupported_models_threats_and_modes():
+def test_any_traced_model_is_bounded_and_trainable_classifiers_are_refused():
     x, y = torch.rand(2, *IN_SHAPE), torch.tensor([0, 1])
-    plain = BoundedClassifier(_PlainModule().eval(), IN_SHAPE)
-    with pytest.raises(UserError, match="does not support the layer _PlainModule"):
-        plain.margin_lower_bounds(x, y, NormBall(2.0, 0.5), "sdp-crown")
-    pooled = nn.Sequential(nn.MaxPool2d(2), nn.Flatten(), nn.Linear(25, K)).eval()
-    with pytest.raises(UserError, match="MaxPool2d"):
-        BoundedClassifier(pooled, IN_SHAPE).margin_lower_bounds(
-            x, y, NormBall(2.0, 0.5), "sdp-crown"
-        )
+    ball = NormBall(2.0, 0.5)
+    pooled = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
+                           nn.Linear(64, K)).eval()  # fmt: skip
+    for model in (_PlainModule().eval(), pooled):
+        bc = BoundedClassifier(model, IN_SHAPE)
+        assert bc.supports("sdp-crown", ball) is None
+        sdp = bc.margin_lower_bounds(x, y, ball, "sdp-crown")
+        crown = bc.margin_lower_bounds(x, y, ball, "crown")
+        assert torch.all(sdp >= crown - 1e-6)
+        with torch.no_grad():
+            pts = _sphere(x, ball, 200, torch.Generator().manual_seed(0))
+            m = margin_matrix(y, K)
+            sampled = torch.stack([torch.einsum("bsk,bk->bs", m, model(p)) for p in pts])
+        assert torch.all(sdp <= sampled.min(0).values + 1e-5)
     model = _zoo("mlp")
-    with pytest.raises(UserError, match="trainable=False"):
+    with pytest.raises(UserError, match="verification method"):
         BoundedClassifier(model, IN_SHAPE, trainable=True).margin_lower_bounds(
             x, y, NormBall(2.0, 0.5), "sdp-crown"
         )
@@ -223,14 +227,14 @@ def test_l2_cascade_certifies_the_union_of_its_stages(small_trained_mlp):
     model, info, x, y = small_trained_mlp
     bc = BoundedClassifier(model, info.in_shape, alpha_iterations=5)
     threat = NormBall(2.0, 0.5)
-    rows = certify_batch(bc, model, x, y, [threat], [*L2_CASCADE, "auto"], attack=False)
+    rows = certify_batch(bc, model, x, y, [threat], [*LP_CASCADE, "auto"], attack=False)
     for r in rows:
-        single = any(r.certified[threat.name][m] for m in L2_CASCADE)
+        single = any(r.certified[threat.name][m] for m in LP_CASCADE)
         assert r.certified[threat.name]["auto"] == single
         if r.certified[threat.name]["auto"]:
-            assert r.decided_by[threat.name] in L2_CASCADE
+            assert r.decided_by[threat.name] in LP_CASCADE
         else:
-            assert r.decided_by[threat.name] in (L2_CASCADE[-1], "none")
+            assert r.decided_by[threat.name] in (LP_CASCADE[-1], "none")
 
 
 # ---------------------------------------------------------------------------------------------

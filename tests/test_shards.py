@@ -64,12 +64,15 @@ def _same_results(a: Path, b: Path) -> None:
     assert (a / "summary.md").exists() and (b / "summary.md").exists()
 
 
-def test_shard_blocks_cover_the_run_in_whole_batches():
-    for n, bs, count in [(20, 6, 2), (20, 6, 3), (7, 4, 5), (100, 8, 7)]:
-        blocks = [Shard(k, count).block(n, bs) for k in range(count)]
+def test_shard_blocks_are_near_equal_contiguous_slices_of_the_samples():
+    for n, count in [(20, 2), (20, 3), (7, 3), (7, 5), (8, 2), (100, 7), (3, 3)]:
+        blocks = [Shard(k, count).block(n) for k in range(count)]
         covered = [i for lo, ln in blocks for i in range(lo, lo + ln)]
         assert covered == list(range(n))
-        assert all(lo % bs == 0 for lo, ln in blocks if ln)
+        lengths = [ln for _, ln in blocks]
+        assert max(lengths) - min(lengths) <= 1 and min(lengths) >= 1
+    assert Shard(1, 2).block(8) == (4, 4)  # not cut in batches: --count 8 --shard 1/2 holds 4
+    assert Shard(0, 3).block(2) == (0, 0)  # empty only when there are fewer samples than shards
     assert parse_shard("1/4") == Shard(1, 4)
     for bad in ("4/4", "x", "1/0", "-1/2"):
         with pytest.raises(UserError, match="--shard"):
@@ -123,3 +126,92 @@ def test_torchrun_shards_by_rank_and_merges(checkpoint, unsharded, tmp_path):
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     _same_results(unsharded, out)
+
+
+SMALL = ["--threat", "linf:0.02", "--threat", "l2:0.3", "--method", "ibp", "--method", "crown",
+         "--quiet", "--device", "cpu", "--attack-steps", "5"]  # fmt: skip
+
+
+def _sharded_run(checkpoint, out: Path, n: int, extra: list) -> None:
+    for k in range(n):
+        res = _run("verify", checkpoint, *SMALL, *extra, "--shard", f"{k}/{n}", "--out", out)
+        assert res.exit_code == 0, res.output
+        assert len((out / f"shard-{k}-of-{n}" / "samples.jsonl").read_text().splitlines()) >= 1
+    res = _run("merge", out)
+    assert res.exit_code == 0, res.output
+
+
+@pytest.mark.parametrize(
+    "extra, shards, sizes",
+    [
+        (["--count", "8"], 2, [4, 4]),  # batches of 64: shard 1/2 used to be empty
+        (["--count", "7", "--batch-size", "3"], 3, [2, 2, 3]),  # cuts inside batches
+    ],
+)
+def test_shards_cut_by_samples_merge_into_the_plain_run(checkpoint, tmp_path, extra, shards, sizes):
+    plain = tmp_path / "plain"
+    assert _run("verify", checkpoint, *SMALL, *extra, "--out", plain).exit_code == 0
+    out = tmp_path / "sharded"
+    _sharded_run(checkpoint, out, shards, extra)
+    held = [
+        len((out / f"shard-{k}-of-{shards}" / "samples.jsonl").read_text().splitlines())
+        for k in range(shards)
+    ]
+    assert held == sizes
+    _same_results(plain, out)
+    # samples.csv: every cell equal, margins to float rounding (a shard batches a sample with
+    # other samples than the plain run, and batched bound arithmetic rounds differently)
+    csv = lambda d: [r.split(",") for r in (d / "samples.csv").read_text().splitlines()]  # noqa: E731
+    head, *rows = csv(plain)
+    head_out, *rows_out = csv(out)
+    assert head == head_out and len(rows) == len(rows_out)
+    for a, b in zip(rows, rows_out):
+        for name, u, v in zip(head, a, b):
+            if name.endswith("/margin"):
+                assert float(u) == pytest.approx(float(v), rel=1e-4, abs=1e-4), name
+            else:
+                assert u == v, name
+
+
+def test_a_sample_is_attacked_alike_alone_and_in_any_batch(small_trained_mlp):
+    from cure_lirpa.attacks import pgd
+    from cure_lirpa.bounds import BoundedClassifier
+    from cure_lirpa.certification import certify_batch, pgd_seed
+    from cure_lirpa.threats import parse_threat
+
+    model, info, x, y = small_trained_mlp
+    x, y = x[:6], y[:6]
+    gens = lambda idx: [torch.Generator().manual_seed(pgd_seed(0, i)) for i in idx]  # noqa: E731
+    for threat in ("linf:0.1", "l2:1.0", "l1:3.0"):
+        t = parse_threat(threat)
+        # the random start alone (no steps) is exactly the same in every batch
+        start = pgd(model, x, y, t, steps=0, restarts=1, generator=gens(range(6)))
+        for i in (0, 3, 5):
+            alone = pgd(model, x[i : i + 1], y[i : i + 1], t, steps=0, restarts=1,
+                        generator=gens([i]))  # fmt: skip
+            assert torch.equal(alone[0], start[i])
+        # the full attack, batched gradient steps included, to float rounding
+        batch = pgd(model, x, y, t, steps=10, restarts=2, generator=gens(range(6)))
+        part = pgd(model, x[2:5], y[2:5], t, steps=10, restarts=2, generator=gens(range(2, 5)))
+        torch.testing.assert_close(part, batch[2:5])
+        for i in (0, 4):
+            alone = pgd(model, x[i : i + 1], y[i : i + 1], t, steps=10, restarts=2,
+                        generator=gens([i]))  # fmt: skip
+            torch.testing.assert_close(alone[0], batch[i])
+    with pytest.raises(UserError, match="one per sample"):
+        pgd(model, x, y, parse_threat("l2:1.0"), generator=gens(range(3)))
+
+    # certify_batch: sample 13 gets the same PGD verdict alone as inside a batch of 10..15
+    bc = BoundedClassifier(model, info.in_shape)
+    threats = [parse_threat("linf:0.1"), parse_threat("l2:1.5")]
+    rows = certify_batch(bc, model, x, y, threats, ["ibp"], attack_steps=10, first_index=10)
+    one = certify_batch(bc, model, x[3:4], y[3:4], threats, ["ibp"], attack_steps=10,
+                        first_index=13)  # fmt: skip
+    assert one[0].index == rows[3].index == 13
+    assert one[0].robust == rows[3].robust
+
+
+def test_more_shards_than_samples_is_refused_in_one_line(checkpoint, tmp_path):
+    res = _run("verify", checkpoint, *SMALL, "--count", "2", "--shard", "0/3", "--out", tmp_path)
+    assert res.exit_code != 0
+    assert "shard 0/3 is empty: 2 samples cannot fill 3 shards; use N <= 2" in res.output

@@ -211,11 +211,12 @@ def test_a_certificate_the_attack_breaks_is_withdrawn_and_fails_the_run(
     """A deliberately unsound bound method (every margin bounded by +1): PGD breaks some of its
     "certificates"; those samples must count as not certified anywhere, and verify must fail."""
     from cure_lirpa.bounds import BoundedClassifier
+    from cure_lirpa.region import BoundResult
 
     def unsound(self, x, y, threat, method="ibp"):
-        return torch.ones(len(x), self.num_classes - 1)
+        return BoundResult.exact(torch.ones(len(x), self.num_classes - 1))
 
-    monkeypatch.setattr(BoundedClassifier, "margin_lower_bounds", unsound)
+    monkeypatch.setattr(BoundedClassifier, "bounds", unsound)
     out = tmp_path / "v"
     res = CliRunner().invoke(
         main,

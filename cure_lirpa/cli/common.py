@@ -8,7 +8,7 @@ import click
 import torch
 
 from ..errors import UserError
-from ..threats import Threat, parse_eps, parse_threat
+from ..threats import Threat, parse_threat
 
 
 class DeviceType(click.ParamType):
@@ -54,24 +54,18 @@ def set_threads(threads: int | None) -> None:
         torch.set_num_threads(threads)
 
 
+def train_count_message(train_count: int, batch_size: int) -> str:
+    """What ``train`` and ``smooth train`` say when ``--train-count`` is below ``--batch-size``."""
+    return (
+        f"--train-count {train_count} is below --batch-size {batch_size}: each epoch is one "
+        f"batch of all {train_count} images (batch size lowered to {train_count})"
+    )
+
+
 THREADS_HELP = (
     "torch CPU threads. One is fastest for the small zoo models and on shared machines; "
     "raise it for large models on a dedicated machine."
 )
-
-
-class EpsType(click.ParamType):
-    """A radius in [0, 1] pixel units: ``0.1`` or a fraction such as ``8/255``."""
-
-    name = "EPS"
-
-    def convert(self, value, param, ctx) -> float:
-        if isinstance(value, (int, float)):
-            value = str(value)
-        try:
-            return parse_eps(value)
-        except UserError as exc:
-            self.fail(str(exc), param, ctx)
 
 
 class ThreatType(click.ParamType):

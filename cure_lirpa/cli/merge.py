@@ -7,17 +7,21 @@ from pathlib import Path
 
 import click
 
+from .options import overwrite_option
+
 
 @click.command(context_settings={"show_default": True})
 @click.argument("run", type=click.Path(file_okay=False, exists=True, path_type=Path))
 @click.argument("shards", nargs=-1, type=click.Path(file_okay=False, exists=True, path_type=Path))
-def merge(run: Path, shards: tuple[Path, ...]) -> None:
+@overwrite_option("Replace a run of other settings in RUN (its shard folders are kept).")
+def merge(run: Path, shards: tuple[Path, ...], overwrite: bool) -> None:
     """Merge the shard-K-of-N folders of RUN (or the SHARDS given) into RUN.
 
     Writes samples.csv, samples.jsonl, summary.json and summary.md exactly as an unsharded verify
     run would (times are the sums over shards); for 'smooth certify' and 'smooth predict' runs
     samples.tsv, samples.jsonl, summary.json and summary.md. Refuses shards made with different
-    options and lists the sample indices still missing.
+    options and lists the sample indices still missing. Merging again rebuilds the merged run; a
+    run of other settings in RUN is refused unless --overwrite.
 
     \b
     Examples:
@@ -29,9 +33,9 @@ def merge(run: Path, shards: tuple[Path, ...]) -> None:
     from ..shards import merge_shards
     from .smooth import merge_smoothing
 
-    if merge_smoothing(run, shards):  # a 'smooth certify' / 'smooth predict' run
+    if merge_smoothing(run, shards, overwrite):  # a 'smooth certify' / 'smooth predict' run
         return
-    summary = merge_shards(run, shards or None)
+    summary = merge_shards(run, shards or None, overwrite=overwrite)
     click.echo(
         f"{summary['samples']} samples from {len(summary['merged_from'])} shards, clean accuracy "
         f"{summary['clean_accuracy']:.1f}%\n"

@@ -18,31 +18,24 @@ import torch
 
 from ..data import DATASETS, dataset_info, load_dataset
 from ..errors import UserError
-from ..threats import parse_eps
-from .common import DEVICE_CHOICE, THREADS_HELP, EpsType, resolve_device, set_threads
+from .common import resolve_device, set_threads, train_count_message
+from .options import (
+    POSITIVE_RADIUS,
+    RADII,
+    RADIUS,
+    batch_size_option,
+    device_option,
+    out_option,
+    overwrite_option,
+    quiet_option,
+    resume_option,
+    seed_option,
+    threads_option,
+)
 
 POSITIVE = click.FloatRange(min=0.0, min_open=True)
-EPS = EpsType()
+EPS = RADIUS
 SETTINGS = {"show_default": True}
-
-
-class RadiusList(click.ParamType):
-    """Comma-separated radii in pixel units, e.g. ``0.25,0.5,1`` or ``36/255,72/255``."""
-
-    name = "RADII"
-
-    def convert(self, value: Any, param: Any, ctx: Any) -> list[float]:
-        if isinstance(value, (list, tuple)):
-            return [float(v) for v in value]
-        try:
-            out = [parse_eps(v.strip()) for v in str(value).split(",") if v.strip()]
-        except UserError:
-            self.fail(
-                f"{value!r} is not a comma-separated list of radii (e.g. 0.25,0.5,1)", param, ctx
-            )
-        if not out or any(not math.isfinite(v) or v < 0 for v in out):
-            self.fail(f"{value!r} must hold one or more radii >= 0", param, ctx)
-        return out
 
 
 class NumberList(click.ParamType):
@@ -73,17 +66,19 @@ def _options(options: list[Callable]) -> Callable:
     return apply
 
 
+def _folder_options() -> list[Callable]:
+    """``--resume`` and ``--overwrite`` of a run folder (:meth:`cure_lirpa.runs.Run.open`)."""
+    return [resume_option(), overwrite_option()]
+
+
 def _run_options(what: str) -> list[Callable]:
     """Options every run command shares (the names of ``train`` and ``verify``)."""
     return [
-        click.option("--seed", type=int, default=0, help=f"Seed of the {what}."),
-        click.option(
-            "--device", type=DEVICE_CHOICE, default="auto", help="auto, cpu, cuda or cuda:N."
-        ),
-        click.option("--threads", type=click.IntRange(min=1), default=1, help=THREADS_HELP),
-        click.option("--resume", is_flag=True, help="Continue the run in --out (same options)."),
-        click.option("--overwrite", is_flag=True, help="Replace the run in --out."),
-        click.option("--quiet", "-q", is_flag=True, help="No progress bars and no progress lines."),
+        seed_option(f"Seed of the {what}."),
+        device_option(),
+        threads_option(),
+        *_folder_options(),
+        quiet_option(),
     ]
 
 
@@ -96,13 +91,9 @@ SAMPLE_OPTIONS = [
         help="Base classifier: the run folder of 'smooth train' (or its checkpoint.pt, or any "
         "cure-lirpa checkpoint).",
     ),
-    click.option(
-        "--out",
-        "-o",
-        required=True,
-        type=click.Path(file_okay=False, path_type=Path),
-        help="Run folder: config.json, samples.jsonl (as it goes), then samples.tsv, "
-        "summary.json, summary.md.",
+    out_option(
+        "Run folder: config.json, samples.jsonl (as it goes), then samples.tsv, summary.json, "
+        "summary.md."
     ),
     click.option(
         "--n",
@@ -117,12 +108,7 @@ SAMPLE_OPTIONS = [
         default=0.001,
         help="Failure probability of each answer.",
     ),
-    click.option(
-        "--batch-size",
-        type=click.IntRange(min=1),
-        default=1000,
-        help="Noisy copies per forward pass.",
-    ),
+    batch_size_option(1000, "Noisy copies per forward pass."),
     click.option(
         "--dataset",
         type=click.Choice(DATASETS),
@@ -195,6 +181,11 @@ def _warn(message: str) -> None:
     click.echo(f"Warning: {message}", err=True)
 
 
+def _warn_small_train_count(train_count: Optional[int], batch_size: int) -> None:
+    if train_count is not None and train_count < batch_size:
+        _warn(train_count_message(train_count, batch_size))
+
+
 def _warn_small_n(n: int, alpha: float, what: str) -> None:
     from ..smoothing.certifier import SmoothingWarning, check_sampling
 
@@ -214,9 +205,12 @@ def _warn_not_noise_trained(checkpoint: Path, info: dict) -> None:
         )
 
 
-def _finish(out: Path, shard, explicit_shard: bool) -> Optional[Path]:
-    """After a shard: under torchrun (no --shard given) rank 0 merges when every rank is done.
-    Returns the folder whose results to print, or None (another rank merges)."""
+def _finish(out: Path, shard, explicit_shard: bool, overwrite: bool) -> Optional[Path]:
+    """After a shard: under torchrun (no --shard given) rank 0 merges when every rank is done
+    (replacing a run of other settings in ``out`` on ``overwrite``). Returns the folder whose
+    results to print, or None (another rank merges)."""
+    from functools import partial
+
     from ..shards import merge_when_all_done, started_by_torchrun
     from ..smoothing.runner import merge_shards
 
@@ -227,7 +221,7 @@ def _finish(out: Path, shard, explicit_shard: bool) -> Optional[Path]:
     if explicit_shard or not started_by_torchrun():
         click.echo(f"when every shard is done: cure-lirpa merge {out}", err=True)
         return folder
-    merged = merge_when_all_done(out, merge_shards)
+    merged = merge_when_all_done(out, partial(merge_shards, overwrite=overwrite))
     if merged is None:
         return None
     click.echo(f"merged {shard.count} shards into {out}", err=True)
@@ -247,13 +241,9 @@ def smooth() -> None:
 
 
 @smooth.command("train", context_settings=SETTINGS)
-@click.option(
-    "--out",
-    "-o",
-    required=True,
-    type=click.Path(file_okay=False, path_type=Path),
-    help="Run folder: config.json, checkpoint.pt (rewritten atomically after every epoch), "
-    "metrics.jsonl.",
+@out_option(
+    "Run folder: config.json, checkpoint.pt (rewritten atomically after every epoch), "
+    "metrics.jsonl."
 )
 @click.option(
     "--method",
@@ -263,11 +253,14 @@ def smooth() -> None:
     "similarity regulariser (NU paper Eq. 3); consistency: Jeong & Shin 2020.",
 )
 @click.option(
-    "--sigma", type=POSITIVE, default=0.25, help="Noise std (pixel units); sigma_n for nu/nu-rs."
+    "--sigma",
+    type=POSITIVE_RADIUS,
+    default="0.25",
+    help="Noise std (pixel units, e.g. 0.25, 1/4 or 64/255); sigma_n for nu/nu-rs.",
 )
 @click.option(
     "--sigma-u",
-    type=POSITIVE,
+    type=POSITIVE_RADIUS,
     default=None,
     help="Uniform part's std for nu/nu-rs [default: sqrt(3)/2 * sigma, kurtosis -0.22].",
 )
@@ -296,7 +289,7 @@ def smooth() -> None:
     "--width", type=click.IntRange(min=1), default=None, help="Width of a zoo architecture."
 )
 @click.option("--epochs", type=click.IntRange(min=1), default=4)
-@click.option("--batch-size", type=click.IntRange(min=1), default=256)
+@batch_size_option(256, "Training images per optimizer step.")
 @click.option("--lr", type=POSITIVE, default=1e-3, help="Adam learning rate.")
 @click.option("--weight-decay", type=click.FloatRange(min=0), default=0.0)
 @click.option("--schedule", type=click.Choice(["constant", "cosine"]), default="constant")
@@ -334,6 +327,7 @@ def train_cmd(out: Path, width, seed, device, threads, quiet, stop_after, resume
 
     set_threads(threads)
     config = TrainConfig(arch_kwargs={} if width is None else {"width": width}, seed=seed, **o)
+    _warn_small_train_count(o["train_count"], o["batch_size"])
     res = train(
         config,
         out,
@@ -358,7 +352,7 @@ SEQUENTIAL_OPTIONS = [
     ),
     click.option(
         "--radii",
-        type=RadiusList(),
+        type=RADII,
         default="0.25,0.5,0.75",
         help="decide: radii to decide, in --radius-norm units (e.g. 0.25,0.5,0.75 or 36/255).",
     ),
@@ -407,14 +401,17 @@ SEQUENTIAL_OPTIONS = [
     help="Smoothing noise; hybrid = Gaussian and Uniform combined by Table 1.",
 )
 @click.option(
-    "--sigma", type=POSITIVE, default=None, help="Noise std for every noise used (pixel units)."
+    "--sigma",
+    type=POSITIVE_RADIUS,
+    default=None,
+    help="Noise std for every noise used (pixel units, e.g. 0.5, 1/2 or 128/255).",
 )
 @click.option(
-    "--sigma-gaussian", type=POSITIVE, default=None, help="Gaussian std [default: --sigma]."
+    "--sigma-gaussian", type=POSITIVE_RADIUS, default=None, help="Gaussian std [default: --sigma]."
 )
 @click.option(
     "--sigma-uniform",
-    type=POSITIVE,
+    type=POSITIVE_RADIUS,
     default=None,
     help="Uniform std, half-width sqrt(3)*sigma [default: --sigma].",
 )
@@ -517,7 +514,7 @@ def certify_cmd(ctx: click.Context, **o: Any) -> None:
         run_extra={"checkpoint_sha256": sha, "dataset": dataset, "split": o["split"]},
         info={**run_info, "data_root": o["data_root"]},
     )
-    folder = _finish(o["out"], shard, o["shard"] is not None)
+    folder = _finish(o["out"], shard, o["shard"] is not None, o["overwrite"])
     if folder is not None:
         click.echo(certify_line(folder))
 
@@ -544,7 +541,9 @@ def certify_line(folder: Path) -> str:
 
 @smooth.command("predict", context_settings=SETTINGS)
 @click.option("--noise", type=click.Choice(["gaussian", "uniform"]), default="gaussian")
-@click.option("--sigma", type=POSITIVE, required=True, help="Noise std (pixel units).")
+@click.option(
+    "--sigma", type=POSITIVE_RADIUS, required=True, help="Noise std (pixel units, e.g. 1/2)."
+)
 @_options(SAMPLE_OPTIONS)
 def predict_cmd(**o: Any) -> None:
     """Predict with PREDICT (Cohen et al.): abstain unless the top class wins a binomial test.
@@ -591,7 +590,7 @@ def predict_cmd(**o: Any) -> None:
         },
         info={**run_info, "data_root": o["data_root"]},
     )
-    folder = _finish(o["out"], shard, o["shard"] is not None)
+    folder = _finish(o["out"], shard, o["shard"] is not None, o["overwrite"])
     if folder is not None:
         s = json.loads((folder / SUMMARY_JSON).read_text())
         click.echo(
@@ -610,21 +609,14 @@ def _parse_input(arg: str) -> tuple[Optional[str], str]:
 
 @smooth.command("analyze", context_settings=SETTINGS)
 @click.argument("inputs", nargs=-1, required=True)
-@click.option(
-    "--out",
-    "-o",
-    "out",
-    required=True,
-    type=click.Path(file_okay=False, path_type=Path),
-    help="Folder for summary.json, summary.md and certified_accuracy.png.",
-)
+@out_option("Folder for summary.json, summary.md and certified_accuracy.png.")
 @click.option(
     "--radii",
-    type=RadiusList(),
+    type=RADII,
     default="0.25,0.5,0.75,1.0",
     help="l2 radii for the certified-accuracy table.",
 )
-@click.option("--radii-l1", type=RadiusList(), default=None, help="l1 radii [default: --radii].")
+@click.option("--radii-l1", type=RADII, default=None, help="l1 radii [default: --radii].")
 @click.option(
     "--clean-acc",
     type=NumberList(),
@@ -633,7 +625,8 @@ def _parse_input(arg: str) -> tuple[Optional[str], str]:
     "clean accuracy.",
 )
 @click.option("--max-radius", type=EPS, default=None, help="x-axis limit of the plot.")
-def analyze_cmd(inputs, out: Path, radii, radii_l1, clean_acc, max_radius):
+@_options(_folder_options())
+def analyze_cmd(inputs, out: Path, radii, radii_l1, clean_acc, max_radius, resume, overwrite):
     """Certified accuracy, ACR (l1, l2), a plot, and ACR at fixed clean accuracy.
 
     INPUTS are run folders of 'smooth certify' (or their samples.tsv), optionally labelled
@@ -650,19 +643,28 @@ def analyze_cmd(inputs, out: Path, radii, radii_l1, clean_acc, max_radius):
     from ..smoothing.analysis import analyze, markdown_report
 
     levels = [v / 100.0 if v > 1 else v for v in clean_acc]
-    result = analyze([_parse_input(a) for a in inputs], out, radii, radii_l1, levels, max_radius)
+    result = analyze(
+        [_parse_input(a) for a in inputs],
+        out,
+        radii,
+        radii_l1,
+        levels,
+        max_radius,
+        resume=resume,
+        overwrite=overwrite,
+    )
     click.echo(markdown_report(result["runs"], result["fixed_clean_accuracy"]))
     click.echo(f"wrote {out / 'summary.json'}, summary.md and certified_accuracy.png")
 
 
-def merge_smoothing(run: Path, shards: tuple[Path, ...]) -> bool:
+def merge_smoothing(run: Path, shards: tuple[Path, ...], overwrite: bool = False) -> bool:
     """``cure-lirpa merge`` for smoothing runs: merge and report, True; False when ``run`` (or the
     given shards) is not a smoothing run."""
     from ..smoothing.runner import is_smoothing_run, merge_shards
 
     if not is_smoothing_run(shards[0] if shards else run):
         return False
-    summary = merge_shards(run, shards or None)
+    summary = merge_shards(run, shards or None, overwrite=overwrite)
     click.echo(f"merged {summary['shards']} shards into {run}")
     if summary["kind"] == "smooth-certify":
         click.echo(certify_line(run))

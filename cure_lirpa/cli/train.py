@@ -21,13 +21,24 @@ from ..methods import L2_VARIANTS, LINF_VARIANTS, METHODS, NORMS, SINGLE_NORM_VA
 from ..threats import format_eps
 from ..training import CHECKPOINT, DEFAULT_METHOD, INITS, PRESETS, TrainConfig, apply_preset
 from ..training import train as run_training
-from .common import DEVICE_CHOICE, THREADS_HELP, EpsType, resolve_device
+from .common import resolve_device, train_count_message
+from .options import (
+    RADIUS,
+    batch_size_option,
+    device_option,
+    out_option,
+    overwrite_option,
+    quiet_option,
+    resume_option,
+    seed_option,
+    threads_option,
+)
 
 _D = TrainConfig()  # the library's defaults, shown in --help
 NONNEG = click.FloatRange(min=0.0)
 UNIT = click.FloatRange(0.0, 1.0)
 POSITIVE = click.FloatRange(min=0.0, min_open=True)
-EPS = EpsType()
+EPS = RADIUS
 
 
 class FloatList(click.ParamType):
@@ -167,7 +178,7 @@ Examples:
     show_default=True,
     help="Epochs over which eps ramps (smoothed) from 0 to the training eps.",
 )
-@click.option("--batch-size", type=click.IntRange(min=2), default=_D.batch_size, show_default=True)
+@batch_size_option(_D.batch_size, "Training images per optimizer step.", min=2)
 @click.option("--lr", type=POSITIVE, default=_D.lr, show_default=True, help="Adam learning rate.")
 @click.option(
     "--lr-milestones",
@@ -297,23 +308,13 @@ Examples:
     help="Start from this checkpoint's weights (fine-tuning); its --arch/--width/--dataset are "
     "used unless given.",
 )
-@click.option(
-    "--out",
-    "-o",
-    required=True,
-    type=click.Path(file_okay=False),
-    help="Run folder: checkpoint.pt, metrics.jsonl, config.json.",
-)
-@click.option("--resume", is_flag=True, help="Continue the run in --out from its last epoch.")
-@click.option("--overwrite", is_flag=True, help="Replace the run in an existing --out.")
-@click.option("--seed", type=int, default=_D.seed, show_default=True)
-@click.option(
-    "--device",
-    type=DEVICE_CHOICE,
-    default="auto",
-    show_default=True,
-    help="auto, cpu, cuda or cuda:N. Under torchrun, cuda (or auto with GPUs) means "
-    "cuda:LOCAL_RANK, one GPU per process.",
+@out_option("Run folder: checkpoint.pt, metrics.jsonl, config.json.")
+@resume_option("Continue the run in --out from its last epoch.")
+@overwrite_option("Replace the run in an existing --out.")
+@seed_option("Seed of the weights, the data order and the methods' random draws.", _D.seed)
+@device_option(
+    "auto, cpu, cuda or cuda:N. Under torchrun, cuda (or auto with GPUs) means "
+    "cuda:LOCAL_RANK, one GPU per process."
 )
 @click.option(
     "--train-count",
@@ -336,19 +337,8 @@ Examples:
     help="Report certified accuracy of the training batches for every norm (an extra no-grad IBP "
     "pass for norms the method's loss does not certify, e.g. SABR).",
 )
-@click.option(
-    "--threads",
-    type=click.IntRange(min=1),
-    default=1,
-    show_default=True,
-    help=THREADS_HELP,
-)
-@click.option(
-    "--quiet",
-    "-q",
-    is_flag=True,
-    help="No progress bars and no per-epoch lines (warnings still show).",
-)
+@threads_option()
+@quiet_option("No progress bars and no per-epoch lines (warnings still show).")
 @click.pass_context
 def train_command(ctx: click.Context, **opts: Any) -> None:
     """Certified training against l∞ and l2 perturbations (CURE and single-norm baselines).
@@ -377,8 +367,6 @@ def _run(ctx: click.Context, o: dict[str, Any]) -> None:
 
     torch.set_num_threads(o["threads"])
     explicit = _explicit(ctx)
-    if o["resume"] and o["overwrite"]:
-        raise UserError("--resume and --overwrite contradict each other; pass one of them")
     method = o["method"]
     if method in SINGLE_NORM_VARIANTS:
         norm, variant = SINGLE_NORM_VARIANTS[method]
@@ -440,7 +428,12 @@ def _run(ctx: click.Context, o: dict[str, Any]) -> None:
         memory_mb=o["memory_mb"],
         train_cert=o["train_cert"],
     )
-    config = apply_preset(config, o["preset"], explicit).validated()
+    asked = apply_preset(config, o["preset"], explicit)
+    config = asked.validated()
+    if config.batch_size != asked.batch_size:  # --train-count below --batch-size
+        click.echo(
+            f"warning: {train_count_message(config.train_count, asked.batch_size)}", err=True
+        )
     world = None
     if distributed.launched():  # started by torchrun: one process of a data-parallel run
         device = distributed.process_device(o["device"])

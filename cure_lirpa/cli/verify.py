@@ -10,7 +10,18 @@ from typing import Optional
 import click
 
 from ..errors import UserError
-from .common import DEVICE_CHOICE, THREADS_HELP, ThreatType, resolve_device, set_threads
+from ..vocabulary import CASCADE_BUDGET
+from .common import ThreatType, resolve_device, set_threads
+from .options import (
+    batch_size_option,
+    device_option,
+    out_option,
+    overwrite_option,
+    quiet_option,
+    resume_option,
+    seed_option,
+    threads_option,
+)
 
 DEFAULT_THREATS = {
     "mnist": ("linf:0.1", "l2:0.5"),
@@ -50,7 +61,8 @@ def default_threats(ckpt: dict, dataset: str) -> tuple[str, ...]:
     type=click.Choice(["ibp", "crown-ibp", "crown", "alpha-crown", "sdp-crown", "auto"]),
     default=("ibp", "crown-ibp"),
     help="Bound method, repeatable, e.g. --method crown --method sdp-crown. 'auto' is the "
-    "cheapest-first cascade (sdp-crown before alpha-crown under l2). sdp-crown is for l2 balls; "
+    "cheapest-first cascade (sdp-crown before alpha-crown under l2 and l1; stages that cannot "
+    "bound the model are skipped and recorded; see --budget). sdp-crown is for l2 balls; "
     "under l1 it keeps the better of CROWN and its l2 bound, under l∞ and box threats it returns "
     "the CROWN bound.",
 )
@@ -74,7 +86,7 @@ def default_threats(ckpt: dict, dataset: str) -> tuple[str, ...]:
     default=None,
     help="Number of samples (default: all from --start).",
 )
-@click.option("--batch-size", type=click.IntRange(min=1), default=64)
+@batch_size_option(64, "Images per bound computation (split further to fit --memory-mb).")
 @click.option(
     "--memory-mb",
     type=click.FloatRange(min=64),
@@ -90,10 +102,15 @@ def default_threats(ckpt: dict, dataset: str) -> tuple[str, ...]:
 @click.option("--attack-steps", type=click.IntRange(min=1), default=50)
 @click.option("--attack-restarts", type=click.IntRange(min=1), default=2)
 @click.option(
-    "--out",
-    type=click.Path(file_okay=False, path_type=Path),
-    default=None,
-    help="Output folder. Default: <checkpoint folder>/verify-<hash of the options>.",
+    "--budget",
+    type=click.FloatRange(min=0),
+    default=CASCADE_BUDGET,
+    show_default=True,
+    help="Seconds of bound computation per sample and threat for --method auto; a sample still "
+    "open when they are spent is recorded as 'timeout' (not certified). 0: no limit.",
+)
+@out_option(
+    "Output folder [default: <checkpoint folder>/verify-<hash of the options>].", required=False
 )
 @click.option(
     "--shard",
@@ -102,14 +119,12 @@ def default_threats(ckpt: dict, dataset: str) -> tuple[str, ...]:
     help="Certify only shard K of N (0-based) into <out>/shard-K-of-N; merge the shards with "
     "'cure-lirpa merge <out>'. Under torchrun or a Slurm array it is set from the rank.",
 )
-@click.option("--seed", type=click.IntRange(min=0), default=0, help="Seed of the PGD cross-check.")
-@click.option("--resume", is_flag=True, help="Continue a killed run from its samples.jsonl.")
-@click.option("--overwrite", is_flag=True, help="Replace results already in --out.")
-@click.option("--device", type=DEVICE_CHOICE, default="auto")
-@click.option(
-    "--threads", type=click.IntRange(min=1), default=1, show_default=True, help=THREADS_HELP
-)
-@click.option("--quiet", is_flag=True, help="No progress bar.")
+@seed_option("Seed of the PGD cross-check.")
+@resume_option("Continue a killed run from its samples.jsonl.")
+@overwrite_option("Replace results already in --out.")
+@device_option()
+@threads_option()
+@quiet_option("No progress bar (warnings and the results still show).")
 def verify(
     checkpoint: Path,
     threats,
@@ -124,6 +139,7 @@ def verify(
     attack,
     attack_steps,
     attack_restarts,
+    budget,
     out,
     shard,
     seed,
@@ -147,6 +163,7 @@ def verify(
       cure-lirpa merge results/v
     """
     from dataclasses import asdict
+    from functools import partial
 
     from torch.utils.data import Subset
 
@@ -161,12 +178,13 @@ def verify(
     from ..plots import PLOT_NAME
     from ..runs import Run
     from ..shards import (
+        merge_shards,
         merge_when_all_done,
         parse_shard,
         shard_from_environment,
         started_by_torchrun,
     )
-    from ..threats import parse_threat
+    from ..threats import NormBall, check_radius, parse_threat
 
     set_threads(threads)
     ckpt = load_checkpoint(checkpoint)
@@ -184,6 +202,9 @@ def verify(
     if not threats:
         threats = tuple(parse_threat(t) for t in default_threats(ckpt, dataset))
     threats = tuple(dict.fromkeys(threats))
+    for threat in threats:  # a ball that holds the whole input box certifies nothing
+        if isinstance(threat, NormBall):
+            check_radius(threat.norm, threat.eps, info.in_shape, f"--threat {threat.name}")
     methods = tuple(dict.fromkeys(methods))
     dev = resolve_device(device)
     data = take(
@@ -201,6 +222,7 @@ def verify(
         "attack_steps": attack_steps,
         "attack_restarts": attack_restarts,
         "seed": seed,
+        "budget": budget,
     }
     if out is None:
         digest = hashlib.sha1(json.dumps(config, sort_keys=True).encode()).hexdigest()[:8]
@@ -208,11 +230,11 @@ def verify(
     part = parse_shard(shard) if shard else shard_from_environment()
     run_dir = out
     if part is not None:
-        offset, length = part.block(len(data), batch_size)
+        offset, length = part.block(len(data))
         if length == 0:
             raise UserError(
-                f"shard {part.index}/{part.count} is empty: {len(data)} samples in "
-                f"batches of {batch_size} fill fewer shards; use a smaller N"
+                f"shard {part.index}/{part.count} is empty: {len(data)} samples cannot fill "
+                f"{part.count} shards; use N <= {len(data)}"
             )
         config.update(shard=f"{part.index}/{part.count}", shard_start=start + offset,
                       shard_count=length)  # fmt: skip
@@ -235,6 +257,7 @@ def verify(
             attack=attack,
             attack_steps=attack_steps,
             attack_restarts=attack_restarts,
+            budget=budget or None,
             first_index=config.get("shard_start", start),
             seed=seed,
             done=done,
@@ -246,11 +269,12 @@ def verify(
         raise
     summary["config"] = config
     write_results(out, rows, summary, threats, methods)
+    run.close()
     if part is not None:
         click.echo(f"shard {part.index}/{part.count}: samples {config['shard_start']}.."
                    f"{config['shard_start'] + len(rows) - 1} in {out}")  # fmt: skip
         if shard is None and started_by_torchrun():  # rank 0 merges when all ranks are done
-            if merge_when_all_done(run_dir) is not None:
+            if merge_when_all_done(run_dir, partial(merge_shards, overwrite=overwrite)) is not None:
                 click.echo(f"merged {part.count} shards into {run_dir}")
         else:
             click.echo(f"when every shard is done: cure-lirpa merge {run_dir}")

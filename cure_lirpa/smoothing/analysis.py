@@ -25,6 +25,8 @@ from ..errors import UserError
 NORMS = ("l2", "l1")
 DEFAULT_RADII = (0.25, 0.5, 0.75, 1.0)
 DEFAULT_CLEAN_LEVELS = (0.45, 0.5, 0.55, 0.6, 0.65, 0.7, 0.75)
+KIND = "smooth-analyze"
+"""The run kind of an ``analyze`` output folder (:mod:`cure_lirpa.runs`)."""
 PathLike = Union[str, Path]
 
 
@@ -296,17 +298,37 @@ def analyze(
     radii_l1: Optional[Sequence[float]] = None,
     clean_levels: Sequence[float] = DEFAULT_CLEAN_LEVELS,
     max_radius: Optional[float] = None,
+    *,
+    resume: bool = False,
+    overwrite: bool = False,
 ) -> dict[str, Any]:
     """Summarise certification runs (folders or TSVs); write ``summary.json``, ``summary.md`` and
-    ``certified_accuracy.png`` into ``out_dir``. ``inputs`` are ``(method label or None, path)``."""
+    ``certified_accuracy.png`` into the run folder ``out_dir`` (a ``smooth-analyze`` run:
+    ``resume`` redoes it with the same settings, ``overwrite`` replaces it; see
+    :meth:`cure_lirpa.runs.Run.open`). ``inputs`` are ``(method label or None, path)``."""
+    from ..runs import Run as RunFolder
+
     if not inputs:
         raise UserError("give at least one certification run to analyze")
     runs = merge_runs([load_run(p, label) for label, p in inputs])
     summaries = [summarize(r, radii, radii_l1) for r in runs]
     comparison = compare_at_clean_accuracy(summaries, clean_levels)
     out_dir = Path(out_dir)
+    config = {
+        "inputs": [[label, str(Path(p).resolve())] for label, p in inputs],
+        "radii": list(radii),
+        "radii_l1": None if radii_l1 is None else list(radii_l1),
+        "clean_levels": list(clean_levels),
+        "max_radius": max_radius,
+    }
+    folder = RunFolder.open(out_dir, KIND, config, resume=resume, overwrite=overwrite)
     result = {"runs": summaries, "fixed_clean_accuracy": comparison}
-    atomic_write_json(out_dir / "summary.json", result)
-    atomic_write_text(out_dir / "summary.md", markdown_report(summaries, comparison))
-    plot_certified_accuracy(runs, out_dir / "certified_accuracy.png", max_radius)
+    try:
+        atomic_write_json(out_dir / "summary.json", result)
+        atomic_write_text(out_dir / "summary.md", markdown_report(summaries, comparison))
+        plot_certified_accuracy(runs, out_dir / "certified_accuracy.png", max_radius)
+    except BaseException:
+        folder.discard_if_empty()
+        raise
+    folder.close()
     return result

@@ -27,7 +27,7 @@ from torch import nn
 
 from ..errors import UserError
 from ..runs import RECORDS, Records, Run, read_config
-from ..shards import Shard, gather_shards, shard_dirs, write_merged
+from ..shards import Shard, gather_shards, open_merged, shard_dirs, write_merged
 from .certifier import Smooth, SmoothingWarning, check_sampling, sample_seed
 from .hybrid import combine, split_alpha
 from .noise import GaussianNoise, Noise, UniformNoise
@@ -78,9 +78,8 @@ def shard_indices(indices: Sequence[int], shard: Optional[Shard]) -> list[int]:
             f"--shard {shard.index}/{shard.count}: {len(indices)} samples cannot fill "
             f"{shard.count} shards; use N <= {len(indices)}"
         )
-    lo = shard.index * len(indices) // shard.count
-    hi = (shard.index + 1) * len(indices) // shard.count
-    return list(indices[lo:hi])
+    lo, length = shard.block(len(indices))
+    return list(indices[lo : lo + length])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -157,6 +156,7 @@ def run_samples(
         run.discard_if_empty()
         raise
     write_outputs(run.path, run.kind, run.config, done)
+    run.close()
     return run.path, done
 
 
@@ -441,15 +441,20 @@ def read_run(path: PathLike) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     return tsv_header(config), Records(path / RECORDS).read()
 
 
-def merge_shards(out: PathLike, shards: Optional[Sequence[PathLike]] = None) -> dict[str, Any]:
+def merge_shards(
+    out: PathLike, shards: Optional[Sequence[PathLike]] = None, *, overwrite: bool = False
+) -> dict[str, Any]:
     """Merge the ``shard-K-of-N`` folders of ``out`` (or the given ones) into ``out``: the
     config.json, samples.jsonl, samples.tsv, summary.json and summary.md of the unsharded run.
 
     Refuses shards of another kind or other settings (naming the keys), shards of different N,
-    and an incomplete run (listing the missing sample indices). Returns the summary.
+    an incomplete run (listing the missing sample indices), and a run of other settings in ``out``
+    unless ``overwrite`` (:func:`cure_lirpa.shards.open_merged`). Returns the summary.
     """
     out = Path(out)
     g = gather_shards(out, shards, list(KINDS.values()), "idx", expected_indices, NOT_COMPARED)
+    run = open_merged(out, g, overwrite, mutable=("info",))
     write_merged(out, g)
     summary = write_outputs(out, g.kind, g.config, g.records)
+    run.close()
     return {**summary, "shards": len(g.dirs), "kind": g.kind}

@@ -356,12 +356,19 @@ class _Sampler:
 
 
 def check_max_n(n0: int, max_n: int, alpha: float, batch_size: int) -> None:
-    """Raise :class:`UserError` for impossible counts or a ``max_n`` too small to ever certify."""
+    """Raise :class:`UserError` for impossible counts, a ``max_n`` below ``n0`` or too small to
+    ever certify."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", SmoothingWarning)
         msg = check_sampling(max_n, alpha, batch_size, n0=n0, what="certify")
     if msg:
         raise UserError(msg.replace("n=", "max_n=") + " (raise --max-n)")
+    if max_n < n0:
+        raise UserError(
+            f"--max-n {max_n} is below --n0 {n0}: the n0 draws only choose the top class, the "
+            "certificate rests on the at most max-n draws after them; use a max-n much larger "
+            "than n0 (e.g. --n0 100 --max-n 100000)"
+        )
 
 
 def run_test(

@@ -106,6 +106,8 @@ class TrainConfig:
             raise UserError("beta and the consistency lambda must be >= 0")
         if c.train_count is not None and c.train_count < 1:
             raise UserError(f"train_count must be >= 1, got {c.train_count}")
+        if c.train_count is not None and c.train_count < c.batch_size:
+            c.batch_size = int(c.train_count)  # one batch of all the images (the CLI says so)
         if c.eval_count < 0:
             raise UserError(f"eval_count must be >= 0, got {c.eval_count}")
         return c
@@ -253,14 +255,14 @@ def train(
     """
     c = config.validated()
     device = torch.device(device)
-    if resume and overwrite:
-        raise UserError("--resume and --overwrite contradict each other; pass one of them")
     run = Run.open(out, KIND, c.to_dict(), resume=resume, overwrite=overwrite, mutable=RUNTIME_KEYS)
     try:
         return _train(c, run, device, stop_after, progress, log)
     except BaseException:
         run.discard_if_empty()
         raise
+    finally:
+        run.close()
 
 
 def _train(
