@@ -14,7 +14,7 @@ RUN    ?= runs/demo
 $(STAMP): setup.cfg pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet $(TORCH)
-	# auto-LiRPA 0.3's metadata pins torch<1.13: install it without its pins (see cure_lirpa/lirpa.py)
+	# auto-LiRPA 0.3's metadata pins torch<1.13: install it without its pins (see cure_lirpa/bounds/lirpa.py)
 	$(PY) -m pip install --quiet --no-deps auto-LiRPA==0.3
 	$(PY) -m pip install --quiet -e '.[dev]'
 	touch $(STAMP)

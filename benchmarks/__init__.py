@@ -41,7 +41,12 @@ DEFAULT_DATA = (REPO / ".." / "shared" / "data").resolve()
 
 # Modules the fork server imports once, so that every child starts with torch and auto_LiRPA loaded
 # (about 3 s per child otherwise) while still being a process of its own.
-_PRELOAD = ["torch", "cure_lirpa.lirpa", "cure_lirpa.certification", "benchmarks"]
+_PRELOAD = [
+    "torch",
+    "cure_lirpa.bounds.lirpa",
+    "cure_lirpa.verification.certification",
+    "benchmarks",
+]
 
 
 def log(msg: str) -> None:
@@ -166,7 +171,7 @@ def save_summary(path: Path, content: Any) -> None:
     the :func:`commit_stamp` of this process (the code that wrote the file; a report rebuilt from
     caches or from an older summary gets the rebuild's commit); absolute paths in either become
     :func:`portable`."""
-    from cure_lirpa.checkpoint import atomic_write_json, atomic_write_text
+    from cure_lirpa.io.checkpoint import atomic_write_json, atomic_write_text
 
     if isinstance(content, str):
         atomic_write_text(path, portable(content))

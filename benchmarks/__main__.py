@@ -253,7 +253,7 @@ def docs(paths: Sequence[Path]) -> None:
 
 
 def _fill(path: Path) -> None:
-    from cure_lirpa.checkpoint import atomic_write_text
+    from cure_lirpa.io.checkpoint import atomic_write_text
 
     atomic_write_text(path, filled_text(path))
 

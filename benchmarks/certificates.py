@@ -4,7 +4,7 @@ the cascade.
 For every model (natural, IBP l∞, IBP l2 and CURE checkpoints; MNIST and CIFAR-10) and every threat
 (MNIST: linf:0.1, l2:0.5, l1:1; CIFAR-10: linf:2/255, l2:0.25, l1:0.5), the suite certifies the same
 test images with each bound method and with the cheapest-first cascade (method ``auto`` of
-:mod:`cure_lirpa.certification`), and runs PGD as a soundness cross-check. It reports per cell
+:mod:`cure_lirpa.verification.certification`), and runs PGD as a soundness cross-check. It reports per cell
 (model, threat, method): certified accuracy, the samples a method certifies that the previous
 (cheaper) method did not, the median time per image and the peak memory; per (model, method) the
 union accuracy over the threats; per (model, threat) the cascade's total time against CROWN on
@@ -21,7 +21,7 @@ atomically; a rerun skips cells whose file exists with the same settings, so a k
 Models: ``--checkpoint NAME=PATH`` (repeatable) and/or ``--models DIR`` (every DIR/<name>/checkpoint.pt;
 in full mode by default the models of the CURE runs in benchmarks/results/cure_mnist and
 cure_cifar10, the latter named ``cifar10-<row>``). For a dataset with no model found the suite
-trains small stand-ins with :func:`cure_lirpa.training.train` (quick mode always does: cnn-small of
+trains small stand-ins with :func:`cure_lirpa.training.trainer.train` (quick mode always does: cnn-small of
 width 4 on the built-in MNIST sample, about a minute; CIFAR-10 stand-ins come from ``--data-root``
 and are skipped with a message when the data are missing).
 
@@ -126,7 +126,7 @@ FULL = Settings(count=40, alpha_iterations=20, attack_steps=50, attack_restarts=
 
 def standin_configs(quick: bool, data_root: Optional[str], cifar: bool) -> dict[str, Any]:
     """``{name: TrainConfig}`` of the stand-in models (MNIST, and CIFAR-10 when ``cifar``)."""
-    from cure_lirpa.training import TrainConfig
+    from cure_lirpa.training.trainer import TrainConfig
 
     out: dict[str, Any] = {}
     if quick:  # about ten seconds per model on one core
@@ -185,7 +185,7 @@ def train_standins(configs: dict[str, Any], folder: Path) -> dict[str, Path]:
     """Train (or resume, or reuse) every stand-in into ``folder/<name>/checkpoint.pt``."""
     from cure_lirpa.data import load_dataset
     from cure_lirpa.errors import UserError
-    from cure_lirpa.training import CHECKPOINT, train
+    from cure_lirpa.training.trainer import CHECKPOINT, train
 
     out: dict[str, Path] = {}
     for name, cfg in configs.items():
@@ -238,20 +238,15 @@ def code_fingerprint() -> str:
     """A hash of the library code a certificate depends on (part of every cell's key, so that
     cells are recomputed after a change of the bound code, the models or auto_LiRPA)."""
     import cure_lirpa
-    from cure_lirpa.checkpoint import versions
+    from cure_lirpa.io.checkpoint import versions
 
     h = hashlib.sha1(json.dumps(versions(), sort_keys=True).encode())
     root = Path(cure_lirpa.__file__).parent
-    for name in (
-        "lirpa.py",
-        "bounds.py",
-        "sdp_crown.py",
-        "certification.py",
-        "attacks.py",
-        "models.py",
-        "threats.py",
-    ):
-        h.update((root / name).read_bytes())
+    for name in ("bounds", "threats", "verification", "attacks.py", "models.py"):
+        for path in (
+            sorted((root / name).rglob("*.py")) if (root / name).is_dir() else [root / name]
+        ):
+            h.update(path.read_bytes())
     return h.hexdigest()[:16]
 
 
@@ -283,7 +278,7 @@ def error_path(path: Path) -> Path:
 
 def certify_cell(spec: dict[str, Any], path: str) -> None:
     """Child-process entry point: run one cell and write its JSON (or ``.error.json``)."""
-    from cure_lirpa.runs import store
+    from cure_lirpa.io.runs import store
 
     target = Path(path)
     try:
@@ -316,7 +311,7 @@ def warm_up(methods: Sequence[str], threat: Any) -> None:
     the cell's first image. The tiny model's memory is negligible and freed before the baseline."""
     import torch
 
-    from cure_lirpa.bounds import BoundedClassifier
+    from cure_lirpa.bounds.classifier import BoundedClassifier
     from cure_lirpa.models import build_model
 
     tiny = build_model("mlp", (1, 4, 4), 3, (0.5,), (0.25,), width=4, depth=1).eval()
@@ -336,12 +331,12 @@ def _run_cell(spec: dict[str, Any]) -> dict[str, Any]:
     from tqdm import tqdm
 
     from cure_lirpa.attacks import pgd
-    from cure_lirpa.bounds import BoundedClassifier
-    from cure_lirpa.certification import certify_batch
-    from cure_lirpa.checkpoint import dataset_info_of, load_checkpoint, model_from_checkpoint
-    from cure_lirpa.checkpoint import versions as lib_versions
+    from cure_lirpa.bounds.classifier import BoundedClassifier
     from cure_lirpa.data import load_dataset, stack
-    from cure_lirpa.threats import parse_threat
+    from cure_lirpa.io.checkpoint import dataset_info_of, load_checkpoint, model_from_checkpoint
+    from cure_lirpa.io.checkpoint import versions as lib_versions
+    from cure_lirpa.threats.base import parse_threat
+    from cure_lirpa.verification.certification import certify_batch
 
     t_start = time.perf_counter()
     torch.set_num_threads(spec["threads"])
@@ -501,9 +496,9 @@ def model_entry(
     name: str, path: Path, threats: Optional[Sequence[str]], count: int, data_root: Optional[str]
 ) -> ModelEntry:
     """Read ``path`` and choose the model's threats and test images."""
-    from cure_lirpa.checkpoint import load_checkpoint
     from cure_lirpa.data import load_dataset
-    from cure_lirpa.threats import parse_threat
+    from cure_lirpa.io.checkpoint import load_checkpoint
+    from cure_lirpa.threats.base import parse_threat
 
     ckpt = load_checkpoint(path)
     dataset = ckpt["dataset"]["name"]
@@ -569,7 +564,7 @@ def cell_methods(methods: Sequence[str], cascade: bool, attack: bool) -> list[st
 
 def load_cell(path: Path, key: dict[str, Any]) -> Optional[dict[str, Any]]:
     """The cell's result (or its error record) if it was made with ``key``, else None."""
-    from cure_lirpa.runs import cached
+    from cure_lirpa.io.runs import cached
 
     return cached(path, key) or cached(error_path(path), key)
 
@@ -587,7 +582,7 @@ def run_cells(
     on_model_done: Optional[Any] = None,
 ) -> None:
     """Run every missing cell, each in a fresh process; cells already on disk are skipped."""
-    from cure_lirpa.runs import store
+    from cure_lirpa.io.runs import store
 
     kinds = cell_methods(methods, cascade, attack)
     total = sum(runs(m, t) for e in entries for t in e.threats for m in kinds)
@@ -1275,10 +1270,10 @@ def main(
     """Compare IBP, CROWN-IBP, CROWN, SDP-CROWN, alpha-CROWN and the cascade on the same images."""
     import torch
 
-    from cure_lirpa.checkpoint import versions
     from cure_lirpa.cli.common import resolve_device
     from cure_lirpa.errors import UserError
-    from cure_lirpa.threats import parse_threat
+    from cure_lirpa.io.checkpoint import versions
+    from cure_lirpa.threats.base import parse_threat
 
     t_start = time.perf_counter()
     torch.set_num_threads(threads)

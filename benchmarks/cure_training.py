@@ -3,12 +3,12 @@ l2 and l1.
 
 For each row (one trained model) this script
 
-1. trains the row's method on the dataset (``cure_lirpa.training.train``; resumes a half-finished run,
+1. trains the row's method on the dataset (``cure_lirpa.training.trainer.train``; resumes a half-finished run,
    skips a finished one) into ``<results>/<row>/``;
 2. certifies ``--test-count`` test images (default 1000; the first ones, classes interleaved for
    the class-sorted CIFAR-10 ImageFolder) under the dataset's three threats (MNIST linf:0.1, l2:0.5,
    l1:1; CIFAR-10 linf:2/255, l2:0.25, l1:0.5) with IBP (plus a PGD cross-check), CROWN and, under
-   l2, SDP-CROWN (``cure_lirpa.certification.certify_dataset``) into ``<results>/<row>/verify/``
+   l2, SDP-CROWN (``cure_lirpa.verification.certification.certify_dataset``) into ``<results>/<row>/verify/``
    (skipped when done for the same checkpoint and procedure); each method after IBP runs only on
    the images the earlier ones leave open, which gives the same best-of and union accuracy;
 3. writes ``<results>/<row>/row.json`` and refreshes ``summary.md``, ``summary.json`` and
@@ -72,16 +72,16 @@ if __package__ in (None, ""):  # run as `python benchmarks/<suite>.py`: the repo
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks import save_summary  # noqa: E402
-from cure_lirpa.checkpoint import (  # noqa: E402
+from cure_lirpa.data import load_dataset, stack, take
+from cure_lirpa.errors import UserError
+from cure_lirpa.io.checkpoint import (  # noqa: E402
     atomic_write_text,
     load_checkpoint,
     model_from_checkpoint,
     versions,
 )
-from cure_lirpa.data import load_dataset, stack, take
-from cure_lirpa.errors import UserError
-from cure_lirpa.threats import parse_threat
-from cure_lirpa.training import CHECKPOINT, TrainConfig, apply_preset, step_times, train
+from cure_lirpa.threats.base import parse_threat
+from cure_lirpa.training.trainer import CHECKPOINT, TrainConfig, apply_preset, step_times, train
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
@@ -358,7 +358,7 @@ def run_row(
 ) -> dict[str, Any]:
     """Train (or resume) and certify one row; write ``<row>/row.json``. ``stop_after_epoch``
     ends training at that epoch of the schedule (for a time budget)."""
-    from cure_lirpa.certification import write_results
+    from cure_lirpa.verification.certification import write_results
 
     folder = results / row
     ckpt_path = folder / CHECKPOINT
@@ -464,7 +464,7 @@ def certify(model, test, threats, in_shape, s: dict[str, Any]):
     image, at a fraction of the cost. A method's column therefore counts its certificates among
     the images it ran on. Every certificate is checked against the PGD point of the IBP pass (a
     certified image that PGD breaks is a soundness violation, and its certificate is withdrawn)."""
-    from cure_lirpa.certification import certify_dataset, summarize
+    from cure_lirpa.verification.certification import certify_dataset, summarize
 
     t0 = time.perf_counter()
     rows, _ = certify_dataset(
@@ -696,8 +696,8 @@ def measure_bound_cost(
     backward pass) of a training batch under the dataset's l2 threat, per bound method, on
     ``row``'s trained model, against one natural optimizer step on the same batch (same process,
     interleaved rounds, fastest round). Writes ``bound_cost.json`` / ``bound_cost.md``."""
-    from cure_lirpa.bounds import BoundedClassifier
-    from cure_lirpa.checkpoint import dataset_info_of
+    from cure_lirpa.bounds.classifier import BoundedClassifier
+    from cure_lirpa.io.checkpoint import dataset_info_of
 
     ckpt = load_checkpoint(results / row / CHECKPOINT)
     model = model_from_checkpoint(ckpt).eval()

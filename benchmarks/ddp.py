@@ -30,7 +30,7 @@ if __package__ in (None, ""):  # run as `python benchmarks/<suite>.py`: the repo
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks import save_summary  # noqa: E402
-from cure_lirpa.checkpoint import load_checkpoint, versions  # noqa: E402
+from cure_lirpa.io.checkpoint import load_checkpoint, versions  # noqa: E402
 
 OUT = Path(__file__).parent / "results" / "ddp"
 ROOT = Path(__file__).resolve().parents[1]

@@ -34,18 +34,18 @@ if __package__ in (None, ""):  # run as `python benchmarks/<suite>.py`: the repo
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks import save_summary  # noqa: E402
-from cure_lirpa.bounds import BoundedClassifier, certified
-from cure_lirpa.checkpoint import (
+from cure_lirpa.bounds.classifier import BoundedClassifier, certified
+from cure_lirpa.data import load_dataset, stack, take
+from cure_lirpa.errors import UserError
+from cure_lirpa.io.checkpoint import (
     dataset_info_of,
     load_checkpoint,
     model_from_checkpoint,
     versions,
 )
-from cure_lirpa.data import load_dataset, stack, take
-from cure_lirpa.errors import UserError
-from cure_lirpa.geometry import parse_geometric  # noqa: F401  (registers geometric threats)
-from cure_lirpa.patches import parse_patch  # noqa: F401  (registers patch threats)
-from cure_lirpa.threats import BoxFamily, Threat, parse_threat
+from cure_lirpa.threats.base import BoxFamily, Threat, parse_threat
+from cure_lirpa.threats.geometry import parse_geometric  # noqa: F401  (registers geometric threats)
+from cure_lirpa.threats.patches import parse_patch  # noqa: F401  (registers patch threats)
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_THREATS = ("patch:2", "patch:5", "rotate:30", "translate:2")

@@ -36,12 +36,12 @@ if __package__ in (None, ""):  # run as `python benchmarks/<suite>.py`: the repo
 
 from benchmarks import save_summary  # noqa: E402
 from cure_lirpa import lirpa  # noqa: E402
-from cure_lirpa.bounds import BoundedClassifier, margin_matrix
-from cure_lirpa.checkpoint import versions
+from cure_lirpa.bounds.classifier import BoundedClassifier, margin_matrix
 from cure_lirpa.data import dataset_info, load_dataset, stack
+from cure_lirpa.io.checkpoint import versions
 from cure_lirpa.models import build_model
-from cure_lirpa.threats import NormBall
-from cure_lirpa.training import TrainConfig, step_times
+from cure_lirpa.threats.base import NormBall
+from cure_lirpa.training.trainer import TrainConfig, step_times
 
 OUT = Path(__file__).parent / "results" / "overhead"
 
@@ -107,7 +107,7 @@ def wrapper_overhead(model, x, y, repeats: int, crown_batch: int) -> dict:
 def training_step_ratio(x, y, repeats: int) -> dict:
     """Seconds of one optimizer step of natural, IBP l∞ and IBP l2 training of the small CNN.
 
-    The step is the training loop's own (:func:`cure_lirpa.training.step_times`): forward, bounds,
+    The step is the training loop's own (:func:`cure_lirpa.training.trainer.step_times`): forward, bounds,
     backward, gradient clipping, Adam, and -- with ``train_cert`` (the default of ``cure-lirpa
     train``) -- the no-grad IBP pass that reports the certified accuracy of the training batches
     for the norms the loss does not certify. Both settings are timed; ratios compare steps with

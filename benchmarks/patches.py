@@ -53,7 +53,7 @@ TARGET_RATIO = 3.0
 def _train_demo(out: str) -> None:
     import torch
 
-    from cure_lirpa.training import TrainConfig, train
+    from cure_lirpa.training.trainer import TrainConfig, train
 
     torch.set_num_threads(1)
     train(TrainConfig(), out, overwrite=True, progress=False, log=None)
@@ -62,8 +62,8 @@ def _train_demo(out: str) -> None:
 def _load(checkpoint: str, data_root: str, count: int):
     import torch
 
-    from cure_lirpa.checkpoint import dataset_info_of, load_checkpoint, model_from_checkpoint
     from cure_lirpa.data import load_dataset, take
+    from cure_lirpa.io.checkpoint import dataset_info_of, load_checkpoint, model_from_checkpoint
 
     torch.set_num_threads(1)
     ckpt = load_checkpoint(checkpoint)
@@ -82,8 +82,8 @@ def _time_method(
     out: str,
 ) -> None:
     """certify_dataset with one method; writes seconds, certified counts and memory to ``out``."""
-    from cure_lirpa.certification import certify_dataset
-    from cure_lirpa.threats import parse_threat
+    from cure_lirpa.threats.base import parse_threat
+    from cure_lirpa.verification.certification import certify_dataset
 
     model, info, data = _load(checkpoint, data_root, count)
     before = rss_now_mb()
@@ -114,9 +114,9 @@ def _measure_memory(
     """box_margins on three chunks of pairs under ``budget``; writes the peak growth to ``out``."""
     import torch
 
-    from cure_lirpa.bounds import BoundedClassifier
+    from cure_lirpa.bounds.classifier import BoundedClassifier
     from cure_lirpa.data import stack
-    from cure_lirpa.threats import parse_threat
+    from cure_lirpa.threats.base import parse_threat
 
     model, info, data = _load(checkpoint, data_root, 64)
     x, y = stack(data)
@@ -188,7 +188,7 @@ def report(res: dict[str, Any]) -> str:
     lines += [
         "",
         "Peak memory of box-family bounds against the budget (three chunks of (image, location) "
-        "pairs per method; *estimate*: `bytes_per_sample x chunk` of cure_lirpa.bounds):",
+        "pairs per method; *estimate*: `bytes_per_sample x chunk` of cure_lirpa.bounds.classifier):",
         "",
         "| method | threat | budget MB | chunk (pairs) | pairs | estimate MB | +MB | within | s/pair |",
         "|---|---|---|---|---|---|---|---|---|",

@@ -28,9 +28,9 @@ if __package__ in (None, ""):  # run as `python benchmarks/<suite>.py`: the repo
 from benchmarks import DEFAULT_DATA, save_summary  # noqa: E402
 from benchmarks.cure_training import best_columns  # noqa: E402
 from cure_lirpa.attacks import pgd  # noqa: E402
-from cure_lirpa.checkpoint import load_checkpoint, model_from_checkpoint  # noqa: E402
 from cure_lirpa.data import load_dataset  # noqa: E402
-from cure_lirpa.threats import parse_threat  # noqa: E402
+from cure_lirpa.io.checkpoint import load_checkpoint, model_from_checkpoint  # noqa: E402
+from cure_lirpa.threats.base import parse_threat  # noqa: E402
 
 
 def certified_images(samples_csv: Path) -> dict[str, list[tuple[int, int]]]:

@@ -6,7 +6,7 @@ point (sweep value, threat, method) runs in a fresh child process (:func:`benchm
 build the model (seeded random weights: cost does not depend on training, except alpha-CROWN's
 early stopping), warm up on a tiny model, record the resident memory, reset the peak counter, time
 ``BoundedClassifier.margin_lower_bounds`` on one batch ``repeats`` times (median), and read the
-peak. Each point also records the memory model of :mod:`cure_lirpa.bounds` --
+peak. Each point also records the memory model of :mod:`cure_lirpa.bounds.classifier` --
 ``bytes_per_sample(method) x min(batch, chunk_size)`` -- next to the measured growth, and the chunk
 size that the ``--memory-mb`` budget imposes (a batch larger than the chunk is split).
 
@@ -104,7 +104,7 @@ def point_path(out: Path, sweep: str, batch: int, width: int, threat: str, metho
 
 def measure_point(spec: dict[str, Any], path: str) -> None:
     """Child-process entry point: time and measure one point; write its JSON (or an error)."""
-    from cure_lirpa.runs import store
+    from cure_lirpa.io.runs import store
 
     try:
         result = _measure(spec)
@@ -120,10 +120,10 @@ def _measure(spec: dict[str, Any]) -> dict[str, Any]:
 
     import torch
 
-    from cure_lirpa.bounds import BoundedClassifier
+    from cure_lirpa.bounds.classifier import BoundedClassifier
     from cure_lirpa.data import dataset_info, load_dataset, stack, take
     from cure_lirpa.models import build_model
-    from cure_lirpa.threats import parse_threat
+    from cure_lirpa.threats.base import parse_threat
 
     torch.set_num_threads(spec["threads"])
     info = dataset_info("sample")
@@ -207,7 +207,7 @@ def point_spec(
 
 def load_point(path: Path, key: dict[str, Any]) -> Optional[dict[str, Any]]:
     """The point's result (or error record) if it was measured with ``key``, else None."""
-    from cure_lirpa.runs import cached
+    from cure_lirpa.io.runs import cached
 
     return cached(path, key)
 
@@ -221,7 +221,7 @@ def run_points(
     retry_failed: bool = False,
 ) -> list[dict[str, Any]]:
     """Measure every missing point (cheapest method first); returns all points of these settings."""
-    from cure_lirpa.runs import store
+    from cure_lirpa.io.runs import store
 
     todo = [(p, t, m) for m in methods for t in threats for p in points(s)]
     done = []
@@ -262,7 +262,7 @@ def summary_markdown(result: dict[str, Any]) -> str:
         f"{s['repeat_budget_s']:g} s budget allows no other), α-CROWN {s['alpha_iterations']} steps, "
         f"memory budget {s['memory_mb']:.0f} MB. *+MB*: peak resident memory of the point's "
         "process above its level before the bound call; *estimate*: "
-        "`bytes_per_sample x min(batch, chunk)` of cure_lirpa.bounds; *chunk*: the most images "
+        "`bytes_per_sample x min(batch, chunk)` of cure_lirpa.bounds.classifier; *chunk*: the most images "
         "one auto_LiRPA call takes under the budget.",
     ]
     pts = [p for p in result["points"] if "error" not in p]
@@ -420,9 +420,9 @@ def main(
     report_only: bool,
 ) -> None:
     """Time and memory of IBP, CROWN-IBP, CROWN and alpha-CROWN against batch size and width."""
-    from cure_lirpa.checkpoint import versions
     from cure_lirpa.errors import UserError
-    from cure_lirpa.threats import parse_threat
+    from cure_lirpa.io.checkpoint import versions
+    from cure_lirpa.threats.base import parse_threat
 
     t_start = time.perf_counter()
     s = dataclasses.replace(QUICK if quick else FULL)

@@ -84,7 +84,7 @@ def main(
 ) -> None:
     """Time one verify process against N shards + merge, and check they agree."""
     from benchmarks import read_results, save_summary
-    from cure_lirpa.checkpoint import versions
+    from cure_lirpa.io.checkpoint import versions
 
     if report_only:
         result = read_results(out / "results.json")

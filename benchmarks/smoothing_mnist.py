@@ -42,14 +42,14 @@ if __package__ in (None, ""):  # run as `python benchmarks/<suite>.py`: the repo
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks import save_summary  # noqa: E402
-from cure_lirpa.checkpoint import (  # noqa: E402
+from cure_lirpa.cli.common import DEVICE_CHOICE
+from cure_lirpa.data import load_dataset
+from cure_lirpa.io.checkpoint import (  # noqa: E402
     atomic_write_json,
     load_checkpoint,
     model_from_checkpoint,
 )
-from cure_lirpa.cli.common import DEVICE_CHOICE
-from cure_lirpa.data import load_dataset
-from cure_lirpa.runs import read_config
+from cure_lirpa.io.runs import read_config
 from cure_lirpa.smoothing.analysis import (
     compare_at_clean_accuracy,
     load_run,

@@ -43,13 +43,13 @@ if __package__ in (None, ""):  # run as `python benchmarks/<suite>.py`: the repo
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks import DEFAULT_DATA, RESULTS, log, provenance, save_summary  # noqa: E402
-from cure_lirpa.checkpoint import (
+from cure_lirpa.data import load_dataset
+from cure_lirpa.io.checkpoint import (
     atomic_write_json,
     load_checkpoint,
     model_from_checkpoint,
 )
-from cure_lirpa.data import load_dataset
-from cure_lirpa.runs import read_config
+from cure_lirpa.io.runs import read_config
 from cure_lirpa.smoothing.certifier import file_sha256
 from cure_lirpa.smoothing.results import TSV, read_tsv
 from cure_lirpa.smoothing.runner import certify_dataset

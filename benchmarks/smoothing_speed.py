@@ -32,12 +32,12 @@ if __package__ in (None, ""):  # run as `python benchmarks/<suite>.py`: the repo
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks import save_summary  # noqa: E402
-from cure_lirpa.checkpoint import (  # noqa: E402
+from cure_lirpa.data import dataset_info
+from cure_lirpa.io.checkpoint import (  # noqa: E402
     dataset_info_of,
     load_checkpoint,
     model_from_checkpoint,
 )
-from cure_lirpa.data import dataset_info
 from cure_lirpa.models import build_model
 from cure_lirpa.smoothing import GaussianNoise, Smooth, UniformNoise
 

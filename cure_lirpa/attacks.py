@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import UserError
-from .threats import NormBall, Threat
+from .threats.base import NormBall, Threat
 
 LOSSES = ("margin", "ce")
 Generators = Union[torch.Generator, Sequence[torch.Generator], None]

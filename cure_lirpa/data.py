@@ -58,7 +58,7 @@ DEFAULT_RADII = {
 
 def default_radii(name: str) -> tuple[float, float]:
     """The usual ``(eps_linf, eps_l2)`` of dataset ``name`` in [0, 1] pixel units."""
-    from .threats import parse_eps
+    from .threats.base import parse_eps
 
     dataset_info(name)
     linf, l2 = DEFAULT_RADII[name]

@@ -7,7 +7,7 @@ by tracing, so it is never shared or pickled). Per optimizer step:
 * every rank draws the same global batch (the data order of one process, ``--batch-size`` samples)
   and takes its contiguous slice (:meth:`World.slice`, sizes differ by at most one);
 * the whole loss -- clean forward, the method's bounds, bound alignment -- runs inside the forward
-  of :class:`cure_lirpa.train_step.LossModule` wrapped in DistributedDataParallel, so backward
+  of :class:`cure_lirpa.training.step.LossModule` wrapped in DistributedDataParallel, so backward
   all-reduces every parameter's gradient;
 * the loss of rank r is scaled by ``world * b_r / B`` (:meth:`World.prepare`): DDP averages the
   gradients over ranks, so the reduced gradient is that of the mean loss over the global batch of
@@ -44,7 +44,7 @@ import torch.distributed as dist
 from torch import nn
 
 from .errors import UserError
-from .methods import Batch
+from .training.objectives import Batch
 
 T = TypeVar("T")
 METHOD_SEED_STRIDE = 1000

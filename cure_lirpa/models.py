@@ -2,7 +2,7 @@
 
 Every zoo model is a :class:`Classifier`: a :class:`Normalize` layer followed by a plain
 ``nn.Sequential`` body. Keeping the normalisation a separate, recognisable layer lets
-:mod:`cure_lirpa.bounds` fold it into the first affine layer before auto_LiRPA sees the graph
+:mod:`cure_lirpa.bounds.classifier` fold it into the first affine layer before auto_LiRPA sees the graph
 (the l2 zero-width trap: a normalisation layer in front of the first affine layer would make
 auto_LiRPA's l2 IBP bounds zero-width).
 """

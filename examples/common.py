@@ -1,8 +1,8 @@
 """Code shared by the dataset examples (``mnist.py``, ``cifar10.py``, ``tinyimagenet.py``).
 
 Each example trains a single-norm baseline and a CURE multi-norm model with
-:func:`cure_lirpa.training.train`, certifies both with
-:func:`cure_lirpa.certification.certify_dataset` and prints and writes the comparison; the scripts
+:func:`cure_lirpa.training.trainer.train`, certifies both with
+:func:`cure_lirpa.verification.certification.certify_dataset` and prints and writes the comparison; the scripts
 keep only what differs (dataset, defaults, paper settings, data checks).
 """
 
@@ -20,17 +20,17 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 from torch.utils.data import Dataset
 
-from cure_lirpa.certification import certify_dataset, write_results
-from cure_lirpa.checkpoint import (
+from cure_lirpa.cli.common import resolve_device
+from cure_lirpa.errors import UserError
+from cure_lirpa.io.checkpoint import (
     atomic_write_json,
     atomic_write_text,
     load_checkpoint,
     model_from_checkpoint,
 )
-from cure_lirpa.cli.common import resolve_device
-from cure_lirpa.errors import UserError
-from cure_lirpa.threats import NormBall, Threat, parse_threat
-from cure_lirpa.training import TrainConfig, apply_preset, train
+from cure_lirpa.threats.base import NormBall, Threat, parse_threat
+from cure_lirpa.training.trainer import TrainConfig, apply_preset, train
+from cure_lirpa.verification.certification import certify_dataset, write_results
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = os.environ.get("CURE_LIRPA_DATA") or str(REPO.parent / "shared" / "data")

@@ -2,9 +2,9 @@
 """Your own ``nn.Module``: wrap it, bound its margins and certify it under two norms at once.
 
 The core is :func:`certify_by_hand` (about a dozen lines): wrap the model as a
-:class:`~cure_lirpa.bounds.BoundedClassifier`, ask for lower bounds on the K-1 margins
+:class:`~cure_lirpa.bounds.classifier.BoundedClassifier`, ask for lower bounds on the K-1 margins
 ``f_y - f_j`` under each threat, and call a sample certified when all of them are positive; the
-union is the samples certified under every threat. :func:`cure_lirpa.certification.certify_dataset`
+union is the samples certified under every threat. :func:`cure_lirpa.verification.certification.certify_dataset`
 does the same over a dataset, for several bound methods, with a PGD cross-check.
 
 The script first trains the model for a short while so that there is something to certify (a plain
@@ -28,14 +28,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cure_lirpa.bounds import BoundedClassifier, certified
-from cure_lirpa.certification import certify_dataset, markdown_table
+from cure_lirpa.bounds.classifier import BoundedClassifier, certified
 from cure_lirpa.cli.common import resolve_device
 from cure_lirpa.data import load_dataset, stack, take
 from cure_lirpa.errors import UserError
-from cure_lirpa.losses import certified_ce
 from cure_lirpa.models import Classifier
-from cure_lirpa.threats import NormBall, Threat, parse_threat
+from cure_lirpa.threats.base import NormBall, Threat, parse_threat
+from cure_lirpa.training.losses import certified_ce
+from cure_lirpa.verification.certification import certify_dataset, markdown_table
 
 MNIST_MEAN, MNIST_STD = (0.1307,), (0.3081,)
 

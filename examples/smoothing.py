@@ -30,10 +30,10 @@ from typing import Any, Optional, Sequence
 import numpy as np
 import torch
 
-from cure_lirpa.checkpoint import load_checkpoint, model_from_checkpoint
 from cure_lirpa.cli.common import resolve_device
 from cure_lirpa.data import dataset_info, load_dataset
 from cure_lirpa.errors import UserError
+from cure_lirpa.io.checkpoint import load_checkpoint, model_from_checkpoint
 from cure_lirpa.smoothing import (
     Certificate,
     GaussianNoise,

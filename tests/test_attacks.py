@@ -19,7 +19,7 @@ from cure_lirpa.attacks import (
     step_schedule,
 )
 from cure_lirpa.errors import UserError
-from cure_lirpa.threats import NormBall
+from cure_lirpa.threats.base import NormBall
 
 SHAPE = (1, 6, 6)
 

@@ -12,13 +12,13 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from cure_lirpa import checkpoint as checkpoint_module
-from cure_lirpa.checkpoint import load_checkpoint
 from cure_lirpa.cli import main
 from cure_lirpa.data import load_dataset
 from cure_lirpa.errors import UserError
-from cure_lirpa.threats import parse_threat
-from cure_lirpa.training import TrainConfig
+from cure_lirpa.io import checkpoint as checkpoint_module
+from cure_lirpa.io.checkpoint import load_checkpoint
+from cure_lirpa.threats.base import parse_threat
+from cure_lirpa.training.trainer import TrainConfig
 
 QUICK = ["--train-count", "64", "--epochs", "1", "--device", "cpu", "--quiet"]
 
@@ -295,8 +295,8 @@ def test_clopper_pearson_refuses_alpha_outside_0_1(alpha):
 
 def _checkpoint(path: Path, dataset: str = "sample") -> Path:
     """An untrained cnn-small (width 4) checkpoint of ``dataset``."""
-    from cure_lirpa.checkpoint import make_checkpoint
     from cure_lirpa.data import dataset_info
+    from cure_lirpa.io.checkpoint import make_checkpoint
     from cure_lirpa.models import build_model
 
     info = dataset_info(dataset)
@@ -403,7 +403,7 @@ def test_input_range_errors_name_the_range_to_the_last_digit():
     from torch import nn
 
     from cure_lirpa.attacks import pgd
-    from cure_lirpa.bounds import BoundedClassifier
+    from cure_lirpa.bounds.classifier import BoundedClassifier
 
     model = nn.Sequential(nn.Flatten(), nn.Linear(4, 2)).eval()
     x = torch.full((1, 1, 2, 2), 0.5)

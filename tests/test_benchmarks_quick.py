@@ -25,7 +25,7 @@ THREATS = ("linf:0.01", "l2:0.1")
 
 @pytest.fixture(scope="module")
 def tiny_checkpoint(tmp_path_factory) -> Path:
-    from cure_lirpa.training import TrainConfig, train
+    from cure_lirpa.training.trainer import TrainConfig, train
 
     out = tmp_path_factory.mktemp("tiny")
     cfg = TrainConfig(
@@ -161,10 +161,10 @@ def test_cure_training_staged_certification_equals_every_method_everywhere(tiny_
     """IBP on all images, then CROWN and (l2 only) SDP-CROWN on the images still open certify
     exactly what running IBP, CROWN and SDP-CROWN on every image certifies."""
     from benchmarks.cure_training import certify
-    from cure_lirpa.certification import certify_dataset
-    from cure_lirpa.checkpoint import load_checkpoint, model_from_checkpoint
     from cure_lirpa.data import load_dataset, take
-    from cure_lirpa.threats import parse_threat
+    from cure_lirpa.io.checkpoint import load_checkpoint, model_from_checkpoint
+    from cure_lirpa.threats.base import parse_threat
+    from cure_lirpa.verification.certification import certify_dataset
 
     ckpt = load_checkpoint(tiny_checkpoint)
     model = model_from_checkpoint(ckpt)
@@ -254,10 +254,10 @@ def test_cure_training_certify_withdraws_later_certificates_pgd_breaks(
 ):
     """A (deliberately wrong) CROWN stage that certifies every open image: the images PGD broke
     count as soundness violations and lose the certificate."""
-    import cure_lirpa.certification as cert
+    import cure_lirpa.verification.certification as cert
     from benchmarks.cure_training import certify
-    from cure_lirpa.checkpoint import load_checkpoint, model_from_checkpoint
-    from cure_lirpa.threats import parse_threat
+    from cure_lirpa.io.checkpoint import load_checkpoint, model_from_checkpoint
+    from cure_lirpa.threats.base import parse_threat
 
     real = cert.certify_dataset
 
@@ -392,7 +392,7 @@ def test_reattack_reports_a_wrong_certificate(tiny_checkpoint: Path):
     row = tiny_checkpoint.parent
     test = load_dataset("sample", "test")
     (row / "verify").mkdir(exist_ok=True)
-    # the columns cure_lirpa.certification writes: per method, then best-of and PGD, then union
+    # the columns cure_lirpa.verification.certification writes: per method, then best-of and PGD, then union
     head = (
         "index,label,linf:0.3/ibp/certified,linf:0.3/certified,linf:0.3/pgd_robust,union/certified"
     )
@@ -405,7 +405,7 @@ def test_reattack_reports_a_wrong_certificate(tiny_checkpoint: Path):
     assert len(saved["broken_indices"]) == saved["broken"]
 
     # an honest flag: images classified with a clear margin, at a radius no attack can use
-    from cure_lirpa.checkpoint import load_checkpoint, model_from_checkpoint
+    from cure_lirpa.io.checkpoint import load_checkpoint, model_from_checkpoint
 
     model = model_from_checkpoint(load_checkpoint(tiny_checkpoint)).eval()
     x = torch.stack([test[i][0] for i in range(20)])

@@ -8,7 +8,7 @@ evaluates to confirm the model is affine there. Every bound must be at most that
 relative). With the margin then shifted to just below / above ``eps * ||a_j||_q``, no method may
 certify a sample the package's own attack breaks, and the attack must break the ones below.
 
-The methods come from :func:`cure_lirpa.backends.names`: a method registered later is tested here
+The methods come from :func:`cure_lirpa.bounds.backends.names`: a method registered later is tested here
 without anyone adding it. A method that declares it cannot bound a model is skipped with its reason.
 """
 
@@ -22,12 +22,12 @@ import pytest
 import torch
 from torch import nn
 
-from cure_lirpa import backends
 from cure_lirpa.attacks import pgd
-from cure_lirpa.bounds import BoundedClassifier
-from cure_lirpa.certification import certify_batch
+from cure_lirpa.bounds import backends
+from cure_lirpa.bounds.classifier import BoundedClassifier
 from cure_lirpa.models import Classifier
-from cure_lirpa.threats import NormBall
+from cure_lirpa.threats.base import NormBall
+from cure_lirpa.verification.certification import certify_batch
 
 SHAPE = (3, 4, 4)
 D = math.prod(SHAPE)

@@ -1,4 +1,4 @@
-"""Soundness and exactness of margin bounds (cure_lirpa.bounds).
+"""Soundness and exactness of margin bounds (cure_lirpa.bounds.classifier).
 
 * bounds contain the margins of many points sampled in each ball (boundary included) and of PGD points,
   for every method and norm, on an MLP, a CNN and a CNN with BatchNorm, with and without normalisation;
@@ -17,10 +17,10 @@ import torch
 from torch import nn
 
 from cure_lirpa.attacks import pgd
-from cure_lirpa.bounds import BoundedClassifier, margin_matrix
+from cure_lirpa.bounds.classifier import BoundedClassifier, margin_matrix
 from cure_lirpa.errors import UserError
 from cure_lirpa.models import Classifier, Normalize
-from cure_lirpa.threats import NormBall
+from cure_lirpa.threats.base import NormBall
 
 IN_SHAPE = (2, 8, 8)
 K = 5

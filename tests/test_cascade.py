@@ -9,11 +9,11 @@ import pytest
 import torch
 from torch import nn
 
-from cure_lirpa import backends
 from cure_lirpa.attacks import pgd
-from cure_lirpa.bounds import BoundedClassifier, margin_matrix
-from cure_lirpa.certification import TIMEOUT, cascade_for, certify_batch, summarize
-from cure_lirpa.threats import NormBall, parse_threat
+from cure_lirpa.bounds import backends
+from cure_lirpa.bounds.classifier import BoundedClassifier, margin_matrix
+from cure_lirpa.threats.base import NormBall, parse_threat
+from cure_lirpa.verification.certification import TIMEOUT, cascade_for, certify_batch, summarize
 
 SHAPE = (1, 8, 8)
 K = 4

@@ -13,10 +13,10 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from cure_lirpa.checkpoint import load_checkpoint
 from cure_lirpa.distributed import World
 from cure_lirpa.errors import UserError
-from cure_lirpa.training import TrainConfig, train
+from cure_lirpa.io.checkpoint import load_checkpoint
+from cure_lirpa.training.trainer import TrainConfig, train
 
 pytestmark = pytest.mark.skipif(
     not dist.is_available() or not dist.is_gloo_available(), reason="needs torch.distributed gloo"
@@ -113,7 +113,7 @@ def test_two_processes_give_the_weights_of_one(two_process_runs, tmp_path, name)
 
 def _init(name: str) -> dict[str, torch.Tensor]:
     from cure_lirpa.data import dataset_info
-    from cure_lirpa.training import build_network
+    from cure_lirpa.training.trainer import build_network
 
     c = CONFIGS[name].validated()
     model, _ = build_network(c, dataset_info(c.dataset), torch.device("cpu"))

@@ -10,10 +10,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from cure_lirpa import geometry as G
 from cure_lirpa.errors import UserError
-from cure_lirpa.methods import exact_margins
-from cure_lirpa.threats import BoxFamily, parse_threat
+from cure_lirpa.threats import geometry as G
+from cure_lirpa.threats.base import BoxFamily, parse_threat
+from cure_lirpa.training.objectives import exact_margins
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -283,7 +283,7 @@ def trained(small_trained_mlp):
 
 
 def margins(model, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Margins f_y - f_j (B, K-1) in the order of cure_lirpa.bounds.margin_matrix."""
+    """Margins f_y - f_j (B, K-1) in the order of cure_lirpa.bounds.classifier.margin_matrix."""
     return exact_margins(model(x), y)
 
 
@@ -323,7 +323,7 @@ SOUNDNESS = [
 
 @pytest.mark.parametrize("method", ["ibp", "crown-ibp"])
 def test_certificates_are_never_broken(trained, method):
-    from cure_lirpa.bounds import BoundedClassifier, certified
+    from cure_lirpa.bounds.classifier import BoundedClassifier, certified
 
     model, info, x, y = trained
     bc = BoundedClassifier(model, info.in_shape, memory_mb=64)
@@ -347,7 +347,7 @@ def test_certificates_are_never_broken(trained, method):
 
 
 def test_chunk_size_does_not_change_bounds(trained):
-    from cure_lirpa.bounds import BoundedClassifier
+    from cure_lirpa.bounds.classifier import BoundedClassifier
 
     model, info, x, y = trained
     threat = parse_threat("rotate:3@6+brightness:0.02@2")

@@ -1,7 +1,7 @@
-"""The auto_LiRPA compatibility layer (cure_lirpa.lirpa): one test per fix it applies.
+"""The auto_LiRPA compatibility layer (cure_lirpa.bounds.lirpa): one test per fix it applies.
 
 Each test checks the behaviour the fix restores (not only that the patch is installed), so it fails if
-the fix is missing or broken: the six torch 2.x / numpy 2 gaps listed in cure_lirpa/lirpa.py,
+the fix is missing or broken: the six torch 2.x / numpy 2 gaps listed in cure_lirpa/bounds/lirpa.py,
 alpha-CROWN's frozen slopes on torch >= 2.14, the restored logger and warnings state, and the
 silenced noise.
 """
@@ -18,7 +18,7 @@ import pytest
 import torch
 from torch import nn
 
-from cure_lirpa import lirpa
+from cure_lirpa.bounds import lirpa
 
 
 def _wrap(model: nn.Module, x: torch.Tensor, **opts) -> lirpa.BoundedModule:
@@ -288,7 +288,7 @@ warnings.filterwarnings("error", message="user filter sentinel")
 root = logging.getLogger()
 root.setLevel(logging.ERROR)
 before = (list(root.handlers), root.level, list(warnings.filters))
-import cure_lirpa.lirpa
+import cure_lirpa.bounds.lirpa
 after = (list(root.handlers), root.level, list(warnings.filters))
 assert "auto_LiRPA" in sys.modules
 assert before == after, (before, after)
@@ -312,10 +312,10 @@ def test_sparse_alpha_failure_gives_the_crown_bound_and_leaves_no_state(monkeypa
     alpha-CROWN call on another input optimises as on a fresh module."""
     from pathlib import Path
 
-    from cure_lirpa.bounds import BoundedClassifier
-    from cure_lirpa.checkpoint import load_checkpoint, model_from_checkpoint
+    from cure_lirpa.bounds.classifier import BoundedClassifier
     from cure_lirpa.data import load_dataset
-    from cure_lirpa.threats import parse_threat
+    from cure_lirpa.io.checkpoint import load_checkpoint, model_from_checkpoint
+    from cure_lirpa.threats.base import parse_threat
 
     model = model_from_checkpoint(
         load_checkpoint(Path(__file__).parent / "data" / "sparse_alpha_case.pt")
@@ -356,10 +356,10 @@ def test_alpha_crown_fallbacks_are_recorded_per_sample_and_in_the_summary():
 
     from torch.utils.data import Subset
 
-    from cure_lirpa.certification import certify_dataset, row_from_json, row_to_json
-    from cure_lirpa.checkpoint import load_checkpoint, model_from_checkpoint
     from cure_lirpa.data import load_dataset
-    from cure_lirpa.threats import parse_threat
+    from cure_lirpa.io.checkpoint import load_checkpoint, model_from_checkpoint
+    from cure_lirpa.threats.base import parse_threat
+    from cure_lirpa.verification.certification import certify_dataset, row_from_json, row_to_json
 
     model = model_from_checkpoint(
         load_checkpoint(Path(__file__).parent / "data" / "sparse_alpha_case.pt")

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from cure_lirpa.errors import UserError
-from cure_lirpa.losses import (
+from cure_lirpa.training.losses import (
     bound_alignment,
     certified_ce,
     expressive_loss,

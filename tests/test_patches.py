@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from cure_lirpa.errors import UserError
-from cure_lirpa.methods import exact_margins
-from cure_lirpa.patches import PatchThreat, parse_patch
-from cure_lirpa.threats import BoxFamily, parse_threat
+from cure_lirpa.threats.base import BoxFamily, parse_threat
+from cure_lirpa.threats.patches import PatchThreat, parse_patch
+from cure_lirpa.training.objectives import exact_margins
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -101,7 +101,7 @@ def trained(small_trained_mlp):
 
 
 def margins(model, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Margins f_y - f_j (B, K-1) in the order of cure_lirpa.bounds.margin_matrix."""
+    """Margins f_y - f_j (B, K-1) in the order of cure_lirpa.bounds.classifier.margin_matrix."""
     return exact_margins(model(x), y)
 
 
@@ -143,7 +143,7 @@ def patch_attack(model, threat: PatchThreat, x, y, steps: int = 5, seed: int = 0
 
 @pytest.mark.parametrize("method", ["ibp", "crown-ibp"])
 def test_certificates_are_never_broken(trained, method):
-    from cure_lirpa.bounds import BoundedClassifier, certified
+    from cure_lirpa.bounds.classifier import BoundedClassifier, certified
 
     model, info, x, y = trained
     bc = BoundedClassifier(model, info.in_shape, memory_mb=64)
@@ -160,7 +160,7 @@ def test_certificates_are_never_broken(trained, method):
 
 
 def test_larger_patches_certify_less(trained):
-    from cure_lirpa.bounds import BoundedClassifier, certified
+    from cure_lirpa.bounds.classifier import BoundedClassifier, certified
 
     model, info, x, y = trained
     bc = BoundedClassifier(model, info.in_shape, memory_mb=64)
@@ -172,7 +172,7 @@ def test_larger_patches_certify_less(trained):
 
 
 # ----------------------------------------------------------------------------------------------
-# Incremental IBP (cure_lirpa.patch_ibp) equals plain IBP on the same boxes
+# Incremental IBP (cure_lirpa.bounds.patch_ibp) equals plain IBP on the same boxes
 # ----------------------------------------------------------------------------------------------
 def _cnn(seed: int, batchnorm: bool) -> torch.nn.Module:
     """A random CNN with strides, paddings, BatchNorm (eval) and a conv that shrinks nothing."""
@@ -209,7 +209,7 @@ def _cnn(seed: int, batchnorm: bool) -> torch.nn.Module:
 def test_incremental_ibp_equals_plain_ibp(trained, kind, text):
     from torch import nn
 
-    from cure_lirpa.bounds import BoundedClassifier
+    from cure_lirpa.bounds.classifier import BoundedClassifier
 
     mlp, info, x, y = trained
     if kind == "linear":  # a user model (no Classifier) whose only layer is the last one
@@ -233,8 +233,8 @@ def test_incremental_ibp_equals_plain_ibp(trained, kind, text):
 def test_incremental_ibp_only_when_it_applies(trained):
     from torch import nn
 
-    from cure_lirpa import patch_ibp
-    from cure_lirpa.bounds import BoundedClassifier
+    from cure_lirpa.bounds import patch_ibp
+    from cure_lirpa.bounds.classifier import BoundedClassifier
 
     _, info, x, y = trained
     pooled = nn.Sequential(
@@ -257,7 +257,7 @@ def test_incremental_ibp_only_when_it_applies(trained):
 
 
 def test_box_margins_match_margin_lower_bounds_and_respect_open(trained):
-    from cure_lirpa.bounds import BoundedClassifier
+    from cure_lirpa.bounds.classifier import BoundedClassifier
 
     model, info, x, y = trained
     bc = BoundedClassifier(model, info.in_shape, memory_mb=64)
@@ -293,9 +293,9 @@ def test_box_pgd_points_stay_in_their_boxes_and_score_what_they_claim(trained):
 def test_cascade_certificates_survive_an_attack_on_every_location(
     trained, text, refute, monkeypatch
 ):
-    from cure_lirpa import certification
-    from cure_lirpa.bounds import BoundedClassifier
-    from cure_lirpa.certification import certify_batch
+    from cure_lirpa.bounds.classifier import BoundedClassifier
+    from cure_lirpa.verification import certification
+    from cure_lirpa.verification.certification import certify_batch
 
     model, info, x, y = trained
     if not refute:  # every open box then goes through CROWN-IBP, CROWN and alpha-CROWN
@@ -328,10 +328,10 @@ def test_cascade_certificates_survive_an_attack_on_every_location(
 _MEMORY_PROBE = r"""
 import json, resource, sys, torch
 torch.set_num_threads(1)
-from cure_lirpa.bounds import BoundedClassifier
+from cure_lirpa.bounds.classifier import BoundedClassifier
 from cure_lirpa.data import dataset_info, load_dataset, stack, take
 from cure_lirpa.models import build_model
-from cure_lirpa.threats import parse_threat
+from cure_lirpa.threats.base import parse_threat
 
 budget, cases = float(sys.argv[1]), json.loads(sys.argv[2])
 info = dataset_info("sample")

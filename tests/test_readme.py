@@ -5,8 +5,8 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from cure_lirpa.checkpoint import atomic_torch_save, make_checkpoint
 from cure_lirpa.data import dataset_info
+from cure_lirpa.io.checkpoint import atomic_torch_save, make_checkpoint
 from cure_lirpa.models import build_model
 
 README = Path(__file__).resolve().parents[1] / "README.md"

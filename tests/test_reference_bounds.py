@@ -29,10 +29,10 @@ import pytest
 import torch
 from torch import nn
 
-from cure_lirpa.bounds import METHODS, BoundedClassifier
+from cure_lirpa.bounds.classifier import METHODS, BoundedClassifier
 from cure_lirpa.errors import UserError
 from cure_lirpa.models import Classifier, build_model
-from cure_lirpa.threats import parse_threat
+from cure_lirpa.threats.base import parse_threat
 
 REFERENCE = Path(__file__).parent / "data" / "reference_bounds.json"
 REGENERATE = os.environ.get("CURE_LIRPA_REGENERATE_REFERENCES") == "1"

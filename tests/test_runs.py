@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from cure_lirpa.errors import UserError
-from cure_lirpa.runs import Records, Run, cached, config_diff, rng_state, set_rng_state, store
+from cure_lirpa.io.runs import Records, Run, cached, config_diff, rng_state, set_rng_state, store
 
 
 def test_records_survive_a_kill_at_every_byte(tmp_path):
@@ -90,7 +90,7 @@ def test_config_diff_compares_as_json():
 
 
 # ---------------------------------------------------------------------------------------------
-# The run-folder rule (cure_lirpa.runs.Run.open) through every command: one test per rule, each
+# The run-folder rule (cure_lirpa.io.runs.Run.open) through every command: one test per rule, each
 # parametrised over the commands; a command runs with settings 0 or 1 (Commands.argv).
 
 TRAIN = ["train", "--train-count", "128", "--width", "4", "--batch-size", "64", "--epochs", "1",
@@ -273,7 +273,7 @@ def locker():
     import sys
 
     code = (
-        "import sys\nfrom cure_lirpa.runs import lock_folder\n"
+        "import sys\nfrom cure_lirpa.io.runs import lock_folder\n"
         "for line in sys.stdin:\n    lock_folder(line.strip())\n    print('held', flush=True)\n"
     )
     proc = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from cure_lirpa.errors import UserError
-from cure_lirpa.schedules import (
+from cure_lirpa.training.schedules import (
     Ramp,
     crown_ibp_beta_at,
     eps_at,

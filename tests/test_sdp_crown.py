@@ -1,4 +1,4 @@
-"""SDP-CROWN (cure_lirpa.sdp_crown): soundness, never looser than CROWN, the paper's example.
+"""SDP-CROWN (cure_lirpa.bounds.sdp_crown): soundness, never looser than CROWN, the paper's example.
 
 * the two-neuron example of Chiu et al. (ICML 2025): f(x) = -ReLU(x1) - ReLU(x2) on the unit l2 ball
   around 0, where CROWN gives -(1 + 1/sqrt(2)) and the true minimum is -sqrt(2);
@@ -22,13 +22,13 @@ import pytest
 import torch
 from torch import nn
 
-from cure_lirpa import lirpa, sdp_crown
 from cure_lirpa.attacks import pgd
-from cure_lirpa.bounds import BoundedClassifier, margin_matrix
-from cure_lirpa.certification import LP_CASCADE, certify_batch
+from cure_lirpa.bounds import lirpa, sdp_crown
+from cure_lirpa.bounds.classifier import BoundedClassifier, margin_matrix
 from cure_lirpa.errors import UserError
 from cure_lirpa.models import build_model, load_user_model
-from cure_lirpa.threats import NormBall
+from cure_lirpa.threats.base import NormBall
+from cure_lirpa.verification.certification import LP_CASCADE, certify_batch
 
 K = 5
 

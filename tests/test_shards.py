@@ -12,10 +12,10 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from cure_lirpa.checkpoint import atomic_torch_save, make_checkpoint
 from cure_lirpa.cli import main
 from cure_lirpa.errors import UserError
-from cure_lirpa.shards import Shard, parse_shard
+from cure_lirpa.io.checkpoint import atomic_torch_save, make_checkpoint
+from cure_lirpa.io.shards import Shard, parse_shard
 
 COMMON = ["--threat", "linf:0.02", "--threat", "l2:0.3", "--method", "ibp", "--method", "auto",
           "--count", "20", "--batch-size", "6", "--quiet", "--device", "cpu", "--attack-steps",
@@ -175,9 +175,9 @@ def test_shards_cut_by_samples_merge_into_the_plain_run(checkpoint, tmp_path, ex
 
 def test_a_sample_is_attacked_alike_alone_and_in_any_batch(small_trained_mlp):
     from cure_lirpa.attacks import pgd
-    from cure_lirpa.bounds import BoundedClassifier
-    from cure_lirpa.certification import certify_batch, pgd_seed
-    from cure_lirpa.threats import parse_threat
+    from cure_lirpa.bounds.classifier import BoundedClassifier
+    from cure_lirpa.threats.base import parse_threat
+    from cure_lirpa.verification.certification import certify_batch, pgd_seed
 
     model, info, x, y = small_trained_mlp
     x, y = x[:6], y[:6]

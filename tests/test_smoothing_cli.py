@@ -11,7 +11,7 @@ import torch
 from click.testing import CliRunner
 
 from cure_lirpa.cli import main
-from cure_lirpa.runs import Records
+from cure_lirpa.io.runs import Records
 from cure_lirpa.smoothing.results import read_tsv
 
 torch.set_num_threads(1)
@@ -182,8 +182,8 @@ def test_bad_input_messages(model, tmp_path):
 
 
 def test_warnings_for_n0_above_n_and_a_model_not_trained_under_noise(model, tmp_path):
-    from cure_lirpa.checkpoint import atomic_torch_save, make_checkpoint
     from cure_lirpa.data import dataset_info
+    from cure_lirpa.io.checkpoint import atomic_torch_save, make_checkpoint
     from cure_lirpa.models import build_model
 
     args = ["--sigma", "0.5", "--count", "1", "--alpha", "0.01", "--device", "cpu", "-q"]

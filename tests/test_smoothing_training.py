@@ -9,8 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cure_lirpa.checkpoint import load_checkpoint
 from cure_lirpa.errors import UserError
+from cure_lirpa.io.checkpoint import load_checkpoint
 from cure_lirpa.smoothing.noise import NormalUniformNoise
 from cure_lirpa.smoothing.training import (
     ConsistencyRegularised,

@@ -8,8 +8,8 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from cure_lirpa.checkpoint import load_checkpoint, model_from_checkpoint
 from cure_lirpa.cli import main
+from cure_lirpa.io.checkpoint import load_checkpoint, model_from_checkpoint
 
 QUICK = [
     "--train-count",

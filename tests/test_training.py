@@ -9,11 +9,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from cure_lirpa import losses
-from cure_lirpa.bounds import BoundedClassifier
-from cure_lirpa.checkpoint import load_checkpoint, model_from_checkpoint
+from cure_lirpa.bounds.classifier import BoundedClassifier
 from cure_lirpa.errors import UserError
-from cure_lirpa.methods import (
+from cure_lirpa.io.checkpoint import load_checkpoint, model_from_checkpoint
+from cure_lirpa.models import build_model
+from cure_lirpa.threats.base import NormBall
+from cure_lirpa.training import losses
+from cure_lirpa.training.objectives import (
     METHODS,
     Batch,
     MethodOptions,
@@ -21,9 +23,7 @@ from cure_lirpa.methods import (
     exact_margins,
     make_method,
 )
-from cure_lirpa.models import build_model
-from cure_lirpa.threats import NormBall
-from cure_lirpa.training import (
+from cure_lirpa.training.trainer import (
     TrainConfig,
     apply_preset,
     make_ramp,
@@ -186,7 +186,7 @@ def test_ibp_regulariser_is_added_during_the_ramp_only():
     assert out.loss.item() == pytest.approx(plain.loss.item() + out.parts["ibp_reg"], rel=1e-5)
     c = tiny(ibp_reg=2.0, warmup_epochs=1.0, ramp_epochs=2.0).validated()
     ramp = make_ramp(c, 10)
-    from cure_lirpa.training import ibp_reg_weight_at
+    from cure_lirpa.training.trainer import ibp_reg_weight_at
 
     assert ibp_reg_weight_at(0, c, ramp) == 2.0  # warm-up: eps 0
     mid = ibp_reg_weight_at(20, c, ramp)
@@ -211,7 +211,7 @@ def test_ibp_init_draws_shi_et_al_weights():
 
 
 def test_a_short_mtl_ibp_run_certifies_what_natural_training_does_not(tmp_path):
-    from cure_lirpa.bounds import certified
+    from cure_lirpa.bounds.classifier import certified
     from cure_lirpa.data import load_dataset, stack, take
 
     x, y = stack(take(load_dataset("sample", "test"), 0, 200))
@@ -332,7 +332,7 @@ def test_gradient_projection_resumes_exactly_after_a_kill_in_the_natural_half(tm
 
 def test_gradient_projection_merges_the_two_sub_epochs(tmp_path, monkeypatch):
     """The GP epoch's weights are project_gradients(theta0, theta_c, theta_n, beta)."""
-    import cure_lirpa.training as training
+    import cure_lirpa.training.trainer as training
 
     seen = {}
     real = training.project_gradients
@@ -443,8 +443,8 @@ def test_step_times_cpu_clock_reads_process_time(monkeypatch):
     least), not with wall time; an unknown clock is refused."""
     import itertools
 
-    from cure_lirpa import training
     from cure_lirpa.data import load_dataset, stack, take
+    from cure_lirpa.training import trainer as training
 
     ticks = itertools.count()
     monkeypatch.setattr(training.time, "process_time", lambda: 2.0 * next(ticks))

@@ -19,11 +19,11 @@ import pytest
 import torch
 from torch import nn
 
-from cure_lirpa import lirpa
 from cure_lirpa.attacks import pgd
-from cure_lirpa.bounds import BoundedClassifier, InputIdentity, margin_matrix
+from cure_lirpa.bounds import lirpa
+from cure_lirpa.bounds.classifier import BoundedClassifier, InputIdentity, margin_matrix
 from cure_lirpa.errors import UserError
-from cure_lirpa.threats import NormBall
+from cure_lirpa.threats.base import NormBall
 
 IN_SHAPE = (1, 10, 10)
 K = 4

@@ -9,9 +9,9 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from cure_lirpa.checkpoint import atomic_torch_save, make_checkpoint
 from cure_lirpa.cli import main
 from cure_lirpa.data import dataset_info, load_dataset, stack
+from cure_lirpa.io.checkpoint import atomic_torch_save, make_checkpoint
 from cure_lirpa.models import build_model
 
 
@@ -210,8 +210,8 @@ def test_a_certificate_the_attack_breaks_is_withdrawn_and_fails_the_run(
 ):
     """A deliberately unsound bound method (every margin bounded by +1): PGD breaks some of its
     "certificates"; those samples must count as not certified anywhere, and verify must fail."""
-    from cure_lirpa.bounds import BoundedClassifier
-    from cure_lirpa.region import BoundResult
+    from cure_lirpa.bounds.classifier import BoundedClassifier
+    from cure_lirpa.bounds.region import BoundResult
 
     def unsound(self, x, y, threat, method="ibp"):
         return BoundResult.exact(torch.ones(len(x), self.num_classes - 1))
@@ -258,7 +258,7 @@ def test_verify_keeps_fractions_writes_a_plot_and_a_clean_row(checkpoint, tmp_pa
 def test_verify_on_a_full_disk_says_so_and_leaves_nothing(checkpoint, tmp_path, monkeypatch):
     import os
 
-    from cure_lirpa import checkpoint as checkpoint_module
+    from cure_lirpa.io import checkpoint as checkpoint_module
 
     def full(src, dst):
         raise OSError(28, "No space left on device", str(dst))

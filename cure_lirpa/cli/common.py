@@ -8,7 +8,7 @@ import click
 import torch
 
 from ..errors import UserError
-from ..threats import Threat, parse_threat
+from ..threats.base import Threat, parse_threat
 
 
 class DeviceType(click.ParamType):

@@ -29,8 +29,8 @@ def merge(run: Path, shards: tuple[Path, ...], overwrite: bool) -> None:
       cure-lirpa verify model.pt --count 1000 --shard 1/2 --out runs/v   # on another
       cure-lirpa merge runs/v
     """
-    from ..certification import markdown_table
-    from ..shards import merge_shards
+    from ..io.shards import merge_shards
+    from ..verification.certification import markdown_table
     from .smooth import merge_smoothing
 
     if merge_smoothing(run, shards, overwrite):  # a 'smooth certify' / 'smooth predict' run

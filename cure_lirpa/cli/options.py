@@ -6,7 +6,7 @@ type and range are the same everywhere: ``-q/--quiet``, ``-o/--out``, ``--device
 own: the help text, and for ``--batch-size`` / ``--seed`` the default.
 
 Every radius (``--eps-*``, ``--sigma*``, ``--radii``, ``--precision``, ``--max-radius`` and the
-radii of ``--threat``) is read by :func:`cure_lirpa.threats.parse_eps`, so ``0.25``, ``1/4`` and
+radii of ``--threat``) is read by :func:`cure_lirpa.threats.base.parse_eps`, so ``0.25``, ``1/4`` and
 ``8/255`` are accepted by each of them.
 """
 
@@ -19,7 +19,7 @@ from typing import Any, Callable, Optional
 import click
 
 from ..errors import UserError
-from ..threats import parse_eps
+from ..threats.base import parse_eps
 from .common import DEVICE_CHOICE, THREADS_HELP
 
 Decorator = Callable[[Callable[..., Any]], Callable[..., Any]]

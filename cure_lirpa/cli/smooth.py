@@ -67,7 +67,7 @@ def _options(options: list[Callable]) -> Callable:
 
 
 def _folder_options() -> list[Callable]:
-    """``--resume`` and ``--overwrite`` of a run folder (:meth:`cure_lirpa.runs.Run.open`)."""
+    """``--resume`` and ``--overwrite`` of a run folder (:meth:`cure_lirpa.io.runs.Run.open`)."""
     return [resume_option(), overwrite_option()]
 
 
@@ -150,7 +150,7 @@ SAMPLE_OPTIONS = [
 
 def _load_model(checkpoint: Path, device: torch.device):
     """``(model, dataset info, sha256, info for the run)`` of a checkpoint file or run folder."""
-    from ..checkpoint import dataset_info_of, load_checkpoint, model_from_checkpoint
+    from ..io.checkpoint import dataset_info_of, load_checkpoint, model_from_checkpoint
     from ..smoothing.certifier import file_sha256
     from ..smoothing.training import CHECKPOINT, checkpoint_summary
 
@@ -172,7 +172,7 @@ def _dataset(name: Optional[str], default: str, split: str, root: Optional[str])
 
 
 def _shard(text: Optional[str]):
-    from ..shards import parse_shard, shard_from_environment
+    from ..io.shards import parse_shard, shard_from_environment
 
     return parse_shard(text) if text else shard_from_environment()
 
@@ -211,7 +211,7 @@ def _finish(out: Path, shard, explicit_shard: bool, overwrite: bool) -> Optional
     results to print, or None (another rank merges)."""
     from functools import partial
 
-    from ..shards import merge_when_all_done, started_by_torchrun
+    from ..io.shards import merge_when_all_done, started_by_torchrun
     from ..smoothing.runner import merge_shards
 
     if shard is None:

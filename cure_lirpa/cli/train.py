@@ -1,6 +1,6 @@
 """``cure-lirpa train``: certified training (single-norm baselines and the CURE methods).
 
-A thin layer over :func:`cure_lirpa.training.train`: parse options, apply a preset to the options
+A thin layer over :func:`cure_lirpa.training.trainer.train`: parse options, apply a preset to the options
 not given explicitly, print one line per epoch and a summary.
 """
 
@@ -17,10 +17,10 @@ from click.core import ParameterSource
 from .. import distributed
 from ..data import DATASETS
 from ..errors import UserError
-from ..methods import L2_VARIANTS, LINF_VARIANTS, METHODS, NORMS, SINGLE_NORM_VARIANTS
-from ..threats import format_eps
-from ..training import CHECKPOINT, DEFAULT_METHOD, INITS, PRESETS, TrainConfig, apply_preset
-from ..training import train as run_training
+from ..threats.base import format_eps
+from ..training.objectives import L2_VARIANTS, LINF_VARIANTS, METHODS, NORMS, SINGLE_NORM_VARIANTS
+from ..training.trainer import CHECKPOINT, DEFAULT_METHOD, INITS, PRESETS, TrainConfig, apply_preset
+from ..training.trainer import train as run_training
 from .common import resolve_device, train_count_message
 from .options import (
     RADIUS,
@@ -379,7 +379,7 @@ def _run(ctx: click.Context, o: dict[str, Any]) -> None:
     arch, arch_kwargs = o["arch"], ({"width": o["width"]} if o["width"] else {})
     dataset = o["dataset"]
     if o["init_from"]:
-        from ..checkpoint import load_checkpoint
+        from ..io.checkpoint import load_checkpoint
 
         init = load_checkpoint(o["init_from"])
         if "arch" not in explicit and "arch_kwargs" not in explicit:

@@ -167,24 +167,29 @@ def verify(
 
     from torch.utils.data import Subset
 
-    from ..certification import SampleRow, certify_dataset, markdown_table, write_results
-    from ..checkpoint import (
+    from ..data import load_dataset, take
+    from ..io.checkpoint import (
         dataset_info_of,
         load_checkpoint,
         model_from_checkpoint,
         smoothing_noise,
     )
-    from ..data import load_dataset, take
-    from ..plots import PLOT_NAME
-    from ..runs import Run
-    from ..shards import (
+    from ..io.runs import Run
+    from ..io.shards import (
         merge_shards,
         merge_when_all_done,
         parse_shard,
         shard_from_environment,
         started_by_torchrun,
     )
-    from ..threats import NormBall, check_radius, parse_threat
+    from ..plots import PLOT_NAME
+    from ..threats.base import NormBall, check_radius, parse_threat
+    from ..verification.certification import (
+        SampleRow,
+        certify_dataset,
+        markdown_table,
+        write_results,
+    )
 
     set_threads(threads)
     ckpt = load_checkpoint(checkpoint)

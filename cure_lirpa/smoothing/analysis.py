@@ -19,14 +19,14 @@ from typing import Any, Optional, Sequence, Union
 
 import numpy as np
 
-from ..checkpoint import atomic_write_json, atomic_write_text
 from ..errors import UserError
+from ..io.checkpoint import atomic_write_json, atomic_write_text
 
 NORMS = ("l2", "l1")
 DEFAULT_RADII = (0.25, 0.5, 0.75, 1.0)
 DEFAULT_CLEAN_LEVELS = (0.45, 0.5, 0.55, 0.6, 0.65, 0.7, 0.75)
 KIND = "smooth-analyze"
-"""The run kind of an ``analyze`` output folder (:mod:`cure_lirpa.runs`)."""
+"""The run kind of an ``analyze`` output folder (:mod:`cure_lirpa.io.runs`)."""
 PathLike = Union[str, Path]
 
 
@@ -305,8 +305,8 @@ def analyze(
     """Summarise certification runs (folders or TSVs); write ``summary.json``, ``summary.md`` and
     ``certified_accuracy.png`` into the run folder ``out_dir`` (a ``smooth-analyze`` run:
     ``resume`` redoes it with the same settings, ``overwrite`` replaces it; see
-    :meth:`cure_lirpa.runs.Run.open`). ``inputs`` are ``(method label or None, path)``."""
-    from ..runs import Run as RunFolder
+    :meth:`cure_lirpa.io.runs.Run.open`). ``inputs`` are ``(method label or None, path)``."""
+    from ..io.runs import Run as RunFolder
 
     if not inputs:
         raise UserError("give at least one certification run to analyze")

@@ -16,8 +16,8 @@ from typing import Any, Sequence, Union
 
 import numpy as np
 
-from ..checkpoint import atomic_write_json, atomic_write_text
 from ..errors import UserError
+from ..io.checkpoint import atomic_write_json, atomic_write_text
 from .analysis import (
     NORMS,
     average_certified_radius,

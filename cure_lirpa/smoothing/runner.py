@@ -1,7 +1,7 @@
 """Certify or predict a whole dataset into a run folder (what ``cure-lirpa smooth certify`` and
 ``smooth predict`` call), shard it, and merge the shards.
 
-A run folder (:mod:`cure_lirpa.runs`) holds
+A run folder (:mod:`cure_lirpa.io.runs`) holds
 
 * ``config.json`` -- the settings that determine the results (a resume with other settings is
   refused naming the keys); its ``info`` entry (checkpoint path, training method, versions) is
@@ -26,8 +26,8 @@ import torch
 from torch import nn
 
 from ..errors import UserError
-from ..runs import RECORDS, Records, Run, read_config
-from ..shards import Shard, gather_shards, open_merged, shard_dirs, write_merged
+from ..io.runs import RECORDS, Records, Run, read_config
+from ..io.shards import Shard, gather_shards, open_merged, shard_dirs, write_merged
 from .certifier import Smooth, SmoothingWarning, check_sampling, sample_seed
 from .hybrid import combine, split_alpha
 from .noise import GaussianNoise, Noise, UniformNoise
@@ -449,7 +449,7 @@ def merge_shards(
 
     Refuses shards of another kind or other settings (naming the keys), shards of different N,
     an incomplete run (listing the missing sample indices), and a run of other settings in ``out``
-    unless ``overwrite`` (:func:`cure_lirpa.shards.open_merged`). Returns the summary.
+    unless ``overwrite`` (:func:`cure_lirpa.io.shards.open_merged`). Returns the summary.
     """
     out = Path(out)
     g = gather_shards(out, shards, list(KINDS.values()), "idx", expected_indices, NOT_COMPARED)

@@ -10,7 +10,7 @@ Methods (each a small object whose ``loss(model, x, y, generator)`` returns ``(l
 - ``consistency``: Jeong & Shin 2020, m Gaussian copies,
   ``mean_i CE(f(x+d_i), y) + lambda * mean_i KL(p_avg || p_i) + eta * H(p_avg)``.
 
-:func:`train` writes a run folder (:mod:`cure_lirpa.runs`): ``config.json``, ``checkpoint.pt``
+:func:`train` writes a run folder (:mod:`cure_lirpa.io.runs`): ``config.json``, ``checkpoint.pt``
 (atomically after every epoch, with optimizer, schedule and every RNG state) and ``metrics.jsonl``,
 so that ``resume=True`` continues a killed run and ends with the same weights as an uninterrupted
 run under the same seed.
@@ -29,17 +29,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..checkpoint import (
+from ..data import TrainData, dataset_info, load_dataset
+from ..errors import UserError
+from ..io.checkpoint import (
     atomic_torch_save,
     atomic_write_text,
     dataset_info_of,
     load_checkpoint,
     make_checkpoint,
 )
-from ..data import TrainData, dataset_info, load_dataset
-from ..errors import UserError
+from ..io.runs import Run, rng_state, set_rng_state
 from ..models import build_model
-from ..runs import Run, rng_state, set_rng_state
 from .noise import GaussianNoise, Noise, NormalUniformNoise, UniformNoise, make_generator
 
 METHODS = ("gaussian", "uniform", "nu", "nu-rs", "consistency")
@@ -246,7 +246,7 @@ def train(
 ) -> dict[str, Any]:
     """Train a base classifier with ``config`` into the run folder ``out``.
 
-    The folder holds ``config.json`` (the run layer's, :mod:`cure_lirpa.runs`), ``checkpoint.pt``
+    The folder holds ``config.json`` (the run layer's, :mod:`cure_lirpa.io.runs`), ``checkpoint.pt``
     (written atomically after every epoch, with the optimizer state and every RNG state) and
     ``metrics.jsonl`` (one line per epoch). ``resume=True`` continues the run in ``out`` (refusing
     other settings, naming the keys) and ends with the weights of an uninterrupted run;

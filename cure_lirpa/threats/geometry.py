@@ -52,8 +52,8 @@ from typing import Iterator, Optional
 
 import torch
 
-from .errors import UserError
-from .threats import BoxFamily, register_threat
+from ..errors import UserError
+from .base import BoxFamily, register_threat
 
 #: Parameters of :func:`transform`, in the order of the columns of parameter boxes.
 PARAMS = ("angle", "shear", "scale", "tx", "ty", "contrast", "brightness")

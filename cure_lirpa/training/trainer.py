@@ -2,16 +2,16 @@
 
 :func:`train` runs a :class:`TrainConfig` and writes into an output folder:
 
-* ``checkpoint.pt`` -- after every epoch, atomically (:func:`cure_lirpa.checkpoint.make_checkpoint`:
+* ``checkpoint.pt`` -- after every epoch, atomically (:func:`cure_lirpa.io.checkpoint.make_checkpoint`:
   arch, dataset, the *original* model's state_dict, the full config, versions, epoch and a
   ``trainer_state`` with the optimizer state, every RNG state and the metrics history);
 * ``metrics.jsonl`` -- one JSON object per finished epoch (rewritten atomically with the checkpoint);
-* ``config.json`` -- the resolved configuration (:class:`cure_lirpa.runs.Run`: a resume with other
+* ``config.json`` -- the resolved configuration (:class:`cure_lirpa.io.runs.Run`: a resume with other
   settings, except :data:`RUNTIME_KEYS`, is refused naming the keys).
 
 The trainer does not know method names: it builds the method object with
-:func:`cure_lirpa.methods.make_method` and, per step, hands it the batch, the clean logits and the
-current schedule values. Schedules (:mod:`cure_lirpa.schedules`) are pure functions of the global
+:func:`cure_lirpa.training.objectives.make_method` and, per step, hands it the batch, the clean logits and the
+current schedule values. Schedules (:mod:`cure_lirpa.training.schedules`) are pure functions of the global
 step, counted in optimizer steps: warm-up at eps 0, smoothed eps ramp, natural-loss share kappa,
 CROWN-IBP beta, step learning-rate decay.
 
@@ -45,13 +45,7 @@ from typing import Any, Callable, Optional, Sequence, Union
 import torch
 from torch import nn
 
-from .checkpoint import (
-    atomic_torch_save,
-    atomic_write_text,
-    load_checkpoint,
-    make_checkpoint,
-)
-from .data import (
+from ..data import (
     DATASETS,
     DatasetInfo,
     TrainData,
@@ -59,10 +53,19 @@ from .data import (
     default_radii,
     load_dataset,
 )
-from .distributed import METHOD_SEED_STRIDE, World, current_world
-from .errors import UserError
+from ..distributed import METHOD_SEED_STRIDE, World, current_world
+from ..errors import UserError
+from ..io.checkpoint import (
+    atomic_torch_save,
+    atomic_write_text,
+    load_checkpoint,
+    make_checkpoint,
+)
+from ..io.runs import Run, rng_state, set_rng_state
+from ..models import build_model, ibp_init
+from ..threats.base import check_radius, format_eps
 from .losses import project_gradients
-from .methods import (
+from .objectives import (
     L2_VARIANTS,
     LINF_VARIANTS,
     METHODS,
@@ -73,11 +76,8 @@ from .methods import (
     is_multi_norm,
     make_method,
 )
-from .models import build_model, ibp_init
-from .runs import Run, rng_state, set_rng_state
 from .schedules import SHAPES, Ramp, crown_ibp_beta_at, eps_at, kappa_at, lr_at
-from .threats import check_radius, format_eps
-from .train_step import StepResult, StepSchedule, TrainStep
+from .step import StepResult, StepSchedule, TrainStep
 
 CHECKPOINT = "checkpoint.pt"
 METRICS = "metrics.jsonl"
@@ -913,7 +913,7 @@ def step_times(
     """Seconds of one optimizer step for each named config on the batch ``(x, y)``, at the end of
     the ramp (full training eps, ``kappa_end``, the initial learning rate).
 
-    The step is the training loop's own :class:`cure_lirpa.train_step.TrainStep`: forward, bounds,
+    The step is the training loop's own :class:`cure_lirpa.training.step.TrainStep`: forward, bounds,
     backward, the training-certificate pass (``train_cert``), gradient clipping (``grad_clip``),
     the optimizer step. All models are built first; then each round times one step of every config
     in turn (after one untimed warm-up step each). ``statistic``: ``'min'`` (the fastest round) or

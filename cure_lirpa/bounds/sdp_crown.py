@@ -29,13 +29,13 @@ covers any node the propagation does not know (its radius is then unbounded befo
 Design: the backward pass is auto_LiRPA's own CROWN pass over the traced graph (any graph it
 traces: residual blocks, custom ``forward``s, concatenations, unfolded normalisation), with the
 intermediate bounds of a preceding CROWN call held fixed and, at each ReLU of the final pass, this
-module's rule (:func:`cure_lirpa.lirpa.relu_backward_rule`). Per ReLU one ``lambda`` per sample
+module's rule (:func:`cure_lirpa.bounds.lirpa.relu_backward_rule`). Per ReLU one ``lambda`` per sample
 and margin (``lambda = lambda_0 * exp(theta)``, positive without projection) and, as in alpha-CROWN,
 one lower slope per unstable neuron, sample and margin in ``[0, 1]`` are optimised jointly with Adam
 for the classifier's alpha-CROWN step count; every step's bound is valid and the best one per margin
 is kept, never below CROWN's.
 
-Threats arrive mapped into bound space by :class:`~cure_lirpa.bounds.BoundedClassifier` (normalisation
+Threats arrive mapped into bound space by :class:`~cure_lirpa.bounds.classifier.BoundedClassifier` (normalisation
 folded, or applied with the radius divided by the smallest std). l2 balls get the bound above. An l1
 ball of radius r lies in the l2 ball of radius r, so for l1 the bound is the larger of CROWN's l1 bound
 and this l2 bound. Boxes (l∞ balls, box families) get CROWN's bound.
@@ -50,12 +50,12 @@ from typing import TYPE_CHECKING, Optional
 import torch
 import torch.nn.functional as F
 
+from ..threats.base import Threat
 from . import lirpa
 from .region import BoundResult, Region
-from .threats import Threat
 
 if TYPE_CHECKING:
-    from .bounds import BoundedClassifier
+    from .classifier import BoundedClassifier
 
 METHOD = "sdp-crown"
 LAMBDA_LR = 0.2
@@ -254,10 +254,10 @@ class _Rule:
 
 
 class SdpCrown:
-    """The SDP-CROWN bound method (see the module doc); a :class:`~cure_lirpa.backends.Backend`.
+    """The SDP-CROWN bound method (see the module doc); a :class:`~cure_lirpa.bounds.backends.Backend`.
 
     It receives the threat already mapped into bound space by the bounded classifier (a
-    :class:`~cure_lirpa.region.Region`) and bounds any graph auto_LiRPA's CROWN bounds.
+    :class:`~cure_lirpa.bounds.region.Region`) and bounds any graph auto_LiRPA's CROWN bounds.
     """
 
     name = METHOD

@@ -173,7 +173,7 @@ class PatchIBP:
             sample, top, left: (P,) image index and top-left corner (row, column) of each box.
             size: patch (height, width) in pixels.
             inside: per-channel (C,) lower and upper input values inside the patch.
-            C: specification (P, S, K), e.g. :func:`cure_lirpa.bounds.margin_matrix`.
+            C: specification (P, S, K), e.g. :func:`cure_lirpa.bounds.classifier.margin_matrix`.
         """
         dev = x.device
         sample, top, left = sample.to(dev), top.to(dev), left.to(dev)

@@ -16,7 +16,7 @@ from typing import Mapping, Optional
 import torch
 import torch.nn.functional as F
 
-from .errors import UserError
+from ..errors import UserError
 
 
 def _check_lb(lb: torch.Tensor, name: str = "lb") -> None:

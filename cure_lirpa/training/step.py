@@ -6,7 +6,7 @@ bounds and alignment, or the natural cross-entropy of a gradient-projection sub-
 are reduced. :class:`TrainStep` runs one optimizer step around it: learning rate, forward,
 backward, the clean logits for the metrics, the training-certificate pass (no-grad IBP for the norms
 the method's loss did not certify), gradient clipping, the optimizer step and the BatchNorm buffer
-sync. :func:`cure_lirpa.training.train` and :func:`cure_lirpa.training.step_times` (hence every
+sync. :func:`cure_lirpa.training.trainer.train` and :func:`cure_lirpa.training.trainer.step_times` (hence every
 step-time table in ``benchmarks/``) call the same :class:`TrainStep`.
 """
 
@@ -19,8 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .distributed import World
-from .methods import NORMS, Batch, Method, StepOutput, TrainingNetwork
+from ..distributed import World
+from .objectives import NORMS, Batch, Method, StepOutput, TrainingNetwork
 
 PHASES = ("certified", "natural")
 """``certified``: the method's loss; ``natural``: cross-entropy only (gradient projection's

@@ -18,7 +18,7 @@ import math
 from dataclasses import dataclass
 from typing import Sequence
 
-from .errors import UserError
+from ..errors import UserError
 
 SHAPES = ("smoothed", "linear")
 

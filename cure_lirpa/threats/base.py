@@ -6,7 +6,7 @@ A threat is parsed from a short string, as on the command line:
   (:class:`NormBall`).
 * ``patch:2``, ``patch:5x5@2`` and geometric threats such as ``rotate:30`` -- a finite family of boxes,
   one per patch location or parameter sub-interval; certified iff every box is certified
-  (:class:`BoxFamily`, registered from :mod:`cure_lirpa.patches` and :mod:`cure_lirpa.geometry`).
+  (:class:`BoxFamily`, registered from :mod:`cure_lirpa.threats.patches` and :mod:`cure_lirpa.threats.geometry`).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from typing import Callable, ClassVar, Iterator, Optional, Sequence
 
 import torch
 
-from .errors import UserError
+from ..errors import UserError
 
 NORMS = {"linf": math.inf, "l2": 2.0, "l1": 1.0}
 
@@ -178,7 +178,7 @@ def _load_families() -> None:
     """Import the modules that register patch and geometric threats (they import this one)."""
     import importlib
 
-    for name in ("cure_lirpa.patches", "cure_lirpa.geometry"):
+    for name in ("cure_lirpa.threats.patches", "cure_lirpa.threats.geometry"):
         try:
             importlib.import_module(name)
         except ModuleNotFoundError as exc:

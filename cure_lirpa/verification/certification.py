@@ -29,11 +29,11 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from .attacks import box_pgd, pgd
-from .bounds import METHODS, BoundedClassifier
-from .errors import UserError
-from .threats import BoxFamily, NormBall, Threat
-from .vocabulary import CASCADE_BUDGET
+from ..attacks import box_pgd, pgd
+from ..bounds.classifier import METHODS, BoundedClassifier
+from ..errors import UserError
+from ..threats.base import BoxFamily, NormBall, Threat
+from ..vocabulary import CASCADE_BUDGET
 
 CASCADE = ("ibp", "crown-ibp", "crown", "alpha-crown")
 REFUTE_BOXES = 16
@@ -70,7 +70,7 @@ class SampleRow:
     bug: those certificates are withdrawn, the sample counts as not certified there).
     ``alpha_fallback`` lists the threats under which this sample's alpha-CROWN bound (method
     ``alpha-crown`` or the cascade's last stage) is the CROWN bound, because auto_LiRPA's
-    alpha-CROWN failed on its batch (sound, but not optimised; see :mod:`cure_lirpa.lirpa`).
+    alpha-CROWN failed on its batch (sound, but not optimised; see :mod:`cure_lirpa.bounds.lirpa`).
     ``skipped[threat]`` maps the cascade stages skipped for this sample to the reason (the bound
     method does not support the model or the threat). ``decided_by[threat] == "timeout"``: the
     sample's time budget ran out before a stage certified it (not certified).
@@ -575,11 +575,11 @@ def certify_dataset(
 
 
 # ---------------------------------------------------------------------------------------------
-# Files: a per-sample CSV and a summary JSON (the per-sample records are cure_lirpa.runs.Records).
+# Files: a per-sample CSV and a summary JSON (the per-sample records are cure_lirpa.io.runs.Records).
 
 
 def row_to_json(row: SampleRow) -> str:
-    """One line of ``samples.jsonl`` (keys sorted, as :class:`cure_lirpa.runs.Records` writes)."""
+    """One line of ``samples.jsonl`` (keys sorted, as :class:`cure_lirpa.io.runs.Records` writes)."""
     return json.dumps(asdict(row), sort_keys=True)
 
 
@@ -648,8 +648,8 @@ def write_results(
 ) -> None:
     """Write ``samples.csv``, ``summary.json``, ``summary.md`` and the plot of certified accuracy
     per threat and method (``certified_accuracy.png``), each atomically."""
-    from .checkpoint import atomic_write_json, atomic_write_text
-    from .plots import PLOT_NAME, plot_certified_accuracy
+    from ..io.checkpoint import atomic_write_json, atomic_write_text
+    from ..plots import PLOT_NAME, plot_certified_accuracy
 
     atomic_write_text(out_dir / "samples.csv", csv_text(rows, threats, methods))
     atomic_write_json(out_dir / "summary.json", summary)

@@ -30,11 +30,11 @@ from typing import Callable, Iterator, Optional, Sequence
 import torch
 from torch import nn
 
+from ..errors import UserError
+from ..models import Classifier
+from ..threats.base import BoxFamily, NormBall, Threat
 from . import backends, lirpa
-from .errors import UserError
-from .models import Classifier
 from .region import BoundResult, Region
-from .threats import BoxFamily, NormBall, Threat
 
 _log = logging.getLogger(__name__)
 
@@ -156,7 +156,7 @@ class BoundedClassifier:
         self.trainable = trainable
         self.alpha_iterations = alpha_iterations
         self._conv_mode = "patches"
-        self.incremental_ibp = True  # patch boxes under IBP: cure_lirpa.patch_ibp
+        self.incremental_ibp = True  # patch boxes under IBP: cure_lirpa.bounds.patch_ibp
         # Bounds are computed on (x - shift) / scale; identity unless the model is a Classifier.
         self._shift: Optional[torch.Tensor] = None
         self._scale: Optional[torch.Tensor] = None
@@ -397,8 +397,8 @@ class BoundedClassifier:
                 on_chunk(b_idx)
 
     def _patch_ibp(self, threat: BoxFamily, method: str):
-        """The incremental IBP of :mod:`cure_lirpa.patch_ibp` if it applies, else None."""
-        from .patches import PatchThreat
+        """The incremental IBP of :mod:`cure_lirpa.bounds.patch_ibp` if it applies, else None."""
+        from ..threats.patches import PatchThreat
 
         if method != "ibp" or not isinstance(threat, PatchThreat) or not self.incremental_ibp:
             return None
@@ -496,7 +496,7 @@ class BoundedClassifier:
     ) -> BoundResult:
         """auto_LiRPA's bound ``method`` (ibp, crown-ibp, crown, alpha-crown) over ``region`` for the
         specification ``C`` (B, S, K): lower bounds (B, S). For backends; ``interm_bounds`` holds
-        the intermediate bounds fixed (:func:`cure_lirpa.lirpa.node_bounds`)."""
+        the intermediate bounds fixed (:func:`cure_lirpa.bounds.lirpa.node_bounds`)."""
         try:
             out = lirpa.compute_bounds(
                 self.module, region.bounded_tensor(), C, method, interm_bounds=interm_bounds

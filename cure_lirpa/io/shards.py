@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence
 
-from .errors import UserError
+from ..errors import UserError
 
 if TYPE_CHECKING:
     from .runs import Run
@@ -172,8 +172,8 @@ def merge_shards(
     """Merge the verify shards in ``out`` (or the given shard folders) into ``out``: the
     summary.json, summary.md, samples.csv and samples.jsonl of the unsharded run; returns the
     summary (see :func:`gather_shards` and :func:`open_merged` for what is refused)."""
-    from .certification import SampleRow, summarize, write_results
-    from .threats import parse_threat
+    from ..threats.base import parse_threat
+    from ..verification.certification import SampleRow, summarize, write_results
 
     g = gather_shards(
         out, shards, ["verify"], "index", lambda c: range(c["start"], c["start"] + c["count"])
@@ -217,7 +217,7 @@ def merge_when_all_done(
     return its summary (other ranks: None). ``merge`` defaults to :func:`merge_shards`."""
     import torch.distributed as dist
 
-    from .distributed import shutdown
+    from ..distributed import shutdown
 
     merge = merge or merge_shards
     own = not dist.is_initialized()

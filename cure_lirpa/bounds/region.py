@@ -1,8 +1,8 @@
 """A threat set in bound space, and what a bound method returns for it.
 
-:class:`~cure_lirpa.bounds.BoundedClassifier` is the one place that turns a user's threat (in [0, 1]
+:class:`~cure_lirpa.bounds.classifier.BoundedClassifier` is the one place that turns a user's threat (in [0, 1]
 pixel units) into a :class:`Region` in the space the bounded graph reads (normalisation folded or
-applied, radius scaled, box clipped to the input range). Bound methods (:mod:`cure_lirpa.backends`)
+applied, radius scaled, box clipped to the input range). Bound methods (:mod:`cure_lirpa.bounds.backends`)
 only ever see regions, so none of them can skip that mapping.
 """
 
@@ -51,7 +51,7 @@ class Region:
 class BoundResult:
     """Lower bounds ``lower`` (B, S) on ``C f(z)`` over a region, and per sample whether the method
     answered with a looser fallback than the one asked for (``fell_back``, bool (B,); e.g.
-    alpha-CROWN answered by CROWN where auto_LiRPA 0.3 fails, see :mod:`cure_lirpa.lirpa`)."""
+    alpha-CROWN answered by CROWN where auto_LiRPA 0.3 fails, see :mod:`cure_lirpa.bounds.lirpa`)."""
 
     lower: torch.Tensor
     fell_back: torch.Tensor

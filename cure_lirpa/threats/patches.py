@@ -17,8 +17,8 @@ from typing import ClassVar, Iterator
 
 import torch
 
-from .errors import UserError
-from .threats import BoxFamily, register_threat
+from ..errors import UserError
+from .base import BoxFamily, register_threat
 
 _PATCH_RE = re.compile(r"^\s*(\d+)(?:\s*[xX]\s*(\d+))?\s*(?:@\s*(\d+))?\s*$")
 

@@ -43,12 +43,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..attacks import expressive_attack_point, l2_defence_box, sabr_box
+from ..bounds.classifier import BoundedClassifier, certified
+from ..errors import UserError
+from ..models import Classifier
+from ..threats.base import NormBall
 from . import losses
-from .attacks import expressive_attack_point, l2_defence_box, sabr_box
-from .bounds import BoundedClassifier, certified
-from .errors import UserError
-from .models import Classifier
-from .threats import NormBall
 
 NORMS = ("linf", "l2")
 """The norms of multi-norm training, in the order used everywhere (metrics, configs)."""

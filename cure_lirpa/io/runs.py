@@ -33,8 +33,8 @@ from typing import AbstractSet, Any, Iterable, Optional, Sequence, Union
 import numpy as np
 import torch
 
+from ..errors import UserError
 from .checkpoint import atomic_write_json, versions, write_error
-from .errors import UserError
 
 try:
     import fcntl

@@ -22,9 +22,9 @@ from typing import Any, Union
 import torch
 from torch import nn
 
-from .data import DatasetInfo
-from .errors import UserError
-from .models import build_model
+from ..data import DatasetInfo
+from ..errors import UserError
+from ..models import build_model
 
 FORMAT = "cure-lirpa-checkpoint/1"
 PathLike = Union[str, os.PathLike]
@@ -32,7 +32,7 @@ PathLike = Union[str, os.PathLike]
 
 def versions() -> dict[str, str]:
     """Versions of the packages a result depends on."""
-    from . import __version__
+    from .. import __version__
 
     out = {
         "cure_lirpa": __version__,
@@ -158,7 +158,7 @@ def load_checkpoint(path: PathLike, map_location: str | torch.device = "cpu") ->
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise UserError(
             f"{path} is not a cure-lirpa checkpoint (expected format {FORMAT!r}); "
-            "checkpoints come from 'cure-lirpa train' or cure_lirpa.checkpoint.make_checkpoint"
+            "checkpoints come from 'cure-lirpa train' or cure_lirpa.io.checkpoint.make_checkpoint"
         )
     return ckpt
 

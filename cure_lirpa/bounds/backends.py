@@ -1,14 +1,14 @@
 """Bound methods as backends: one interface, one registry.
 
-A backend bounds ``C f(z)`` from below over a :class:`~cure_lirpa.region.Region`, a threat set that
-:class:`~cure_lirpa.bounds.BoundedClassifier` has already mapped into bound space; it never sees the
+A backend bounds ``C f(z)`` from below over a :class:`~cure_lirpa.bounds.region.Region`, a threat set that
+:class:`~cure_lirpa.bounds.classifier.BoundedClassifier` has already mapped into bound space; it never sees the
 user's threat in pixel units, so it cannot skip that mapping. Before a backend runs, its
 :meth:`Backend.supports` says whether it can bound a model under a threat (and why not); the cascade
 skips the stages that cannot.
 
 Backends: IBP (Gowal et al., 2018), CROWN-IBP (Zhang et al., ICLR 2020), CROWN (Zhang et al.,
 NeurIPS 2018) and alpha-CROWN (Xu et al., ICLR 2021), all through auto_LiRPA; SDP-CROWN (Chiu et al.,
-ICML 2025), :mod:`cure_lirpa.sdp_crown`. A new backend is registered with :func:`register` and is then
+ICML 2025), :mod:`cure_lirpa.bounds.sdp_crown`. A new backend is registered with :func:`register` and is then
 offered by every command and covered by the soundness tests, which enumerate :func:`names`.
 """
 
@@ -18,14 +18,14 @@ from typing import TYPE_CHECKING, Optional, Protocol
 
 import torch
 
+from ..errors import UserError
+from ..threats.base import Threat
 from . import lirpa
-from .errors import UserError
 from .region import BoundResult, Region
 from .sdp_crown import SdpCrown
-from .threats import Threat
 
 if TYPE_CHECKING:
-    from .bounds import BoundedClassifier
+    from .classifier import BoundedClassifier
 
 
 class Backend(Protocol):
@@ -44,7 +44,7 @@ class Backend(Protocol):
 
 
 class AutoLirpa:
-    """One of auto_LiRPA's bound methods (:data:`cure_lirpa.lirpa.METHODS`)."""
+    """One of auto_LiRPA's bound methods (:data:`cure_lirpa.bounds.lirpa.METHODS`)."""
 
     def __init__(self, name: str, trainable: bool = True):
         self.name = name

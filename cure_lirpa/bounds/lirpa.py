@@ -314,7 +314,7 @@ BoundedModule = _auto_lirpa.BoundedModule
 BoundedTensor = _auto_lirpa.BoundedTensor
 PerturbationLpNorm = _auto_lirpa.PerturbationLpNorm
 
-_log = logging.getLogger("cure_lirpa.lirpa")
+_log = logging.getLogger("cure_lirpa.bounds.lirpa")
 
 # Method names of this package -> auto_LiRPA's.
 METHODS = {

@@ -1,0 +1,2 @@
+"""Certified training: objectives (IBP, SABR, MTL-IBP, CURE-Joint/Max/Random), their losses,
+schedules, one training step, and the trainer."""
