@@ -4,7 +4,7 @@ the cascade.
 For every model (natural, IBP l∞, IBP l2 and CURE checkpoints; MNIST and CIFAR-10) and every threat
 (MNIST: linf:0.1, l2:0.5, l1:1; CIFAR-10: linf:2/255, l2:0.25, l1:0.5), the suite certifies the same
 test images with each bound method and with the cheapest-first cascade (method ``auto`` of
-:mod:`cure_lirpa.verification.certification`), and runs PGD as a soundness cross-check. It reports per cell
+:mod:`cure_lirpa.verification.cascade`), and runs PGD as a soundness cross-check. It reports per cell
 (model, threat, method): certified accuracy, the samples a method certifies that the previous
 (cheaper) method did not, the median time per image and the peak memory; per (model, method) the
 union accuracy over the threats; per (model, threat) the cascade's total time against CROWN on
@@ -12,7 +12,7 @@ every image; per (model, l2 or l1 threat) SDP-CROWN against CROWN and alpha-CROW
 its time per image to alpha-CROWN's (same steps, same batch). SDP-CROWN runs only under l2 and l1
 balls (under l∞ it returns CROWN's bound, so those cells are not run).
 
-Each cell runs in a fresh child process (:func:`benchmarks.run_isolated`): the child loads the
+Each cell runs in a fresh child process (:func:`benchmarks.harness.run_cell`): the child loads the
 model and images, builds the bounded model, records its resident memory, resets the kernel's peak
 counter (Linux), certifies the images one batch at a time (default batch 1, so time per image is a
 real per-image time) and records the peak. The child writes ``cells/<model>/<threat>__<method>.json``
@@ -21,7 +21,7 @@ atomically; a rerun skips cells whose file exists with the same settings, so a k
 Models: ``--checkpoint NAME=PATH`` (repeatable) and/or ``--models DIR`` (every DIR/<name>/checkpoint.pt;
 in full mode by default the models of the CURE runs in benchmarks/results/cure_mnist and
 cure_cifar10, the latter named ``cifar10-<row>``). For a dataset with no model found the suite
-trains small stand-ins with :func:`cure_lirpa.training.trainer.train` (quick mode always does: cnn-small of
+trains small stand-ins with :func:`cure_lirpa.training.certified.train` (quick mode always does: cnn-small of
 width 4 on the built-in MNIST sample, about a minute; CIFAR-10 stand-ins come from ``--data-root``
 and are skipped with a message when the data are missing).
 
@@ -36,36 +36,35 @@ and ``cost.png``. Usage::
 from __future__ import annotations
 
 import dataclasses
-import functools
 import hashlib
-import json
 import math
 import platform
 import statistics
 import sys
 import time
-import traceback
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
 import click
 
-if __package__ in (None, ""):  # run as `python benchmarks/<suite>.py`: the repository is the root
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from benchmarks import (  # noqa: E402
-    DEFAULT_DATA,
+from benchmarks.harness import (
     RESULTS,
-    exit_reason,
+    cached_cell,
+    code_fingerprint,
+    data_root_option,
+    describe,
     log,
+    named_checkpoints,
     provenance,
     reset_peak_rss,
     rss_now_mb,
     rss_peak_mb,
-    run_isolated,
+    run_cell,
     save_summary,
     slug,
+    split_commas,
+    warm_up,
 )
 
 SUITE = "certificates"
@@ -126,7 +125,7 @@ FULL = Settings(count=40, alpha_iterations=20, attack_steps=50, attack_restarts=
 
 def standin_configs(quick: bool, data_root: Optional[str], cifar: bool) -> dict[str, Any]:
     """``{name: TrainConfig}`` of the stand-in models (MNIST, and CIFAR-10 when ``cifar``)."""
-    from cure_lirpa.training.trainer import TrainConfig
+    from cure_lirpa.training.config import TrainConfig
 
     out: dict[str, Any] = {}
     if quick:  # about ten seconds per model on one core
@@ -185,7 +184,8 @@ def train_standins(configs: dict[str, Any], folder: Path) -> dict[str, Path]:
     """Train (or resume, or reuse) every stand-in into ``folder/<name>/checkpoint.pt``."""
     from cure_lirpa.data import load_dataset
     from cure_lirpa.errors import UserError
-    from cure_lirpa.training.trainer import CHECKPOINT, train
+    from cure_lirpa.training.certified import train
+    from cure_lirpa.training.trainer import CHECKPOINT
 
     out: dict[str, Path] = {}
     for name, cfg in configs.items():
@@ -217,39 +217,6 @@ def train_standins(configs: dict[str, Any], folder: Path) -> dict[str, Path]:
     return out
 
 
-def parse_named(items: Sequence[str]) -> dict[str, Path]:
-    """``NAME=PATH`` (or a bare PATH, named after its folder) as ``{name: path}``."""
-    out: dict[str, Path] = {}
-    for item in items:
-        name, sep, path = item.partition("=")
-        if not sep:
-            path, name = item, Path(item).parent.name or Path(item).stem
-        out[name] = Path(path)
-    return out
-
-
-def scan_models(folder: Path) -> dict[str, Path]:
-    """Every ``folder/<name>/checkpoint.pt``."""
-    return {p.parent.name: p for p in sorted(folder.glob("*/checkpoint.pt"))}
-
-
-@functools.cache
-def code_fingerprint() -> str:
-    """A hash of the library code a certificate depends on (part of every cell's key, so that
-    cells are recomputed after a change of the bound code, the models or auto_LiRPA)."""
-    import cure_lirpa
-    from cure_lirpa.io.checkpoint import versions
-
-    h = hashlib.sha1(json.dumps(versions(), sort_keys=True).encode())
-    root = Path(cure_lirpa.__file__).parent
-    for name in ("bounds", "threats", "verification", "attacks.py", "models.py"):
-        for path in (
-            sorted((root / name).rglob("*.py")) if (root / name).is_dir() else [root / name]
-        ):
-            h.update(path.read_bytes())
-    return h.hexdigest()[:16]
-
-
 def file_sha1(path: Path) -> str:
     h = hashlib.sha1()
     with open(path, "rb") as f:
@@ -272,57 +239,9 @@ def cell_path(out: Path, model: str, threat: str, method: str) -> Path:
     return out / "cells" / slug(model) / f"{slug(threat)}__{method}.json"
 
 
-def error_path(path: Path) -> Path:
-    return path.with_name(path.stem + ".error.json")
-
-
-def certify_cell(spec: dict[str, Any], path: str) -> None:
-    """Child-process entry point: run one cell and write its JSON (or ``.error.json``)."""
-    from cure_lirpa.io.runs import store
-
-    target = Path(path)
-    try:
-        result = _run_cell(spec)
-    except Exception as exc:  # reported to the parent through the error file (not Ctrl-C: a
-        # cell interrupted by the user must run again on resume)
-        error = {"error": describe(exc)[:2000], "traceback": traceback.format_exc()[-4000:]}
-        store(error_path(target), spec["key"], error)
-        sys.exit(1)
-    store(target, spec["key"], result)
-    error_path(target).unlink(missing_ok=True)
-
-
-def describe(exc: BaseException) -> str:
-    """``Type: message``, or ``Type at file:line`` for exceptions without a message."""
-    text = str(exc).strip()
-    if text:
-        return f"{type(exc).__name__}: {text}"
-    frames = traceback.extract_tb(exc.__traceback__)
-    if not frames:
-        return type(exc).__name__
-    last = frames[-1]
-    where = "/".join(Path(last.filename).parts[-3:])
-    return f"{type(exc).__name__} at {where}:{last.lineno}"
-
-
-def warm_up(methods: Sequence[str], threat: Any) -> None:
-    """Pay the process-wide first-call costs of ``methods`` (about 2 s for alpha-CROWN: lazy
-    initialisation in torch and auto_LiRPA) on a tiny separate MLP, so that they are not billed to
-    the cell's first image. The tiny model's memory is negligible and freed before the baseline."""
-    import torch
-
-    from cure_lirpa.bounds.classifier import BoundedClassifier
-    from cure_lirpa.models import build_model
-
-    tiny = build_model("mlp", (1, 4, 4), 3, (0.5,), (0.25,), width=4, depth=1).eval()
-    bc = BoundedClassifier(tiny, (1, 4, 4), alpha_iterations=2)
-    x, y = torch.full((1, 1, 4, 4), 0.5), torch.tensor([0])
-    for m in methods:
-        bc.margin_lower_bounds(x, y, threat, m)
-
-
 def _run_cell(spec: dict[str, Any]) -> dict[str, Any]:
-    """Certify (or attack) the cell's images; returns the cell's JSON (see :func:`certify_cell`)."""
+    """Certify (or attack) the cell's images; returns the cell's JSON (run in a child process of
+    its own by :func:`benchmarks.harness.run_cell`, which caches it)."""
     import gc
     from collections import defaultdict
 
@@ -336,7 +255,7 @@ def _run_cell(spec: dict[str, Any]) -> dict[str, Any]:
     from cure_lirpa.io.checkpoint import dataset_info_of, load_checkpoint, model_from_checkpoint
     from cure_lirpa.io.checkpoint import versions as lib_versions
     from cure_lirpa.threats.base import parse_threat
-    from cure_lirpa.verification.certification import certify_batch
+    from cure_lirpa.verification.runner import certify_batch
 
     t_start = time.perf_counter()
     torch.set_num_threads(spec["threads"])
@@ -562,13 +481,6 @@ def cell_methods(methods: Sequence[str], cascade: bool, attack: bool) -> list[st
     return [*methods, *([CASCADE] if cascade else []), *([PGD] if attack else [])]
 
 
-def load_cell(path: Path, key: dict[str, Any]) -> Optional[dict[str, Any]]:
-    """The cell's result (or its error record) if it was made with ``key``, else None."""
-    from cure_lirpa.io.runs import cached
-
-    return cached(path, key) or cached(error_path(path), key)
-
-
 def run_cells(
     entries: Sequence[ModelEntry],
     methods: Sequence[str],
@@ -582,8 +494,6 @@ def run_cells(
     on_model_done: Optional[Any] = None,
 ) -> None:
     """Run every missing cell, each in a fresh process; cells already on disk are skipped."""
-    from cure_lirpa.io.runs import store
-
     kinds = cell_methods(methods, cascade, attack)
     total = sum(runs(m, t) for e in entries for t in e.threats for m in kinds)
     k = 0
@@ -595,17 +505,10 @@ def run_cells(
                     continue
                 spec = cell_spec(e, threat, method, s, run)
                 path = cell_path(out, e.name, threat, method)
-                old = load_cell(path, spec["key"])
-                if old is not None and not (retry_failed and "error" in old):
+                res, dt = run_cell(_run_cell, spec, path, retry_failed, timeout)
+                if dt is None:
                     continue
-                t0 = time.perf_counter()
-                code = run_isolated(certify_cell, spec, str(path), timeout=timeout)
-                dt = time.perf_counter() - t0
-                res = load_cell(path, spec["key"])
-                if code != 0 or res is None or "error" in res:
-                    if res is None or "error" not in res:
-                        res = {"error": f"cell process {exit_reason(code)}"}
-                        store(error_path(path), spec["key"], res)
+                if "error" in res:
                     log(f"[{k}/{total}] {e.name} {threat} {method}: FAILED ({res['error']})")
                     continue
                 log(f"[{k}/{total}] {e.name} {threat} {method}: {cell_line(res)} ({dt:.1f} s)")
@@ -821,7 +724,7 @@ def collect(
             for m in kinds:
                 if not runs(m, t):
                     continue
-                c = load_cell(cell_path(out, e.name, t, m), cell_spec(e, t, m, s, run)["key"])
+                c = cached_cell(cell_path(out, e.name, t, m), cell_spec(e, t, m, s, run)["key"])
                 if c is not None:
                     cells[(t, m)] = c
         if cells:
@@ -1170,7 +1073,7 @@ def plots(result: dict[str, Any], out: Path) -> None:
 
 def write_report(result: dict[str, Any], out: Path) -> None:
     """``results.json`` (stamped with the commit), ``summary.md``, ``results.md`` and the plots, all
-    written atomically (see :func:`benchmarks.save_summary`)."""
+    written atomically (see :func:`benchmarks.harness.save_summary`)."""
     save_summary(out / "results.json", result)
     save_summary(out / "summary.md", summary_markdown(result))
     save_summary(out / "results.md", detail_markdown(result))
@@ -1179,10 +1082,6 @@ def write_report(result: dict[str, Any], out: Path) -> None:
 
 # ---------------------------------------------------------------------------------------------
 # Command line
-
-
-def _split(items: Sequence[str]) -> list[str]:
-    return [v.strip() for item in items for v in item.split(",") if v.strip()]
 
 
 @click.command(context_settings={"show_default": True})
@@ -1226,12 +1125,7 @@ def _split(items: Sequence[str]) -> list[str]:
 )
 @click.option("--alpha-iterations", type=click.IntRange(min=1), default=None)
 @click.option("--memory-mb", type=click.FloatRange(min=64), default=None)
-@click.option(
-    "--data-root",
-    type=click.Path(path_type=Path),
-    default=DEFAULT_DATA,
-    help="Folder with MNIST/raw and cifar10-jpeg.tar.gz.",
-)
+@data_root_option(help="Folder with MNIST/raw and cifar10-jpeg.tar.gz.")
 @click.option("--cifar/--no-cifar", default=True, help="Full mode: CIFAR-10 stand-ins.")
 @click.option(
     "--out",
@@ -1258,7 +1152,7 @@ def main(
     batch_size: Optional[int],
     alpha_iterations: Optional[int],
     memory_mb: Optional[float],
-    data_root: Path,
+    data_root: str,
     cifar: bool,
     out: Optional[Path],
     threads: int,
@@ -1288,12 +1182,12 @@ def main(
             setattr(s, name, v)
     methods = [m for m in METHODS if m in methods] if methods else list(METHODS)
     try:
-        threats = [parse_threat(t).name for t in _split(threats)]
+        threats = [parse_threat(t).name for t in split_commas(*threats)]
     except UserError as exc:
         raise click.BadParameter(str(exc), param_hint="--threat") from None
     out = out or RESULTS / (f"{SUITE}-quick" if quick else SUITE)
     out.mkdir(parents=True, exist_ok=True)
-    root = str(data_root) if data_root else None
+    root = data_root or None
     dev = str(resolve_device(device))
     run = {
         "threads": threads,
@@ -1303,15 +1197,15 @@ def main(
         "code": code_fingerprint(),
     }
 
-    paths = parse_named(named)
+    paths = named_checkpoints(named)
     if models_dir is not None:
-        found = scan_models(models_dir)
+        found = named_checkpoints((), models_dir)
         if not found:
             log(f"no <name>/checkpoint.pt in {models_dir}")
         paths.update(found)
     elif not named and not quick:
         for folder, prefix in DEFAULT_MODELS.items():
-            found = scan_models(folder) if folder.is_dir() else {}
+            found = named_checkpoints((), folder)
             if not only:
                 found = {k: found[k] for k in DEFAULT_ROWS if k in found} or found
             paths.update({prefix + k: v for k, v in found.items()})
@@ -1327,7 +1221,7 @@ def main(
             for k, v in configs.items()
             if ("cifar10" if v.dataset == "cifar10" else "mnist") not in have
         }
-    keep = set(_split(only))
+    keep = set(split_commas(*only))
     if keep:
         configs = {k: v for k, v in configs.items() if k in keep}
         paths = {k: v for k, v in paths.items() if k in keep}

@@ -3,14 +3,15 @@ l2 and l1.
 
 For each row (one trained model) this script
 
-1. trains the row's method on the dataset (``cure_lirpa.training.trainer.train``; resumes a half-finished run,
+1. trains the row's method on the dataset (``cure_lirpa.training.certified.train``; resumes a half-finished run,
    skips a finished one) into ``<results>/<row>/``;
 2. certifies ``--test-count`` test images (default 1000; the first ones, classes interleaved for
    the class-sorted CIFAR-10 ImageFolder) under the dataset's three threats (MNIST linf:0.1, l2:0.5,
    l1:1; CIFAR-10 linf:2/255, l2:0.25, l1:0.5) with IBP (plus a PGD cross-check), CROWN and, under
-   l2, SDP-CROWN (``cure_lirpa.verification.certification.certify_dataset``) into ``<results>/<row>/verify/``
-   (skipped when done for the same checkpoint and procedure); each method after IBP runs only on
-   the images the earlier ones leave open, which gives the same best-of and union accuracy;
+   l2, SDP-CROWN (the library's cascade with these stages, ``cure_lirpa.verification.runner.certify_dataset``)
+   into ``<results>/<row>/verify/`` (skipped when done for the same checkpoint and procedure); each
+   method after IBP runs only on the images the earlier ones leave open, which gives the same
+   best-of and union accuracy;
 3. writes ``<results>/<row>/row.json`` and refreshes ``summary.md``, ``summary.json`` and
    ``union_accuracy.png`` from every row present in the results folder.
 
@@ -59,33 +60,28 @@ import dataclasses
 import math
 import os
 import platform
-import sys
 import time
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
 import click
 import torch
-from torch.utils.data import Subset
 
-if __package__ in (None, ""):  # run as `python benchmarks/<suite>.py`: the repository is the root
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from benchmarks import save_summary  # noqa: E402
+from benchmarks.harness import RESULTS, data_root_option, log, save_summary, split_commas
 from cure_lirpa.data import load_dataset, stack, take
 from cure_lirpa.errors import UserError
-from cure_lirpa.io.checkpoint import (  # noqa: E402
+from cure_lirpa.io.checkpoint import (
     atomic_write_text,
     load_checkpoint,
     model_from_checkpoint,
     versions,
 )
 from cure_lirpa.threats.base import parse_threat
-from cure_lirpa.training.trainer import CHECKPOINT, TrainConfig, apply_preset, step_times, train
+from cure_lirpa.training.certified import train
+from cure_lirpa.training.config import TrainConfig, apply_preset
+from cure_lirpa.training.timing import step_times
+from cure_lirpa.training.trainer import CHECKPOINT
 
-HERE = Path(__file__).resolve().parent
-REPO = HERE.parent
-DEFAULT_DATA = (REPO / ".." / "shared" / "data").resolve()
 THREATS = {
     "mnist": ("linf:0.1", "l2:0.5", "l1:1"),
     "cifar10": ("linf:2/255", "l2:0.25", "l1:0.5"),
@@ -358,7 +354,7 @@ def run_row(
 ) -> dict[str, Any]:
     """Train (or resume) and certify one row; write ``<row>/row.json``. ``stop_after_epoch``
     ends training at that epoch of the schedule (for a time budget)."""
-    from cure_lirpa.verification.certification import write_results
+    from cure_lirpa.verification.results import read_summary, to_percent, write_results
 
     folder = results / row
     ckpt_path = folder / CHECKPOINT
@@ -408,9 +404,7 @@ def run_row(
     }
     summary = None
     if summary_path.is_file():
-        import json
-
-        old = json.loads(summary_path.read_text())
+        old = read_summary(summary_path)  # accuracies as fractions, also from older files
         if old.get("stamp") == stamp:
             summary = old
             log(f"[{row}] already verified")
@@ -431,6 +425,7 @@ def run_row(
             return out
         summary["stamp"] = stamp
         write_results(verify_dir, rows, summary, threats, list(BOUND_METHODS))
+    summary = to_percent(summary)  # row.json keeps this suite's percent
     best = summary["certified_best"]
     out = {
         **base,
@@ -457,63 +452,41 @@ def run_row(
     return out
 
 
+def stages(threat: Any) -> tuple[str, ...]:
+    """This suite's cascade stages under ``threat``: IBP, then those of :data:`STAGES` that apply."""
+    return ("ibp", *(m for m, norm in STAGES if norm is None or getattr(threat, "p", None) == norm))
+
+
 def certify(model, test, threats, in_shape, s: dict[str, Any]):
     """IBP (and a PGD cross-check) on every test image, then each of :data:`STAGES` per threat,
     only on the images that are correctly classified and not certified by an earlier stage under
-    that threat: best-of and union accuracy are exactly those of running every method on every
-    image, at a fraction of the cost. A method's column therefore counts its certificates among
-    the images it ran on. Every certificate is checked against the PGD point of the IBP pass (a
-    certified image that PGD breaks is a soundness violation, and its certificate is withdrawn)."""
-    from cure_lirpa.verification.certification import certify_dataset, summarize
+    that threat (the library's cascade with :func:`stages`, no time budget): best-of and union
+    accuracy are exactly those of running every method on every image, at a fraction of the cost.
+    A method's column therefore counts its certificates among the images it ran on (its margin is
+    recorded where it decided an image, nan elsewhere). Every certificate is checked against PGD
+    (a certified image that PGD breaks is a soundness violation, and its certificate is withdrawn)."""
+    from cure_lirpa.verification.results import summarize
+    from cure_lirpa.verification.runner import certify_dataset
 
     t0 = time.perf_counter()
-    rows, _ = certify_dataset(
-        model,
-        test,
-        threats,
-        ["ibp"],
-        in_shape,
-        batch_size=100,
-        memory_mb=2048.0,
-        attack=True,
-        attack_steps=s["attack_steps"],
-        attack_restarts=1,
-    )
-    for r in rows:  # not run: an earlier stage already decided these samples
-        for t in r.certified:
-            for m, _ in STAGES:
-                r.certified[t][m] = False
-                r.margins[t][m] = float("nan")
+    rows, run = certify_dataset(model, test, threats, ["auto"], in_shape, batch_size=100,
+                                memory_mb=2048.0, attack_steps=s["attack_steps"],
+                                attack_restarts=1, budget=None, stages=stages)  # fmt: skip
     stage_images: dict[str, dict[str, int]] = {m: {} for m, _ in STAGES}
     stage_seconds: dict[str, dict[str, float]] = {m: {} for m, _ in STAGES}
     for threat in threats:
-        t = threat.name
-        for method, norm in STAGES:
-            if norm is not None and getattr(threat, "p", None) != norm:
-                continue
-            open_pos = [i for i, r in enumerate(rows) if r.correct and not r.best(t)]
-            stage_images[method][t] = len(open_pos)
-            if not open_pos:
-                continue
-            t1 = time.perf_counter()
-            stage_rows, _ = certify_dataset(
-                model,
-                Subset(test, open_pos),
-                [threat],
-                [method],
-                in_shape,
-                batch_size=50,
-                memory_mb=2048.0,
-                attack=False,
-            )
-            stage_seconds[method][t] = time.perf_counter() - t1
-            for pos, cr in zip(open_pos, stage_rows):
-                r = rows[pos]
-                r.certified[t][method] = cr.certified[t][method]
-                r.margins[t][method] = cr.margins[t][method]
-                if r.certified[t][method] and r.robust.get(t) is False:
-                    r.violations.append(t)  # PGD broke it: never report it
-                    r.certified[t] = dict.fromkeys(r.certified[t], False)
+        t, order = threat.name, stages(threat)
+        for m in order[1:]:
+            stage_images[m][t] = sum(_open_at(r, t, order, m) for r in rows)
+            spent = run.get("seconds_per_image", {}).get(f"{t}/auto:{m}")
+            if spent is not None:
+                stage_seconds[m][t] = spent * len(rows)
+        for r in rows:  # the cascade's column as one column per stage
+            by, margin, ok = r.decided_by[t], r.margins[t].pop("auto"), r.certified[t].pop("auto")
+            r.margins[t].update(dict.fromkeys(BOUND_METHODS, float("nan")))
+            r.certified[t].update(dict.fromkeys(BOUND_METHODS, False))
+            if by in order:
+                r.margins[t][by], r.certified[t][by] = margin, ok
     summary = summarize(rows, threats, list(BOUND_METHODS), seconds=time.perf_counter() - t0)
     summary["stage_images"] = stage_images
     summary["stage_seconds"] = stage_seconds
@@ -524,6 +497,13 @@ def certify(model, test, threats, in_shape, s: dict[str, Any]):
         "equal those of running every method on every image"
     )
     return rows, summary
+
+
+def _open_at(r: Any, t: str, order: Sequence[str], stage: str) -> bool:
+    """Whether image ``r`` was still open under ``t`` when the cascade reached ``stage``."""
+    by = r.decided_by[t]
+    earlier = by in order and order.index(by) < order.index(stage)
+    return r.correct and not (earlier and r.margins[t]["auto"] > 0)
 
 
 def _lookup(d: dict[str, Any], threat: str) -> Any:
@@ -543,60 +523,41 @@ def _violations(folder: Path, row: dict[str, Any]) -> int:
     """Certified images that PGD broke: those counted (and withdrawn) by the certification, plus
     any certified image in ``samples.csv`` whose PGD flag says broken (results written before
     the CROWN certificates were cross-checked too)."""
-    import csv
+    from cure_lirpa.verification.results import read_samples
 
     n = sum((row.get("soundness_violations") or {}).values())
     path = folder / "verify" / "samples.csv"
     if path.is_file():
-        with open(path, newline="") as f:
-            for r in csv.DictReader(f):
-                n += sum(
-                    r[k] == "1" and r[t + "/pgd_robust"] == "0" for t, k in best_columns(r).items()
-                )
+        n += sum(
+            r.best(t) and r.robust.get(t) is False for r in read_samples(path) for t in r.robust
+        )
     return n
-
-
-def best_columns(csv_row: dict[str, str]) -> dict[str, str]:
-    """Threat name -> its best-of ``<threat>/certified`` column in a per-sample CSV row (the
-    threats with a ``<threat>/pgd_robust`` column; method columns are ``<threat>/<method>/...``)."""
-    return {
-        k[: -len("/certified")]: k
-        for k in csv_row
-        if k.endswith("/certified") and k[: -len("/certified")] + "/pgd_robust" in csv_row
-    }
 
 
 def _union_flags(csv_path: Path, threats: Sequence[str]) -> dict[int, bool]:
     """Test-image index -> certified under every threat of ``threats``, from the per-sample CSV
-    (columns matched by norm and radius, whatever their spelling); empty if a column is missing."""
-    import csv
+    (threats matched by norm and radius, whatever their spelling); empty if one is missing."""
+    from cure_lirpa.verification.results import read_samples
 
-    if not csv_path.is_file():
-        return {}
-    with open(csv_path, newline="") as f:
-        rows = list(csv.DictReader(f))
+    rows = read_samples(csv_path) if csv_path.is_file() else []
     if not rows:
         return {}
-    cols = best_columns(rows[0])
-    picked = [_lookup(cols, t) for t in threats]
+    picked = [_lookup({k: k for k in rows[0].certified}, t) for t in threats]
     if any(c is None for c in picked):
         return {}
-    return {int(r["index"]): all(r[c] == "1" for c in picked) for r in rows}
+    return {r.index: all(r.best(c) for c in picked) for r in rows}
 
 
 def _union_of(csv_path: Path, threats: Sequence[str]) -> Optional[float]:
     """Union accuracy (%) over a subset of the threats, from the per-sample CSV."""
-    import csv
+    from cure_lirpa.verification.results import read_samples
 
-    if not csv_path.is_file():
-        return None
-    with open(csv_path, newline="") as f:
-        rows = list(csv.DictReader(f))
+    rows = read_samples(csv_path) if csv_path.is_file() else []
     if not rows:
         return None
-    if any(f"{t}/certified" not in rows[0] for t in threats):
+    if any(t not in rows[0].certified for t in threats):
         return None  # a threat of the pair was not certified for this row
-    hit = sum(all(r[f"{t}/certified"] == "1" for t in threats) for r in rows)
+    hit = sum(all(r.best(t) for t in threats) for r in rows)
     return 100.0 * hit / len(rows)
 
 
@@ -1065,12 +1026,8 @@ def plot(rows: list[dict[str, Any]], path: Path, dataset: str = "mnist") -> None
     "l2-defence]: " + ", ".join(ROWS),
 )
 @click.option("--quick", is_flag=True, help="A smoke run on the built-in sample (minutes).")
-@click.option(
-    "--data-root",
-    type=click.Path(file_okay=False),
-    default=str(DEFAULT_DATA),
-    show_default=True,
-    help="Folder holding MNIST/raw (and/or cifar10-jpeg.tar.gz, cifar-10-batches-py).",
+@data_root_option(
+    help="Folder holding MNIST/raw (and/or cifar10-jpeg.tar.gz, cifar-10-batches-py)."
 )
 @click.option(
     "--results",
@@ -1170,7 +1127,7 @@ def main(
     if test_count is not None:
         s["test_count"] = test_count
     if threats_opt:
-        picked_threats = tuple(t.strip() for t in threats_opt.split(",") if t.strip())
+        picked_threats = tuple(split_commas(threats_opt))
         bad = [t for t in picked_threats if t not in THREATS[dataset]]
         if bad or not picked_threats:
             raise click.BadParameter(
@@ -1183,25 +1140,12 @@ def main(
         s["warmup_epochs"] *= scale
         s["ramp_epochs"] *= scale
         s["lr_milestones"] = tuple(m * scale for m in s["lr_milestones"])
-    folder = (
-        Path(results)
-        if results
-        else HERE / "results" / (f"cure_{dataset}-quick" if quick else f"cure_{dataset}")
-    )
+    folder = Path(results) if results else RESULTS / f"cure_{dataset}{'-quick' if quick else ''}"
     folder.mkdir(parents=True, exist_ok=True)
-
-    def log(msg: str) -> None:
-        click.echo(f"{time.strftime('%H:%M:%S')} {msg}", err=True)
-
     if report_only:
         report(folder, log, dataset)
         return
-    picked: list[str] = []
-    for item in rows_opt:
-        picked += [r.strip() for r in item.split(",") if r.strip()]
-    if not rows_opt:
-        picked = list(DEFAULT_ROWS)
-    picked = [r for r in picked if r != "none"]
+    picked = [r for r in (split_commas(*rows_opt) if rows_opt else DEFAULT_ROWS) if r != "none"]
     unknown = [r for r in picked if r not in ROWS]
     if unknown:
         raise click.BadParameter(f"unknown rows {unknown}; choose from {', '.join(ROWS)}")
@@ -1212,9 +1156,7 @@ def main(
     if speed is None:
         speed = not rows_opt
     if speed:
-        timed = (
-            [r.strip() for r in speed_rows.split(",") if r.strip()] if speed_rows else list(ROWS)
-        )
+        timed = split_commas(speed_rows) if speed_rows else list(ROWS)
         unknown = [r for r in timed if r not in ROWS]
         if unknown:
             raise click.BadParameter(

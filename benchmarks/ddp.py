@@ -7,7 +7,7 @@ metrics), their ratios, and how far the two runs' final weights are apart (max a
 difference over all parameters; float tolerance is expected, bit equality is not: the all-reduce
 sums in another order).
 
-Run:  python benchmarks/ddp.py [--train-count 1024] [--batch-size 128] [--epochs 3] [--threads 1]
+Run:  python -m benchmarks.ddp [--train-count 1024] [--batch-size 128] [--epochs 3] [--threads 1]
 Writes benchmarks/results/ddp/ddp.json and ddp.md.
 """
 
@@ -26,14 +26,10 @@ from pathlib import Path
 
 import torch
 
-if __package__ in (None, ""):  # run as `python benchmarks/<suite>.py`: the repository is the root
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.harness import REPO, RESULTS, save_summaries
+from cure_lirpa.io.checkpoint import load_checkpoint, versions
 
-from benchmarks import save_summary  # noqa: E402
-from cure_lirpa.io.checkpoint import load_checkpoint, versions  # noqa: E402
-
-OUT = Path(__file__).parent / "results" / "ddp"
-ROOT = Path(__file__).resolve().parents[1]
+OUT = RESULTS / "ddp"
 METHODS = {
     "natural": [],
     "ibp-linf": [],
@@ -79,7 +75,7 @@ def _train(args: argparse.Namespace, name: str, out: Path, processes: int) -> di
             "cure_lirpa",
             *cli,
         ]
-    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "PYTHONPATH": str(REPO)}
     t0 = time.perf_counter()
     done = subprocess.run(cmd, env=env, capture_output=True, text=True)
     wall = time.perf_counter() - t0
@@ -158,8 +154,6 @@ def main() -> None:
         "versions": versions(),
         "rows": rows,
     }
-    args.out.mkdir(parents=True, exist_ok=True)
-    save_summary(args.out / "ddp.json", result)
     lines = [
         f"# Data-parallel training: 2 processes against 1 (cnn-small, {args.train_count} sample "
         f"images, global batch {args.batch_size}, {args.epochs} epochs, {args.threads} thread(s) "
@@ -190,9 +184,8 @@ def main() -> None:
         "process; what is missing to 2x is the all-reduce, the per-step work that does not shrink "
         "with the slice, and the smaller batches' lower efficiency.",
     ]
-    save_summary(args.out / "ddp.md", "\n".join(lines) + "\n")
-    print("\n".join(lines))
-    print(f"\nwrote {args.out}/ddp.json and ddp.md")
+    text = "\n".join(lines) + "\n"
+    save_summaries(args.out, {"ddp.json": result, "ddp.md": text}, echo=text)
 
 
 if __name__ == "__main__":

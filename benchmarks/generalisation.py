@@ -14,8 +14,8 @@ Writes ``generalisation.json`` and ``generalisation.md`` to ``benchmarks/results
 (``generalisation-quick`` with ``--quick``), after every model so partial runs keep their results.
 Usage::
 
-    python benchmarks/generalisation.py --data-root ../shared/data --n 200
-    python benchmarks/generalisation.py --quick --checkpoint tiny=/tmp/tiny.pt --dataset sample
+    python -m benchmarks.generalisation --data-root ../shared/data --n 200
+    python -m benchmarks.generalisation --quick --checkpoint tiny=/tmp/tiny.pt --dataset sample
 """
 
 from __future__ import annotations
@@ -30,10 +30,7 @@ from typing import Any, Optional
 import click
 import torch
 
-if __package__ in (None, ""):  # run as `python benchmarks/<suite>.py`: the repository is the root
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from benchmarks import save_summary  # noqa: E402
+from benchmarks.harness import RESULTS, log, named_checkpoints, save_summaries, split_commas
 from cure_lirpa.bounds.classifier import BoundedClassifier, certified
 from cure_lirpa.data import load_dataset, stack, take
 from cure_lirpa.errors import UserError
@@ -47,7 +44,6 @@ from cure_lirpa.threats.base import BoxFamily, Threat, parse_threat
 from cure_lirpa.threats.geometry import parse_geometric  # noqa: F401  (registers geometric threats)
 from cure_lirpa.threats.patches import parse_patch  # noqa: F401  (registers patch threats)
 
-HERE = Path(__file__).resolve().parent
 DEFAULT_THREATS = ("patch:2", "patch:5", "rotate:30", "translate:2")
 DEFAULT_METHODS = ("ibp", "crown-ibp", "crown")
 SCALING = (
@@ -68,21 +64,9 @@ SCALING = (
 SCALING_QUICK = ("rotate:30@15", "rotate:30@60", "translate:2@2", "patch:2@4", "patch:2@1")
 
 
-def log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
-
-
 def find_checkpoints(folder: Path, named: tuple[str, ...]) -> dict[str, Path]:
     """``NAME=PATH`` options, else every ``folder/<name>/checkpoint.pt``, as {name: path}."""
-    out: dict[str, Path] = {}
-    for item in named:
-        name, sep, path = item.partition("=")
-        if not sep:
-            path, name = item, Path(item).parent.name or Path(item).stem
-        out[name] = Path(path)
-    if not out:
-        for p in sorted(folder.glob("*/checkpoint.pt")):
-            out[p.parent.name] = p
+    out = named_checkpoints(named, None if named else folder)
     if not out:
         raise UserError(
             f"no checkpoints found: {folder}/<method>/checkpoint.pt does not exist; run the CURE MNIST "
@@ -300,7 +284,7 @@ def markdown(report: dict[str, Any]) -> str:
     "--checkpoints",
     "folder",
     type=click.Path(path_type=Path),
-    default=HERE / "results" / "cure_mnist",
+    default=RESULTS / "cure_mnist",
     show_default=True,
     help="Folder with <method>/checkpoint.pt.",
 )
@@ -374,8 +358,8 @@ def main(
     torch.manual_seed(0)
     if quick:
         n, scaling_n = min(n, 4), min(scaling_n, 2)
-    out = out or HERE / "results" / ("generalisation-quick" if quick else "generalisation")
-    method_list = tuple(m.strip() for m in methods.split(",") if m.strip())
+    out = out or RESULTS / ("generalisation-quick" if quick else "generalisation")
+    method_list = tuple(split_commas(methods))
     threat_objs = [parse_threat(t) for t in (threats or DEFAULT_THREATS)]
     ckpts = find_checkpoints(folder, named)
     report: dict[str, Any] = {
@@ -427,12 +411,8 @@ def main(
                 batch,
             )
         report["seconds_total"] = time.perf_counter() - t_all
-        save_summary(out / "generalisation.json", report)
-        save_summary(out / "generalisation.md", markdown(report))
-    log(
-        f"wrote {out / 'generalisation.json'} and {out / 'generalisation.md'} "
-        f"in {time.perf_counter() - t_all:.0f} s"
-    )
+        save_summaries(out, {"generalisation.json": report, "generalisation.md": markdown(report)})
+    log(f"done in {time.perf_counter() - t_all:.0f} s")
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ per round, median over the rounds), so the load of a shared machine hits both si
 ratios are what to read, the seconds still depend on the machine and its load (the report gives the
 load average).
 
-Run:  python benchmarks/overhead.py [--batch 256] [--repeats 20] [--threads 1]
+Run:  python -m benchmarks.overhead [--batch 256] [--repeats 20] [--threads 1]
 Writes benchmarks/results/overhead/overhead.json and overhead.md.
 """
 
@@ -24,26 +24,23 @@ import math
 import os
 import platform
 import statistics
-import sys
 import time
 import warnings
 from pathlib import Path
 
 import torch
 
-if __package__ in (None, ""):  # run as `python benchmarks/<suite>.py`: the repository is the root
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from benchmarks import save_summary  # noqa: E402
-from cure_lirpa import lirpa  # noqa: E402
+from benchmarks.harness import RESULTS, interleaved_times, save_summaries
+from cure_lirpa.bounds import lirpa
 from cure_lirpa.bounds.classifier import BoundedClassifier, margin_matrix
 from cure_lirpa.data import dataset_info, load_dataset, stack
 from cure_lirpa.io.checkpoint import versions
 from cure_lirpa.models import build_model
 from cure_lirpa.threats.base import NormBall
-from cure_lirpa.training.trainer import TrainConfig, step_times
+from cure_lirpa.training.config import TrainConfig
+from cure_lirpa.training.timing import step_times
 
-OUT = Path(__file__).parent / "results" / "overhead"
+OUT = RESULTS / "overhead"
 
 
 def _median_times(fns, repeats: int) -> list[float]:
@@ -51,13 +48,7 @@ def _median_times(fns, repeats: int) -> list[float]:
     core), calls interleaved so that machine load hits all alike."""
     for fn in fns:
         fn()  # warm-up
-    times: list[list[float]] = [[] for _ in fns]
-    for _ in range(repeats):
-        for fn, ts in zip(fns, times):
-            t0 = time.process_time()
-            fn()
-            ts.append(time.process_time() - t0)
-    return [statistics.median(ts) for ts in times]
+    return [statistics.median(ts) for ts in interleaved_times(fns, repeats, time.process_time)]
 
 
 def wrapper_overhead(model, x, y, repeats: int, crown_batch: int) -> dict:
@@ -107,7 +98,7 @@ def wrapper_overhead(model, x, y, repeats: int, crown_batch: int) -> dict:
 def training_step_ratio(x, y, repeats: int) -> dict:
     """Seconds of one optimizer step of natural, IBP l∞ and IBP l2 training of the small CNN.
 
-    The step is the training loop's own (:func:`cure_lirpa.training.trainer.step_times`): forward, bounds,
+    The step is the training loop's own (:func:`cure_lirpa.training.timing.step_times`): forward, bounds,
     backward, gradient clipping, Adam, and -- with ``train_cert`` (the default of ``cure-lirpa
     train``) -- the no-grad IBP pass that reports the certified accuracy of the training batches
     for the norms the loss does not certify. Both settings are timed; ratios compare steps with
@@ -166,8 +157,6 @@ def main() -> None:
     }
     result["load_average"] = {"start": load_start, "end": os.getloadavg()[0]}
     result["cpus"] = os.cpu_count()
-    args.out.mkdir(parents=True, exist_ok=True)
-    save_summary(args.out / "overhead.json", result)
     load = result["load_average"]
     lines = [
         f"# Overhead (cnn-small, batch {args.batch}, {args.threads} thread(s), median of "
@@ -200,9 +189,8 @@ def main() -> None:
         for k, v in ts.items():
             if k != "natural_s":
                 lines.append(f"| {k} | {cert} | {v['seconds']:.4f} | {v['ratio']:.2f} |")
-    save_summary(args.out / "overhead.md", "\n".join(lines) + "\n")
-    print("\n".join(lines))
-    print(f"\nwrote {args.out}/overhead.json and overhead.md")
+    text = "\n".join(lines) + "\n"
+    save_summaries(args.out, {"overhead.json": result, "overhead.md": text}, echo=text)
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ memory of box-family bounds against the ``--memory-mb`` budget.
    location) pairs for three chunks under a budget, in a fresh child process; peak resident memory
    above the level before the call, against the budget.
 
-Run:  python -m benchmarks run --suite patches     (or python benchmarks/patches.py)
+Run:  python -m benchmarks run --suite patches     (or python -m benchmarks.patches)
 Writes benchmarks/results/patches/results.json and summary.md (included in docs/results.md).
 """
 
@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import platform
-import sys
 import tempfile
 import time
 from collections import Counter
@@ -26,12 +25,9 @@ from typing import Any, Optional
 
 import click
 
-if __package__ in (None, ""):  # run as `python benchmarks/patches.py`: the repository is the root
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from benchmarks import (  # noqa: E402
-    DEFAULT_DATA,
+from benchmarks.harness import (
     RESULTS,
+    data_root_option,
     exit_reason,
     log,
     provenance,
@@ -40,7 +36,7 @@ from benchmarks import (  # noqa: E402
     rss_now_mb,
     rss_peak_mb,
     run_isolated,
-    save_summary,
+    save_summaries,
 )
 
 OUT = RESULTS / "patches"
@@ -53,7 +49,8 @@ TARGET_RATIO = 3.0
 def _train_demo(out: str) -> None:
     import torch
 
-    from cure_lirpa.training.trainer import TrainConfig, train
+    from cure_lirpa.training.certified import train
+    from cure_lirpa.training.config import TrainConfig
 
     torch.set_num_threads(1)
     train(TrainConfig(), out, overwrite=True, progress=False, log=None)
@@ -83,7 +80,7 @@ def _time_method(
 ) -> None:
     """certify_dataset with one method; writes seconds, certified counts and memory to ``out``."""
     from cure_lirpa.threats.base import parse_threat
-    from cure_lirpa.verification.certification import certify_dataset
+    from cure_lirpa.verification.runner import certify_dataset
 
     model, info, data = _load(checkpoint, data_root, count)
     before = rss_now_mb()
@@ -231,12 +228,7 @@ def report(res: dict[str, Any]) -> str:
     default=(512.0,),
     help="Budgets of the memory measurement (repeatable).",
 )
-@click.option(
-    "--data-root",
-    type=click.Path(path_type=Path),
-    default=DEFAULT_DATA,
-    help="Folder with the MNIST files.",
-)
+@data_root_option()
 @click.option("--report-only", is_flag=True, help="Rebuild summary.md from results.json.")
 def main(
     checkpoint: Optional[Path],
@@ -244,16 +236,14 @@ def main(
     threat: str,
     memory_mb: float,
     budgets: tuple[float, ...],
-    data_root: Path,
+    data_root: str,
     report_only: bool,
 ) -> None:
     """Cascade against IBP on patches, and peak memory against the budget."""
-    OUT.mkdir(parents=True, exist_ok=True)
     results_json = OUT / "results.json"
     if report_only:
         res = read_results(results_json)
-        save_summary(results_json, res)
-        save_summary(OUT / "summary.md", report(res))
+        save_summaries(OUT, {"results.json": res, "summary.md": report(res)})
         return
     started = time.perf_counter()
     if checkpoint is None:
@@ -263,7 +253,7 @@ def main(
             code = run_isolated(_train_demo, str(checkpoint.parent))
             if code != 0:
                 raise click.ClickException(f"training the demo model {exit_reason(code)}")
-    args = (str(checkpoint), str(data_root))
+    args = (str(checkpoint), data_root)
     timing = {}
     for method in ("ibp", "auto"):
         log(f"{threat} with {method} on {count} images")
@@ -290,9 +280,7 @@ def main(
         "memory": memory,
         "wall_seconds": time.perf_counter() - started,
     }
-    save_summary(results_json, res)
-    save_summary(OUT / "summary.md", report(res))
-    log(f"wrote {results_json} and summary.md")
+    save_summaries(OUT, {"results.json": res, "summary.md": report(res)})
 
 
 if __name__ == "__main__":

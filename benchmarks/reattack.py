@@ -13,34 +13,26 @@ broken images and their indices, the attack's settings) and prints one line per 
 
 from __future__ import annotations
 
-import csv
 import json
-import sys
 import time
 from pathlib import Path
 
 import click
 import torch
 
-if __package__ in (None, ""):  # run as `python benchmarks/<suite>.py`: the repository is the root
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from benchmarks import DEFAULT_DATA, save_summary  # noqa: E402
-from benchmarks.cure_training import best_columns  # noqa: E402
-from cure_lirpa.attacks import pgd  # noqa: E402
-from cure_lirpa.data import load_dataset  # noqa: E402
-from cure_lirpa.io.checkpoint import load_checkpoint, model_from_checkpoint  # noqa: E402
-from cure_lirpa.threats.base import parse_threat  # noqa: E402
+from benchmarks.harness import data_root_option, save_summary
+from cure_lirpa.attacks import pgd
+from cure_lirpa.data import load_dataset
+from cure_lirpa.io.checkpoint import load_checkpoint, model_from_checkpoint
+from cure_lirpa.threats.base import parse_threat
+from cure_lirpa.verification.results import read_samples
 
 
 def certified_images(samples_csv: Path) -> dict[str, list[tuple[int, int]]]:
     """Per threat of ``samples.csv`` (e.g. ``linf:0.1``): the (index, label) of every image
     certified under it by any bound method (the row's best-of flag)."""
-    rows = list(csv.DictReader(samples_csv.open()))
-    return {
-        t: [(int(r["index"]), int(r["label"])) for r in rows if r[col] == "1"]
-        for t, col in best_columns(rows[0]).items()
-    }
+    rows = read_samples(samples_csv)
+    return {t: [(r.index, r.label) for r in rows if r.best(t)] for t in rows[0].robust}
 
 
 def attack_row(
@@ -84,9 +76,7 @@ def attack_row(
 @click.option("--restarts", type=click.IntRange(min=1), default=5, show_default=True)
 @click.option("--batch", type=click.IntRange(min=1), default=250, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
-@click.option(
-    "--data-root", type=click.Path(file_okay=False), default=str(DEFAULT_DATA), show_default=True
-)
+@data_root_option(help="Folder holding the rows' dataset.")
 @click.option("--threads", type=click.IntRange(min=1), default=1, show_default=True)
 def main(
     rows: tuple[str, ...],

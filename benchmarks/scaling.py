@@ -2,7 +2,7 @@
 
 Two sweeps over cnn-small (conv w 4x4 s2 - conv 2w 4x4 - fc100 - fc10) on MNIST-shaped inputs
 (real images from the built-in sample): batch size at a fixed width, and width at a fixed batch. Each
-point (sweep value, threat, method) runs in a fresh child process (:func:`benchmarks.run_isolated`):
+point (sweep value, threat, method) runs in a fresh child process (:func:`benchmarks.harness.run_cell`):
 build the model (seeded random weights: cost does not depend on training, except alpha-CROWN's
 early stopping), warm up on a tiny model, record the resident memory, reset the peak counter, time
 ``BoundedClassifier.margin_lower_bounds`` on one batch ``repeats`` times (median), and read the
@@ -24,31 +24,28 @@ import dataclasses
 import math
 import platform
 import statistics
-import sys
 import time
-import traceback
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
 import click
 
-if __package__ in (None, ""):  # run as `python benchmarks/<suite>.py`: the repository is the root
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from benchmarks import (  # noqa: E402
+from benchmarks.certificates import LABEL, METHODS
+from benchmarks.harness import (
     RESULTS,
-    exit_reason,
+    cached_cell,
+    code_fingerprint,
     log,
     provenance,
     reset_peak_rss,
     rss_now_mb,
     rss_peak_mb,
-    run_isolated,
-    save_summary,
+    run_cell,
+    save_summaries,
     slug,
+    warm_up,
 )
-from benchmarks.certificates import LABEL, METHODS, code_fingerprint, describe, warm_up
 
 SUITE = "scaling"
 ARCH = "cnn-small"
@@ -102,20 +99,8 @@ def point_path(out: Path, sweep: str, batch: int, width: int, threat: str, metho
     return out / "points" / f"{sweep}-{value}__{slug(threat)}__{method}.json"
 
 
-def measure_point(spec: dict[str, Any], path: str) -> None:
-    """Child-process entry point: time and measure one point; write its JSON (or an error)."""
-    from cure_lirpa.io.runs import store
-
-    try:
-        result = _measure(spec)
-    except Exception as exc:  # reported through the file (Ctrl-C is not: rerun on resume)
-        error = {"error": describe(exc)[:2000], "traceback": traceback.format_exc()[-4000:]}
-        store(path, spec["key"], error)
-        sys.exit(1)
-    store(path, spec["key"], result)
-
-
-def _measure(spec: dict[str, Any]) -> dict[str, Any]:
+def measure_point(spec: dict[str, Any]) -> dict[str, Any]:
+    """Time and measure one point (in a child process of its own: :func:`run_points`)."""
     import gc
 
     import torch
@@ -205,13 +190,6 @@ def point_spec(
     }
 
 
-def load_point(path: Path, key: dict[str, Any]) -> Optional[dict[str, Any]]:
-    """The point's result (or error record) if it was measured with ``key``, else None."""
-    from cure_lirpa.io.runs import cached
-
-    return cached(path, key)
-
-
 def run_points(
     s: Settings,
     threats: Sequence[str],
@@ -221,29 +199,20 @@ def run_points(
     retry_failed: bool = False,
 ) -> list[dict[str, Any]]:
     """Measure every missing point (cheapest method first); returns all points of these settings."""
-    from cure_lirpa.io.runs import store
-
     todo = [(p, t, m) for m in methods for t in threats for p in points(s)]
     done = []
     for k, ((sweep, batch, width), threat, method) in enumerate(todo, 1):
         spec = point_spec(sweep, batch, width, threat, method, s, threads)
         path = point_path(out, sweep, batch, width, threat, method)
-        res = load_point(path, spec["key"])
-        if res is None or (retry_failed and "error" in res):
-            t0 = time.perf_counter()
-            code = run_isolated(measure_point, spec, str(path))
-            res = load_point(path, spec["key"])
-            if res is None:
-                res = {"error": f"point process {exit_reason(code)}"}
-                store(path, spec["key"], res)
-            what = f"[{k}/{len(todo)}] {method} {threat} batch {batch} width {width}"
-            if "error" in res:
-                log(f"{what}: FAILED ({res['error']})")
-            else:
-                log(
-                    f"{what}: {1e3 * res['per_image_s']:.3g} ms/img, +{res['extra_mb']:.0f} MB "
-                    f"(model estimate {res['estimate_mb']:.0f} MB) ({time.perf_counter() - t0:.1f} s)"
-                )
+        res, seconds = run_cell(measure_point, spec, path, retry_failed)
+        what = f"[{k}/{len(todo)}] {method} {threat} batch {batch} width {width}"
+        if seconds is not None and "error" in res:
+            log(f"{what}: FAILED ({res['error']})")
+        elif seconds is not None:
+            log(
+                f"{what}: {1e3 * res['per_image_s']:.3g} ms/img, +{res['extra_mb']:.0f} MB "
+                f"(model estimate {res['estimate_mb']:.0f} MB) ({seconds:.1f} s)"
+            )
         done.append({**spec["key"], **res})
     return done
 
@@ -452,7 +421,7 @@ def main(
             for t in threats
             for (sw, b, w) in points(s)
             for spec in [point_spec(sw, b, w, t, m, s, threads)]
-            for res in [load_point(point_path(out, sw, b, w, t, m), spec["key"])]
+            for res in [cached_cell(point_path(out, sw, b, w, t, m), spec["key"])]
             if res is not None
         ]
         if not pts:
@@ -478,8 +447,7 @@ def main(
         "versions": versions(),
         "points": pts,
     }
-    save_summary(out / "results.json", result)
-    save_summary(out / "summary.md", summary_markdown(result))
+    save_summaries(out, {"results.json": result, "summary.md": summary_markdown(result)})
     plot(result, out / "scaling.png")
     log(
         f"done in {time.perf_counter() - t_start:.0f} s: {out / 'summary.md'}, results.json, "

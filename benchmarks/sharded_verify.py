@@ -6,14 +6,12 @@ each), merges the shards with ``cure-lirpa merge`` and checks that the merged ru
 unsharded one (per-sample certified flags, margins and PGD results; summary figures). Reports the wall
 time of each, the summed CPU time and their ratios.
 
-Run:  python -m benchmarks run --suite sharded_verify [-- --count 256 --shards 2]
+Run:  python -m benchmarks.sharded_verify [--count 256 --shards 2]
 Writes benchmarks/results/sharded_verify/results.json and summary.md.
 """
 
 from __future__ import annotations
 
-import csv
-import json
 import os
 import resource
 import subprocess
@@ -25,12 +23,13 @@ from typing import Optional
 
 import click
 
-OUT = Path(__file__).parent / "results" / "sharded_verify"
-ROOT = Path(__file__).resolve().parents[1]
+from benchmarks.harness import REPO, RESULTS, read_results, save_summaries
+
+OUT = RESULTS / "sharded_verify"
 
 
 def _cli(args: list[str], threads: int) -> subprocess.Popen:
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONPATH": str(REPO)}
     env.pop("RANK", None), env.pop("WORLD_SIZE", None)
     cmd = [sys.executable, "-m", "cure_lirpa", *args]
     return subprocess.Popen(
@@ -57,10 +56,11 @@ def _timed(procs_args: list[list[str]], threads: int) -> tuple[float, float]:
     return time.perf_counter() - t0, _children_cpu() - cpu0
 
 
-def _rows(folder: Path) -> list[dict[str, str]]:
-    """Per-sample CSV rows without timing columns (the part that must agree)."""
-    rows = list(csv.DictReader((folder / "samples.csv").open()))
-    return [{k: v for k, v in r.items() if "second" not in k} for r in rows]
+def _rows(folder: Path) -> list:
+    """The per-sample rows of samples.csv (margins to its 6 digits: the part that must agree)."""
+    from cure_lirpa.verification.results import read_samples
+
+    return read_samples(folder / "samples.csv")
 
 
 @click.command(context_settings={"show_default": True})
@@ -83,16 +83,15 @@ def main(
     report_only: bool,
 ) -> None:
     """Time one verify process against N shards + merge, and check they agree."""
-    from benchmarks import read_results, save_summary
     from cure_lirpa.io.checkpoint import versions
+    from cure_lirpa.verification.results import read_summary, to_percent
 
     if report_only:
         result = read_results(out / "results.json")
         result.setdefault("cpu_ratio", result["cpu_seconds_unsharded"] * result["shards"]
                           / result["cpu_seconds_sharded"])  # fmt: skip
-        save_summary(out / "results.json", result)
-        save_summary(out / "summary.md", summary_markdown(result))
-        click.echo(summary_markdown(result))
+        text = summary_markdown(result)
+        save_summaries(out, {"results.json": result, "summary.md": text}, echo=text)
         return
 
     with tempfile.TemporaryDirectory(prefix="cure-lirpa-shards-") as tmp:
@@ -119,8 +118,7 @@ def main(
         t0 = time.perf_counter()
         _wait([_cli(["merge", str(sharded)], threads)])
         merge_wall = time.perf_counter() - t0
-        a = json.loads((work / "one" / "summary.json").read_text())
-        b = json.loads((sharded / "summary.json").read_text())
+        a, b = read_summary(work / "one"), read_summary(sharded)
         keys = ("clean_accuracy", "certified", "certified_best", "union", "pgd_accuracy")
         same_summary = all(a.get(k) == b.get(k) for k in keys)
         same_rows = _rows(work / "one") == _rows(sharded)
@@ -142,14 +140,11 @@ def main(
         "cpu_ratio": one_cpu / (shard_cpu / shards),
         "identical_rows": same_rows,
         "identical_summary": same_summary,
-        "union_best": a["union"]["best"],
+        "union_best": to_percent(a)["union"]["best"],  # percent, as this suite reports it
         "versions": versions(),
     }
-    out.mkdir(parents=True, exist_ok=True)
-    save_summary(out / "results.json", result)
     text = summary_markdown(result)
-    save_summary(out / "summary.md", text)
-    click.echo(text)
+    save_summaries(out, {"results.json": result, "summary.md": text}, echo=text)
     if not (same_rows and same_summary):
         raise click.ClickException("the merged shards differ from the unsharded run")
 

@@ -13,11 +13,11 @@ For each row (a trained model), this script
 
 Rows can be run separately (even from different shells) into the same folder::
 
-    python benchmarks/smoothing_mnist.py --quick                   # minutes, built-in sample
-    python benchmarks/smoothing_mnist.py --rows gauss-0.25
-    python benchmarks/smoothing_mnist.py --rows gauss-0.50,nu-rs-0.50
-    python benchmarks/smoothing_mnist.py --report-only
-    python benchmarks/smoothing_mnist.py --rows gauss-0.50 --no-joint-alpha --images 250
+    python -m benchmarks.smoothing_mnist --quick                   # minutes, built-in sample
+    python -m benchmarks.smoothing_mnist --rows gauss-0.25
+    python -m benchmarks.smoothing_mnist --rows gauss-0.50,nu-rs-0.50
+    python -m benchmarks.smoothing_mnist --report-only
+    python -m benchmarks.smoothing_mnist --rows gauss-0.50 --no-joint-alpha --images 250
         # the NU code's procedure: each certificate at alpha, the pair only 1 - 2 alpha
         # (into benchmarks/results/smoothing/mnist-no-joint-alpha)
 
@@ -29,8 +29,6 @@ sigma (the ratio of the NU paper's Table 8, first block); ``--uniform-ratio`` ch
 from __future__ import annotations
 
 import os
-import platform
-import sys
 import time
 from pathlib import Path
 from typing import Any, Optional, Sequence
@@ -38,33 +36,21 @@ from typing import Any, Optional, Sequence
 import click
 import torch
 
-if __package__ in (None, ""):  # run as `python benchmarks/<suite>.py`: the repository is the root
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from benchmarks import save_summary  # noqa: E402
+from benchmarks.harness import RESULTS, data_root_option, environment, save_summaries, split_commas
 from cure_lirpa.cli.common import DEVICE_CHOICE
 from cure_lirpa.data import load_dataset
-from cure_lirpa.io.checkpoint import (  # noqa: E402
+from cure_lirpa.io.checkpoint import (
     atomic_write_json,
     load_checkpoint,
     model_from_checkpoint,
 )
 from cure_lirpa.io.runs import read_config
-from cure_lirpa.smoothing.analysis import (
-    compare_at_clean_accuracy,
-    load_run,
-    markdown_report,
-    plot_certified_accuracy,
-    summarize,
-)
+from cure_lirpa.smoothing.analysis import load_run, plot_certified_accuracy
 from cure_lirpa.smoothing.certifier import file_sha256
+from cure_lirpa.smoothing.metrics import compare_at_clean_accuracy, markdown_report, summarize
 from cure_lirpa.smoothing.results import TSV
 from cure_lirpa.smoothing.runner import certify_dataset
 from cure_lirpa.smoothing.training import CHECKPOINT, TrainConfig, checkpoint_summary, train
-
-HERE = Path(__file__).resolve().parent
-REPO = HERE.parent
-DEFAULT_DATA = (REPO / ".." / "shared" / "data").resolve()
 
 # name -> (training method, sigma (sigma_n for nu-rs), sigma_u, beta, certification Gaussian sigma)
 ROWS: dict[str, dict[str, Any]] = {
@@ -225,12 +211,7 @@ def run_row(
         },
         "results": certs,
         "wall_seconds_this_call": round(time.perf_counter() - t0, 1),
-        "environment": {
-            "torch": torch.__version__,
-            "python": platform.python_version(),
-            "threads": torch.get_num_threads(),
-            "device": device.type,
-        },
+        "environment": environment(device=device.type),
     }
     atomic_write_json(out / "rows" / f"{name}.json", result)
     return result
@@ -281,9 +262,9 @@ def report(out: Path, levels: Sequence[float] = (0.9, 0.92, 0.94, 0.96, 0.98)) -
     for run, s in zip(runs, main):
         run.name = s["name"]
     plot_certified_accuracy(runs, out / "certified_accuracy.png")
-    save_summary(out / "summary.json", {"rows": rows, "fixed_clean_accuracy": comparison})
     text = "\n".join(md)
-    save_summary(out / "summary.md", text)
+    summary = {"rows": rows, "fixed_clean_accuracy": comparison}
+    save_summaries(out, {"summary.json": summary, "summary.md": text})
     return text
 
 
@@ -297,13 +278,7 @@ def report(out: Path, levels: Sequence[float] = (0.9, 0.92, 0.94, 0.96, 0.98)) -
     show_default=True,
     help=f"Comma-separated rows to run, from: {', '.join(ROWS)}.",
 )
-@click.option(
-    "--data-root",
-    type=click.Path(file_okay=False),
-    default=str(DEFAULT_DATA),
-    show_default=True,
-    help="Folder holding MNIST/raw.",
-)
+@data_root_option()
 @click.option(
     "--out-dir",
     type=click.Path(file_okay=False),
@@ -363,8 +338,7 @@ def main(
     out = (
         Path(out_dir)
         if out_dir
-        else HERE
-        / "results"
+        else RESULTS
         / "smoothing"
         / (("mnist-quick" if quick else "mnist") + ("" if joint_alpha else "-no-joint-alpha"))
     )
@@ -372,7 +346,7 @@ def main(
     if images is not None:
         cfg["images"] = images
     if not report_only:
-        names = [r.strip() for r in rows.split(",") if r.strip()]
+        names = split_commas(rows)
         unknown = [r for r in names if r not in ROWS]
         if unknown:
             raise click.BadParameter(

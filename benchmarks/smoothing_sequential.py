@@ -14,9 +14,9 @@ For each model this script
 Both runs write resumable run folders (``tsv/<model>_.../``, each with its ``samples.tsv``), so a
 killed run continues where it stopped::
 
-    python benchmarks/smoothing_sequential.py --quick                 # minutes, built-in sample
-    python benchmarks/smoothing_sequential.py --models mnist-0.25,mnist-0.50,cifar10-0.25
-    python benchmarks/smoothing_sequential.py --report-only
+    python -m benchmarks.smoothing_sequential --quick                 # minutes, built-in sample
+    python -m benchmarks.smoothing_sequential --models mnist-0.25,mnist-0.50,cifar10-0.25
+    python -m benchmarks.smoothing_sequential --report-only
 
 The sequential run draws the same noise stream as the fixed-n run (seed per image and noise), so
 its samples are a prefix of the reference's: the two certificates of an image differ only through
@@ -28,8 +28,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import platform
-import sys
 import time
 from pathlib import Path
 from typing import Any, Optional
@@ -39,10 +37,15 @@ import numpy as np
 import torch
 from scipy.stats import norm
 
-if __package__ in (None, ""):  # run as `python benchmarks/<suite>.py`: the repository is the root
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from benchmarks import DEFAULT_DATA, RESULTS, log, provenance, save_summary  # noqa: E402
+from benchmarks.harness import (
+    RESULTS,
+    data_root_option,
+    environment,
+    log,
+    provenance,
+    save_summaries,
+    split_commas,
+)
 from cure_lirpa.data import load_dataset
 from cure_lirpa.io.checkpoint import (
     atomic_write_json,
@@ -423,14 +426,9 @@ def report(
     meta = provenance(out / "summary.json", report_only)
     text = markdown(rows, meta)
     plot_samples(rows, out / "samples_per_image.png")
-    env = {
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "threads": torch.get_num_threads(),
-        "load_average": [round(v, 2) for v in os.getloadavg()],
-    }
-    save_summary(out / "summary.json", {**meta, "models": rows, "environment": env})
-    save_summary(out / "results.md", text)
+    env = environment(load_average=[round(v, 2) for v in os.getloadavg()])
+    summary = {**meta, "models": rows, "environment": env}
+    save_summaries(out, {"summary.json": summary, "results.md": text})
     return text
 
 
@@ -442,13 +440,7 @@ def report(
     show_default=True,
     help=f"Comma-separated models, from: {', '.join(MODELS)}.",
 )
-@click.option(
-    "--data-root",
-    type=click.Path(file_okay=False),
-    default=str(DEFAULT_DATA),
-    show_default=True,
-    help="Folder holding MNIST/raw and cifar10-jpeg.tar.gz.",
-)
+@data_root_option(help="Folder holding MNIST/raw and cifar10-jpeg.tar.gz.")
 @click.option("--images", type=click.IntRange(min=1), default=None, help="Images per model.")
 @click.option("--threads", type=click.IntRange(min=1), default=1, show_default=True)
 @click.option(
@@ -474,7 +466,7 @@ def main(
     if images is not None:
         cfg["images"] = images
     out = RESULTS / ("smoothing_sequential-quick" if quick else "smoothing_sequential")
-    names = [m.strip() for m in models.split(",") if m.strip()]
+    names = split_commas(models)
     unknown = [m for m in names if m not in MODELS]
     if unknown:
         raise click.BadParameter(f"unknown models {unknown}", param_hint="--models")

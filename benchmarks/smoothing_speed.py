@@ -11,29 +11,23 @@ are reported):
 Writes ``speed.json`` and ``speed.md`` into ``benchmarks/results/smoothing/speed`` (``speed-quick``
 with ``--quick``). Usage::
 
-    python benchmarks/smoothing_speed.py --quick
-    python benchmarks/smoothing_speed.py --threads 1
+    python -m benchmarks.smoothing_speed --quick
+    python -m benchmarks.smoothing_speed --threads 1
 """
 
 from __future__ import annotations
 
 import os
-import platform
 import statistics
-import sys
-import time
 from pathlib import Path
 from typing import Any, Optional
 
 import click
 import torch
 
-if __package__ in (None, ""):  # run as `python benchmarks/<suite>.py`: the repository is the root
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from benchmarks import save_summary  # noqa: E402
+from benchmarks.harness import RESULTS, environment, interleaved_times, save_summaries
 from cure_lirpa.data import dataset_info
-from cure_lirpa.io.checkpoint import (  # noqa: E402
+from cure_lirpa.io.checkpoint import (
     dataset_info_of,
     load_checkpoint,
     model_from_checkpoint,
@@ -41,25 +35,15 @@ from cure_lirpa.io.checkpoint import (  # noqa: E402
 from cure_lirpa.models import build_model
 from cure_lirpa.smoothing import GaussianNoise, Smooth, UniformNoise
 
-HERE = Path(__file__).resolve().parent
 
-
-def _forward_seconds(model: torch.nn.Module, batch: torch.Tensor, total: int) -> float:
-    """Seconds for plain forward + argmax over ``total`` samples in batches of ``len(batch)``."""
-    t0 = time.perf_counter()
+def _forward(model: torch.nn.Module, batch: torch.Tensor, total: int) -> None:
+    """Plain forward + argmax over ``total`` samples in batches of ``len(batch)``."""
     with torch.inference_mode():
         done = 0
         while done < total:
             b = min(len(batch), total - done)
             model(batch[:b]).argmax(dim=1)
             done += b
-    return time.perf_counter() - t0
-
-
-def _certify_seconds(smooth: Smooth, x: torch.Tensor, n0: int, n: int, batch: int) -> float:
-    t0 = time.perf_counter()
-    smooth.certify(x, n0, n, 0.001, batch)
-    return time.perf_counter() - t0
 
 
 def measure_ratio(model, x, noise, n0: int, n: int, batch: int, repeats: int) -> dict[str, Any]:
@@ -67,12 +51,12 @@ def measure_ratio(model, x, noise, n0: int, n: int, batch: int, repeats: int) ->
     smooth = Smooth(model, 10, noise, seed=0)
     inputs = torch.rand(batch, *x.shape)
     total = n0 + n
-    _forward_seconds(model, inputs, batch)  # warm-up
-    _certify_seconds(smooth, x, 1, batch, batch)
-    fwd, cert = [], []
-    for _ in range(repeats):
-        fwd.append(_forward_seconds(model, inputs, total))
-        cert.append(_certify_seconds(smooth, x, n0, n, batch))
+    _forward(model, inputs, batch)  # warm-up
+    smooth.certify(x, 1, batch, 0.001, batch)
+    fwd, cert = interleaved_times(
+        [lambda: _forward(model, inputs, total), lambda: smooth.certify(x, n0, n, 0.001, batch)],
+        repeats,
+    )
     f, c = statistics.median(fwd), statistics.median(cert)
     return {
         "noise": noise.describe(),
@@ -93,14 +77,15 @@ def measure_growth(
     model, x, n0: int, ns: list[int], batches: list[int], n_for_batches: int, repeats: int
 ):
     smooth = Smooth(model, 10, GaussianNoise(0.5), seed=0)
-    by_n = []
-    for n in ns:
-        secs = [_certify_seconds(smooth, x, n0, n, max(batches)) for _ in range(repeats)]
-        by_n.append({"n": n, "batch_size": max(batches), "seconds": statistics.median(secs)})
-    by_batch = []
-    for b in batches:
-        secs = [_certify_seconds(smooth, x, n0, n_for_batches, b) for _ in range(repeats)]
-        by_batch.append({"n": n_for_batches, "batch_size": b, "seconds": statistics.median(secs)})
+
+    def seconds(n: int, batch: int) -> float:
+        (secs,) = interleaved_times([lambda: smooth.certify(x, n0, n, 0.001, batch)], repeats)
+        return statistics.median(secs)
+
+    by_n = [{"n": n, "batch_size": max(batches), "seconds": seconds(n, max(batches))} for n in ns]
+    by_batch = [
+        {"n": n_for_batches, "batch_size": b, "seconds": seconds(n_for_batches, b)} for b in batches
+    ]
     return by_n, by_batch
 
 
@@ -212,27 +197,19 @@ def main(
         "quick": quick,
         "n0": n0,
         "repeats": repeats,
-        "environment": {
-            "torch": torch.__version__,
-            "python": platform.python_version(),
-            "threads": threads,
-            "cpus": os.cpu_count(),
-            "load_start": [round(v, 2) for v in load_start],
-            "load_end": [round(v, 2) for v in os.getloadavg()],
-        },
+        "environment": environment(
+            cpus=os.cpu_count(),
+            load_start=[round(v, 2) for v in load_start],
+            load_end=[round(v, 2) for v in os.getloadavg()],
+        ),
         "ratio": ratio,
         "growth_n": growth_n,
         "growth_batch": growth_batch,
     }
     out = (
-        Path(out_dir)
-        if out_dir
-        else HERE / "results" / "smoothing" / ("speed-quick" if quick else "speed")
+        Path(out_dir) if out_dir else RESULTS / "smoothing" / ("speed-quick" if quick else "speed")
     )
-    save_summary(out / "speed.json", res)
-    save_summary(out / "speed.md", _markdown(res))
-    click.echo(_markdown(res))
-    click.echo(f"wrote {out / 'speed.json'} and {out / 'speed.md'}")
+    save_summaries(out, {"speed.json": res, "speed.md": _markdown(res)}, echo=_markdown(res))
 
 
 if __name__ == "__main__":

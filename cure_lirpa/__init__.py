@@ -5,7 +5,7 @@ threats, union accuracy, the CURE methods) and randomized smoothing for several 
 
 The public API (the names docs/api.md shows)::
 
-    from cure_lirpa import BoundedClassifier, parse_threat, certify_dataset, train, TrainConfig
+    from cure_lirpa import BoundedClassifier, parse_threat, verify, certify_dataset, train, TrainConfig
 
 Names are resolved on first use, so ``import cure_lirpa`` (and the command line's start-up) does not
 import torch.
@@ -29,13 +29,16 @@ _PUBLIC = {
     "certified": "bounds.classifier",
     "margin_matrix": "bounds.classifier",
     # certification
-    "certify_dataset": "verification.certification",
-    "certify_batch": "verification.certification",
-    "write_results": "verification.certification",
+    "verify": "verification.runner",
+    "certify_dataset": "verification.runner",
+    "certify_batch": "verification.runner",
+    "write_results": "verification.results",
+    "read_samples": "verification.results",
+    "read_summary": "verification.results",
     # training
-    "TrainConfig": "training.trainer",
-    "train": "training.trainer",
-    "apply_preset": "training.trainer",
+    "TrainConfig": "training.config",
+    "train": "training.certified",
+    "apply_preset": "training.config",
     # data, models, checkpoints, attacks
     "load_dataset": "data",
     "dataset_info": "data",

@@ -12,9 +12,10 @@ PLOT_NAME = "certified_accuracy.png"
 def plot_certified_accuracy(
     summary: dict[str, Any], methods: Sequence[str], path: Union[str, Path]
 ) -> Path:
-    """Write a bar chart of ``summary`` (from :func:`cure_lirpa.verification.certification.certify_dataset`)
-    to ``path``: one group per threat and one for the union, one bar per bound method (percent of
-    samples), PGD accuracy as a marker and clean accuracy as a dashed line. Written atomically."""
+    """Write a bar chart of ``summary`` (a verify summary with its accuracies in percent,
+    :func:`cure_lirpa.verification.results.to_percent`) to ``path``: one group per threat and one
+    for the union, one bar per bound method (percent of samples), PGD accuracy as a marker and
+    clean accuracy as a dashed line. Written atomically."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 

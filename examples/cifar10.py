@@ -1,8 +1,8 @@
 #!/usr/bin/env python
 """CIFAR-10: a CURE multi-norm model against a single-norm baseline, certified under l∞ and l2.
 
-Trains two models with the library's trainer (:func:`cure_lirpa.training.trainer.train`), certifies both on
-the same test images with :func:`cure_lirpa.verification.certification.certify_dataset` and prints clean accuracy,
+Trains two models with the library's trainer (:func:`cure_lirpa.training.certified.train`), certifies both on
+the same test images with :func:`cure_lirpa.verification.runner.certify_dataset` and prints clean accuracy,
 certified accuracy per threat (best of the bound methods), **union accuracy** (certified under every
 threat at once) and PGD accuracy side by side.
 
@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from cure_lirpa.data import dataset_info, load_dataset, take
-from cure_lirpa.training.trainer import TrainConfig
+from cure_lirpa.training.config import TrainConfig
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # `common`, also when imported by path
 import common  # noqa: E402

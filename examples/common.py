@@ -1,8 +1,8 @@
 """Code shared by the dataset examples (``mnist.py``, ``cifar10.py``, ``tinyimagenet.py``).
 
 Each example trains a single-norm baseline and a CURE multi-norm model with
-:func:`cure_lirpa.training.trainer.train`, certifies both with
-:func:`cure_lirpa.verification.certification.certify_dataset` and prints and writes the comparison; the scripts
+:func:`cure_lirpa.training.certified.train`, certifies both with
+:func:`cure_lirpa.verification.runner.certify_dataset` and prints and writes the comparison; the scripts
 keep only what differs (dataset, defaults, paper settings, data checks).
 """
 
@@ -29,8 +29,10 @@ from cure_lirpa.io.checkpoint import (
     model_from_checkpoint,
 )
 from cure_lirpa.threats.base import NormBall, Threat, parse_threat
-from cure_lirpa.training.trainer import TrainConfig, apply_preset, train
-from cure_lirpa.verification.certification import certify_dataset, write_results
+from cure_lirpa.training.certified import train
+from cure_lirpa.training.config import TrainConfig, apply_preset
+from cure_lirpa.verification.results import to_percent, write_results
+from cure_lirpa.verification.runner import certify_dataset
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = os.environ.get("CURE_LIRPA_DATA") or str(REPO.parent / "shared" / "data")
@@ -182,10 +184,11 @@ def make_configs(args: argparse.Namespace, mode: Mode, dataset: str) -> dict[str
 
 
 def comparison_table(results: dict[str, dict[str, Any]], threats: Sequence[Threat]) -> str:
-    """One row per model: clean, certified per threat (best of the methods), union, PGD per threat."""
+    """One row per model: clean, certified per threat (best of the methods), union, PGD per threat,
+    in percent (``results`` holds the summaries, accuracies as fractions)."""
     names = [t.name for t in threats]
     rows = [["model", "clean", *names, "union", *(f"PGD {n}" for n in names)]]
-    for label, s in results.items():
+    for label, s in ((k, to_percent(v)) for k, v in results.items()):
         pgd = s["pgd_accuracy"]
         rows.append(
             [label, f"{s['clean_accuracy']:.1f}"]
@@ -266,7 +269,7 @@ def train_and_compare(
     out, threats, methods = s.out, s.threats, s.methods
     table = comparison_table(results, threats)
     (_, base), (_, cure) = results.items()
-    gain = cure["union"]["best"] - base["union"]["best"]
+    gain = 100 * (cure["union"]["best"] - base["union"]["best"])  # percentage points
     print(
         f"\nCertified accuracy (%) on {len(test)} {images} images of {dataset}, best of "
         f"{', '.join(methods)}; union = certified under all {len(threats)} threats at once\n"

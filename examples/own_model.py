@@ -4,7 +4,7 @@
 The core is :func:`certify_by_hand` (about a dozen lines): wrap the model as a
 :class:`~cure_lirpa.bounds.classifier.BoundedClassifier`, ask for lower bounds on the K-1 margins
 ``f_y - f_j`` under each threat, and call a sample certified when all of them are positive; the
-union is the samples certified under every threat. :func:`cure_lirpa.verification.certification.certify_dataset`
+union is the samples certified under every threat. :func:`cure_lirpa.verification.runner.certify_dataset`
 does the same over a dataset, for several bound methods, with a PGD cross-check.
 
 The script first trains the model for a short while so that there is something to certify (a plain
@@ -35,7 +35,8 @@ from cure_lirpa.errors import UserError
 from cure_lirpa.models import Classifier
 from cure_lirpa.threats.base import NormBall, Threat, parse_threat
 from cure_lirpa.training.losses import certified_ce
-from cure_lirpa.verification.certification import certify_dataset, markdown_table
+from cure_lirpa.verification.results import markdown_table
+from cure_lirpa.verification.runner import certify_dataset
 
 MNIST_MEAN, MNIST_STD = (0.1307,), (0.3081,)
 
@@ -182,11 +183,11 @@ def run(args: argparse.Namespace) -> int:
     )
     print(markdown_table(summary, methods))
     by_hand = 100 * masks["union"].float().mean().item()
-    n_dataset = round(summary["union"][args.method] * len(x) / 100)
+    n_dataset = round(summary["union"][args.method] * len(x))  # a fraction of the images
     same = "agree" if int(masks["union"].sum()) == n_dataset else "DISAGREE"
     print(
         f"   union with {args.method}: by hand {by_hand:.1f}%, certify_dataset "
-        f"{summary['union'][args.method]:.1f}% ({same})\n"
+        f"{100 * summary['union'][args.method]:.1f}% ({same})\n"
     )
 
     print("4. the l2 normalisation trap: the same network normalising inline")

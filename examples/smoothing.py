@@ -42,7 +42,7 @@ from cure_lirpa.smoothing import (
     UniformNoise,
     sample_seed,
 )
-from cure_lirpa.smoothing.analysis import average_certified_radius, certified_accuracy
+from cure_lirpa.smoothing.metrics import average_certified_radius, certified_accuracy
 from cure_lirpa.smoothing.training import CHECKPOINT, TrainConfig, train
 
 RADII = (0.25, 0.5, 0.75, 1.0)

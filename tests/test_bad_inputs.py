@@ -18,7 +18,7 @@ from cure_lirpa.errors import UserError
 from cure_lirpa.io import checkpoint as checkpoint_module
 from cure_lirpa.io.checkpoint import load_checkpoint
 from cure_lirpa.threats.base import parse_threat
-from cure_lirpa.training.trainer import TrainConfig
+from cure_lirpa.training.config import TrainConfig
 
 QUICK = ["--train-count", "64", "--epochs", "1", "--device", "cpu", "--quiet"]
 

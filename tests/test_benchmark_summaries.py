@@ -1,5 +1,6 @@
 """Committed benchmark summaries: stamped with the commit of the code that wrote them, free of
-machine paths, and no per-cell or per-point caches in git."""
+machine paths, and no per-cell or per-point caches in git; the suites form a package that runs as
+``python -m benchmarks.<suite>`` without editing ``sys.path``."""
 
 from __future__ import annotations
 
@@ -24,8 +25,8 @@ def _git(*args: str) -> subprocess.CompletedProcess:
 
 
 def test_portable_rewrites_absolute_paths_only():
-    from benchmarks import REPO as repo
-    from benchmarks import portable
+    from benchmarks.harness import REPO as repo
+    from benchmarks.harness import portable
 
     other = "/elsewhere/checkout/benchmarks/results/cure_mnist/ibp-linf/checkpoint.pt"
     keep = "linf:2/255 under l∞/l2/l1 (s)/image, see https://example.org/a/b and /proc/self/statm"
@@ -49,7 +50,7 @@ def test_portable_rewrites_absolute_paths_only():
 
 
 def test_save_summary_stamps_the_commit_and_drops_machine_paths(tmp_path: Path):
-    from benchmarks import save_summary
+    from benchmarks.harness import save_summary
 
     head = _git("rev-parse", "HEAD")
     if head.returncode != 0:
@@ -78,5 +79,15 @@ def test_committed_results_hold_no_caches_and_no_machine_paths():
             if here in text or MACHINE_PATH.search(text):
                 bad.append(f)
     assert not bad, (
-        f"machine paths in committed results (write them with benchmarks.save_summary): {bad[:5]}"
+        f"machine paths in committed results (write them with benchmarks.harness.save_summary): {bad[:5]}"
     )
+
+
+def test_suites_run_as_modules_without_sys_path_edits():
+    from benchmarks.harness import SUITES
+
+    sources = {p.stem: p.read_text() for p in (REPO / "benchmarks").glob("*.py")}
+    assert not [name for name, text in sources.items() if "sys.path" in text]
+    for suite in SUITES.values():
+        module = suite.target.split(":")[0].removeprefix("benchmarks.")
+        assert 'if __name__ == "__main__":' in sources[module], module

@@ -25,7 +25,8 @@ THREATS = ("linf:0.01", "l2:0.1")
 
 @pytest.fixture(scope="module")
 def tiny_checkpoint(tmp_path_factory) -> Path:
-    from cure_lirpa.training.trainer import TrainConfig, train
+    from cure_lirpa.training.certified import train
+    from cure_lirpa.training.config import TrainConfig
 
     out = tmp_path_factory.mktemp("tiny")
     cfg = TrainConfig(
@@ -164,7 +165,7 @@ def test_cure_training_staged_certification_equals_every_method_everywhere(tiny_
     from cure_lirpa.data import load_dataset, take
     from cure_lirpa.io.checkpoint import load_checkpoint, model_from_checkpoint
     from cure_lirpa.threats.base import parse_threat
-    from cure_lirpa.verification.certification import certify_dataset
+    from cure_lirpa.verification.runner import certify_dataset
 
     ckpt = load_checkpoint(tiny_checkpoint)
     model = model_from_checkpoint(ckpt)
@@ -197,14 +198,20 @@ def test_cure_training_reads_per_sample_flags_under_either_threat_spelling(tmp_p
     decimal name of 2/255 (older results) and one with the fraction."""
     from benchmarks.cure_training import _union_flags, _violations, goal_line
 
-    def write(row, name, flags):
-        cols = ["index"] + [
+    def write(row, name, flags):  # as verify writes it: methods ibp and crown, best-of, PGD
+        cols = ["index", "label", "prediction", "correct"] + [
             f"{t}/{c}"
             for t in (name, "l2:0.25")
-            for c in ("ibp/certified", "certified", "pgd_robust")
-        ]
+            for c in ("ibp/certified", "ibp/margin", "crown/certified", "crown/margin",
+                      "certified", "pgd_robust")
+        ]  # fmt: skip
+
+        def cells(ibp, best, pgd):  # crown certifies what IBP leaves to the best-of flag
+            return [ibp, 1 if ibp else -1, best, 1 if best else -1, best, pgd]
+
         lines = [",".join(cols)] + [
-            ",".join([str(i), *(str(v) for v in f)]) for i, f in enumerate(flags)
+            ",".join(str(v) for v in [i, 0, 0, 1, *cells(*f[:3]), *cells(*f[3:])])
+            for i, f in enumerate(flags)
         ]
         (tmp_path / row / "verify").mkdir(parents=True)
         (tmp_path / row / "verify" / "samples.csv").write_text("\n".join(lines) + "\n")
@@ -254,21 +261,20 @@ def test_cure_training_certify_withdraws_later_certificates_pgd_breaks(
 ):
     """A (deliberately wrong) CROWN stage that certifies every open image: the images PGD broke
     count as soundness violations and lose the certificate."""
-    import cure_lirpa.verification.certification as cert
     from benchmarks.cure_training import certify
+    from cure_lirpa.bounds.classifier import BoundedClassifier
+    from cure_lirpa.bounds.region import BoundResult
     from cure_lirpa.io.checkpoint import load_checkpoint, model_from_checkpoint
     from cure_lirpa.threats.base import parse_threat
 
-    real = cert.certify_dataset
+    real = BoundedClassifier.bounds
 
-    def wrong(model, data, threats, methods, *a, **kw):
-        out, info = real(model, data, threats, methods, *a, **kw)
-        if methods == ["crown"]:
-            for r in out:
-                r.certified[threats[0].name]["crown"] = True
-        return out, info
+    def wrong(self, x, y, threat, method="ibp"):  # the CROWN stage "certifies" every open image
+        if method == "crown":
+            return BoundResult.exact(torch.ones(len(x), self.num_classes - 1))
+        return real(self, x, y, threat, method)
 
-    monkeypatch.setattr(cert, "certify_dataset", wrong)
+    monkeypatch.setattr(BoundedClassifier, "bounds", wrong)
     model = model_from_checkpoint(load_checkpoint(tiny_checkpoint))
     threat = parse_threat("linf:0.1")
     rows, summary = certify(model, _sample_test(30), [threat], (1, 28, 28), {"attack_steps": 5})
@@ -392,11 +398,10 @@ def test_reattack_reports_a_wrong_certificate(tiny_checkpoint: Path):
     row = tiny_checkpoint.parent
     test = load_dataset("sample", "test")
     (row / "verify").mkdir(exist_ok=True)
-    # the columns cure_lirpa.verification.certification writes: per method, then best-of and PGD, then union
-    head = (
-        "index,label,linf:0.3/ibp/certified,linf:0.3/certified,linf:0.3/pgd_robust,union/certified"
-    )
-    lines = [head] + [f"{i},{int(test[i][1])},0,1,1,1" for i in range(20)]
+    # the columns verify writes: per method, then best-of and PGD, then union
+    head = "index,label,prediction,correct,linf:0.3/ibp/certified,linf:0.3/ibp/margin,"
+    head += "linf:0.3/certified,linf:0.3/pgd_robust,union/certified"
+    lines = [head] + [f"{i},{int(test[i][1])},{int(test[i][1])},1,1,0.5,1,1,1" for i in range(20)]
     (row / "verify" / "samples.csv").write_text("\n".join(lines) + "\n")
     res = CliRunner().invoke(main, [str(row), "--steps", "20", "--restarts", "1"])
     assert res.exit_code == 1 and "wrong certificates" in res.output, res.output
@@ -415,8 +420,14 @@ def test_reattack_reports_a_wrong_certificate(tiny_checkpoint: Path):
     top2 = logits.topk(2, dim=1).values
     sure = (logits.argmax(1) == y) & (top2[:, 0] - top2[:, 1] > 0.5)
     assert sure.sum() >= 5
-    lines = ["index,label,linf:1e-05/certified,linf:1e-05/pgd_robust,union/certified"]
-    lines += [f"{i},{int(y[i])},{int(sure[i])},1,{int(sure[i])}" for i in range(20)]
+    lines = [
+        "index,label,prediction,correct,linf:1e-05/ibp/certified,linf:1e-05/ibp/margin,"
+        "linf:1e-05/certified,linf:1e-05/pgd_robust,union/certified"
+    ]
+    lines += [
+        f"{i},{int(y[i])},{int(y[i])},1,{int(s)},{0.5 if s else -0.5},{int(s)},1,{int(s)}"
+        for i, s in enumerate(sure.tolist())
+    ]
     (row / "verify" / "samples.csv").write_text("\n".join(lines) + "\n")
     res = CliRunner().invoke(main, [str(row), "--steps", "5", "--restarts", "1"])
     assert res.exit_code == 0, res.output

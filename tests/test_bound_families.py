@@ -27,7 +27,7 @@ from cure_lirpa.bounds import backends
 from cure_lirpa.bounds.classifier import BoundedClassifier
 from cure_lirpa.models import Classifier
 from cure_lirpa.threats.base import NormBall
-from cure_lirpa.verification.certification import certify_batch
+from cure_lirpa.verification.runner import certify_batch
 
 SHAPE = (3, 4, 4)
 D = math.prod(SHAPE)

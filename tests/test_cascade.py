@@ -13,7 +13,9 @@ from cure_lirpa.attacks import pgd
 from cure_lirpa.bounds import backends
 from cure_lirpa.bounds.classifier import BoundedClassifier, margin_matrix
 from cure_lirpa.threats.base import NormBall, parse_threat
-from cure_lirpa.verification.certification import TIMEOUT, cascade_for, certify_batch, summarize
+from cure_lirpa.verification.cascade import TIMEOUT, cascade_for
+from cure_lirpa.verification.results import summarize
+from cure_lirpa.verification.runner import certify_batch
 
 SHAPE = (1, 8, 8)
 K = 4

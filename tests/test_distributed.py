@@ -16,7 +16,8 @@ import torch.multiprocessing as mp
 from cure_lirpa.distributed import World
 from cure_lirpa.errors import UserError
 from cure_lirpa.io.checkpoint import load_checkpoint
-from cure_lirpa.training.trainer import TrainConfig, train
+from cure_lirpa.training.certified import train
+from cure_lirpa.training.config import TrainConfig
 
 pytestmark = pytest.mark.skipif(
     not dist.is_available() or not dist.is_gloo_available(), reason="needs torch.distributed gloo"
@@ -113,7 +114,7 @@ def test_two_processes_give_the_weights_of_one(two_process_runs, tmp_path, name)
 
 def _init(name: str) -> dict[str, torch.Tensor]:
     from cure_lirpa.data import dataset_info
-    from cure_lirpa.training.trainer import build_network
+    from cure_lirpa.training.certified import build_network
 
     c = CONFIGS[name].validated()
     model, _ = build_network(c, dataset_info(c.dataset), torch.device("cpu"))

@@ -359,7 +359,8 @@ def test_alpha_crown_fallbacks_are_recorded_per_sample_and_in_the_summary():
     from cure_lirpa.data import load_dataset
     from cure_lirpa.io.checkpoint import load_checkpoint, model_from_checkpoint
     from cure_lirpa.threats.base import parse_threat
-    from cure_lirpa.verification.certification import certify_dataset, row_from_json, row_to_json
+    from cure_lirpa.verification.results import row_from_json, row_to_json
+    from cure_lirpa.verification.runner import certify_dataset
 
     model = model_from_checkpoint(
         load_checkpoint(Path(__file__).parent / "data" / "sparse_alpha_case.pt")

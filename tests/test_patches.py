@@ -294,12 +294,12 @@ def test_cascade_certificates_survive_an_attack_on_every_location(
     trained, text, refute, monkeypatch
 ):
     from cure_lirpa.bounds.classifier import BoundedClassifier
-    from cure_lirpa.verification import certification
-    from cure_lirpa.verification.certification import certify_batch
+    from cure_lirpa.verification import cascade
+    from cure_lirpa.verification.runner import certify_batch
 
     model, info, x, y = trained
     if not refute:  # every open box then goes through CROWN-IBP, CROWN and alpha-CROWN
-        monkeypatch.setattr(certification, "_refuted", lambda *args: [])
+        monkeypatch.setattr(cascade, "_refuted", lambda *args: [])
     threat = parse_threat(text)
     bc = BoundedClassifier(model, info.in_shape, memory_mb=64)
     rows = certify_batch(bc, model, x, y, [threat], ["ibp", "crown-ibp", "auto"], attack=False)

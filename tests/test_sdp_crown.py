@@ -28,7 +28,8 @@ from cure_lirpa.bounds.classifier import BoundedClassifier, margin_matrix
 from cure_lirpa.errors import UserError
 from cure_lirpa.models import build_model, load_user_model
 from cure_lirpa.threats.base import NormBall
-from cure_lirpa.verification.certification import LP_CASCADE, certify_batch
+from cure_lirpa.verification.cascade import LP_CASCADE
+from cure_lirpa.verification.runner import certify_batch
 
 K = 5
 

@@ -177,7 +177,7 @@ def test_a_sample_is_attacked_alike_alone_and_in_any_batch(small_trained_mlp):
     from cure_lirpa.attacks import pgd
     from cure_lirpa.bounds.classifier import BoundedClassifier
     from cure_lirpa.threats.base import parse_threat
-    from cure_lirpa.verification.certification import certify_batch, pgd_seed
+    from cure_lirpa.verification.runner import certify_batch, pgd_seed
 
     model, info, x, y = small_trained_mlp
     x, y = x[:6], y[:6]

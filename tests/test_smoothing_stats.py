@@ -242,7 +242,7 @@ def test_certify_reproducible_under_seed():
 
 
 def test_acr_and_certified_accuracy_count_only_correct_predictions():
-    from cure_lirpa.smoothing.analysis import average_certified_radius, certified_accuracy
+    from cure_lirpa.smoothing.metrics import average_certified_radius, certified_accuracy
 
     radius = np.array([0.5, 1.0, 0.0, 2.0])  # 0 = abstained or radius 0
     correct = np.array([True, True, False, False])
@@ -253,7 +253,7 @@ def test_acr_and_certified_accuracy_count_only_correct_predictions():
 
 
 def test_acr_at_fixed_clean_accuracy_interpolates_within_each_method():
-    from cure_lirpa.smoothing.analysis import compare_at_clean_accuracy, interpolate_at
+    from cure_lirpa.smoothing.metrics import compare_at_clean_accuracy, interpolate_at
 
     assert interpolate_at([(0.6, 1.0), (0.8, 0.0)], 0.7) == pytest.approx(0.5)
     assert interpolate_at([(0.8, 0.0), (0.6, 1.0)], 0.65) == pytest.approx(0.75)  # any order

@@ -15,6 +15,8 @@ from cure_lirpa.io.checkpoint import load_checkpoint, model_from_checkpoint
 from cure_lirpa.models import build_model
 from cure_lirpa.threats.base import NormBall
 from cure_lirpa.training import losses
+from cure_lirpa.training.certified import make_ramp, schedule_at, train
+from cure_lirpa.training.config import TrainConfig, apply_preset, preset_values
 from cure_lirpa.training.objectives import (
     METHODS,
     Batch,
@@ -23,15 +25,7 @@ from cure_lirpa.training.objectives import (
     exact_margins,
     make_method,
 )
-from cure_lirpa.training.trainer import (
-    TrainConfig,
-    apply_preset,
-    make_ramp,
-    preset_values,
-    schedule_at,
-    step_time,
-    train,
-)
+from cure_lirpa.training.timing import step_time
 
 MNIST = ((1, 28, 28), 10, (0.1307,), (0.3081,))
 
@@ -186,7 +180,7 @@ def test_ibp_regulariser_is_added_during_the_ramp_only():
     assert out.loss.item() == pytest.approx(plain.loss.item() + out.parts["ibp_reg"], rel=1e-5)
     c = tiny(ibp_reg=2.0, warmup_epochs=1.0, ramp_epochs=2.0).validated()
     ramp = make_ramp(c, 10)
-    from cure_lirpa.training.trainer import ibp_reg_weight_at
+    from cure_lirpa.training.certified import ibp_reg_weight_at
 
     assert ibp_reg_weight_at(0, c, ramp) == 2.0  # warm-up: eps 0
     mid = ibp_reg_weight_at(20, c, ramp)
@@ -332,7 +326,7 @@ def test_gradient_projection_resumes_exactly_after_a_kill_in_the_natural_half(tm
 
 def test_gradient_projection_merges_the_two_sub_epochs(tmp_path, monkeypatch):
     """The GP epoch's weights are project_gradients(theta0, theta_c, theta_n, beta)."""
-    import cure_lirpa.training.trainer as training
+    import cure_lirpa.training.certified as training
 
     seen = {}
     real = training.project_gradients
@@ -444,7 +438,7 @@ def test_step_times_cpu_clock_reads_process_time(monkeypatch):
     import itertools
 
     from cure_lirpa.data import load_dataset, stack, take
-    from cure_lirpa.training import trainer as training
+    from cure_lirpa.training import timing as training
 
     ticks = itertools.count()
     monkeypatch.setattr(training.time, "process_time", lambda: 2.0 * next(ticks))

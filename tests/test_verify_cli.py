@@ -74,7 +74,7 @@ def test_verify_end_to_end_is_sound(checkpoint, tmp_path):
     assert res.exit_code == 0, res.output
     summary = json.loads((out / "summary.json").read_text())
     assert summary["samples"] == 40
-    assert summary["clean_accuracy"] > 70
+    assert summary["clean_accuracy"] > 0.7  # fractions of the samples
     assert summary["soundness_violations"] == {"linf:0.01": 0, "l2:0.3": 0, "l1:1": 0}
     # The test must be able to fail: some samples are certified, and CROWN beats IBP.
     cert = summary["certified"]
@@ -228,9 +228,9 @@ def test_a_certificate_the_attack_breaks_is_withdrawn_and_fails_the_run(
     summary = json.loads((out / "summary.json").read_text())
     broken = summary["soundness_violations"]["l2:2"]
     assert broken > 0
-    robust = summary["pgd_accuracy"]["l2:2"] * 16 / 100
+    robust = summary["pgd_accuracy"]["l2:2"] * 16
     # only samples PGD could not break may still count as certified
-    assert summary["certified"]["l2:2"]["ibp"] * 16 / 100 <= robust + 1e-9
+    assert summary["certified"]["l2:2"]["ibp"] * 16 <= robust + 1e-9
     assert summary["union"]["best"] == summary["certified_best"]["l2:2"]
     with open(out / "samples.csv") as f:
         rows = list(csv.DictReader(f))
@@ -247,7 +247,7 @@ def test_verify_keeps_fractions_writes_a_plot_and_a_clean_row(checkpoint, tmp_pa
     summary = json.loads((out / "summary.json").read_text())
     assert list(summary["certified"]) == ["linf:2/255", "l2:36/255"]
     table = (out / "summary.md").read_text().splitlines()
-    clean = f"{summary['clean_accuracy']:.1f}"
+    clean = f"{100 * summary['clean_accuracy']:.1f}"  # fractions in JSON, percent in tables
     assert table[2] == f"| clean (no perturbation) | {clean} | {clean} | {clean} |"
     assert table[3].startswith("| linf:2/255 |") and table[4].startswith("| l2:36/255 |")
     png = (out / "certified_accuracy.png").read_bytes()

@@ -33,6 +33,7 @@ from torch import nn
 from ..errors import UserError
 from ..models import Classifier
 from ..threats.base import BoxFamily, NormBall, Threat
+from ..vocabulary import ALPHA_CROWN, CROWN_IBP, IBP, SDP_CROWN
 from . import backends, lirpa
 from .region import BoundResult, Region
 
@@ -262,15 +263,15 @@ class BoundedClassifier:
         """
         d = math.prod(self.in_shape)
         sizes = [d, *self._sizes, self.num_classes]
-        if method == "ibp":
+        if method == IBP:
             return _BYTES * 12 * sum(sizes)
         spec = self.num_classes - 1
-        if method == "crown-ibp":  # one backward pass from the K-1 margins through every layer
+        if method == CROWN_IBP:  # one backward pass from the K-1 margins through every layer
             return _BYTES * 5 * spec * sum(sizes) + _BYTES * 12 * sum(sizes)
         layers = sizes[1:]
         peak = max(n * max(sizes[: i + 1]) for i, n in enumerate(layers, start=1))
         # Factors calibrated against measured peaks (benchmarks/scaling.py) with some headroom.
-        factor = 10 if method in ("alpha-crown", "sdp-crown") else 5
+        factor = 10 if method in (ALPHA_CROWN, SDP_CROWN) else 5
         return _BYTES * factor * peak + _BYTES * 12 * sum(sizes)
 
     def chunk_size(self, method: str) -> int:
@@ -286,13 +287,13 @@ class BoundedClassifier:
 
     # ----------------------------------------------------------------------------------------
     def margin_lower_bounds(
-        self, x: torch.Tensor, y: torch.Tensor, threat: Threat, method: str = "ibp"
+        self, x: torch.Tensor, y: torch.Tensor, threat: Threat, method: str = IBP
     ) -> torch.Tensor:
         """Lower bounds (B, K-1) on ``f_y - f_j`` over ``threat`` around each x (B, *in_shape)."""
         return self.bounds(x, y, threat, method).lower
 
     def bounds(
-        self, x: torch.Tensor, y: torch.Tensor, threat: Threat, method: str = "ibp"
+        self, x: torch.Tensor, y: torch.Tensor, threat: Threat, method: str = IBP
     ) -> BoundResult:
         """:meth:`margin_lower_bounds` and, per sample, whether ``method`` fell back to a looser one.
 
@@ -320,7 +321,7 @@ class BoundedClassifier:
             raise UnsupportedMethod(reason)
 
     def box_lower_bounds(
-        self, x_L: torch.Tensor, x_U: torch.Tensor, y: torch.Tensor, method: str = "ibp"
+        self, x_L: torch.Tensor, x_U: torch.Tensor, y: torch.Tensor, method: str = IBP
     ) -> torch.Tensor:
         """Lower bounds (B, K-1) on the margins over the boxes ``[x_L, x_U]`` (each (B, *in_shape))."""
         self._require(method, None)
@@ -335,7 +336,7 @@ class BoundedClassifier:
         x: torch.Tensor,
         y: torch.Tensor,
         threat: BoxFamily,
-        method: str = "ibp",
+        method: str = IBP,
         open: Optional[torch.Tensor] = None,
         on_chunk: Optional[Callable[[torch.Tensor], None]] = None,
     ) -> torch.Tensor:
@@ -400,7 +401,7 @@ class BoundedClassifier:
         """The incremental IBP of :mod:`cure_lirpa.bounds.patch_ibp` if it applies, else None."""
         from ..threats.patches import PatchThreat
 
-        if method != "ibp" or not isinstance(threat, PatchThreat) or not self.incremental_ibp:
+        if method != IBP or not isinstance(threat, PatchThreat) or not self.incremental_ibp:
             return None
         if self.trainable and torch.is_grad_enabled():
             return None

@@ -36,6 +36,8 @@ import numpy as np
 import torch
 from packaging.version import Version
 
+from ..vocabulary import ALPHA_CROWN, CROWN, CROWN_IBP, IBP
+
 APPLIED_FIXES: list[str] = []
 
 
@@ -157,6 +159,19 @@ def dual_norm(p: float) -> float:
 
 
 def _patch_after_import(auto_lirpa: types.ModuleType) -> None:
+    """Apply the fixes and silencers that need the imported module, each where it is needed."""
+    for fix in (
+        _fix_named_members,
+        _fix_alpha_clamp_gradient,
+        _fix_lp1_dual_norm,
+        _tighten_conv_l1_ibp,
+        _quiet_onnx_parse,
+        _quiet_alpha_prints,
+    ):
+        fix(auto_lirpa)
+
+
+def _fix_named_members(auto_lirpa: types.ModuleType) -> None:
     import inspect
 
     # Fix 4: torch 2 calls Module._named_members(..., remove_duplicate=...); 0.3's override lacks it.
@@ -171,6 +186,8 @@ def _patch_after_import(auto_lirpa: types.ModuleType) -> None:
         bounded_module_cls._named_members = _named_members
         APPLIED_FIXES.append("named_members_remove_duplicate")
 
+
+def _fix_alpha_clamp_gradient(auto_lirpa: types.ModuleType) -> None:
     # Fix 7 (torch >= 2.14): alpha-CROWN returned exactly the CROWN bound. auto_LiRPA clips each
     # ReLU slope alpha inside the bound computation with torch.clamp(alpha, 0, 1). torch 2.14 gives
     # scalar-bound clamp the derivative 0 at the bounds (it was 1 before). The slopes start at exactly
@@ -184,6 +201,8 @@ def _patch_after_import(auto_lirpa: types.ModuleType) -> None:
         relu_cls._relu_mask_alpha = staticmethod(relu_lower_slopes)
         APPLIED_FIXES.append("alpha_clamp_gradient")
 
+
+def _fix_lp1_dual_norm(auto_lirpa: types.ModuleType) -> None:
     # Noise: for norm=1, PerturbationLpNorm and BoundLinear's IBP compute the dual norm as
     # np.float64(1) / (1 - 1/1), which is inf (correct) with a numpy "divide by zero" RuntimeWarning
     # on every call. Set PerturbationLpNorm's exactly; scope numpy's divide check out of the other.
@@ -214,6 +233,8 @@ def _patch_after_import(auto_lirpa: types.ModuleType) -> None:
             linear_cls.interval_propagate = interval_propagate
         APPLIED_FIXES.append("lp1_dual_norm")
 
+
+def _tighten_conv_l1_ibp(auto_lirpa: types.ModuleType) -> None:
     # Tightness: BoundConv's IBP of an lp ball (p < inf) uses the l2 norm of each filter whatever p
     # is. That is the dual norm for l2; for l1 the dual norm is l∞ (max |w|), up to sqrt(k) times
     # smaller. Give l1 balls their dual norm (a sound and tighter interval).
@@ -241,6 +262,8 @@ def _patch_after_import(auto_lirpa: types.ModuleType) -> None:
         conv_cls._cure_l1_dual = True
         APPLIED_FIXES.append("conv_l1_dual_norm")
 
+
+def _quiet_onnx_parse(auto_lirpa: types.ModuleType) -> None:
     # Noise: parsing a model goes through torch's TorchScript ONNX exporter, which warns about ONNX
     # export details (e.g. "ONNX Preprocess - Removing mutation", "ONNX export mode is set to
     # TrainingMode.EVAL") that do not apply here. Ignore torch.onnx's UserWarnings while parsing.
@@ -255,6 +278,8 @@ def _patch_after_import(auto_lirpa: types.ModuleType) -> None:
 
         bound_general.parse_module = parse_module
 
+
+def _quiet_alpha_prints(auto_lirpa: types.ModuleType) -> None:
     # Noise: alpha-CROWN prints "Early stop at ...th iter" on stdout on every call. A module-level
     # `print` in auto_LiRPA's optimisation module sends its messages to the auto_LiRPA logger instead.
     optimized_bounds = getattr(auto_lirpa, "optimized_bounds", None)
@@ -318,10 +343,10 @@ _log = logging.getLogger("cure_lirpa.bounds.lirpa")
 
 # Method names of this package -> auto_LiRPA's.
 METHODS = {
-    "ibp": "IBP",
-    "crown-ibp": "CROWN-IBP",
-    "crown": "backward",
-    "alpha-crown": "CROWN-Optimized",
+    IBP: "IBP",
+    CROWN_IBP: "CROWN-IBP",
+    CROWN: "backward",
+    ALPHA_CROWN: "CROWN-Optimized",
 }
 
 
@@ -373,9 +398,9 @@ def compute_bounds(
     if interm_bounds is not None:
         kwargs["interm_bounds" if NEW_API else "intermediate_layer_bounds"] = interm_bounds
     try:
-        if interm_bounds is None and method in ("crown", "alpha-crown"):
+        if interm_bounds is None and method in (CROWN, ALPHA_CROWN):
             kwargs["reference_bounds"] = ibp_reference_bounds(module, x)
-        if method != "alpha-crown":
+        if method != ALPHA_CROWN:
             return Bounds(*module.compute_bounds(**kwargs))
         return _alpha_crown(module, kwargs)
     except Exception as exc:
@@ -419,7 +444,7 @@ def _alpha_crown(module: Any, kwargs: dict[str, Any]) -> Bounds:
         _log.debug("alpha-CROWN failed inside auto_LiRPA (%r); using the CROWN bound", failure)
         for node in getattr(module, "optimizable_activations", ()):
             node.opt_end()  # leave the failed optimisation: CROWN must not read its slopes
-        return Bounds(*module.compute_bounds(**dict(kwargs, method=METHODS["crown"])), True)
+        return Bounds(*module.compute_bounds(**dict(kwargs, method=METHODS[CROWN])), True)
 
 
 def ibp_reference_bounds(
@@ -435,17 +460,7 @@ def ibp_reference_bounds(
     """
     with torch.no_grad():
         module.compute_bounds(x=(x,), C=None, method="IBP", bound_upper=True)
-        refs = {}
-        for node in module._modules.values():
-            lower, upper = getattr(node, "lower", None), getattr(node, "upper", None)
-            if (
-                getattr(node, "perturbed", False)
-                and isinstance(lower, torch.Tensor)
-                and isinstance(upper, torch.Tensor)
-                and node.name not in module.output_name
-            ):
-                refs[node.name] = (lower.detach(), upper.detach())
-    return refs
+    return node_bounds(module)
 
 
 _LP_SAFE_READERS = ("BoundLinear", "BoundConv")

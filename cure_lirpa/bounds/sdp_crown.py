@@ -51,13 +51,13 @@ import torch
 import torch.nn.functional as F
 
 from ..threats.base import Threat
+from ..vocabulary import CROWN, SDP_CROWN
 from . import lirpa
 from .region import BoundResult, Region
 
 if TYPE_CHECKING:
     from .classifier import BoundedClassifier
 
-METHOD = "sdp-crown"
 LAMBDA_LR = 0.2
 ALPHA_LR = 0.5
 _SAFETY = 1.0 + 1e-4  # relative margin on computed operator norms (float round-off)
@@ -260,7 +260,7 @@ class SdpCrown:
     :class:`~cure_lirpa.bounds.region.Region`) and bounds any graph auto_LiRPA's CROWN bounds.
     """
 
-    name = METHOD
+    name = SDP_CROWN
     trainable = False
 
     def supports(self, bc: BoundedClassifier, threat: Optional[Threat]) -> Optional[str]:
@@ -271,11 +271,11 @@ class SdpCrown:
     def bound(self, bc: BoundedClassifier, region: Region, C: torch.Tensor) -> BoundResult:
         """l2 regions: SDP-CROWN's bound, at least CROWN's. l1 regions: the larger of CROWN's l1
         bound and SDP-CROWN's bound over the enclosing l2 ball of the same radius. Boxes: CROWN."""
-        crown = bc.lirpa_bounds(region, C, "crown")
+        crown = bc.lirpa_bounds(region, C, CROWN)
         if region.is_box or region.eps <= 0:
             return crown
         ball = region if region.p == 2.0 else Region(region.center, 2.0, region.eps)
-        crown_l2 = crown if region.p == 2.0 else bc.lirpa_bounds(ball, C, "crown")
+        crown_l2 = crown if region.p == 2.0 else bc.lirpa_bounds(ball, C, CROWN)
         lb = _optimise(bc, ball, C, crown_l2.lower)
         return BoundResult.exact(torch.maximum(lb, crown.lower.detach()))
 
@@ -293,7 +293,7 @@ def _optimise(
     opt: Optional[torch.optim.Optimizer] = None
     for _ in range(max(1, bc.alpha_iterations)):
         with torch.enable_grad(), lirpa.relu_backward_rule(bc.module, rule):
-            lb = bc.lirpa_bounds(ball, C, "crown", interm_bounds=interm).lower
+            lb = bc.lirpa_bounds(ball, C, CROWN, interm_bounds=interm).lower
             loss = -lb.sum()
         best = torch.maximum(best, lb.detach())
         params = rule.params()

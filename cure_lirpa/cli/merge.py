@@ -29,8 +29,8 @@ def merge(run: Path, shards: tuple[Path, ...], overwrite: bool) -> None:
       cure-lirpa verify model.pt --count 1000 --shard 1/2 --out runs/v   # on another
       cure-lirpa merge runs/v
     """
-    from ..io.shards import merge_shards
-    from ..verification.certification import markdown_table
+    from ..verification.results import markdown_table, to_percent
+    from ..verification.runner import merge_shards
     from .smooth import merge_smoothing
 
     if merge_smoothing(run, shards, overwrite):  # a 'smooth certify' / 'smooth predict' run
@@ -38,7 +38,7 @@ def merge(run: Path, shards: tuple[Path, ...], overwrite: bool) -> None:
     summary = merge_shards(run, shards or None, overwrite=overwrite)
     click.echo(
         f"{summary['samples']} samples from {len(summary['merged_from'])} shards, clean accuracy "
-        f"{summary['clean_accuracy']:.1f}%\n"
+        f"{to_percent(summary)['clean_accuracy']:.1f}%\n"
     )
     click.echo(markdown_table(summary, summary["config"]["methods"]))
     click.echo(f"results: {run}/samples.csv, summary.json, summary.md")

@@ -9,14 +9,12 @@ Thin click commands over :mod:`cure_lirpa.smoothing`, with the option convention
 from __future__ import annotations
 
 import math
-import warnings
 from pathlib import Path
 from typing import Any, Callable, Optional
 
 import click
-import torch
 
-from ..data import DATASETS, dataset_info, load_dataset
+from ..data import DATASETS
 from ..errors import UserError
 from .common import resolve_device, set_threads, train_count_message
 from .options import (
@@ -148,33 +146,29 @@ SAMPLE_OPTIONS = [
 ]
 
 
-def _load_model(checkpoint: Path, device: torch.device):
-    """``(model, dataset info, sha256, info for the run)`` of a checkpoint file or run folder."""
-    from ..io.checkpoint import dataset_info_of, load_checkpoint, model_from_checkpoint
-    from ..smoothing.certifier import file_sha256
-    from ..smoothing.training import CHECKPOINT, checkpoint_summary
-
-    path = checkpoint / CHECKPOINT if checkpoint.is_dir() else checkpoint
-    ckpt = load_checkpoint(path)
-    model = model_from_checkpoint(ckpt).to(device).eval()
-    info = {"checkpoint": str(path.resolve()), **checkpoint_summary(ckpt)}
-    return model, dataset_info_of(ckpt), file_sha256(path), info
+def _log(message: str) -> None:
+    click.echo(message, err=True)
 
 
-def _dataset(name: Optional[str], default: str, split: str, root: Optional[str]):
-    """The dataset to certify; refuses one whose image shape differs from the model's."""
-    if name and name != default and dataset_info(name).in_shape != dataset_info(default).in_shape:
-        raise UserError(
-            f"the checkpoint was trained on {default} {dataset_info(default).in_shape}, "
-            f"which does not match --dataset {name} {dataset_info(name).in_shape}"
-        )
-    return load_dataset(name or default, split, root)
-
-
-def _shard(text: Optional[str]):
-    from ..io.shards import parse_shard, shard_from_environment
-
-    return parse_shard(text) if text else shard_from_environment()
+def _sample_keywords(o: dict[str, Any]) -> dict[str, Any]:
+    """The keywords of ``smoothing.runner.run_checkpoint`` from the ``SAMPLE_OPTIONS``."""
+    return {
+        "dataset": o["dataset"],
+        "split": o["split"],
+        "data_root": o["data_root"],
+        "alpha": o["alpha"],
+        "batch_size": o["batch_size"],
+        "seed": o["seed"],
+        "start": o["start"],
+        "count": o["count"],
+        "skip": o["skip"],
+        "device": resolve_device(o["device"]),
+        "shard": o["shard"],
+        "resume": o["resume"],
+        "overwrite": o["overwrite"],
+        "progress": False if o["quiet"] else None,
+        "log": _log,
+    }
 
 
 def _warn(message: str) -> None:
@@ -184,48 +178,6 @@ def _warn(message: str) -> None:
 def _warn_small_train_count(train_count: Optional[int], batch_size: int) -> None:
     if train_count is not None and train_count < batch_size:
         _warn(train_count_message(train_count, batch_size))
-
-
-def _warn_small_n(n: int, alpha: float, what: str) -> None:
-    from ..smoothing.certifier import SmoothingWarning, check_sampling
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", SmoothingWarning)
-        msg = check_sampling(n, alpha, 1, what=what)
-    if msg:
-        _warn(msg)
-
-
-def _warn_not_noise_trained(checkpoint: Path, info: dict) -> None:
-    if info.get("train_sigma") is None:
-        _warn(
-            f"{checkpoint} was not trained under noise (no sigma in its config); a base "
-            "classifier that never saw Gaussian or Uniform noise mostly abstains or certifies tiny "
-            "radii. Train one with 'cure-lirpa smooth train --sigma SIGMA'"
-        )
-
-
-def _finish(out: Path, shard, explicit_shard: bool, overwrite: bool) -> Optional[Path]:
-    """After a shard: under torchrun (no --shard given) rank 0 merges when every rank is done
-    (replacing a run of other settings in ``out`` on ``overwrite``). Returns the folder whose
-    results to print, or None (another rank merges)."""
-    from functools import partial
-
-    from ..io.shards import merge_when_all_done, started_by_torchrun
-    from ..smoothing.runner import merge_shards
-
-    if shard is None:
-        return out
-    folder = out / shard.name
-    click.echo(f"shard {shard.index}/{shard.count} done in {folder}", err=True)
-    if explicit_shard or not started_by_torchrun():
-        click.echo(f"when every shard is done: cure-lirpa merge {out}", err=True)
-        return folder
-    merged = merge_when_all_done(out, partial(merge_shards, overwrite=overwrite))
-    if merged is None:
-        return None
-    click.echo(f"merged {shard.count} shards into {out}", err=True)
-    return out
 
 
 @click.group("smooth")
@@ -451,72 +403,48 @@ def certify_cmd(ctx: click.Context, **o: Any) -> None:
       cure-lirpa smooth certify -c runs/g050 --sigma 0.5 --sequential decide \\
           --radii 0.25,0.5,0.75 --out runs/g050-seq
     """
-    from ..smoothing.hybrid import split_alpha
-    from ..smoothing.runner import certify_dataset
+    from ..smoothing.runner import run_checkpoint
 
     set_threads(o["threads"])
-    dev = resolve_device(o["device"])
-    noise = o["noise"]
-    sg = o["sigma_gaussian"] if o["sigma_gaussian"] is not None else o["sigma"]
-    su = o["sigma_uniform"] if o["sigma_uniform"] is not None else o["sigma"]
-    if noise in ("gaussian", "hybrid") and sg is None:
-        raise UserError(
-            "pass --sigma (or --sigma-gaussian): the Gaussian noise std to certify with"
-        )
-    if noise in ("uniform", "hybrid") and su is None:
-        raise UserError("pass --sigma (or --sigma-uniform): the Uniform noise std to certify with")
-    model, info, sha, run_info = _load_model(o["checkpoint"], dev)
-    dataset = o["dataset"] or info.name
-    data = _dataset(o["dataset"], info.name, o["split"], o["data_root"])
-    sequential = o["sequential"]
-    if sequential == "off":
-        each = split_alpha(o["alpha"], 2, o["joint_alpha"]) if noise == "hybrid" else o["alpha"]
-        _warn_small_n(o["n"], each, "certify")
-        if o["n0"] > o["n"]:
-            _warn(
-                f"--n0 {o['n0']} is larger than --n {o['n']}: n0 draws only pick the top class, "
-                "the certificate rests on the n draws; use n0 much smaller than n (Cohen et al.: "
-                "n0 100, n 100000)"
-            )
-    elif ctx.get_parameter_source("n").name != "DEFAULT":
-        _warn("--n is not used by --sequential; --max-n caps the draws")
-    _warn_not_noise_trained(o["checkpoint"], run_info)
-    shard = _shard(o["shard"])
-    certify_dataset(
-        model,
-        info.num_classes,
-        data,
+    keywords = _sample_keywords(o)
+    sigma_gaussian, sigma_uniform = _sigmas(o)
+    n_given = ctx.get_parameter_source("n").name != "DEFAULT"
+    folder = run_checkpoint(
+        "certify",
+        o["checkpoint"],
         o["out"],
-        mode=noise,
-        sigma_gaussian=sg if noise != "uniform" else None,
-        sigma_uniform=su if noise != "gaussian" else None,
+        mode=o["noise"],
+        sigma_gaussian=sigma_gaussian,
+        sigma_uniform=sigma_uniform,
         n0=o["n0"],
-        n=o["n"],
-        alpha=o["alpha"],
-        batch_size=o["batch_size"],
+        n=o["n"] if n_given else None,
         joint_alpha=o["joint_alpha"],
-        sequential=sequential,
+        sequential=o["sequential"],
         radii=o["radii"],
         norm_name=o["radius_norm"],
         precision=o["precision"],
         max_radius=o["max_radius"],
         max_n=o["max_n"],
         futility_alpha=o["futility_alpha"],
-        seed=o["seed"],
-        start=o["start"],
-        count=o["count"],
-        skip=o["skip"],
-        device=dev,
-        shard=shard,
-        resume=o["resume"],
-        overwrite=o["overwrite"],
-        progress=False if o["quiet"] else None,
-        run_extra={"checkpoint_sha256": sha, "dataset": dataset, "split": o["split"]},
-        info={**run_info, "data_root": o["data_root"]},
+        **keywords,
     )
-    folder = _finish(o["out"], shard, o["shard"] is not None, o["overwrite"])
     if folder is not None:
         click.echo(certify_line(folder))
+
+
+def _sigmas(o: dict[str, Any]) -> tuple[Optional[float], Optional[float]]:
+    """``(Gaussian sigma, Uniform sigma)`` of ``--noise`` (None for a noise not used), each
+    defaulting to ``--sigma``; refuses a used noise without one."""
+    noise, sigma = o["noise"], o["sigma"]
+    gaussian = o["sigma_gaussian"] if o["sigma_gaussian"] is not None else sigma
+    uniform = o["sigma_uniform"] if o["sigma_uniform"] is not None else sigma
+    if noise in ("gaussian", "hybrid") and gaussian is None:
+        raise UserError(
+            "pass --sigma (or --sigma-gaussian): the Gaussian noise std to certify with"
+        )
+    if noise in ("uniform", "hybrid") and uniform is None:
+        raise UserError("pass --sigma (or --sigma-uniform): the Uniform noise std to certify with")
+    return (gaussian if noise != "uniform" else None), (uniform if noise != "gaussian" else None)
 
 
 def certify_line(folder: Path) -> str:
@@ -556,41 +484,12 @@ def predict_cmd(**o: Any) -> None:
 
     from ..smoothing.noise import make_noise
     from ..smoothing.results import SUMMARY_JSON
-    from ..smoothing.runner import predict_dataset
+    from ..smoothing.runner import run_checkpoint
 
     set_threads(o["threads"])
-    dev = resolve_device(o["device"])
-    model, info, sha, run_info = _load_model(o["checkpoint"], dev)
-    data = _dataset(o["dataset"], info.name, o["split"], o["data_root"])
-    _warn_small_n(o["n"], o["alpha"], "predict")
-    _warn_not_noise_trained(o["checkpoint"], run_info)
-    shard = _shard(o["shard"])
-    predict_dataset(
-        model,
-        info.num_classes,
-        data,
-        o["out"],
-        noise=make_noise(o["noise"], o["sigma"]),
-        n=o["n"],
-        alpha=o["alpha"],
-        batch_size=o["batch_size"],
-        seed=o["seed"],
-        start=o["start"],
-        count=o["count"],
-        skip=o["skip"],
-        device=dev,
-        shard=shard,
-        resume=o["resume"],
-        overwrite=o["overwrite"],
-        progress=False if o["quiet"] else None,
-        run_extra={
-            "checkpoint_sha256": sha,
-            "dataset": o["dataset"] or info.name,
-            "split": o["split"],
-        },
-        info={**run_info, "data_root": o["data_root"]},
-    )
-    folder = _finish(o["out"], shard, o["shard"] is not None, o["overwrite"])
+    keywords = _sample_keywords(o)
+    noise = make_noise(o["noise"], o["sigma"])
+    folder = run_checkpoint("predict", o["checkpoint"], o["out"], noise=noise, n=o["n"], **keywords)
     if folder is not None:
         s = json.loads((folder / SUMMARY_JSON).read_text())
         click.echo(
@@ -640,7 +539,8 @@ def analyze_cmd(inputs, out: Path, radii, radii_l1, clean_acc, max_radius, resum
       cure-lirpa smooth analyze gauss=runs/g025-cert gauss=runs/g050-cert nu=runs/nu040-hybrid \\
           nu=runs/nu050-hybrid --clean-acc 90,95 --out runs/report
     """
-    from ..smoothing.analysis import analyze, markdown_report
+    from ..smoothing.analysis import analyze
+    from ..smoothing.metrics import markdown_report
 
     levels = [v / 100.0 if v > 1 else v for v in clean_acc]
     result = analyze(

@@ -1,11 +1,13 @@
 """``cure-lirpa train``: certified training (single-norm baselines and the CURE methods).
 
-A thin layer over :func:`cure_lirpa.training.trainer.train`: parse options, apply a preset to the options
-not given explicitly, print one line per epoch and a summary.
+A thin layer over :func:`cure_lirpa.training.certified.train`: parse the options into a
+:class:`~cure_lirpa.training.config.TrainConfig` (:func:`~cure_lirpa.training.config.requested_config`
+applies a preset to the options not given explicitly), train, print one line per epoch and a summary.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import sys
 from pathlib import Path
@@ -18,9 +20,10 @@ from .. import distributed
 from ..data import DATASETS
 from ..errors import UserError
 from ..threats.base import format_eps
-from ..training.objectives import L2_VARIANTS, LINF_VARIANTS, METHODS, NORMS, SINGLE_NORM_VARIANTS
-from ..training.trainer import CHECKPOINT, DEFAULT_METHOD, INITS, PRESETS, TrainConfig, apply_preset
-from ..training.trainer import train as run_training
+from ..training.certified import train as run_training
+from ..training.config import DEFAULT_METHOD, INITS, PRESETS, TrainConfig, requested_config
+from ..training.objectives import L2_VARIANTS, LINF_VARIANTS, METHODS, NORMS
+from ..training.trainer import CHECKPOINT
 from .common import resolve_device, train_count_message
 from .options import (
     RADIUS,
@@ -362,73 +365,20 @@ def _explicit(ctx: click.Context) -> set[str]:
     return out
 
 
+def _fields(o: dict[str, Any]) -> dict[str, Any]:
+    """The TrainConfig fields among the options (``--width`` is ``arch_kwargs``)."""
+    names = {f.name for f in dataclasses.fields(TrainConfig)} - {"preset", "arch_kwargs"}
+    fields = {k: v for k, v in o.items() if k in names}
+    fields["arch_kwargs"] = {"width": o["width"]} if o["width"] else {}
+    fields["lr_milestones"] = tuple(o["lr_milestones"])
+    return fields
+
+
 def _run(ctx: click.Context, o: dict[str, Any]) -> None:
     import torch
 
     torch.set_num_threads(o["threads"])
-    explicit = _explicit(ctx)
-    method = o["method"]
-    if method in SINGLE_NORM_VARIANTS:
-        norm, variant = SINGLE_NORM_VARIANTS[method]
-        key = f"{norm}_variant"
-        if key in explicit and o[key] != variant:
-            raise UserError(
-                f"--method {method} fixes the {norm} variant to {variant!r}; drop "
-                f"--{key.replace('_', '-')} {o[key]} or use a cure-* method"
-            )
-    arch, arch_kwargs = o["arch"], ({"width": o["width"]} if o["width"] else {})
-    dataset = o["dataset"]
-    if o["init_from"]:
-        from ..io.checkpoint import load_checkpoint
-
-        init = load_checkpoint(o["init_from"])
-        if "arch" not in explicit and "arch_kwargs" not in explicit:
-            arch, arch_kwargs = init["arch"], dict(init.get("arch_kwargs") or {})
-        if "dataset" not in explicit:
-            dataset = (init.get("dataset") or {}).get("name", dataset)
-    config = TrainConfig(
-        dataset=dataset,
-        data_root=o["data_root"],
-        arch=arch,
-        arch_kwargs=arch_kwargs,
-        method=method,
-        linf_variant=o["linf_variant"],
-        l2_variant=o["l2_variant"],
-        eps_linf=o["eps_linf"],
-        eps_l2=o["eps_l2"],
-        train_eps_linf=o["train_eps_linf"],
-        train_eps_l2=o["train_eps_l2"],
-        epochs=o["epochs"],
-        warmup_epochs=o["warmup_epochs"],
-        ramp_epochs=o["ramp_epochs"],
-        batch_size=o["batch_size"],
-        lr=o["lr"],
-        lr_milestones=tuple(o["lr_milestones"]),
-        lr_factor=o["lr_factor"],
-        weight_decay=o["weight_decay"],
-        grad_clip=o["grad_clip"],
-        kappa_start=o["kappa_start"],
-        kappa_end=o["kappa_end"],
-        crown_ibp=o["crown_ibp"],
-        sabr_lambda=o["sabr_lambda"],
-        l2_lambda=o["l2_lambda"],
-        alpha=o["alpha"],
-        ba_eta=o["ba_eta"],
-        ba_direction=o["ba_direction"],
-        gp_beta=o["gp_beta"],
-        mtl_alpha_linf=o["mtl_alpha_linf"],
-        mtl_alpha_l2=o["mtl_alpha_l2"],
-        mtl_attack_steps=o["mtl_attack_steps"],
-        init=o["init"],
-        ibp_reg=o["ibp_reg"],
-        l1_reg=o["l1_reg"],
-        init_from=str(Path(o["init_from"]).resolve()) if o["init_from"] else None,
-        seed=o["seed"],
-        train_count=o["train_count"],
-        memory_mb=o["memory_mb"],
-        train_cert=o["train_cert"],
-    )
-    asked = apply_preset(config, o["preset"], explicit)
+    asked = requested_config(_fields(o), _explicit(ctx), o["preset"])
     config = asked.validated()
     if config.batch_size != asked.batch_size:  # --train-count below --batch-size
         click.echo(
@@ -440,53 +390,59 @@ def _run(ctx: click.Context, o: dict[str, Any]) -> None:
         world = distributed.init_from_environment(device)
     else:
         device = resolve_device(o["device"])
+    quiet = o["quiet"] or (world is not None and not world.is_main)
     finished = False
     try:
-        _train(config, o, device, world)
+        if not quiet:
+            click.echo(_header(config, o["out"], device, world), err=True)
+        result = run_training(
+            config,
+            o["out"],
+            resume=o["resume"],
+            overwrite=o["overwrite"],
+            device=device,
+            progress=False if quiet else None,
+            log=_warn if quiet else _log,
+            world=world,
+        )
         finished = True
     finally:
         distributed.shutdown(finished)
+    if world is None or world.is_main:
+        _summary(result, config, quiet)
 
 
-def _train(config: TrainConfig, o: dict[str, Any], device, world) -> None:
-    quiet = o["quiet"] or (world is not None and not world.is_main)
+def _log(msg: str) -> None:
+    click.echo(msg, err=True)
 
-    def log(msg: str) -> None:
-        click.echo(msg, err=True)
 
-    def warn_only(msg: str) -> None:  # --quiet still shows warnings
-        if msg.startswith("warning"):
-            log(msg)
+def _warn(msg: str) -> None:
+    """The log under --quiet: warnings only."""
+    if msg.startswith("warning"):
+        _log(msg)
 
-    if not quiet:
-        extra = f", preset {config.preset}" if config.preset else ""
-        log(
-            f"training {config.method} ({config.arch}, {config.dataset}{extra}) for "
-            f"{config.epochs} epochs on {device}{_processes(world)}; eps linf "
-            f"{format_eps(config.train_eps_linf)}, l2 {format_eps(config.train_eps_l2)} -> "
-            f"{Path(o['out']) / CHECKPOINT}"
-        )
-    result = run_training(
-        config,
-        o["out"],
-        resume=o["resume"],
-        overwrite=o["overwrite"],
-        device=device,
-        progress=False if quiet else None,
-        log=warn_only if quiet else log,
-        world=world,
+
+def _header(config: TrainConfig, out: str, device, world) -> str:
+    extra = f", preset {config.preset}" if config.preset else ""
+    return (
+        f"training {config.method} ({config.arch}, {config.dataset}{extra}) for "
+        f"{config.epochs} epochs on {device}{_processes(world)}; eps linf "
+        f"{format_eps(config.train_eps_linf)}, l2 {format_eps(config.train_eps_l2)} -> "
+        f"{Path(out) / CHECKPOINT}"
     )
-    if world is not None and not world.is_main:
-        return
+
+
+def _summary(result, config: TrainConfig, quiet: bool) -> None:
+    """The checkpoint path (stdout), the last epoch's figures and the next command."""
     last = result.last
     click.echo(str(result.checkpoint))
     if last:
         cert = ", ".join(f"{k} {100 * v:.1f}%" for k, v in last.get("certified", {}).items())
         click.echo(
-            f"epochs {result.epoch}/{config.epochs}, training time {last.get('train_seconds', 0):.0f} s; "
-            f"last epoch on training batches (eps linf {format_eps(last['eps']['linf'])}, "
-            f"l2 {format_eps(last['eps']['l2'])}): clean {100 * last['clean_accuracy']:.1f}%"
-            + (f", certified {cert}" if cert else "")
+            f"epochs {result.epoch}/{config.epochs}, training time "
+            f"{last.get('train_seconds', 0):.0f} s; last epoch on training batches (eps linf "
+            f"{format_eps(last['eps']['linf'])}, l2 {format_eps(last['eps']['l2'])}): clean "
+            f"{100 * last['clean_accuracy']:.1f}%" + (f", certified {cert}" if cert else "")
         )
     if not quiet:
         click.echo(

@@ -7,8 +7,10 @@ so a merged run is the unsharded run: the same certified flags, margins, PGD res
 (only times differ, and margins to float rounding when batches are cut differently).
 
 Each shard writes to ``<out>/shard-K-of-N/`` (``config.json``, ``samples.jsonl``, ``samples.csv``,
-``summary.json``, ``summary.md``); :func:`merge_shards` checks that all shards share one config,
-lists missing sample indices, and writes the merged files into ``<out>``.
+``summary.json``, ``summary.md``); :func:`gather_shards` checks that all shards share one config
+and lists missing sample indices, and each kind of run's ``merge_shards``
+(:mod:`cure_lirpa.verification.runner`, :mod:`cure_lirpa.smoothing.runner`) writes the merged files
+into ``<out>``.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence, TypeVar, Union
 
 from ..errors import UserError
 
@@ -28,6 +30,7 @@ if TYPE_CHECKING:
 SHARD_DIR = re.compile(r"^shard-(\d+)-of-(\d+)$")
 SHARD_KEYS = ("shard", "shard_start", "shard_count")
 """Config keys of one shard, not of the run."""
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -48,6 +51,22 @@ class Shard:
         hi = (self.index + 1) * n // self.count
         return lo, hi - lo
 
+    @property
+    def label(self) -> str:
+        """``"K/N"``, as the ``shard`` key of a shard's config records it."""
+        return f"{self.index}/{self.count}"
+
+    def take(self, items: Sequence[T]) -> list[T]:
+        """This shard's contiguous block of ``items`` (:meth:`block`); refuses fewer items than
+        shards (some shard would be empty)."""
+        if len(items) < self.count:
+            raise UserError(
+                f"--shard {self.label}: {len(items)} samples cannot fill {self.count} shards; "
+                f"use N <= {len(items)}"
+            )
+        lo, length = self.block(len(items))
+        return list(items[lo : lo + length])
+
 
 def parse_shard(text: str) -> Shard:
     """``"K/N"`` (0 <= K < N) -> :class:`Shard`; a clear error otherwise."""
@@ -67,6 +86,14 @@ def shard_from_environment() -> Optional[Shard]:
         if os.environ.get(size, "1").isdigit() and int(os.environ.get(size, "1")) > 1:
             return Shard(int(os.environ.get(rank, "0")), int(os.environ[size]))
     return None
+
+
+def shard_of(shard: Union[str, Shard, None]) -> Optional[Shard]:
+    """``shard`` as a :class:`Shard` (``"K/N"`` parsed); None: this process's shard under torchrun
+    or a Slurm array (:func:`shard_from_environment`), None when run alone."""
+    if isinstance(shard, Shard):
+        return shard
+    return parse_shard(shard) if shard else shard_from_environment()
 
 
 def shard_dirs(out: Path) -> list[Path]:
@@ -144,6 +171,27 @@ def gather_shards(
     return Gathered(base["kind"], config, dirs, [by_index[i] for i in indices])
 
 
+def open_shard(
+    out: Path,
+    kind: str,
+    config: dict[str, Any],
+    shard: Optional[Shard],
+    *,
+    resume: bool = False,
+    overwrite: bool = False,
+    mutable: Sequence[str] = (),
+) -> Run:
+    """:meth:`Run.open` of ``shard`` of the run in ``out``: the folder ``<out>/shard-K-of-N`` with
+    ``config`` plus ``shard: "K/N"`` (what :func:`gather_shards` reads); ``out`` itself when
+    ``shard`` is None."""
+    from .runs import Run
+
+    if shard is not None:
+        config = {**config, "shard": shard.label}
+        out = Path(out) / shard.name
+    return Run.open(out, kind, config, resume=resume, overwrite=overwrite, mutable=mutable)
+
+
 def open_merged(
     out: Path, gathered: Gathered, overwrite: bool = False, mutable: Sequence[str] = ()
 ) -> Run:
@@ -166,60 +214,47 @@ def write_merged(out: Path, gathered: Gathered) -> None:
     atomic_write_text(Path(out) / RECORDS, lines)
 
 
-def merge_shards(
-    out: Path, shards: Optional[Sequence[Path]] = None, *, overwrite: bool = False
-) -> dict[str, Any]:
-    """Merge the verify shards in ``out`` (or the given shard folders) into ``out``: the
-    summary.json, summary.md, samples.csv and samples.jsonl of the unsharded run; returns the
-    summary (see :func:`gather_shards` and :func:`open_merged` for what is refused)."""
-    from ..threats.base import parse_threat
-    from ..verification.certification import SampleRow, summarize, write_results
-
-    g = gather_shards(
-        out, shards, ["verify"], "index", lambda c: range(c["start"], c["start"] + c["count"])
-    )
-    run = open_merged(out, g, overwrite)
-    ordered = [SampleRow(**r) for r in g.records]
-    threats = [parse_threat(t) for t in g.config["threats"]]
-    methods = g.config["methods"]
-    times: dict = {}
-    seconds = 0.0
-    peaks = []
-    for d in g.dirs:  # times add up over shards; peak memory is the largest shard's
-        summary_path = d / "summary.json"
-        if summary_path.exists():
-            s = json.loads(summary_path.read_text())
-            seconds += s.get("seconds_total", 0.0)
-            peaks.append(s.get("peak_memory_mb", 0.0))
-            for key, per_image in s.get("seconds_per_image", {}).items():
-                t, m = key.rsplit("/", 1)
-                times[(t, m)] = times.get((t, m), 0.0) + per_image * s["samples"]
-    summary = summarize(ordered, threats, methods, times, seconds)
-    summary["peak_memory_mb"] = max(peaks, default=0.0)
-    summary["config"] = g.config
-    summary["merged_from"] = [d.name for d in g.dirs]
-    write_results(out, ordered, summary, threats, methods)
-    write_merged(out, g)
-    run.close()
-    return summary
-
-
 def started_by_torchrun() -> bool:
     """Whether this process is a rank of a torchrun job with more than one process (a Slurm array
     task is not: its tasks never meet, so they are merged afterwards with ``cure-lirpa merge``)."""
     return "RANK" in os.environ and int(os.environ.get("WORLD_SIZE", "1") or 1) > 1
 
 
+def finish_shard(
+    out: Path,
+    shard: Optional[Shard],
+    merge_ranks: bool,
+    merge: Callable[[Path], dict[str, Any]],
+    log: Callable[[str], None],
+) -> Optional[Path]:
+    """After shard K/N of the run in ``out``: with ``merge_ranks`` under torchrun, rank 0
+    ``merge(out)``s when every rank is done; otherwise ``log`` says how to merge. Returns the folder
+    whose results to show: ``out`` (no shard, or merged), the shard folder, or None (a rank that
+    does not merge)."""
+    if shard is None:
+        return out
+    folder = Path(out) / shard.name
+    log(f"shard {shard.label} done in {folder}")
+    if not merge_ranks or not started_by_torchrun():
+        log(f"when every shard is done: cure-lirpa merge {out}")
+        return folder
+    if merge_when_all_done(out, merge) is None:
+        return None
+    log(f"merged {shard.count} shards into {out}")
+    return out
+
+
 def merge_when_all_done(
-    out: Path, merge: Optional[Callable[[Path], dict[str, Any]]] = None
+    out: Path, merge: Callable[[Path], dict[str, Any]]
 ) -> Optional[dict[str, Any]]:
     """Under torchrun: wait for every rank (a gloo barrier), then ``merge(out)`` on rank 0 and
-    return its summary (other ranks: None). ``merge`` defaults to :func:`merge_shards`."""
+    return its summary (other ranks: None). ``merge`` is the run's merge
+    (:func:`cure_lirpa.verification.runner.merge_shards`,
+    :func:`cure_lirpa.smoothing.runner.merge_shards`)."""
     import torch.distributed as dist
 
     from ..distributed import shutdown
 
-    merge = merge or merge_shards
     own = not dist.is_initialized()
     if own:
         dist.init_process_group("gloo")

@@ -18,7 +18,7 @@ import numpy as np
 
 from ..errors import UserError
 from ..io.checkpoint import atomic_write_json, atomic_write_text
-from .analysis import (
+from .metrics import (
     NORMS,
     average_certified_radius,
     certified_accuracy,

@@ -10,16 +10,17 @@ Methods (each a small object whose ``loss(model, x, y, generator)`` returns ``(l
 - ``consistency``: Jeong & Shin 2020, m Gaussian copies,
   ``mean_i CE(f(x+d_i), y) + lambda * mean_i KL(p_avg || p_i) + eta * H(p_avg)``.
 
-:func:`train` writes a run folder (:mod:`cure_lirpa.io.runs`): ``config.json``, ``checkpoint.pt``
-(atomically after every epoch, with optimizer, schedule and every RNG state) and ``metrics.jsonl``,
-so that ``resume=True`` continues a killed run and ends with the same weights as an uninterrupted
-run under the same seed.
+:func:`train` runs :class:`SmoothingTask` (its step, epoch record and schedule) in the one training
+loop of :mod:`cure_lirpa.training.trainer`, the loop of certified training: a run folder
+(:mod:`cure_lirpa.io.runs`) with ``config.json``, ``checkpoint.pt`` (atomically after every epoch,
+with optimizer, schedule and every RNG state) and ``metrics.jsonl``, so that ``resume=True``
+continues a killed run and ends with the same weights as an uninterrupted run under the same seed.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
+import functools
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,15 +32,18 @@ from torch import nn
 
 from ..data import TrainData, dataset_info, load_dataset
 from ..errors import UserError
-from ..io.checkpoint import (
-    atomic_torch_save,
-    atomic_write_text,
-    dataset_info_of,
-    load_checkpoint,
-    make_checkpoint,
-)
-from ..io.runs import Run, rng_state, set_rng_state
+from ..io.checkpoint import dataset_info_of, make_checkpoint
 from ..models import build_model
+from ..training.meter import StepResult
+from ..training.trainer import (
+    CHECKPOINT,
+    METRICS,
+    Epoch,
+    LoopOptions,
+    RunSpec,
+    StepAt,
+    run_training,
+)
 from .noise import GaussianNoise, Noise, NormalUniformNoise, UniformNoise, make_generator
 
 METHODS = ("gaussian", "uniform", "nu", "nu-rs", "consistency")
@@ -47,8 +51,6 @@ SCHEDULES = ("constant", "cosine")
 RUNTIME_KEYS = ("data_root", "eval_count")
 """Config keys that may differ between a run and its resumption (they do not change the weights)."""
 KIND = "smooth-train"
-CHECKPOINT = "checkpoint.pt"
-METRICS = "metrics.jsonl"
 STATE_FORMAT = "cure-lirpa-smoothing-trainer/1"
 
 
@@ -230,7 +232,102 @@ def evaluate(
 
 
 # ---------------------------------------------------------------------------------------------
-# The training loop
+# The task the training loop runs
+
+
+class SmoothingTask:
+    """Smoothing training as the loop of :mod:`cure_lirpa.training.trainer` runs it: Adam (with
+    the cosine schedule stepped per epoch), the method's loss on noise drawn from the ``noise``
+    generator, and after every epoch the clean and noisy accuracy of the first ``eval_count`` test
+    samples (noise drawn from a generator seeded per epoch)."""
+
+    diverged_hint = "lower --lr"
+
+    def __init__(
+        self,
+        config: TrainConfig,
+        device: torch.device,
+        checkpoint: Optional[dict[str, Any]],
+        say: Callable[[str], None],
+    ):
+        c = self.config = config
+        self.device = device
+        self.info = dataset_info(c.dataset)
+        torch.manual_seed(c.seed)
+        self.model = build_model(
+            c.arch,
+            self.info.in_shape,
+            self.info.num_classes,
+            self.info.mean,
+            self.info.std,
+            **c.arch_kwargs,
+        ).to(device)
+        self.method = make_method(c)
+        self.optimizer = torch.optim.Adam(
+            self.model.parameters(), lr=c.lr, weight_decay=c.weight_decay
+        )
+        self.scheduler = (
+            torch.optim.lr_scheduler.CosineAnnealingLR(self.optimizer, T_max=c.epochs)
+            if c.schedule == "cosine"
+            else None
+        )
+        self.generators = {"noise": make_generator(device, c.seed + 1)}
+        self.data = TrainData(load_dataset(c.dataset, "train", c.data_root), c.train_count)
+        self.test = None
+        if c.eval_count > 0:
+            self.test = TrainData(load_dataset(c.dataset, "test", c.data_root), c.eval_count)
+
+    def restore(self, checkpoint: dict[str, Any]) -> None:
+        """Weights and the learning-rate schedule from ``checkpoint``."""
+        self.model.load_state_dict(checkpoint["state_dict"])
+        if self.scheduler is not None:
+            self.scheduler.load_state_dict(checkpoint["trainer_state"]["scheduler"])
+
+    def state(self, history: list[dict[str, Any]]) -> dict[str, Any]:
+        return {"scheduler": self.scheduler.state_dict() if self.scheduler is not None else None}
+
+    def checkpoint(self, epoch: int, trainer_state: dict[str, Any]) -> dict[str, Any]:
+        c = self.config
+        return make_checkpoint(
+            self.model, c.arch, self.info, c.to_dict(), c.arch_kwargs, epoch, trainer_state
+        )
+
+    def run_epoch(self, epoch: Epoch) -> dict[str, Any]:
+        """One pass over the training batches; loss, noisy training accuracy, learning rate, and
+        the test accuracies."""
+        t0 = time.perf_counter()
+        self.model.train()
+        meter = epoch.run(self._step)
+        if self.scheduler is not None:
+            self.scheduler.step()
+        record: dict[str, Any] = {
+            "epoch": epoch.index + 1,
+            "loss": meter.means()["loss"],
+            "train_noisy_accuracy": meter.accuracy,
+            "lr": self.optimizer.param_groups[0]["lr"],
+            "seconds": round(time.perf_counter() - t0, 2),
+        }
+        if self.test is not None:
+            gen = make_generator(self.device, self.config.seed * 1000 + epoch.index + 7)
+            record["test_accuracy"] = evaluate(self.model, self.test, None, None, self.device)
+            record["test_noisy_accuracy"] = evaluate(
+                self.model, self.test, self.method.eval_noise, gen, self.device
+            )
+        return record
+
+    def _step(self, x: torch.Tensor, y: torch.Tensor, at: StepAt) -> StepResult:
+        loss, logits = self.method.loss(self.model, x, y, self.generators["noise"])
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        return StepResult(loss.detach().item(), {}, logits.detach())
+
+    def report(self, record: dict[str, Any]) -> list[str]:
+        return [
+            ", ".join(
+                f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items()
+            )
+        ]
 
 
 def train(
@@ -242,160 +339,39 @@ def train(
     device: torch.device | str = "cpu",
     stop_after: Optional[int] = None,
     progress: Optional[bool] = None,
-    log: Callable[[str], None] = print,
+    log: Optional[Callable[[str], None]] = print,
+    callback: Optional[Callable[[dict[str, Any]], None]] = None,
 ) -> dict[str, Any]:
     """Train a base classifier with ``config`` into the run folder ``out``.
 
-    The folder holds ``config.json`` (the run layer's, :mod:`cure_lirpa.io.runs`), ``checkpoint.pt``
-    (written atomically after every epoch, with the optimizer state and every RNG state) and
+    The loop of :mod:`cure_lirpa.training.trainer` writes ``config.json``, ``checkpoint.pt``
+    (atomically after every epoch, with the optimizer state and every RNG state) and
     ``metrics.jsonl`` (one line per epoch). ``resume=True`` continues the run in ``out`` (refusing
     other settings, naming the keys) and ends with the weights of an uninterrupted run;
-    ``overwrite=True`` starts over; ``stop_after`` ends this call after that many epochs.
+    ``overwrite=True`` starts over; ``stop_after`` ends this call after that many epochs;
+    ``callback`` sees ``{'epoch', 'phase', 'step'}`` after every step.
     Returns ``{"out", "checkpoint", "epoch", "history"}`` (history: one dict per epoch).
     """
     c = config.validated()
     device = torch.device(device)
-    run = Run.open(out, KIND, c.to_dict(), resume=resume, overwrite=overwrite, mutable=RUNTIME_KEYS)
-    try:
-        return _train(c, run, device, stop_after, progress, log)
-    except BaseException:
-        run.discard_if_empty()
-        raise
-    finally:
-        run.close()
-
-
-def _train(
-    c: TrainConfig,
-    run: Run,
-    device: torch.device,
-    stop_after: Optional[int],
-    progress: Optional[bool],
-    log: Callable[[str], None],
-) -> dict[str, Any]:
-    from tqdm.auto import tqdm
-
-    info = dataset_info(c.dataset)
-    ckpt_path = run.file(CHECKPOINT)
-    ckpt = None
-    if run.resumed and ckpt_path.is_file():
-        ckpt = load_checkpoint(ckpt_path)
-        _check_state(ckpt, device, ckpt_path)
-
-    torch.manual_seed(c.seed)
-    model = build_model(
-        c.arch, info.in_shape, info.num_classes, info.mean, info.std, **c.arch_kwargs
-    ).to(device)
-    method = make_method(c)
-    opt = torch.optim.Adam(model.parameters(), lr=c.lr, weight_decay=c.weight_decay)
-    sched = (
-        torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=c.epochs)
-        if c.schedule == "cosine"
-        else None
+    spec = RunSpec(
+        kind=KIND,
+        config=c.to_dict(),
+        mutable=RUNTIME_KEYS,
+        state_format=STATE_FORMAT,
+        state_name="'smooth train'",
+        epochs=int(c.epochs),
+        seed=c.seed,
+        batch_size=int(c.batch_size),
     )
-    generators = {
-        "data": torch.Generator().manual_seed(c.seed),
-        "noise": make_generator(device, c.seed + 1),
-    }
-    history: list[dict[str, Any]] = []
-    start = 0
-    if ckpt is not None:
-        state = ckpt["trainer_state"]
-        model.load_state_dict(ckpt["state_dict"])
-        opt.load_state_dict(state["optimizer"])
-        if sched is not None:
-            sched.load_state_dict(state["scheduler"])
-        set_rng_state(state["rng"], generators)
-        history = list(state["history"])
-        start = int(ckpt["epoch"])
-        log(f"resuming {run.path} after epoch {start} of {c.epochs}")
-        if start >= c.epochs:
-            log(f"{run.path} is already trained for {start} epochs; nothing to do")
-            return {"out": str(run.path), "checkpoint": str(ckpt_path), "epoch": start,
-                    "history": history}  # fmt: skip
-
-    train_set = TrainData(load_dataset(c.dataset, "train", c.data_root), c.train_count)
-    test_batches = None
-    if c.eval_count > 0:
-        test_batches = TrainData(load_dataset(c.dataset, "test", c.data_root), c.eval_count)
-    steps = train_set.steps_per_epoch(c.batch_size)
-
-    done_now = 0
-    for epoch in range(start, c.epochs):
-        if stop_after is not None and done_now >= stop_after:
-            log(f"stopping after {done_now} epoch(s) as asked; continue with --resume")
-            break
-        t0 = time.perf_counter()
-        model.train()
-        tot_loss, tot_correct, tot = 0.0, 0, 0
-        bar = tqdm(
-            total=steps,
-            desc=f"epoch {epoch + 1}/{c.epochs}",
-            disable=None if progress is None else not progress,
-            leave=False,
-        )
-        for x, y in train_set.batches(c.batch_size, generators["data"]):
-            x, y = x.to(device), y.to(device)
-            loss, logits = method.loss(model, x, y, generators["noise"])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            tot_loss += loss.detach().item() * len(y)
-            tot_correct += int((logits.argmax(1) == y).sum())
-            tot += len(y)
-            bar.update(1)
-        bar.close()
-        if sched is not None:
-            sched.step()
-        record: dict[str, Any] = {
-            "epoch": epoch + 1,
-            "loss": tot_loss / tot,
-            "train_noisy_accuracy": tot_correct / tot,
-            "lr": opt.param_groups[0]["lr"],
-            "seconds": round(time.perf_counter() - t0, 2),
-        }
-        if test_batches is not None:
-            eval_gen = make_generator(device, c.seed * 1000 + epoch + 7)
-            record["test_accuracy"] = evaluate(model, test_batches, None, None, device)
-            record["test_noisy_accuracy"] = evaluate(
-                model, test_batches, method.eval_noise, eval_gen, device
-            )
-        history.append(record)
-        trainer_state = {
-            "format": STATE_FORMAT,
-            "optimizer": opt.state_dict(),
-            "scheduler": sched.state_dict() if sched is not None else None,
-            "rng": rng_state(generators),
-            "device_type": device.type,
-            "history": history,
-        }
-        ck = make_checkpoint(
-            model, c.arch, info, c.to_dict(), c.arch_kwargs, epoch + 1, trainer_state
-        )
-        atomic_torch_save(ck, ckpt_path)
-        atomic_write_text(run.file(METRICS), "".join(json.dumps(h) + "\n" for h in history))
-        done_now += 1
-        msg = ", ".join(
-            f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items()
-        )
-        log(msg)
+    options = LoopOptions(resume, overwrite, device, progress, log, callback, stop_after)
+    result = run_training(spec, out, functools.partial(SmoothingTask, c, device), options)
     return {
-        "out": str(run.path),
-        "checkpoint": str(ckpt_path),
-        "epoch": start + done_now,
-        "history": history,
+        "out": str(result.out),
+        "checkpoint": str(result.checkpoint),
+        "epoch": result.epoch,
+        "history": result.history,
     }
-
-
-def _check_state(ckpt: dict[str, Any], device: torch.device, path: Path) -> None:
-    state = ckpt.get("trainer_state") or {}
-    if state.get("format") != STATE_FORMAT:
-        raise UserError(f"--resume: {path} has no 'smooth train' state to resume from")
-    if state.get("device_type") != device.type:
-        raise UserError(
-            f"--resume: {path} was trained on {state.get('device_type')}; resume it with "
-            f"--device {state.get('device_type')} (results are only reproducible on one device)"
-        )
 
 
 def checkpoint_summary(ckpt: dict[str, Any]) -> dict[str, Any]:
@@ -411,3 +387,21 @@ def checkpoint_summary(ckpt: dict[str, Any]) -> dict[str, Any]:
         "train_beta": cfg.get("beta") if cfg.get("method") == "nu-rs" else None,
         "epochs": ckpt.get("epoch"),
     }
+
+
+__all__ = [
+    "CHECKPOINT",
+    "METHODS",
+    "METRICS",
+    "RUNTIME_KEYS",
+    "SCHEDULES",
+    "ConsistencyRegularised",
+    "NoiseAugmentation",
+    "SimilarityRegularised",
+    "SmoothingTask",
+    "TrainConfig",
+    "checkpoint_summary",
+    "evaluate",
+    "make_method",
+    "train",
+]

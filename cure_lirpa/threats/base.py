@@ -19,8 +19,7 @@ from typing import Callable, ClassVar, Iterator, Optional, Sequence
 import torch
 
 from ..errors import UserError
-
-NORMS = {"linf": math.inf, "l2": 2.0, "l1": 1.0}
+from ..vocabulary import L1, L2, LINF, NORM_OF_P, NORM_SYMBOLS, NORMS
 
 
 class Threat:
@@ -41,7 +40,7 @@ class NormBall(Threat):
 
     @property
     def norm(self) -> str:
-        return {math.inf: "linf", 2.0: "l2", 1.0: "l1"}[self.p]
+        return NORM_OF_P[self.p]
 
     @property
     def name(self) -> str:  # type: ignore[override]
@@ -154,8 +153,8 @@ def parse_threat(text: str) -> Threat:
         return text
     kind, sep, arg = text.strip().partition(":")
     kind = kind.lower()
-    if kind in ("linf", "l_inf", "inf"):
-        kind = "linf"
+    if kind in (LINF, "l_inf", "inf"):
+        kind = LINF
     if not sep or not arg:
         raise UserError(
             f"threat {text!r} must look like KIND:VALUE, e.g. linf:0.1, l2:0.5, l1:1.0, patch:2"
@@ -208,11 +207,11 @@ def check_radius(
     if limit is None or eps < limit:
         return
     d = "d" if in_shape is None else str(math.prod(in_shape))
-    how = {"linf": "1", "l2": f"{limit:g} = sqrt(d)", "l1": f"{limit:g} = d"}[norm]
+    how = {LINF: "1", L2: f"{limit:g} = sqrt(d)", L1: f"{limit:g} = d"}[norm]
     hint = "e.g. 8/255"
     if float(eps).is_integer() and eps <= 255:
         hint = f"did you mean {format_eps(eps / 255)}?"
-    shown = {"linf": "l∞"}.get(norm, norm)
+    shown = NORM_SYMBOLS[norm]
     raise UserError(
         f"{what}: an {shown} ball of radius {format_eps(eps)} covers the whole input box "
         f"[0, 1]^{d} (from radius {how} on), so no image can be certified; radii are in "

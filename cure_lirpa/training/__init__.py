@@ -1,2 +1,3 @@
-"""Certified training: objectives (IBP, SABR, MTL-IBP, CURE-Joint/Max/Random), their losses,
-schedules, one training step, and the trainer."""
+"""Training: the one training loop (``trainer``, shared with smoothing training), certified
+training's task (``certified``) and configuration (``config``), objectives (IBP, SABR, MTL-IBP,
+CURE-Joint/Max/Random), their losses, schedules, one optimizer step, metrics and step timing."""

@@ -6,13 +6,14 @@ bounds and alignment, or the natural cross-entropy of a gradient-projection sub-
 are reduced. :class:`TrainStep` runs one optimizer step around it: learning rate, forward,
 backward, the clean logits for the metrics, the training-certificate pass (no-grad IBP for the norms
 the method's loss did not certify), gradient clipping, the optimizer step and the BatchNorm buffer
-sync. :func:`cure_lirpa.training.trainer.train` and :func:`cure_lirpa.training.trainer.step_times` (hence every
-step-time table in ``benchmarks/``) call the same :class:`TrainStep`.
+sync. Certified training (:class:`cure_lirpa.training.certified.CertifiedTask`) and
+:func:`cure_lirpa.training.timing.step_times` (hence every step-time table in ``benchmarks/``) call
+the same :class:`TrainStep`.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -20,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..distributed import World
+from .meter import StepResult
 from .objectives import NORMS, Batch, Method, StepOutput, TrainingNetwork
 
 PHASES = ("certified", "natural")
@@ -37,17 +39,6 @@ class StepSchedule:
     crown_ibp_beta: float
     lr: float
     reg_weight: float = 0.0
-
-
-@dataclass
-class StepResult:
-    """What one step reports for the metrics: the loss (this process's slice), its parts, the clean
-    logits (B, K, detached) and the per-norm certified masks (bool (B,))."""
-
-    loss: float
-    parts: dict[str, float]
-    logits: torch.Tensor
-    masks: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 def l1_penalty(model: nn.Module) -> torch.Tensor:

@@ -1,2 +1,2 @@
-"""Deterministic certification: per-sample bounds under several threats and methods, the cascade,
-union accuracy and the results files."""
+"""Deterministic certification: the cascade (:mod:`.cascade`), the verify runner over batches,
+datasets and run folders (:mod:`.runner`), and its results files, written and read (:mod:`.results`)."""
