@@ -54,6 +54,8 @@ from benchmarks.harness import (
     code_fingerprint,
     data_root_option,
     describe,
+    generated_by,
+    header_fields,
     log,
     named_checkpoints,
     provenance,
@@ -65,21 +67,35 @@ from benchmarks.harness import (
     slug,
     split_commas,
     warm_up,
+    with_options,
+)
+from cure_lirpa.vocabulary import (
+    ALPHA_CROWN,
+    AUTO,
+    AUTO_DEVICE,
+    CASCADE_STAGES,
+    CROWN,
+    CROWN_IBP,
+    IBP,
+    L1,
+    L2,
+    NORMS,
+    SDP_CROWN,
 )
 
 SUITE = "certificates"
 CELL_VERSION = 2
 """Part of every cell's key: bump it when what a cell measures changes, so old cells are redone."""
-METHODS = ("ibp", "crown-ibp", "crown", "sdp-crown", "alpha-crown")
+METHODS = CASCADE_STAGES[L2]
 """The single bound methods, cheapest first (the order of the l2 cascade; SDP-CROWN only for l2, l1)."""
-SDP = "sdp-crown"
-CASCADE = "auto"
+SDP = SDP_CROWN
+CASCADE = AUTO
 PGD = "pgd"
 LABEL = {
-    "ibp": "IBP",
-    "crown-ibp": "CROWN-IBP",
-    "crown": "CROWN",
-    "alpha-crown": "α-CROWN",
+    IBP: "IBP",
+    CROWN_IBP: "CROWN-IBP",
+    CROWN: "CROWN",
+    ALPHA_CROWN: "α-CROWN",
     SDP: "SDP-CROWN",
     CASCADE: "cascade",
     PGD: "PGD",
@@ -96,7 +112,7 @@ DEFAULT_MODELS = {RESULTS / "cure_mnist": "", RESULTS / "cure_cifar10": "cifar10
 
 def runs(method: str, threat: str) -> bool:
     """Whether the cell (threat, method) is run: SDP-CROWN only under l2 and l1 balls."""
-    return method != SDP or threat.split(":")[0] in ("l2", "l1")
+    return method != SDP or threat.split(":")[0] in (L2, L1)
 
 
 DEFAULT_ROWS = ("natural", "ibp-linf", "ibp-l2", "cure-joint", "cure-max")
@@ -124,59 +140,42 @@ FULL = Settings(count=40, alpha_iterations=20, attack_steps=50, attack_restarts=
 
 
 def standin_configs(quick: bool, data_root: Optional[str], cifar: bool) -> dict[str, Any]:
-    """``{name: TrainConfig}`` of the stand-in models (MNIST, and CIFAR-10 when ``cifar``)."""
+    """``{name: TrainConfig}`` of the stand-in models (MNIST, and CIFAR-10 when ``cifar``): one
+    cnn-small per training method, trained without certified metrics."""
     from cure_lirpa.training.config import TrainConfig
 
-    out: dict[str, Any] = {}
-    if quick:  # about ten seconds per model on one core
+    def standins(
+        methods: Sequence[str], schedule: tuple[int, float, float], prefix: str = "", **fields: Any
+    ) -> dict[str, Any]:
+        """One config per method (named ``prefix + method``); ``schedule``: the epochs, warm-up
+        epochs and ramp epochs."""
+        epochs, warmup, ramp = schedule
         base = TrainConfig(
-            dataset="sample",
-            arch="cnn-small",
-            arch_kwargs={"width": 4},
-            epochs=8,
-            warmup_epochs=1.0,
-            ramp_epochs=4.0,
-            batch_size=100,
-            lr=2e-3,
-            train_cert=False,
-            memory_mb=1024.0,
+            arch="cnn-small", epochs=epochs, warmup_epochs=warmup, ramp_epochs=ramp, **fields
         )
-        for m in ("natural", "ibp-linf", "ibp-l2", "cure-joint"):
-            out[m] = dataclasses.replace(base, method=m)
-        return out
+        return {prefix + m: dataclasses.replace(base, method=m, train_cert=False) for m in methods}
+
+    if quick:  # about ten seconds per model on one core
+        sizes = dict(arch_kwargs={"width": 4}, batch_size=100, lr=2e-3, memory_mb=1024.0)
+        methods = ("natural", "ibp-linf", "ibp-l2", "cure-joint")
+        return standins(methods, (8, 1.0, 4.0), dataset="sample", **sizes)
     mnist = data_root is not None and (Path(data_root) / "MNIST" / "raw").is_dir()
-    base = TrainConfig(  # a short CPU recipe (cnn-small, IBP, 1.5x l2)
+    out = standins(  # a short CPU recipe (cnn-small, IBP, 1.5x l2)
+        ("natural", "ibp-linf", "ibp-l2", "cure-joint", "cure-max"),
+        (5, 1.0, 2.5) if mnist else (20, 2.0, 10.0),
         dataset="mnist" if mnist else "sample",
         data_root=data_root if mnist else None,
-        arch="cnn-small",
-        epochs=5 if mnist else 20,
-        warmup_epochs=1.0 if mnist else 2.0,
-        ramp_epochs=2.5 if mnist else 10.0,
         train_count=10000 if mnist else None,  # MNIST is not sorted by class: a fair subset
         batch_size=256,
         lr=5e-4,
         train_eps_l2=0.75,
-        train_cert=False,
     )
-    for m in ("natural", "ibp-linf", "ibp-l2", "cure-joint", "cure-max"):
-        out[m] = dataclasses.replace(base, method=m)
     if cifar:
-        cbase = TrainConfig(
-            dataset="cifar10",
-            data_root=data_root,
-            arch="cnn-small",
-            arch_kwargs={"width": 8},
-            epochs=3,
-            warmup_epochs=0.5,
-            ramp_epochs=1.5,
-            batch_size=128,
-            lr=1e-3,
-            eps_linf=2 / 255,
-            eps_l2=0.25,
-            train_cert=False,
-        )
-        for m in ("natural", "ibp-linf", "cure-joint"):
-            out[f"cifar10-{m}"] = dataclasses.replace(cbase, method=m)
+        radii = dict(eps_linf=2 / 255, eps_l2=0.25)
+        sizes = dict(arch_kwargs={"width": 8}, batch_size=128, lr=1e-3)
+        methods = ("natural", "ibp-linf", "cure-joint")
+        cifar10 = dict(dataset="cifar10", data_root=data_root, **sizes, **radii)
+        out.update(standins(methods, (3, 0.5, 1.5), "cifar10-", **cifar10))
     return out
 
 
@@ -455,7 +454,7 @@ def cell_spec(
         key.update(attack_steps=s.attack_steps, attack_restarts=s.attack_restarts)
     else:
         key.update(memory_mb=s.memory_mb)
-        if method in ("alpha-crown", SDP, CASCADE):
+        if method in (ALPHA_CROWN, SDP, CASCADE):
             key["alpha_iterations"] = s.alpha_iterations
     return {
         "key": key,
@@ -481,20 +480,29 @@ def cell_methods(methods: Sequence[str], cascade: bool, attack: bool) -> list[st
     return [*methods, *([CASCADE] if cascade else []), *([PGD] if attack else [])]
 
 
+@dataclass
+class Grid:
+    """The cells of a run: the models, the single bound methods (with the cascade and PGD when
+    ``cascade`` / ``attack``), the settings, the run's code key and the results folder."""
+
+    entries: Sequence[ModelEntry]
+    methods: Sequence[str]
+    s: Settings
+    run: dict[str, Any]
+    out: Path
+    cascade: bool
+    attack: bool
+
+
 def run_cells(
-    entries: Sequence[ModelEntry],
-    methods: Sequence[str],
-    s: Settings,
-    run: dict[str, Any],
-    out: Path,
-    cascade: bool,
-    attack: bool,
+    grid: Grid,
     retry_failed: bool = False,
     timeout: Optional[float] = None,
     on_model_done: Optional[Any] = None,
 ) -> None:
     """Run every missing cell, each in a fresh process; cells already on disk are skipped."""
-    kinds = cell_methods(methods, cascade, attack)
+    entries, s, run, out = grid.entries, grid.s, grid.run, grid.out
+    kinds = cell_methods(grid.methods, grid.cascade, grid.attack)
     total = sum(runs(m, t) for e in entries for t in e.threats for m in kinds)
     k = 0
     for e in entries:
@@ -630,7 +638,7 @@ def analyse_model(
         c = ok.get((t, CASCADE))
         if c is not None:
             best = set().union(*(cert[t][m] for m in singles if m in cert[t]))
-            crown = ok.get((t, "crown"))
+            crown = ok.get((t, CROWN))
             stages = c.get("stage_seconds", {})
             res["cascade"][t] = {
                 "certified_pct": _pct(len(cert[t][CASCADE]), n),
@@ -681,44 +689,37 @@ def sdp_row(
     or loses, median seconds per image and the time ratio to alpha-CROWN (same steps and batch)."""
     med = {
         m: _median(ok[(t, m)]["seconds"]) if (t, m) in ok else None
-        for m in ("crown", "alpha-crown", SDP)
+        for m in (CROWN, ALPHA_CROWN, SDP)
     }
     row: dict[str, Any] = {
         f"{m}_pct": _pct(len(cert[m]), n) if m in cert else None
-        for m in ("crown", "alpha-crown", SDP, CASCADE)
+        for m in (CROWN, ALPHA_CROWN, SDP, CASCADE)
     }
     row.update({f"{m}_median_s": v for m, v in med.items()})
-    for m in ("crown", "alpha-crown"):
+    for m in (CROWN, ALPHA_CROWN):
         if m in cert:
             row[f"new_vs_{m}"] = len(cert[SDP] - cert[m])
             row[f"lost_vs_{m}"] = len(cert[m] - cert[SDP])
-    a, d = med["alpha-crown"], med[SDP]
+    a, d = med[ALPHA_CROWN], med[SDP]
     row["time_ratio_vs_alpha"] = d / a if a and d is not None and a > 0 else None
-    margins = {m: ok[(t, m)]["margins"] for m in ("crown", "alpha-crown", SDP) if (t, m) in ok}
+    margins = {m: ok[(t, m)]["margins"] for m in (CROWN, ALPHA_CROWN, SDP) if (t, m) in ok}
     for m, v in margins.items():  # mean over the images of the smallest margin lower bound
         vals = [x for x in v if x is not None and math.isfinite(x)]
         row[f"{m}_mean_margin"] = statistics.fmean(vals) if vals else None
-    if "crown" in margins:
-        pairs = zip(margins[SDP], margins["crown"])
+    if CROWN in margins:
+        pairs = zip(margins[SDP], margins[CROWN])
         row["tighter_than_crown"] = sum(
             1 for x, c in pairs if x is not None and c is not None and x > c + 1e-6
         )
     return row
 
 
-def collect(
-    entries: Sequence[ModelEntry],
-    methods: Sequence[str],
-    s: Settings,
-    run: dict[str, Any],
-    out: Path,
-    cascade: bool,
-    attack: bool,
-) -> list[dict[str, Any]]:
+def collect(grid: Grid) -> list[dict[str, Any]]:
     """Analyse every model from the cells on disk (cells of other settings are ignored)."""
-    kinds = cell_methods(methods, cascade, attack)
+    s, run, out, methods = grid.s, grid.run, grid.out, grid.methods
+    kinds = cell_methods(methods, grid.cascade, grid.attack)
     models = []
-    for e in entries:
+    for e in grid.entries:
         cells = {}
         for t in e.threats:
             for m in kinds:
@@ -762,8 +763,7 @@ def summary_markdown(result: dict[str, Any]) -> str:
     kinds = [*methods, *([CASCADE] if result["cascade"] else [])]
     st = result["settings"]
     lines = [
-        f"Generated {result['generated']} by `{result['command']}` on {result['machine']} "
-        f"({result['threads']} thread(s) per cell, {result['device']}); the cells took "
+        f"{generated_by(result)} ({result['threads']} thread(s) per cell, {result['device']}); the cells took "
         f"{sum(m['cell_seconds'] for m in models) / 60:.1f} min (each in its own process). "
         f"{st['count']} test images per model (evenly spaced over the test "
         f"split), batch {st['batch_size']}, α-CROWN {st['alpha_iterations']} steps, PGD "
@@ -1116,7 +1116,7 @@ def write_report(result: dict[str, Any], out: Path) -> None:
     "--norm",
     "norms",
     multiple=True,
-    type=click.Choice(["linf", "l2", "l1"]),
+    type=click.Choice(list(NORMS)),
     help="Keep only the default threats of these norms, e.g. --norm l2 --norm l1 [default: all].",
 )
 @click.option("--count", type=click.IntRange(min=1), default=None, help="Test images per model.")
@@ -1134,7 +1134,7 @@ def write_report(result: dict[str, Any], out: Path) -> None:
     help="Results folder [default: benchmarks/results/certificates[-quick]].",
 )
 @click.option("--threads", type=click.IntRange(min=1), default=1, help="torch threads per cell.")
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="cpu")
+@click.option("--device", type=click.Choice([AUTO_DEVICE, "cpu", "cuda"]), default="cpu")
 @click.option("--cell-timeout", type=click.FloatRange(min=1), default=None, help="Seconds.")
 @click.option("--retry-failed", is_flag=True, help="Run failed cells again.")
 @click.option("--report-only", is_flag=True, help="Only rebuild the report from finished cells.")
@@ -1171,15 +1171,13 @@ def main(
 
     t_start = time.perf_counter()
     torch.set_num_threads(threads)
-    s = dataclasses.replace(QUICK if quick else FULL)
-    for name, v in (
-        ("count", count),
-        ("batch_size", batch_size),
-        ("alpha_iterations", alpha_iterations),
-        ("memory_mb", memory_mb),
-    ):
-        if v is not None:
-            setattr(s, name, v)
+    s = with_options(
+        QUICK if quick else FULL,
+        count=count,
+        batch_size=batch_size,
+        alpha_iterations=alpha_iterations,
+        memory_mb=memory_mb,
+    )
     methods = [m for m in METHODS if m in methods] if methods else list(METHODS)
     try:
         threats = [parse_threat(t).name for t in split_commas(*threats)]
@@ -1254,14 +1252,11 @@ def main(
         f"methods {', '.join(methods)}{' + cascade' if cascade else ''}; results in {out}"
     )
     origin = provenance(out / "results.json", report_only)
+    grid = Grid(entries, methods, s, run, out, cascade, attack)
 
     def report() -> None:
         result = {
-            "suite": SUITE,
-            "quick": quick,
-            "command": origin["command"],
-            "generated": origin["generated"],
-            "wall_seconds": origin.get("wall_seconds", round(time.perf_counter() - t_start, 1)),
+            **header_fields(SUITE, quick, origin, t_start),
             "machine": f"{platform.machine()} {platform.system()}, {_cpus()} CPU(s)",
             "threads": threads,
             "device": dev,
@@ -1271,7 +1266,7 @@ def main(
             "attack": attack,
             "versions": versions(),
             "code": run["code"],
-            "models": collect(entries, methods, s, run, out, cascade, attack),
+            "models": collect(grid),
         }
         if report_only and not result["models"]:
             raise click.ClickException(
@@ -1281,18 +1276,7 @@ def main(
         write_report(result, out)
 
     if not report_only:
-        run_cells(
-            entries,
-            methods,
-            s,
-            run,
-            out,
-            cascade,
-            attack,
-            retry_failed,
-            cell_timeout,
-            on_model_done=report,
-        )
+        run_cells(grid, retry_failed, cell_timeout, on_model_done=report)
     report()
     log(
         f"done in {time.perf_counter() - t_start:.0f} s: {out / 'summary.md'}, results.md, "

@@ -68,7 +68,7 @@ import click
 import torch
 
 from benchmarks.harness import RESULTS, data_root_option, log, save_summary, split_commas
-from cure_lirpa.data import load_dataset, stack, take
+from cure_lirpa.data import default_radii, load_dataset, stack, take
 from cure_lirpa.errors import UserError
 from cure_lirpa.io.checkpoint import (
     atomic_write_text,
@@ -81,20 +81,21 @@ from cure_lirpa.training.certified import train
 from cure_lirpa.training.config import TrainConfig, apply_preset
 from cure_lirpa.training.timing import step_times
 from cure_lirpa.training.trainer import CHECKPOINT
+from cure_lirpa.vocabulary import AUTO, CIFAR10, CROWN, CROWN_IBP, IBP, MNIST, SDP_CROWN
 
 THREATS = {
     "mnist": ("linf:0.1", "l2:0.5", "l1:1"),
     "cifar10": ("linf:2/255", "l2:0.25", "l1:0.5"),
 }
 """The three threats each dataset's rows are certified under; the first two are the training pair."""
-EPS = {"mnist": (0.1, 0.5), "cifar10": (2 / 255, 0.25)}
+EPS = {name: default_radii(name) for name in (MNIST, CIFAR10)}
 """(l∞, l2) training and certification radii per dataset."""
 TITLE = {"mnist": "MNIST", "cifar10": "CIFAR-10"}
-STAGES = (("crown", None), ("sdp-crown", 2.0))
+STAGES = ((CROWN, None), (SDP_CROWN, 2.0))
 """The bound methods run after IBP, in order, each on the images still open: (method, the lp-ball
 norm it runs for; None: every threat). SDP-CROWN (l2 balls only) is as tight as CROWN or tighter
 and costs about ten CROWN calls, so it runs only on what CROWN leaves open."""
-BOUND_METHODS = ("ibp", *(m for m, _ in STAGES))
+BOUND_METHODS = (IBP, *(m for m, _ in STAGES))
 PROCEDURE = "ibp on all, then on the images still open: crown, sdp-crown (l2)"
 
 # row -> (description, TrainConfig overrides)
@@ -118,7 +119,7 @@ ROWS: dict[str, tuple[str, dict[str, Any]]] = {
         {"method": "cure-joint", "linf_variant": "sabr", "l2_variant": "defence"},
     ),
 }
-SHI = {"init": "ibp", "ibp_reg": 0.5, "l1_reg": 1e-6, "kappa_start": 0.0}
+SHI = {"init": IBP, "ibp_reg": 0.5, "l1_reg": 1e-6, "kappa_start": 0.0}
 """Shi et al.'s IBP initialisation and warm-up regulariser (weight 0.5, decaying over the ramp), a
 small L1 penalty and no natural-loss share beyond the warm-up: the recipe CTRAIN trains SABR and
 MTL-IBP with (its SABR uses regulariser weight 1 and L1 1e-5)."""
@@ -199,6 +200,57 @@ ROWS.update(
         ),
     }
 )
+B64 = {"batch_size": 64}
+"""Today's batch size for MNIST (CTRAIN's MNIST loader's; 4x the optimizer steps of batch 256)."""
+TABLE_CURE = {"l2_variant": "mtl-ibp", "mtl_alpha_l2": 0.3, **B64}
+"""The CURE rows of the MNIST table: an IBP l∞ block and an MTL-IBP l2 block (alpha 0.3)."""
+ROWS.update(
+    {
+        "natural-b64": ("natural training, batch 64", {"method": "natural", **B64}),
+        "ibp-l2-b64": (
+            "IBP on the exact l2 ball, IBP init, batch 64",
+            {"method": "ibp-l2", **SHI, **B64},
+        ),
+        "mtl-ibp-l2-a0.3-b64": (
+            "MTL-IBP l2 alone (alpha 0.3), IBP init, batch 64: the l2 block of the CURE rows",
+            {"method": "mtl-ibp-l2", **SHI, "ibp_reg": 0.0, "mtl_alpha_l2": 0.3, **B64},
+        ),
+        **{
+            f"{m}-mtl2-b64{ba}": (
+                f"CURE-{m[5:].title()}, IBP l∞ + MTL-IBP l2 (alpha 0.3), batch 64"
+                + (", bound alignment (eta 2, q = l2)" if ba else ""),
+                {"method": m, **TABLE_CURE, **({"ba_eta": 2.0} if ba else {})},
+            )
+            for m in ("cure-max", "cure-random")
+            for ba in ("", "+ba")
+        },
+        "cure-joint-mtl2-b64+ba": (
+            "CURE-Joint, IBP l∞ + MTL-IBP l2 (alpha 0.3), batch 64, bound alignment (eta 2, q = l2)",
+            {**JOINT_MTL2, **B64, "ba_eta": 2.0},
+        ),
+        "cure-scratch-b64": (
+            "CURE-Scratch with today's blocks: Max + BA (eta 2) + GP (beta 0.8), batch 64",
+            {"method": "cure-max", **TABLE_CURE, "ba_eta": 2.0, "gp_beta": 0.8},
+        ),
+    }
+)
+MNIST_TABLE = (
+    "natural-b64",
+    "ibp-linf+shi-b64",
+    "sabr-linf+shi-ctrain",
+    "mtl-ibp-linf-b64",
+    "ibp-l2-b64",
+    "mtl-ibp-l2-a0.3-b64",
+    "cure-joint-mtl2-b64",
+    "cure-joint-mtl2-b64+ba",
+    "cure-max-mtl2-b64",
+    "cure-max-mtl2-b64+ba",
+    "cure-random-mtl2-b64",
+    "cure-random-mtl2-b64+ba",
+    "cure-scratch-b64",
+)
+"""The rows of the paper's MNIST table on today's blocks (``--rows table``): natural, every
+single-norm block, CURE-Joint / Max / Random with and without bound alignment, CURE-Scratch."""
 CIFAR_ROWS: dict[str, tuple[str, dict[str, Any]]] = {
     "cure-joint-a0.8": (
         "CURE-Joint, alpha 0.8 (l∞ weight)",
@@ -249,6 +301,7 @@ OPTIONAL_ROWS = (
     "cure-joint-sabr",
     *(r for r in ROWS if "+shi" in r or "mtl" in r or "epochs" in ROWS[r][1]),
     *CIFAR_ROWS,
+    *MNIST_TABLE,
 )
 DEFAULT_ROWS = tuple(r for r in ROWS if r not in OPTIONAL_ROWS)
 """Rows of a plain run; l2-defence and cure-joint-sabr (8 PGD steps per batch) only on request."""
@@ -328,7 +381,7 @@ def row_config(
             base,
             epochs=s["finetune_epochs"],
             init_from=str(results / FINETUNE_FROM / CHECKPOINT),
-            linf_variant="ibp",
+            linf_variant=IBP,
             l2_variant="ball",
         )
         # The preset's method, BA, GP and lr; keep the certifiable variants and this schedule's
@@ -433,7 +486,7 @@ def run_row(
         "clean": summary["clean_accuracy"],
         "threats": list(s["threats"]),
         "certified": {t: best[parse_threat(t).name] for t in s["threats"]},
-        "certified_ibp": summary["certified"]["ibp"] if "ibp" in summary["certified"] else None,
+        "certified_ibp": summary["certified"][IBP] if IBP in summary["certified"] else None,
         "certified_by_method": summary["certified"],
         "crown_images": summary.get("crown_images"),
         "stage_images": summary.get("stage_images"),
@@ -454,7 +507,7 @@ def run_row(
 
 def stages(threat: Any) -> tuple[str, ...]:
     """This suite's cascade stages under ``threat``: IBP, then those of :data:`STAGES` that apply."""
-    return ("ibp", *(m for m, norm in STAGES if norm is None or getattr(threat, "p", None) == norm))
+    return (IBP, *(m for m, norm in STAGES if norm is None or getattr(threat, "p", None) == norm))
 
 
 def certify(model, test, threats, in_shape, s: dict[str, Any]):
@@ -469,7 +522,7 @@ def certify(model, test, threats, in_shape, s: dict[str, Any]):
     from cure_lirpa.verification.runner import certify_dataset
 
     t0 = time.perf_counter()
-    rows, run = certify_dataset(model, test, threats, ["auto"], in_shape, batch_size=100,
+    rows, run = certify_dataset(model, test, threats, [AUTO], in_shape, batch_size=100,
                                 memory_mb=2048.0, attack_steps=s["attack_steps"],
                                 attack_restarts=1, budget=None, stages=stages)  # fmt: skip
     stage_images: dict[str, dict[str, int]] = {m: {} for m, _ in STAGES}
@@ -482,7 +535,7 @@ def certify(model, test, threats, in_shape, s: dict[str, Any]):
             if spent is not None:
                 stage_seconds[m][t] = spent * len(rows)
         for r in rows:  # the cascade's column as one column per stage
-            by, margin, ok = r.decided_by[t], r.margins[t].pop("auto"), r.certified[t].pop("auto")
+            by, margin, ok = r.decided_by[t], r.margins[t].pop(AUTO), r.certified[t].pop(AUTO)
             r.margins[t].update(dict.fromkeys(BOUND_METHODS, float("nan")))
             r.certified[t].update(dict.fromkeys(BOUND_METHODS, False))
             if by in order:
@@ -490,7 +543,7 @@ def certify(model, test, threats, in_shape, s: dict[str, Any]):
     summary = summarize(rows, threats, list(BOUND_METHODS), seconds=time.perf_counter() - t0)
     summary["stage_images"] = stage_images
     summary["stage_seconds"] = stage_seconds
-    summary["crown_images"] = stage_images["crown"]
+    summary["crown_images"] = stage_images[CROWN]
     summary["note"] = (
         "after IBP, each method ran per threat only on the images correctly classified and not "
         "certified by an earlier one (crown, then sdp-crown for l2); best-of and union numbers "
@@ -503,7 +556,7 @@ def _open_at(r: Any, t: str, order: Sequence[str], stage: str) -> bool:
     """Whether image ``r`` was still open under ``t`` when the cascade reached ``stage``."""
     by = r.decided_by[t]
     earlier = by in order and order.index(by) < order.index(stage)
-    return r.correct and not (earlier and r.margins[t]["auto"] > 0)
+    return r.correct and not (earlier and r.margins[t][AUTO] > 0)
 
 
 def _lookup(d: dict[str, Any], threat: str) -> Any:
@@ -647,7 +700,7 @@ def measure_speed(
     return out
 
 
-BOUND_COST_METHODS = ("ibp", "crown-ibp", "crown", "sdp-crown")
+BOUND_COST_METHODS = (IBP, CROWN_IBP, CROWN, SDP_CROWN)
 
 
 def measure_bound_cost(
@@ -673,7 +726,7 @@ def measure_bound_cost(
         times["natural"].append(step_times(natural, x, y, rounds=1, clock="cpu")["natural"])
         for method in BOUND_COST_METHODS:
             t0 = time.process_time()
-            if method == "sdp-crown":  # optimises its own parameters with autograd
+            if method == SDP_CROWN:  # optimises its own parameters with autograd
                 bounded.margin_lower_bounds(x, y, threat, method)
             else:
                 with torch.no_grad():
@@ -748,9 +801,9 @@ def _certified_cell(row: dict[str, Any], threat: str) -> str:
     if value is None:
         return "-"
     name = parse_threat(threat).name
-    if name not in ((row.get("stage_images") or {}).get("sdp-crown") or {}):
+    if name not in ((row.get("stage_images") or {}).get(SDP_CROWN) or {}):
         return f"{value:.1f}"
-    gain = row["certified_by_method"][name]["sdp-crown"]
+    gain = row["certified_by_method"][name][SDP_CROWN]
     return f"{value:.1f} (SDP +{gain:.1f})"
 
 
@@ -761,7 +814,7 @@ def stage_cost_line(rows: list[dict[str, Any]]) -> str:
     for r in rows:
         seconds, images = r.get("stage_seconds") or {}, r.get("stage_images") or {}
         cells = []
-        for method, label in (("crown", "CROWN"), ("sdp-crown", "SDP-CROWN")):
+        for method, label in ((CROWN, "CROWN"), (SDP_CROWN, "SDP-CROWN")):
             for t, n in (images.get(method) or {}).items():
                 if t.startswith("l2:") and n and t in (seconds.get(method) or {}):
                     cells.append(f"{label} {seconds[method][t] / n:.2f} s x {n}")
@@ -1022,8 +1075,9 @@ def plot(rows: list[dict[str, Any]], path: Path, dataset: str = "mnist") -> None
     "--rows",
     "rows_opt",
     multiple=True,
-    help="Rows to run (repeatable or comma-separated; 'none' for no row) [default: all but "
-    "l2-defence]: " + ", ".join(ROWS),
+    help="Rows to run (repeatable or comma-separated; 'none' for no row; 'table' for the rows of "
+    "the paper's MNIST table on today's blocks) [default: all but the optional rows]: "
+    + ", ".join(ROWS),
 )
 @click.option("--quick", is_flag=True, help="A smoke run on the built-in sample (minutes).")
 @data_root_option(
@@ -1146,6 +1200,9 @@ def main(
         report(folder, log, dataset)
         return
     picked = [r for r in (split_commas(*rows_opt) if rows_opt else DEFAULT_ROWS) if r != "none"]
+    if "table" in picked:  # the paper's MNIST table on today's blocks
+        at = picked.index("table")
+        picked[at : at + 1] = [r for r in MNIST_TABLE if r not in picked]
     unknown = [r for r in picked if r not in ROWS]
     if unknown:
         raise click.BadParameter(f"unknown rows {unknown}; choose from {', '.join(ROWS)}")

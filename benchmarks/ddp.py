@@ -19,14 +19,13 @@ import platform
 import shutil
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-from benchmarks.harness import REPO, RESULTS, save_summaries
+from benchmarks.harness import REPO, RESULTS, cli_command, save_summaries
 from cure_lirpa.io.checkpoint import load_checkpoint, versions
 
 OUT = RESULTS / "ddp"
@@ -61,20 +60,7 @@ def _train(args: argparse.Namespace, name: str, out: Path, processes: int) -> di
         "--out",
         str(out),
     ]
-    if processes == 1:
-        cmd = [sys.executable, "-m", "cure_lirpa", *cli]
-    else:
-        cmd = [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            "--nproc_per_node",
-            str(processes),
-            "-m",
-            "cure_lirpa",
-            *cli,
-        ]
+    cmd = cli_command(*cli, processes=processes)
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "PYTHONPATH": str(REPO)}
     t0 = time.perf_counter()
     done = subprocess.run(cmd, env=env, capture_output=True, text=True)

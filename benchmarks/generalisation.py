@@ -43,9 +43,10 @@ from cure_lirpa.io.checkpoint import (
 from cure_lirpa.threats.base import BoxFamily, Threat, parse_threat
 from cure_lirpa.threats.geometry import parse_geometric  # noqa: F401  (registers geometric threats)
 from cure_lirpa.threats.patches import parse_patch  # noqa: F401  (registers patch threats)
+from cure_lirpa.vocabulary import CROWN, CROWN_IBP, IBP
 
 DEFAULT_THREATS = ("patch:2", "patch:5", "rotate:30", "translate:2")
-DEFAULT_METHODS = ("ibp", "crown-ibp", "crown")
+DEFAULT_METHODS = (IBP, CROWN_IBP, CROWN)
 SCALING = (
     "rotate:30@15",
     "rotate:30@30",
@@ -122,7 +123,7 @@ def evaluate_model(
         entry: dict[str, Any] = {"boxes_per_image": boxes, "methods": {}}
         best = torch.zeros(n, dtype=torch.bool)
         for method in methods:
-            if method != "ibp":
+            if method != IBP:
                 est = estimate_seconds_per_image(bc, x, y, threat, method)
                 if est > budget:
                     entry["methods"][method] = {
@@ -169,7 +170,7 @@ def scaling_study(
     for name in names:
         threat = parse_threat(name)
         for method in methods:
-            if method != "ibp" and estimate_seconds_per_image(bc, x, y, threat, method) > budget:
+            if method != IBP and estimate_seconds_per_image(bc, x, y, threat, method) > budget:
                 continue
             flags, secs = certify(bc, x, y, threat, method, batch)
             rows.append(
@@ -406,7 +407,7 @@ def main(
                 x[:k],
                 y[:k],
                 SCALING_QUICK if quick else SCALING,
-                tuple(m for m in method_list if m in ("ibp", "crown-ibp")),
+                tuple(m for m in method_list if m in (IBP, CROWN_IBP)),
                 budget,
                 batch,
             )

@@ -9,14 +9,16 @@ fast); what needs the library imports it inside the function.
 * **Results**: :func:`save_summary` writes a committed results file (JSON stamped with
   :func:`commit_stamp`; absolute paths made :func:`portable`), :func:`save_summaries` several;
   :func:`environment` describes the software; :func:`provenance` and
-  :func:`read_results` serve ``--report-only``; :func:`slug` makes file names; :func:`log` prints.
+  :func:`read_results` serve ``--report-only``; :func:`header_fields` starts a results.json
+  and :func:`generated_by` its summary.md; :func:`slug` makes file names; :func:`log` prints.
 * **Timing and memory**: :func:`interleaved_times` (calls interleaved so machine load hits all
   contenders alike), :func:`rss_now_mb` / :func:`rss_peak_mb` / :func:`reset_peak_rss`.
 * **Cells**: :func:`run_cell` measures one cell in a fresh process (:func:`run_isolated`, so its
   peak memory is its own) and caches it under a key of everything that decides it; a missing or
   stale cache is simply recomputed (caches are local: ``cells/``, ``points/``, ... are not
   committed). :func:`warm_up`, :func:`code_fingerprint` and :func:`describe` serve the cells.
-* **Options**: :func:`data_root_option`, :func:`split_commas`, :func:`named_checkpoints`.
+* **Options**: :func:`data_root_option`, :func:`with_options`, :func:`split_commas`,
+  :func:`named_checkpoints`; :func:`cli_command` runs ``cure-lirpa`` in a fresh process.
 * **Docs**: :func:`filled_text` copies each suite's latest fragment into the marked sections of the
   docs pages (``python -m benchmarks docs``).
 """
@@ -35,7 +37,7 @@ import sys
 import time
 import traceback
 import types
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
@@ -251,6 +253,26 @@ def provenance(results_json: Path, report_only: bool) -> dict[str, Any]:
         except (OSError, ValueError, KeyError):
             pass
     return {"command": command_line(), "generated": time.strftime("%Y-%m-%d %H:%M")}
+
+
+def header_fields(
+    suite: str, quick: bool, origin: dict[str, Any], t_start: float
+) -> dict[str, Any]:
+    """The first keys of a suite's results.json: the suite, its mode, and the command and date of
+    :func:`provenance`'s ``origin`` with its ``wall_seconds`` (else the seconds since ``t_start``)."""
+    wall = origin.get("wall_seconds", round(time.perf_counter() - t_start, 1))
+    return {
+        "suite": suite,
+        "quick": quick,
+        "command": origin["command"],
+        "generated": origin["generated"],
+        "wall_seconds": wall,
+    }
+
+
+def generated_by(result: dict[str, Any]) -> str:
+    """The opening of a summary.md: ``Generated <date> by `<command>` on <machine>``."""
+    return f"Generated {result['generated']} by `{result['command']}` on {result['machine']}"
 
 
 @functools.cache
@@ -480,6 +502,15 @@ def run_isolated(
     return proc.exitcode
 
 
+def cli_command(*args: str, processes: int = 1) -> list[str]:
+    """The command line of ``cure-lirpa ARGS`` in a fresh Python: one process, or ``processes``
+    processes under torchrun (``--standalone``: a rendezvous of its own on this machine)."""
+    if processes == 1:
+        return [sys.executable, "-m", "cure_lirpa", *args]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+    return [*torchrun, "--nproc_per_node", str(processes), "-m", "cure_lirpa", *args]
+
+
 def exit_reason(code: Optional[int]) -> str:
     """A human explanation of a child's exit code."""
     if code is None:
@@ -603,6 +634,11 @@ def data_root_option(help: str = "Folder holding MNIST/raw.", **kwargs: Any) -> 
     """``--data-root`` (a folder, as text) defaulting to the shared data folder ../shared/data."""
     kwargs = {"default": str(DEFAULT_DATA), "show_default": True, "help": help, **kwargs}
     return click.option("--data-root", type=click.Path(file_okay=False), **kwargs)
+
+
+def with_options(settings: Any, **options: Any) -> Any:
+    """A copy of the settings dataclass ``settings`` with the options that were given (not None)."""
+    return replace(settings, **{name: v for name, v in options.items() if v is not None})
 
 
 def split_commas(*items: str) -> list[str]:

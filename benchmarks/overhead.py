@@ -39,6 +39,7 @@ from cure_lirpa.models import build_model
 from cure_lirpa.threats.base import NormBall
 from cure_lirpa.training.config import TrainConfig
 from cure_lirpa.training.timing import step_times
+from cure_lirpa.vocabulary import CROWN, IBP
 
 OUT = RESULTS / "overhead"
 
@@ -59,8 +60,8 @@ def wrapper_overhead(model, x, y, repeats: int, crown_batch: int) -> dict:
     eps = 0.1
     out = {}
     full_x, full_y = x, y
-    for method, name in (("ibp", "IBP"), ("crown", "backward")):
-        x, y = (full_x, full_y) if method == "ibp" else (full_x[:crown_batch], full_y[:crown_batch])
+    for method, name in ((IBP, "IBP"), (CROWN, "backward")):
+        x, y = (full_x, full_y) if method == IBP else (full_x[:crown_batch], full_y[:crown_batch])
         C = margin_matrix(y, 10)
         mean = model.normalize.mean
         x_shift = x - mean  # the wrapper's input shift, done once outside the timing

@@ -29,6 +29,7 @@ from benchmarks.harness import (
     RESULTS,
     data_root_option,
     exit_reason,
+    generated_by,
     log,
     provenance,
     read_results,
@@ -38,9 +39,10 @@ from benchmarks.harness import (
     run_isolated,
     save_summaries,
 )
+from cure_lirpa.vocabulary import ALPHA_CROWN, AUTO, CROWN, CROWN_IBP, IBP
 
 OUT = RESULTS / "patches"
-METHODS = ("ibp", "crown-ibp", "crown", "alpha-crown")
+METHODS = (IBP, CROWN_IBP, CROWN, ALPHA_CROWN)
 TARGET_RATIO = 3.0
 
 
@@ -100,7 +102,7 @@ def _time_method(
         "seconds_per_image": summary.get("seconds_per_image", {}),
         "growth_mb": rss_peak_mb() - before,
     }
-    if method == "auto":
+    if method == AUTO:
         result["decided_by"] = dict(Counter(r.decided_by[name] for r in rows))
     Path(out).write_text(json.dumps(result))
 
@@ -159,7 +161,7 @@ def report(res: dict[str, Any]) -> str:
     """The Markdown summary of ``res`` (results.json)."""
     t = res["timing"]
     lines = [
-        f"Generated {res['generated']} by `{res['command']}` on {res['machine']} (1 thread, CPU); "
+        f"{generated_by(res)} (1 thread, CPU); "
         f"demo model (`cure-lirpa train` defaults, cnn-small on the MNIST sample), the first "
         f"{res['count']} MNIST test images, `{res['threat']}`, `--memory-mb {res['memory_mb']:g}`. "
         "Each row is one fresh process; *+MB* is its peak resident memory above the level before "
@@ -168,7 +170,7 @@ def report(res: dict[str, Any]) -> str:
         "| method | seconds | s/image | certified | +MB | decided by |",
         "|---|---|---|---|---|---|",
     ]
-    for m in ("ibp", "auto"):
+    for m in (IBP, AUTO):
         r = t[m]
         if "error" in r:
             lines.append(f"| {m} | {r['error']} | | | | |")
@@ -255,7 +257,7 @@ def main(
                 raise click.ClickException(f"training the demo model {exit_reason(code)}")
     args = (str(checkpoint), data_root)
     timing = {}
-    for method in ("ibp", "auto"):
+    for method in (IBP, AUTO):
         log(f"{threat} with {method} on {count} images")
         timing[method] = _child(_time_method, *args, count, threat, method, memory_mb)
         log(f"  {timing[method]}")
@@ -266,7 +268,7 @@ def main(
             r = _child(_measure_memory, *args, threat, method, budget)
             memory.append({"method": method, "threat": threat, "budget_mb": budget, **r})
             log(f"  {memory[-1]}")
-    ok = all("seconds" in timing[m] for m in ("ibp", "auto"))
+    ok = all("seconds" in timing[m] for m in (IBP, AUTO))
     res = {
         **provenance(results_json, False),
         "machine": f"{platform.machine()} {platform.system()}",
@@ -275,7 +277,7 @@ def main(
         "threat": threat,
         "memory_mb": memory_mb,
         "timing": timing,
-        "ratio_auto_to_ibp": timing["auto"]["seconds"] / timing["ibp"]["seconds"] if ok else None,
+        "ratio_auto_to_ibp": timing[AUTO]["seconds"] / timing[IBP]["seconds"] if ok else None,
         "target_ratio": TARGET_RATIO,
         "memory": memory,
         "wall_seconds": time.perf_counter() - started,

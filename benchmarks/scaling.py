@@ -36,6 +36,8 @@ from benchmarks.harness import (
     RESULTS,
     cached_cell,
     code_fingerprint,
+    generated_by,
+    header_fields,
     log,
     provenance,
     reset_peak_rss,
@@ -45,7 +47,9 @@ from benchmarks.harness import (
     save_summaries,
     slug,
     warm_up,
+    with_options,
 )
+from cure_lirpa.vocabulary import ALPHA_CROWN
 
 SUITE = "scaling"
 ARCH = "cnn-small"
@@ -180,7 +184,7 @@ def point_spec(
         "threads": threads,
         "repeats": s.repeats,
         "memory_mb": s.memory_mb,
-        "alpha_iterations": s.alpha_iterations if method == "alpha-crown" else None,
+        "alpha_iterations": s.alpha_iterations if method == ALPHA_CROWN else None,
     }
     return {
         **key,
@@ -225,8 +229,7 @@ def summary_markdown(result: dict[str, Any]) -> str:
     """Two tables (batch sweep, width sweep) with time and memory per method."""
     s = result["settings"]
     lines = [
-        f"Generated {result['generated']} by `{result['command']}` on {result['machine']} "
-        f"({result['threads']} thread(s), CPU); {ARCH} with seeded random weights, real MNIST "
+        f"{generated_by(result)} ({result['threads']} thread(s), CPU); {ARCH} with seeded random weights, real MNIST "
         f"images, median of up to {s['repeats']} calls after a first (untimed unless the "
         f"{s['repeat_budget_s']:g} s budget allows no other), α-CROWN {s['alpha_iterations']} steps, "
         f"memory budget {s['memory_mb']:.0f} MB. *+MB*: peak resident memory of the point's "
@@ -394,18 +397,16 @@ def main(
     from cure_lirpa.threats.base import parse_threat
 
     t_start = time.perf_counter()
-    s = dataclasses.replace(QUICK if quick else FULL)
-    for name, v in (
-        ("batches", _ints(batches)),
-        ("widths", _ints(widths)),
-        ("batch_width", batch_width),
-        ("width_batch", width_batch),
-        ("repeats", repeats),
-        ("alpha_iterations", alpha_iterations),
-        ("memory_mb", memory_mb),
-    ):
-        if v is not None:
-            setattr(s, name, v)
+    s = with_options(
+        QUICK if quick else FULL,
+        batches=_ints(batches),
+        widths=_ints(widths),
+        batch_width=batch_width,
+        width_batch=width_batch,
+        repeats=repeats,
+        alpha_iterations=alpha_iterations,
+        memory_mb=memory_mb,
+    )
     try:
         threats = [parse_threat(t).name for t in (threats or ("linf:0.1",))]
     except UserError as exc:
@@ -433,11 +434,7 @@ def main(
         pts = run_points(s, threats, methods, threads, out, retry_failed)
     origin = provenance(out / "results.json", report_only)
     result = {
-        "suite": SUITE,
-        "quick": quick,
-        "command": origin["command"],
-        "generated": origin["generated"],
-        "wall_seconds": origin.get("wall_seconds", round(time.perf_counter() - t_start, 1)),
+        **header_fields(SUITE, quick, origin, t_start),
         "machine": f"{platform.machine()} {platform.system()}",
         "threads": threads,
         "arch": ARCH,

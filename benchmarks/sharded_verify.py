@@ -24,6 +24,7 @@ from typing import Optional
 import click
 
 from benchmarks.harness import REPO, RESULTS, read_results, save_summaries
+from cure_lirpa.vocabulary import CROWN, IBP
 
 OUT = RESULTS / "sharded_verify"
 
@@ -68,7 +69,7 @@ def _rows(folder: Path) -> list:
 @click.option("--count", type=click.IntRange(min=2), default=256, help="Test images to certify.")
 @click.option("--shards", type=click.IntRange(min=2), default=2, help="N: shards run side by side.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=32)
-@click.option("--method", "methods", multiple=True, default=("ibp", "crown"), help="Bound methods.")
+@click.option("--method", "methods", multiple=True, default=(IBP, CROWN), help="Bound methods.")
 @click.option("--threads", type=click.IntRange(min=1), default=1, help="torch threads per process.")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=OUT)
 @click.option("--report-only", is_flag=True, help="Rewrite summary.md from results.json.")

@@ -51,20 +51,21 @@ from cure_lirpa.smoothing.metrics import compare_at_clean_accuracy, markdown_rep
 from cure_lirpa.smoothing.results import TSV
 from cure_lirpa.smoothing.runner import certify_dataset
 from cure_lirpa.smoothing.training import CHECKPOINT, TrainConfig, checkpoint_summary, train
+from cure_lirpa.vocabulary import AUTO_DEVICE, GAUSSIAN, HYBRID, NU_RS
 
 # name -> (training method, sigma (sigma_n for nu-rs), sigma_u, beta, certification Gaussian sigma)
 ROWS: dict[str, dict[str, Any]] = {
-    "gauss-0.25": {"method": "gaussian", "sigma": 0.25, "cert_sigma": 0.25},
-    "gauss-0.50": {"method": "gaussian", "sigma": 0.50, "cert_sigma": 0.50},
+    "gauss-0.25": {"method": GAUSSIAN, "sigma": 0.25, "cert_sigma": 0.25},
+    "gauss-0.50": {"method": GAUSSIAN, "sigma": 0.50, "cert_sigma": 0.50},
     "nu-rs-0.50": {
-        "method": "nu-rs",
+        "method": NU_RS,
         "sigma": 0.50,
         "sigma_u": 0.433,
         "beta": 3.0,
         "cert_sigma": 0.50,
     },
     "nu-rs-0.25": {
-        "method": "nu-rs",
+        "method": NU_RS,
         "sigma": 0.25,
         "sigma_u": 0.2165,
         "beta": 3.0,
@@ -162,7 +163,7 @@ def run_row(
         ("check", cfg["check_n"], cfg["check_images"]),
     ):
         skip = cfg["test_size"] // images
-        for mode in ("gaussian", "hybrid"):
+        for mode in (GAUSSIAN, HYBRID):
             run_dir = out / "tsv" / f"{name}_{mode}_n{n}"
             t1 = time.perf_counter()
             certify_dataset(
@@ -172,7 +173,7 @@ def run_row(
                 run_dir,
                 mode=mode,
                 sigma_gaussian=sg,
-                sigma_uniform=su if mode == "hybrid" else None,
+                sigma_uniform=su if mode == HYBRID else None,
                 n0=cfg["n0"],
                 n=n,
                 alpha=cfg["alpha"],
@@ -302,7 +303,7 @@ def report(out: Path, levels: Sequence[float] = (0.9, 0.92, 0.94, 0.96, 0.98)) -
     default=None,
     help="Evenly spaced test images certified with n = 10,000 [default: 500; 20 with --quick].",
 )
-@click.option("--device", type=DEVICE_CHOICE, default="auto", show_default=True)
+@click.option("--device", type=DEVICE_CHOICE, default=AUTO_DEVICE, show_default=True)
 @click.option(
     "--clean-acc",
     default="90,92,94,96,98",

@@ -57,6 +57,7 @@ from cure_lirpa.smoothing.certifier import file_sha256
 from cure_lirpa.smoothing.results import TSV, read_tsv
 from cure_lirpa.smoothing.runner import certify_dataset
 from cure_lirpa.smoothing.training import CHECKPOINT, TrainConfig, checkpoint_summary, train
+from cure_lirpa.vocabulary import GAUSSIAN, L2
 
 RADII = (0.25, 0.5, 0.75)
 
@@ -110,7 +111,7 @@ def model_config(name: str, quick: bool, data_root: Optional[str]) -> tuple[Trai
         dataset="cifar10",
         data_root=data_root,
         arch="cnn-small",
-        method="gaussian",
+        method=GAUSSIAN,
         sigma=spec["sigma"],
         epochs=3,
         train_count=20_000,
@@ -154,14 +155,14 @@ def run_stage(
     else:
         run_dir = out / "tsv" / f"{name}_sequential_max{cfg['max_n']}"
         what = f"sequential, radii {RADII}, max_n = {cfg['max_n']}"
-        own = {"sequential": "decide", "radii": RADII, "norm_name": "l2", "max_n": cfg["max_n"]}
+        own = {"sequential": "decide", "radii": RADII, "norm_name": L2, "max_n": cfg["max_n"]}
     log(f"[{name}] {what} -> {run_dir}")
     certify_dataset(
         model,
         10,
         test,
         run_dir,
-        mode="gaussian",
+        mode=GAUSSIAN,
         sigma_gaussian=MODELS[name]["sigma"],
         n0=cfg["n0"],
         alpha=cfg["alpha"],

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 from contextlib import contextmanager
-from typing import Callable, Iterator, Optional, Sequence, Union
+from typing import Any, Callable, Iterator, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -474,31 +474,17 @@ def l2_defence_box(
     y: torch.Tensor,
     eps: float,
     tau: float,
-    steps: int = 8,
-    step_size: Optional[float] = None,
-    loss: str = "ce",
-    random_start: bool = True,
-    generator: Optional[torch.Generator] = None,
+    **point_options: Any,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """CURE's l2 defence box ``(x_L, x_U)``: the l∞ box of radius ``tau`` around :func:`l2_defence_point`.
+    """CURE's l2 defence box ``(x_L, x_U)``: the l∞ box of radius ``tau`` around :func:`l2_defence_point`
+    (``point_options``: its ``steps``, ``step_size``, ``loss``, ``random_start``, ``generator``).
 
     ``tau = lambda2 * eps`` (the public scripts use lambda2 = 1e-5, close to adversarial training);
     the box is clipped to [0, 1]. **Training heuristic only**: the box is not contained in the l2 ball of
     radius ``eps`` (its corners are up to ``tau * sqrt(d)`` away from x' in l2) and it does not cover the
     ball either, so bounds over it certify nothing about the l2 threat. Use l2-ball bounds to certify.
     """
-    center = l2_defence_point(
-        model,
-        x,
-        y,
-        eps,
-        tau,
-        steps=steps,
-        step_size=step_size,
-        loss=loss,
-        random_start=random_start,
-        generator=generator,
-    )
+    center = l2_defence_point(model, x, y, eps, tau, **point_options)
     return (center - tau).clamp(0.0, 1.0), (center + tau).clamp(0.0, 1.0)
 
 

@@ -18,9 +18,9 @@ import torch
 from torch.utils.data import Dataset, Subset, TensorDataset
 
 from .errors import UserError
+from .vocabulary import CIFAR10, DATASETS, DEFAULT_RADII, MNIST, SAMPLE, TINYIMAGENET
 
 SAMPLE_PATH = Path(__file__).parent / "assets" / "mnist_sample.npz"
-DATASETS = ("sample", "mnist", "cifar10", "tinyimagenet")
 DATA_ENV = "CURE_LIRPA_DATA"
 
 
@@ -36,24 +36,15 @@ class DatasetInfo:
 
 
 _INFO = {
-    "sample": DatasetInfo("sample", (1, 28, 28), 10, (0.1307,), (0.3081,)),
-    "mnist": DatasetInfo("mnist", (1, 28, 28), 10, (0.1307,), (0.3081,)),
-    "cifar10": DatasetInfo(
-        "cifar10", (3, 32, 32), 10, (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
+    SAMPLE: DatasetInfo(SAMPLE, (1, 28, 28), 10, (0.1307,), (0.3081,)),
+    MNIST: DatasetInfo(MNIST, (1, 28, 28), 10, (0.1307,), (0.3081,)),
+    CIFAR10: DatasetInfo(
+        CIFAR10, (3, 32, 32), 10, (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
     ),
-    "tinyimagenet": DatasetInfo(
-        "tinyimagenet", (3, 64, 64), 200, (0.4802, 0.4481, 0.3975), (0.2302, 0.2265, 0.2262)
+    TINYIMAGENET: DatasetInfo(
+        TINYIMAGENET, (3, 64, 64), 200, (0.4802, 0.4481, 0.3975), (0.2302, 0.2265, 0.2262)
     ),
 }
-
-
-DEFAULT_RADII = {
-    "sample": ("0.1", "0.5"),
-    "mnist": ("0.1", "0.5"),
-    "cifar10": ("2/255", "0.25"),
-    "tinyimagenet": ("1/255", "36/255"),
-}
-"""The usual (l∞, l2) radii of each dataset in the CURE and SABR papers, as text."""
 
 
 def default_radii(name: str) -> tuple[float, float]:
@@ -83,12 +74,12 @@ def load_dataset(
     if split not in ("train", "test"):
         raise UserError(f"split must be 'train' or 'test', got {split!r}")
     dataset_info(name)
-    if name == "sample":
+    if name == SAMPLE:
         return load_sample(split)
     base = Path(root or os.environ.get(DATA_ENV) or "data").expanduser()
-    if name == "mnist":
+    if name == MNIST:
         return _load_mnist(base, split, download)
-    if name == "cifar10":
+    if name == CIFAR10:
         return _load_cifar10(base, split, download)
     return _load_tinyimagenet(base, split)
 
@@ -197,7 +188,7 @@ def _load_cifar10(base: Path, split: str, download: bool) -> Dataset:
                 f"{folder} has no {other}/ folder; CIFAR-10 in ImageFolder layout needs both "
                 "train/<class>/ and test/<class>/"
             )
-    return _image_folder(folder / split, dataset_info("cifar10"))
+    return _image_folder(folder / split, dataset_info(CIFAR10))
 
 
 def _load_tinyimagenet(base: Path, split: str) -> Dataset:
@@ -220,7 +211,7 @@ def _load_tinyimagenet(base: Path, split: str) -> Dataset:
                         f"annotations); arrange it as {needed}/<wnid>/*.JPEG (a folder per class) "
                         "first."
                     )
-            return _image_folder(cand / split_dir, dataset_info("tinyimagenet"))
+            return _image_folder(cand / split_dir, dataset_info(TINYIMAGENET))
     raise _missing(
         "TinyImageNet",
         [base / "tiny-imagenet-200", base],

@@ -45,6 +45,7 @@ from torch import nn
 
 from .errors import UserError
 from .training.objectives import Batch
+from .vocabulary import AUTO_DEVICE
 
 T = TypeVar("T")
 METHOD_SEED_STRIDE = 1000
@@ -69,7 +70,7 @@ def process_device(name: str) -> torch.device:
     ``cuda`` / ``auto`` (with a GPU) -> ``cuda:LOCAL_RANK``; ``cuda:N`` is taken as given (one
     process per GPU is the caller's choice then); ``cpu`` / ``auto`` without a GPU -> CPU.
     """
-    if name == "auto":
+    if name == AUTO_DEVICE:
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name.startswith("cuda"):
         if not torch.cuda.is_available():

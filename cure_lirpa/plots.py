@@ -20,12 +20,11 @@ def plot_certified_accuracy(
     from matplotlib.figure import Figure
 
     from .io.checkpoint import atomic_write_bytes
+    from .vocabulary import CERTIFIED, CLEAN_ACCURACY, PGD_ACCURACY, UNION
 
-    threats = list(summary["certified"])
-    groups = [*threats, "union"]
-    values = {
-        m: [summary["certified"][t][m] for t in threats] + [summary["union"][m]] for m in methods
-    }
+    threats = list(summary[CERTIFIED])
+    groups = [*threats, UNION]
+    values = {m: [summary[CERTIFIED][t][m] for t in threats] + [summary[UNION][m]] for m in methods}
     fig = Figure(figsize=(max(5.0, 1.2 * len(groups) * max(1, len(methods)) ** 0.5 + 2), 3.8))
     FigureCanvasAgg(fig)  # Agg canvas, no pyplot: leaves the caller's backend alone
     ax = fig.subplots()
@@ -33,11 +32,11 @@ def plot_certified_accuracy(
     for k, m in enumerate(methods):
         xs = [g + (k - (len(methods) - 1) / 2) * width for g in range(len(groups))]
         ax.bar(xs, values[m], width=width, label=m)
-    pgd = [(g, summary["pgd_accuracy"].get(t)) for g, t in enumerate(threats)]
+    pgd = [(g, summary[PGD_ACCURACY].get(t)) for g, t in enumerate(threats)]
     pgd = [(g, v) for g, v in pgd if v is not None]
     if pgd:
         ax.plot(*zip(*pgd), "k_", markersize=22, markeredgewidth=2, label="PGD (upper bound)")
-    ax.axhline(summary["clean_accuracy"], color="gray", linestyle="--", linewidth=1, label="clean")
+    ax.axhline(summary[CLEAN_ACCURACY], color="gray", linestyle="--", linewidth=1, label="clean")
     ax.set_xticks(range(len(groups)))
     ax.set_xticklabels(groups)
     ax.set_ylim(0, 100)

@@ -3,7 +3,8 @@
 Each example trains a single-norm baseline and a CURE multi-norm model with
 :func:`cure_lirpa.training.certified.train`, certifies both with
 :func:`cure_lirpa.verification.runner.certify_dataset` and prints and writes the comparison; the scripts
-keep only what differs (dataset, defaults, paper settings, data checks).
+keep only what differs (dataset, defaults, paper settings, data checks). ``own_model.py`` and
+``smoothing.py`` share :func:`run_main` (a UserError becomes ``error: ...`` and status 2).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import torch
 from torch.utils.data import Dataset
 
 from cure_lirpa.cli.common import resolve_device
+from cure_lirpa.data import dataset_info, take
 from cure_lirpa.errors import UserError
 from cure_lirpa.io.checkpoint import (
     atomic_write_json,
@@ -56,6 +58,35 @@ class Mode:
     attack_steps: int = 50
 
 
+def modes(*, quick: dict[str, Any], cpu: dict[str, Any]) -> dict[str, Mode]:
+    """The three modes of a dataset example; ``quick`` and ``cpu`` add what the dataset sets itself.
+
+    - ``quick``: a smoke run of cnn-small, one epoch (warm-up 0.4, ramp 0.6), batches of 16, 50 test
+      images, a 10-step attack; it checks the pipeline, the numbers are noisy.
+    - ``cpu``: cnn-small on the whole training set, one warm-up epoch, 1000 test images certified
+      with IBP, CROWN-IBP and CROWN.
+    - ``paper``: GPU scale (CURE paper): CNN7 with BatchNorm, the schedule of the cure-scratch
+      preset; the first 1000 test images certified with the cascade IBP -> CROWN-IBP -> CROWN ->
+      alpha-CROWN.
+    """
+    smoke = dict(epochs=1, warmup_epochs=0.4, ramp_epochs=0.6, batch_size=16, attack_steps=10)
+    bounds = ("ibp", "crown-ibp", "crown")
+    return {
+        "quick": Mode(arch="cnn-small", count=50, **smoke, **quick),
+        "cpu": Mode(arch="cnn-small", warmup_epochs=1.0, count=1000, methods=bounds, **cpu),
+        "paper": Mode(arch="cnn7", count=1000, methods=("auto",)),
+    }
+
+
+RGB_MODES = modes(
+    quick=dict(width=8, train_count=2000),
+    cpu=dict(epochs=8, ramp_epochs=4.0, batch_size=128),
+)
+"""The modes of the RGB examples (CIFAR-10, TinyImageNet): ``quick`` with a narrow network (width 8)
+on 2000 training images (classes interleaved for the class-sorted ImageFolder data); ``cpu``
+cnn-small (width 16), 8 epochs, the eps ramp over 4, Adam 1e-3, batch 128."""
+
+
 def radius(text: str) -> float:
     """A radius in [0, 1] pixel units: a number or a fraction such as ``2/255``."""
     num, _, den = text.partition("/")
@@ -67,34 +98,51 @@ def radius(text: str) -> float:
 
 def parse_args(
     argv: Optional[Sequence[str]],
-    *,
-    description: str,
-    quick_help: str,
+    title: str,
+    modes: dict[str, Mode],
+    eps: tuple[Any, Any],
     data_root_help: str,
-    eps_type: Callable[[str], float],
-    eps_defaults: tuple[Any, Any],
-    extra_threat_help: str,
-    out_help: str,
+    threat_examples: str,
+    out_name: str,
     add_dataset_args: Optional[Callable[[argparse.ArgumentParser], None]] = None,
 ) -> argparse.Namespace:
-    """The examples' shared command line; ``add_dataset_args`` adds options before --data-root."""
+    """The examples' shared command line.
+
+    ``title`` names the dataset in the description, ``modes["quick"]`` sizes --quick's help,
+    ``eps`` holds the default l∞ and l2 radii (written as text, they may be fractions such as
+    ``2/255``; as numbers, the options take numbers), ``threat_examples`` are --extra-threat's
+    examples and ``out_name`` the dataset part of the default output folder;
+    ``add_dataset_args`` adds options before --data-root.
+    """
+    quick = modes["quick"]
+    eps_type: Callable[[str], float] = radius if isinstance(eps[0], str) else float
     p = argparse.ArgumentParser(
-        description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter
+        description=f"Train a CURE multi-norm model and a single-norm baseline on {title}, "
+        "certify both under l∞ and l2, and compare their union accuracy.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     mode = p.add_mutually_exclusive_group()
-    mode.add_argument("--quick", action="store_true", help=quick_help)
+    mode.add_argument(
+        "--quick",
+        action="store_true",
+        help=f"smoke run: {quick.train_count} images, {quick.epochs} epoch",
+    )
     mode.add_argument("--paper", action="store_true", help="the paper's settings (GPU scale)")
     if add_dataset_args:
         add_dataset_args(p)
-    p.add_argument("--data-root", default=DEFAULT_DATA, help=data_root_help)
     p.add_argument(
-        "--eps-linf", type=eps_type, default=eps_defaults[0], help="l∞ radius, pixel units"
+        "--data-root",
+        default=DEFAULT_DATA,
+        help=f"{data_root_help} (default: $CURE_LIRPA_DATA, else the repo's ../shared/data)",
     )
+    p.add_argument("--eps-linf", type=eps_type, default=eps[0], help="l∞ radius, pixel units")
+    p.add_argument("--eps-l2", type=eps_type, default=eps[1], help="l2 radius, pixel units")
     p.add_argument(
-        "--eps-l2", type=eps_type, default=eps_defaults[1], help="l2 radius, pixel units"
-    )
-    p.add_argument(
-        "--extra-threat", action="append", default=[], metavar="THREAT", help=extra_threat_help
+        "--extra-threat",
+        action="append",
+        default=[],
+        metavar="THREAT",
+        help=f"another threat to certify (e.g. {threat_examples}); repeatable, enters the union",
     )
     p.add_argument(
         "--cure-method",
@@ -127,16 +175,33 @@ def parse_args(
         default=4096.0,
         help="memory budget of one bound computation (batches are split to fit)",
     )
-    p.add_argument("--out", default=None, help=out_help)
+    p.add_argument("--out", default=None, help=f"output folder [runs/examples/{out_name}-<mode>]")
     p.add_argument(
         "--resume",
         action="store_true",
         help="continue killed training runs in --out (otherwise they are replaced)",
     )
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    add_device_args(p)
     p.add_argument("--seed", type=int, default=0)
     return p.parse_args(argv)
+
+
+def sample_parser(description: str, quick_help: str) -> argparse.ArgumentParser:
+    """The start of the command line of ``own_model.py`` and ``smoothing.py``: --quick, and
+    --dataset and --data-root (the built-in MNIST sample, or MNIST)."""
+    p = argparse.ArgumentParser(
+        description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
+    p.add_argument("--quick", action="store_true", help=quick_help)
+    p.add_argument("--dataset", choices=("sample", "mnist"), default="sample")
+    p.add_argument("--data-root", default=None, help="folder holding MNIST/raw (for mnist)")
+    return p
+
+
+def add_device_args(p: argparse.ArgumentParser) -> None:
+    """--device and --threads."""
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
 
 
 def make_configs(args: argparse.Namespace, mode: Mode, dataset: str) -> dict[str, TrainConfig]:
@@ -226,6 +291,23 @@ def prepare(args: argparse.Namespace, modes: dict[str, Mode], dataset: str) -> S
     threats += [parse_threat(t) for t in args.extra_threat]
     methods = tuple(args.methods.split(",")) if args.methods else mode.methods
     return Setup(name, mode, device, out, threats, methods)
+
+
+def run_example(
+    args: argparse.Namespace,
+    modes: dict[str, Mode],
+    dataset: str,
+    load_test: Callable[[argparse.Namespace], Dataset],
+    images: str = "test",
+) -> int:
+    """A dataset example's run: set up, load the images to certify (the first ones of
+    ``load_test(args)``, which fails early when the data are missing), train and compare."""
+    s = prepare(args, modes, dataset)
+    test = take(load_test(args), 0, args.count or s.mode.count)
+    print(f"{s.name} run on {dataset} ({s.device}); results in {s.out}")
+    configs = make_configs(args, s.mode, dataset)
+    in_shape = dataset_info(dataset).in_shape
+    return train_and_compare(args, s, dataset, configs, test, in_shape, images)
 
 
 def train_and_compare(

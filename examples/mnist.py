@@ -24,46 +24,25 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
-from cure_lirpa.data import dataset_info, load_dataset, take
-from cure_lirpa.training.config import TrainConfig
+from torch.utils.data import Dataset
+
+from cure_lirpa.data import load_dataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # `common`, also when imported by path
 import common  # noqa: E402
-from common import Mode  # noqa: E402
 
-DEFAULT_DATA = common.DEFAULT_DATA
 EPS_LINF, EPS_L2 = 0.1, 0.5  # the CURE paper's first MNIST pair (the other one: 0.3 / 1.0)
 
-MODES = {
+MODES = common.modes(
     # Smoke run: one epoch over 4000 images, 50 test images; checks the pipeline, numbers are noisy.
-    "quick": Mode(
-        arch="cnn-small",
-        train_count=4000,
-        epochs=1,
-        warmup_epochs=0.4,
-        ramp_epochs=0.6,
-        batch_size=16,
-        count=50,
-        attack_steps=10,
-    ),
+    quick=dict(train_count=4000),
     # A CPU-sized run: whole training set, 1 warm-up epoch, eps ramp over 3 epochs,
     # Adam 5e-4, batch 256, CURE's l2 trained at 1.5x the evaluation radius; 1000 test images.
-    "cpu": Mode(
-        arch="cnn-small",
-        epochs=6,
-        warmup_epochs=1.0,
-        ramp_epochs=3.0,
-        batch_size=256,
-        lr=5e-4,
-        l2_factor=1.5,
-        count=1000,
-        methods=("ibp", "crown-ibp", "crown"),
-    ),
+    cpu=dict(epochs=6, ramp_epochs=3.0, batch_size=256, lr=5e-4, l2_factor=1.5),
     # GPU scale (CURE paper): CNN7 with BatchNorm, the schedule of the cure-scratch preset (70 epochs,
     # ramp 2 -> 22, lr x0.2 at 50 and 60, batch 256, Adam 5e-4); the first 1000 test images
     # certified with the cascade IBP -> CROWN-IBP -> CROWN -> alpha-CROWN.
-    "paper": Mode(arch="cnn7", count=1000, methods=("auto",)),
-}
+)
 
 
 def add_dataset_args(p: argparse.ArgumentParser) -> None:
@@ -77,35 +56,21 @@ def add_dataset_args(p: argparse.ArgumentParser) -> None:
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    data_root_help = "folder holding MNIST/raw"
+    out_name = "<dataset>"  # mnist or sample
+    eps = (EPS_LINF, EPS_L2)
     return common.parse_args(
-        argv,
-        description="Train a CURE multi-norm model and a single-norm baseline on MNIST, certify "
-        "both under l∞ and l2, and compare their union accuracy.",
-        quick_help="smoke run: 4000 images, 1 epoch",
-        data_root_help="folder holding MNIST/raw (default: $CURE_LIRPA_DATA, else the repo's "
-        "../shared/data)",
-        eps_type=float,
-        eps_defaults=(EPS_LINF, EPS_L2),
-        extra_threat_help="another threat to certify (e.g. l1:1, patch:2); repeatable, enters the "
-        "union",
-        out_help="output folder [runs/examples/<dataset>-<mode>]",
-        add_dataset_args=add_dataset_args,
+        argv, "MNIST", MODES, eps, data_root_help, "l1:1, patch:2", out_name, add_dataset_args
     )
 
 
-def make_configs(args: argparse.Namespace, mode: Mode) -> dict[str, TrainConfig]:
-    """TrainConfigs of the baseline and of the CURE model, keyed by their row in the table."""
-    return common.make_configs(args, mode, args.dataset)
+def load_test(args: argparse.Namespace) -> Dataset:
+    """The test split; its first images are certified (the CURE paper's protocol)."""
+    return load_dataset(args.dataset, "test", args.data_root)
 
 
 def run(args: argparse.Namespace) -> int:
-    s = common.prepare(args, MODES, args.dataset)
-    info = dataset_info(args.dataset)
-    # The first test images (the CURE paper's protocol); fails early when the data are missing.
-    test = take(load_dataset(args.dataset, "test", args.data_root), 0, args.count or s.mode.count)
-    print(f"{s.name} run on {args.dataset} ({s.device}); results in {s.out}")
-    configs = make_configs(args, s.mode)
-    return common.train_and_compare(args, s, args.dataset, configs, test, info.in_shape)
+    return common.run_example(args, MODES, args.dataset, load_test)
 
 
 def hint(exc: Exception) -> str:

@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import math
 import sys
+from pathlib import Path
 from typing import Optional, Sequence
 
 import torch
@@ -31,12 +32,14 @@ from torch import nn
 from cure_lirpa.bounds.classifier import BoundedClassifier, certified
 from cure_lirpa.cli.common import resolve_device
 from cure_lirpa.data import load_dataset, stack, take
-from cure_lirpa.errors import UserError
 from cure_lirpa.models import Classifier
 from cure_lirpa.threats.base import NormBall, Threat, parse_threat
 from cure_lirpa.training.losses import certified_ce
 from cure_lirpa.verification.results import markdown_table
 from cure_lirpa.verification.runner import certify_dataset
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # `common`, also when imported by path
+import common  # noqa: E402
 
 MNIST_MEAN, MNIST_STD = (0.1307,), (0.3081,)
 
@@ -126,13 +129,10 @@ def train_briefly(
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
-        description="Certify your own nn.Module under l∞ and l2 with cure_lirpa's Python API.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    p = common.sample_parser(
+        "Certify your own nn.Module under l∞ and l2 with cure_lirpa's Python API.",
+        quick_help="smoke run: 1 epoch, 20 test images",
     )
-    p.add_argument("--quick", action="store_true", help="smoke run: 1 epoch, 20 test images")
-    p.add_argument("--dataset", choices=("sample", "mnist"), default="sample")
-    p.add_argument("--data-root", default=None, help="folder holding MNIST/raw (for mnist)")
     p.add_argument(
         "--threat",
         action="append",
@@ -141,8 +141,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     )
     p.add_argument("--method", default="crown", help="bound method of the by-hand certificate")
     p.add_argument("--count", type=int, default=None, help="test images [20 quick, 200]")
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    common.add_device_args(p)
     return p.parse_args(argv)
 
 
@@ -204,12 +203,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    args = parse_args(argv)
-    try:
-        return run(args)
-    except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    return common.run_main(run, parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -32,7 +32,6 @@ import torch
 
 from cure_lirpa.cli.common import resolve_device
 from cure_lirpa.data import dataset_info, load_dataset
-from cure_lirpa.errors import UserError
 from cure_lirpa.io.checkpoint import load_checkpoint, model_from_checkpoint
 from cure_lirpa.smoothing import (
     Certificate,
@@ -45,19 +44,19 @@ from cure_lirpa.smoothing import (
 from cure_lirpa.smoothing.metrics import average_certified_radius, certified_accuracy
 from cure_lirpa.smoothing.training import CHECKPOINT, TrainConfig, train
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # `common`, also when imported by path
+import common  # noqa: E402
+
 RADII = (0.25, 0.5, 0.75, 1.0)
 SHOWN = 10  # per-image rows printed
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
-        description="Train a base classifier under noise and certify it with Gaussian, Uniform "
-        "and hybrid randomized smoothing (l2 and l1 radii).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    p = common.sample_parser(
+        "Train a base classifier under noise and certify it with Gaussian, Uniform and hybrid "
+        "randomized smoothing (l2 and l1 radii).",
+        quick_help="smoke run: 1 epoch, 10 images, n 1000",
     )
-    p.add_argument("--quick", action="store_true", help="smoke run: 1 epoch, 10 images, n 1000")
-    p.add_argument("--dataset", choices=("sample", "mnist"), default="sample")
-    p.add_argument("--data-root", default=None, help="folder holding MNIST/raw (for mnist)")
     p.add_argument(
         "--method",
         choices=("gaussian", "uniform", "nu", "nu-rs", "consistency"),
@@ -80,8 +79,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument(
         "--out", default=None, help="run folder of the training [runs/examples/smoothing-<mode>]"
     )
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    common.add_device_args(p)
     p.add_argument("--seed", type=int, default=0)
     return p.parse_args(argv)
 
@@ -193,12 +191,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    args = parse_args(argv)
-    try:
-        return run(args)
-    except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    return common.run_main(run, parse_args(argv))
 
 
 if __name__ == "__main__":

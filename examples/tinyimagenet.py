@@ -21,10 +21,8 @@ Any ImageFolder tree of 64x64 images with ``train/<class>/`` and ``val/<class>/`
 class folders) works: the labels are the class folders' indices in sorted order. A tree with another
 number of class folders is refused (the models have TinyImageNet's 200 outputs).
 
-Results go to ``--out`` (default ``runs/examples/tinyimagenet-<mode>``): per model a training run
-(``<method>/checkpoint.pt``, ``metrics.jsonl``, ``config.json``) and its verification
-(``<method>/verify/samples.csv``, ``summary.json``, ``summary.md``), and the comparison
-(``comparison.md``, ``comparison.json``).
+Results go to ``--out`` (default ``runs/examples/tinyimagenet-<mode>``), laid out as ``mnist.py``
+describes: per model a training run and its verification, and the comparison.
 """
 
 from __future__ import annotations
@@ -36,70 +34,33 @@ from typing import Optional, Sequence
 
 from torchvision.datasets import DatasetFolder
 
-from cure_lirpa.data import dataset_info, load_dataset, take
+from cure_lirpa.data import load_dataset
 from cure_lirpa.errors import UserError
-from cure_lirpa.training.config import TrainConfig
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # `common`, also when imported by path
 import common  # noqa: E402
-from common import Mode, radius  # noqa: E402
 
 DATASET = "tinyimagenet"
-DEFAULT_DATA = common.DEFAULT_DATA
 EPS_LINF, EPS_L2 = "1/255", "36/255"  # the CURE paper's TinyImageNet pair
 
-MODES = {
-    # Smoke run: one epoch over 2000 training images (10 per class: the ImageFolder's classes are
-    # interleaved), 50 validation images, a narrow network; it checks the pipeline.
-    "quick": Mode(
-        arch="cnn-small",
-        width=8,
-        train_count=2000,
-        epochs=1,
-        warmup_epochs=0.4,
-        ramp_epochs=0.6,
-        batch_size=16,
-        count=50,
-        attack_steps=10,
-    ),
-    # A CPU run: cnn-small (width 16) on the whole training set, 1 warm-up epoch, eps ramp over
-    # 4 epochs, 8 epochs in all, Adam 1e-3, batch 128; 1000 validation images.
-    "cpu": Mode(
-        arch="cnn-small",
-        epochs=8,
-        warmup_epochs=1.0,
-        ramp_epochs=4.0,
-        batch_size=128,
-        count=1000,
-        methods=("ibp", "crown-ibp", "crown"),
-    ),
-    # GPU scale (CURE paper): CNN7 with BatchNorm, the schedule of the cure-scratch preset (160
-    # epochs, ramp 2 -> 82, lr x0.2 at 120 and 140, batch 128, Adam 5e-4, gradient projection
-    # beta 0.5); 1000 validation images certified with the cascade IBP -> CROWN-IBP -> CROWN ->
-    # alpha-CROWN.
-    "paper": Mode(arch="cnn7", count=1000, methods=("auto",)),
-}
+# The modes (common.RGB_MODES). quick, a smoke run: one epoch over 2000 training images (10 per
+# class: the ImageFolder's classes are interleaved), 50 validation images, a narrow network; it
+# checks the pipeline. cpu: cnn-small (width 16) on the whole training set, 1 warm-up epoch, eps
+# ramp over 4 epochs, 8 epochs in all, Adam 1e-3, batch 128; 1000 validation images. paper, GPU
+# scale (CURE paper): CNN7 with BatchNorm, the schedule of the cure-scratch preset (160 epochs, ramp
+# 2 -> 82, lr x0.2 at 120 and 140, batch 128, Adam 5e-4, gradient projection beta 0.5); 1000
+# validation images certified with the cascade IBP -> CROWN-IBP -> CROWN -> alpha-CROWN.
+MODES = common.RGB_MODES
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    return common.parse_args(
-        argv,
-        description="Train a CURE multi-norm model and a single-norm baseline on TinyImageNet, "
-        "certify both under l∞ and l2, and compare their union accuracy.",
-        quick_help="smoke run: 2000 images, 1 epoch",
-        data_root_help="folder with train/<wnid>/ and val/<wnid>/ (or with tiny-imagenet-200/ "
-        "holding them); default: $CURE_LIRPA_DATA, else the repo's ../shared/data",
-        eps_type=radius,
-        eps_defaults=(EPS_LINF, EPS_L2),
-        extra_threat_help="another threat to certify (e.g. patch:2, rotate:2); repeatable, enters "
-        "the union",
-        out_help="output folder [runs/examples/tinyimagenet-<mode>]",
+    data_root_help = (
+        "folder with train/<wnid>/ and val/<wnid>/, or with tiny-imagenet-200/ holding them"
     )
-
-
-def make_configs(args: argparse.Namespace, mode: Mode) -> dict[str, TrainConfig]:
-    """TrainConfigs of the baseline and of the CURE model, keyed by their row in the table."""
-    return common.make_configs(args, mode, DATASET)
+    eps = (EPS_LINF, EPS_L2)
+    return common.parse_args(
+        argv, "TinyImageNet", MODES, eps, data_root_help, "patch:2, rotate:2", DATASET
+    )
 
 
 HOW_TO_GET = (
@@ -125,17 +86,14 @@ def load_data(args: argparse.Namespace) -> tuple[DatasetFolder, DatasetFolder]:
     return train_set, val
 
 
-def run(args: argparse.Namespace) -> int:
-    s = common.prepare(args, MODES, DATASET)
-    info = dataset_info(DATASET)
-    train_set, val = load_data(args)  # fails early, saying where it looked and what to do
-    test = take(val, 0, args.count or s.mode.count)  # classes interleaved (sample_order)
-    configs = make_configs(args, s.mode)
-    print(f"{s.name} run on {DATASET} ({s.device}); results in {s.out}")
+def load_test(args: argparse.Namespace) -> DatasetFolder:
+    """The validation images, of which the first are certified (classes interleaved: sample_order);
+    fails early, saying where it looked and what to do."""
+    return load_data(args)[1]
 
-    return common.train_and_compare(
-        args, s, DATASET, configs, test, info.in_shape, images="validation"
-    )
+
+def run(args: argparse.Namespace) -> int:
+    return common.run_example(args, MODES, DATASET, load_test, images="validation")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -38,6 +38,13 @@ def refused(result, *phrases: str) -> None:
         assert p in errors[0], result.output
 
 
+def refused_data(tmp_path, dataset: str, root: Path, *phrases: str) -> None:
+    """``train --dataset DATASET --data-root ROOT`` is :func:`refused` and leaves no run folder."""
+    out = tmp_path / "run"
+    refused(run("--dataset", dataset, "--data-root", root, "--out", out, *QUICK), *phrases)
+    assert not out.exists()
+
+
 def _images(folder: Path, classes: int, size: int, per_class: int = 1, odd: int = 0) -> None:
     """``folder/<class>/<i>.png`` RGB images of ``size`` pixels (``odd`` of them 40x40 instead)."""
     from PIL import Image
@@ -181,50 +188,28 @@ def test_imagefolder_with_the_wrong_class_count_is_refused(tmp_path):
     root = tmp_path / "tiny"
     _images(root / "train", classes=3, size=64)
     _images(root / "val", classes=3, size=64)
-    out = tmp_path / "run"
-    refused(
-        run("--dataset", "tinyimagenet", "--data-root", root, "--out", out, *QUICK),
-        "3 class folders",
-        "200 classes",
-    )
-    assert not out.exists()
+    refused_data(tmp_path, "tinyimagenet", root, "3 class folders", "200 classes")
 
 
 def test_tinyimagenet_without_val_is_refused_before_training(tmp_path):
     root = tmp_path / "tiny"
     _images(root / "train", classes=3, size=64)
-    out = tmp_path / "run"
-    refused(
-        run("--dataset", "tinyimagenet", "--data-root", root, "--out", out, *QUICK),
-        "no val/ folder",
-    )
-    assert not out.exists()
+    refused_data(tmp_path, "tinyimagenet", root, "no val/ folder")
 
 
 def test_an_image_of_another_size_is_named(tmp_path):
     root = tmp_path / "cifar"
     _images(root / "train", classes=10, size=32, per_class=2, odd=1)
     _images(root / "test", classes=10, size=32)
-    out = tmp_path / "run"
-    refused(
-        run("--dataset", "cifar10", "--data-root", root, "--out", out, *QUICK),
-        "c000/0.png is 40x40 pixels",
-        "32x32",
-    )
-    assert not out.exists()
+    refused_data(tmp_path, "cifar10", root, "c000/0.png is 40x40 pixels", "32x32")
     with pytest.raises(UserError, match="40x40"):
         load_dataset("cifar10", "train", str(root))[0]
 
 
 def test_empty_mnist_raw_folder_is_explained(tmp_path):
     (tmp_path / "MNIST" / "raw").mkdir(parents=True)
-    out = tmp_path / "run"
-    refused(
-        run("--dataset", "mnist", "--data-root", tmp_path, "--out", out, *QUICK),
-        "MNIST idx files not found",
-        "t10k-images-idx3-ubyte",
-    )
-    assert not out.exists()
+    phrases = ("MNIST idx files not found", "t10k-images-idx3-ubyte")
+    refused_data(tmp_path, "mnist", tmp_path, *phrases)
 
 
 def test_full_disk_leaves_nothing_and_a_plain_rerun_works(tmp_path, monkeypatch):

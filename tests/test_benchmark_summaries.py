@@ -7,14 +7,11 @@ from __future__ import annotations
 import json
 import re
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
+REPO = Path(__file__).resolve().parents[1]  # on sys.path (tests/conftest.py): `benchmarks`
 
 CACHE_DIRS = ("cells", "points", "rows", "tsv", "models")
 MACHINE_PATH = re.compile(r"(?<![\w.:/~-])/(?:home|Users|root|tmp|private|mnt)/")

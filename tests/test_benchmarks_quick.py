@@ -9,16 +9,13 @@ the "newly certified" counts match the per-sample flags, and a rerun resumes (re
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from click.testing import CliRunner
 
-REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
+REPO = Path(__file__).resolve().parents[1]  # on sys.path (tests/conftest.py): `benchmarks`
 
 THREATS = ("linf:0.01", "l2:0.1")
 

@@ -5,14 +5,15 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from helpers import tiny_config
 
+from benchmarks.harness import cli_command
 from cure_lirpa.distributed import World
 from cure_lirpa.errors import UserError
 from cure_lirpa.io.checkpoint import load_checkpoint
@@ -27,23 +28,8 @@ pytestmark = pytest.mark.skipif(
 def tiny(**kw) -> TrainConfig:
     """96 sample images in global batches of 45 (slices of 23 and 22; the last batch, 6 samples,
     in slices of 3): unequal slices check the loss weighting."""
-    base = dict(
-        arch="cnn-small",
-        arch_kwargs={"width": 4},
-        train_count=96,
-        batch_size=45,
-        epochs=2,
-        warmup_epochs=0.0,
-        ramp_epochs=0.0,
-        lr=5e-3,
-        kappa_start=0.5,
-        kappa_end=0.5,
-        train_eps_linf=0.01,
-        train_eps_l2=0.05,
-        memory_mb=1e5,
-    )
-    base.update(kw)
-    return TrainConfig(**base)
+    kw = {"train_count": 96, "batch_size": 45, "epochs": 2, "memory_mb": 1e5, **kw}
+    return tiny_config(kappa=0.5, eps=(0.01, 0.05), **kw)
 
 
 CONFIGS = {
@@ -137,15 +123,7 @@ def test_slices_cover_the_global_batch_in_order():
 
 def test_torchrun_cli_trains_in_two_processes(tmp_path):
     out = tmp_path / "run"
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node",
-        "2",
-        "-m",
-        "cure_lirpa",
+    cmd = cli_command(
         "train",
         "--method",
         "ibp-linf",
@@ -166,7 +144,8 @@ def test_torchrun_cli_trains_in_two_processes(tmp_path):
         "--quiet",
         "--out",
         str(out),
-    ]
+        processes=2,
+    )
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parents[1])}
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     # the ranks' own messages come first in torchrun's stderr, its traceback last

@@ -92,15 +92,20 @@ def test_mnist_quick(tmp_path, capsys):
         assert summary["soundness_violations"] == {"linf:0.1": 0, "l2:0.5": 0}
 
 
-def test_cifar10_quick_on_a_fake_imagefolder(tmp_path, capsys):
-    cifar10 = _load("cifar10")
-    data = _fake_imagefolder(tmp_path / "cifar", ("train", "test"), 32, classes=10)
+def _quick_on_a_fake_imagefolder(name, data, capsys, threats: tuple[str, str]) -> str:
+    """``examples/<name>.py --quick`` on the tree ``data`` succeeds and prints a comparison that
+    makes sense (rows: the default baseline and CURE method); what it printed."""
+    example = _load(name)
     argv = ["--quick", "--data-root", str(data), "--threads", "1", "--device", "cpu"]
-    assert cifar10.main(argv + ["--out", str(tmp_path / "run")]) == 0
+    assert example.main(argv + ["--out", str(data.parent / "run")]) == 0
     printed = capsys.readouterr().out
-    _check_comparison(
-        printed, ("baseline: ibp-linf", "CURE: cure-joint"), ("linf:2/255", "l2:0.25")
-    )
+    _check_comparison(printed, ("baseline: ibp-linf", "CURE: cure-joint"), threats)
+    return printed
+
+
+def test_cifar10_quick_on_a_fake_imagefolder(tmp_path, capsys):
+    data = _fake_imagefolder(tmp_path / "cifar", ("train", "test"), 32, classes=10)
+    printed = _quick_on_a_fake_imagefolder("cifar10", data, capsys, ("linf:2/255", "l2:0.25"))
     assert "10 test images of cifar10" in printed  # 10 classes x 1 test image, all of them
 
 
@@ -123,14 +128,8 @@ def test_tinyimagenet_missing_data_exits_with_a_clear_message(tmp_path):
 
 
 def test_tinyimagenet_quick_on_a_fake_imagefolder(tmp_path, capsys):
-    tinyimagenet = _load("tinyimagenet")
     data = _fake_imagefolder(tmp_path / "tin", ("train", "val"), 64, classes=200)
-    argv = ["--quick", "--data-root", str(data), "--threads", "1", "--device", "cpu"]
-    assert tinyimagenet.main(argv + ["--out", str(tmp_path / "run")]) == 0
-    printed = capsys.readouterr().out
-    _check_comparison(
-        printed, ("baseline: ibp-linf", "CURE: cure-joint"), ("linf:1/255", "l2:36/255")
-    )
+    _quick_on_a_fake_imagefolder("tinyimagenet", data, capsys, ("linf:1/255", "l2:36/255"))
 
 
 def test_tinyimagenet_refuses_mismatched_class_folders(tmp_path, capsys):

@@ -14,7 +14,6 @@ from click.testing import CliRunner
 
 from cure_lirpa.cli import main
 from cure_lirpa.errors import UserError
-from cure_lirpa.io.checkpoint import atomic_torch_save, make_checkpoint
 from cure_lirpa.io.shards import Shard, parse_shard
 
 COMMON = ["--threat", "linf:0.02", "--threat", "l2:0.3", "--method", "ibp", "--method", "auto",
@@ -24,24 +23,15 @@ FIGURES = ("samples", "clean_accuracy", "certified", "certified_best", "union", 
            "soundness_violations")  # fmt: skip
 
 
-@pytest.fixture(scope="module")
-def checkpoint(small_trained_mlp, tmp_path_factory):
-    model, info, _, _ = small_trained_mlp
-    path = tmp_path_factory.mktemp("ckpt") / "checkpoint.pt"
-    arch_kwargs = {"width": 32, "depth": 1}
-    atomic_torch_save(make_checkpoint(model, "mlp", info, {"method": "natural"}, arch_kwargs), path)
-    return path
-
-
 def _run(*args):
     res = CliRunner().invoke(main, [str(a) for a in args])
     return res
 
 
 @pytest.fixture(scope="module")
-def unsharded(checkpoint, tmp_path_factory):
+def unsharded(mlp_checkpoint, tmp_path_factory):
     out = tmp_path_factory.mktemp("v") / "whole"
-    res = _run("verify", checkpoint, *COMMON, "--out", out)
+    res = _run("verify", mlp_checkpoint, *COMMON, "--out", out)
     assert res.exit_code == 0, res.output
     return out
 
@@ -79,10 +69,10 @@ def test_shard_blocks_are_near_equal_contiguous_slices_of_the_samples():
             parse_shard(bad)
 
 
-def test_merged_shards_equal_the_unsharded_run(checkpoint, unsharded, tmp_path):
+def test_merged_shards_equal_the_unsharded_run(mlp_checkpoint, unsharded, tmp_path):
     out = tmp_path / "sharded"
     for k in (1, 0):  # any order
-        res = _run("verify", checkpoint, *COMMON, "--shard", f"{k}/2", "--out", out)
+        res = _run("verify", mlp_checkpoint, *COMMON, "--shard", f"{k}/2", "--out", out)
         assert res.exit_code == 0, res.output
     assert sorted(p.name for p in out.iterdir()) == ["shard-0-of-2", "shard-1-of-2"]
     res = _run("merge", out)
@@ -91,37 +81,37 @@ def test_merged_shards_equal_the_unsharded_run(checkpoint, unsharded, tmp_path):
 
 
 def test_slurm_array_tasks_shard_and_print_the_merge_command(
-    checkpoint, unsharded, tmp_path, monkeypatch
+    mlp_checkpoint, unsharded, tmp_path, monkeypatch
 ):
     out = tmp_path / "array"
     monkeypatch.setenv("SLURM_ARRAY_TASK_COUNT", "2")
     for k in (0, 1):  # array tasks never meet: no process group, each says how to merge
         monkeypatch.setenv("SLURM_ARRAY_TASK_ID", str(k))
-        res = _run("verify", checkpoint, *COMMON, "--out", out)
+        res = _run("verify", mlp_checkpoint, *COMMON, "--out", out)
         assert res.exit_code == 0, res.output
         assert f"cure-lirpa merge {out}" in res.output
     assert _run("merge", out).exit_code == 0
     _same_results(unsharded, out)
 
 
-def test_merge_lists_missing_samples_and_refuses_other_options(checkpoint, tmp_path):
+def test_merge_lists_missing_samples_and_refuses_other_options(mlp_checkpoint, tmp_path):
     out = tmp_path / "v"
-    assert _run("verify", checkpoint, *COMMON, "--shard", "0/3", "--out", out).exit_code == 0
+    assert _run("verify", mlp_checkpoint, *COMMON, "--shard", "0/3", "--out", out).exit_code == 0
     res = _run("merge", out)
     assert res.exit_code != 0 and "missing" in res.output and "12, 13" in res.output
     other = [a if a != "l2:0.3" else "l2:0.4" for a in COMMON]
-    assert _run("verify", checkpoint, *other, "--shard", "1/3", "--out", out).exit_code == 0
+    assert _run("verify", mlp_checkpoint, *other, "--shard", "1/3", "--out", out).exit_code == 0
     res = _run("merge", out)
     assert res.exit_code != 0 and "other settings" in res.output and "threats" in res.output
 
 
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="no torch.distributed")
-def test_torchrun_shards_by_rank_and_merges(checkpoint, unsharded, tmp_path):
+def test_torchrun_shards_by_rank_and_merges(mlp_checkpoint, unsharded, tmp_path):
     """Two processes under torchrun (gloo on CPU): each certifies its rank's shard, rank 0 merges."""
     out = tmp_path / "tr"
     env = dict(os.environ, OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-           "--master_port", "29533", "-m", "cure_lirpa", "verify", str(checkpoint), *COMMON,
+           "--master_port", "29533", "-m", "cure_lirpa", "verify", str(mlp_checkpoint), *COMMON,
            "--out", str(out)]  # fmt: skip
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
@@ -132,9 +122,9 @@ SMALL = ["--threat", "linf:0.02", "--threat", "l2:0.3", "--method", "ibp", "--me
          "--quiet", "--device", "cpu", "--attack-steps", "5"]  # fmt: skip
 
 
-def _sharded_run(checkpoint, out: Path, n: int, extra: list) -> None:
+def _sharded_run(mlp_checkpoint, out: Path, n: int, extra: list) -> None:
     for k in range(n):
-        res = _run("verify", checkpoint, *SMALL, *extra, "--shard", f"{k}/{n}", "--out", out)
+        res = _run("verify", mlp_checkpoint, *SMALL, *extra, "--shard", f"{k}/{n}", "--out", out)
         assert res.exit_code == 0, res.output
         assert len((out / f"shard-{k}-of-{n}" / "samples.jsonl").read_text().splitlines()) >= 1
     res = _run("merge", out)
@@ -148,11 +138,13 @@ def _sharded_run(checkpoint, out: Path, n: int, extra: list) -> None:
         (["--count", "7", "--batch-size", "3"], 3, [2, 2, 3]),  # cuts inside batches
     ],
 )
-def test_shards_cut_by_samples_merge_into_the_plain_run(checkpoint, tmp_path, extra, shards, sizes):
+def test_shards_cut_by_samples_merge_into_the_plain_run(
+    mlp_checkpoint, tmp_path, extra, shards, sizes
+):
     plain = tmp_path / "plain"
-    assert _run("verify", checkpoint, *SMALL, *extra, "--out", plain).exit_code == 0
+    assert _run("verify", mlp_checkpoint, *SMALL, *extra, "--out", plain).exit_code == 0
     out = tmp_path / "sharded"
-    _sharded_run(checkpoint, out, shards, extra)
+    _sharded_run(mlp_checkpoint, out, shards, extra)
     held = [
         len((out / f"shard-{k}-of-{shards}" / "samples.jsonl").read_text().splitlines())
         for k in range(shards)
@@ -211,7 +203,9 @@ def test_a_sample_is_attacked_alike_alone_and_in_any_batch(small_trained_mlp):
     assert one[0].robust == rows[3].robust
 
 
-def test_more_shards_than_samples_is_refused_in_one_line(checkpoint, tmp_path):
-    res = _run("verify", checkpoint, *SMALL, "--count", "2", "--shard", "0/3", "--out", tmp_path)
+def test_more_shards_than_samples_is_refused_in_one_line(mlp_checkpoint, tmp_path):
+    res = _run(
+        "verify", mlp_checkpoint, *SMALL, "--count", "2", "--shard", "0/3", "--out", tmp_path
+    )
     assert res.exit_code != 0
     assert "shard 0/3 is empty: 2 samples cannot fill 3 shards; use N <= 2" in res.output

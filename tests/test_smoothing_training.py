@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import TINY_NETWORK
 from torch import nn
 
 from cure_lirpa.errors import UserError
@@ -82,8 +83,7 @@ def test_config_validation():
 
 CFG = dict(
     dataset="sample",
-    arch="cnn-small",
-    arch_kwargs={"width": 4},
+    **TINY_NETWORK,
     sigma=0.5,
     epochs=2,
     batch_size=64,

@@ -133,12 +133,14 @@ def _string_literals(path: Path) -> list[tuple[str, int]]:
 
 
 def test_names_are_spelled_in_the_vocabulary_only():
-    """Each name of a norm, bound method, training objective or smoothing noise appears as a string
-    literal in cure_lirpa/vocabulary.py only (messages and help texts use the constants too)."""
-    from cure_lirpa import vocabulary
+    """Each name of a norm, bound method, training objective (and its blocks and presets) or
+    smoothing noise (and mode and training objective) appears as a string literal in
+    cure_lirpa/vocabulary.py only (messages and help texts use the constants too)."""
+    from cure_lirpa import vocabulary as v
 
-    names = set(vocabulary.NORMS) | set(vocabulary.BOUND_METHODS) | {vocabulary.AUTO}
-    names |= set(getattr(vocabulary, "OBJECTIVES", ())) | set(getattr(vocabulary, "NOISES", ()))
+    names = {*v.NORMS, *v.BOUND_METHODS, v.AUTO}
+    names |= {*v.OBJECTIVES, *v.LINF_VARIANTS, *v.L2_VARIANTS, *v.PRESETS}
+    names |= {*v.NOISES, *v.SMOOTHING_MODES, *v.SMOOTHING_OBJECTIVES}
     found = []
     for path in PACKAGE.rglob("*.py"):
         if path.name == "vocabulary.py":

@@ -8,6 +8,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import tiny_config
 
 from cure_lirpa.bounds.classifier import BoundedClassifier
 from cure_lirpa.errors import UserError
@@ -32,22 +33,8 @@ MNIST = ((1, 28, 28), 10, (0.1307,), (0.3081,))
 
 def tiny(**kw) -> TrainConfig:
     """A few-second run: 192 sample images, cnn-small of width 4, batches of 64."""
-    base = dict(
-        arch="cnn-small",
-        arch_kwargs={"width": 4},
-        train_count=192,
-        batch_size=64,
-        epochs=3,
-        warmup_epochs=0.0,
-        ramp_epochs=0.0,
-        lr=5e-3,
-        kappa_start=0.0,
-        kappa_end=0.0,
-        train_eps_linf=0.05,
-        train_eps_l2=0.25,
-    )
-    base.update(kw)
-    return TrainConfig(**base)
+    kw = {"train_count": 192, "batch_size": 64, "epochs": 3, **kw}
+    return tiny_config(kappa=0.0, eps=(0.05, 0.25), **kw)
 
 
 def weights(path) -> dict[str, torch.Tensor]:

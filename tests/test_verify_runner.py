@@ -11,7 +11,6 @@ import pytest
 from click.testing import CliRunner
 
 from cure_lirpa.cli import main
-from cure_lirpa.io.checkpoint import atomic_torch_save, make_checkpoint
 from cure_lirpa.io.runs import Records
 from cure_lirpa.threats.base import parse_threat
 from cure_lirpa.verification.results import (
@@ -89,28 +88,20 @@ def test_percent_only_in_human_tables_and_old_summaries_are_converted(tmp_path):
     assert back["certified"]["l2:0.5"] == pytest.approx(summary["certified"]["l2:0.5"])
 
 
-@pytest.fixture(scope="module")
-def checkpoint(small_trained_mlp, tmp_path_factory):
-    model, info, _, _ = small_trained_mlp
-    path = tmp_path_factory.mktemp("ckpt") / "checkpoint.pt"
-    arch_kwargs = {"width": 32, "depth": 1}
-    atomic_torch_save(make_checkpoint(model, "mlp", info, {"method": "natural"}, arch_kwargs), path)
-    return path
-
-
-def test_the_command_and_the_python_runner_give_the_same_results(checkpoint, tmp_path):
+def test_the_command_and_the_python_runner_give_the_same_results(mlp_checkpoint, tmp_path):
     import cure_lirpa
 
     args = ["--threat", "linf:0.02", "--threat", "l2:0.3", "--method", "ibp", "--method", "auto",
             "--count", "12", "--batch-size", "5", "--attack-steps", "5", "--seed", "3"]  # fmt: skip
     cli = tmp_path / "cli"
     res = CliRunner().invoke(
-        main, ["verify", str(checkpoint), *args, "--out", str(cli), "--quiet", "--device", "cpu"]
+        main,
+        ["verify", str(mlp_checkpoint), *args, "--out", str(cli), "--quiet", "--device", "cpu"],
     )
     assert res.exit_code == 0, res.output
     api = tmp_path / "api"
     result = cure_lirpa.verify(
-        checkpoint, ["linf:0.02", "l2:0.3"], ["ibp", "auto"], count=12, batch_size=5,
+        mlp_checkpoint, ["linf:0.02", "l2:0.3"], ["ibp", "auto"], count=12, batch_size=5,
         attack_steps=5, seed=3, out=api,
     )  # fmt: skip
     assert result.out == api and result.shard is None
@@ -124,13 +115,13 @@ def test_the_command_and_the_python_runner_give_the_same_results(checkpoint, tmp
     assert f"clean accuracy {100 * a['clean_accuracy']:.1f}%" in res.output
 
 
-def test_the_python_runner_shards_and_merges_like_the_command(checkpoint, tmp_path):
+def test_the_python_runner_shards_and_merges_like_the_command(mlp_checkpoint, tmp_path):
     from cure_lirpa.verification.runner import merge_shards, verify
 
-    plain = verify(checkpoint, ["l2:0.3"], ["ibp"], count=7, attack=False, out=tmp_path / "p")
+    plain = verify(mlp_checkpoint, ["l2:0.3"], ["ibp"], count=7, attack=False, out=tmp_path / "p")
     parts = [
         verify(
-            checkpoint,
+            mlp_checkpoint,
             ["l2:0.3"],
             ["ibp"],
             count=7,

@@ -9,6 +9,7 @@ import torch
 
 from ..errors import UserError
 from ..threats.base import Threat, parse_threat
+from ..vocabulary import AUTO_DEVICE
 
 
 class DeviceType(click.ParamType):
@@ -21,7 +22,7 @@ class DeviceType(click.ParamType):
 
     def convert(self, value, param, ctx) -> str:
         text = str(value).strip().lower()
-        if text in ("auto", "cpu", "cuda") or re.fullmatch(r"cuda:\d+", text):
+        if text in (AUTO_DEVICE, "cpu", "cuda") or re.fullmatch(r"cuda:\d+", text):
             return text
         self.fail(f"{value!r} is not a device: use auto, cpu, cuda or cuda:N (e.g. cuda:1)")
 
@@ -32,7 +33,7 @@ DEVICE_CHOICE = DeviceType()
 def resolve_device(name: str) -> torch.device:
     """``auto`` -> CUDA when available, else CPU; ``cuda`` / ``cuda:N`` without that GPU is a user
     error."""
-    if name == "auto":
+    if name == AUTO_DEVICE:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda"):
         if not torch.cuda.is_available():

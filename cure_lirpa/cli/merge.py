@@ -7,6 +7,7 @@ from pathlib import Path
 
 import click
 
+from ..vocabulary import CLEAN_ACCURACY
 from .options import overwrite_option
 
 
@@ -38,7 +39,7 @@ def merge(run: Path, shards: tuple[Path, ...], overwrite: bool) -> None:
     summary = merge_shards(run, shards or None, overwrite=overwrite)
     click.echo(
         f"{summary['samples']} samples from {len(summary['merged_from'])} shards, clean accuracy "
-        f"{to_percent(summary)['clean_accuracy']:.1f}%\n"
+        f"{to_percent(summary)[CLEAN_ACCURACY]:.1f}%\n"
     )
     click.echo(markdown_table(summary, summary["config"]["methods"]))
     click.echo(f"results: {run}/samples.csv, summary.json, summary.md")

@@ -20,6 +20,7 @@ import click
 
 from ..errors import UserError
 from ..threats.base import parse_eps
+from ..vocabulary import AUTO_DEVICE
 from .common import DEVICE_CHOICE, THREADS_HELP
 
 Decorator = Callable[[Callable[..., Any]], Callable[..., Any]]
@@ -96,7 +97,7 @@ def out_option(help: str, required: bool = True) -> Decorator:
 def device_option(help: str = DEVICE_HELP) -> Decorator:
     """``--device`` (auto, cpu, cuda, cuda:N)."""
     return click.option(
-        "--device", type=DEVICE_CHOICE, default="auto", show_default=True, help=help
+        "--device", type=DEVICE_CHOICE, default=AUTO_DEVICE, show_default=True, help=help
     )
 
 

@@ -16,20 +16,23 @@ import click
 
 from ..data import DATASETS
 from ..errors import UserError
-from .common import resolve_device, set_threads, train_count_message
-from .options import (
-    POSITIVE_RADIUS,
-    RADII,
-    RADIUS,
-    batch_size_option,
-    device_option,
-    out_option,
-    overwrite_option,
-    quiet_option,
-    resume_option,
-    seed_option,
-    threads_option,
+from ..vocabulary import (
+    CLEAN_ACCURACY,
+    DECIDE_RADII,
+    GAUSSIAN,
+    HYBRID,
+    L1,
+    L2,
+    SAMPLE,
+    SMOOTHING_MODES,
+    SMOOTHING_NORMS,
+    SMOOTHING_OBJECTIVES,
+    SMOOTHING_RADII,
+    UNIFORM,
 )
+from . import options as opt
+from .common import resolve_device, set_threads, train_count_message
+from .options import POSITIVE_RADIUS, RADII, RADIUS
 
 POSITIVE = click.FloatRange(min=0.0, min_open=True)
 EPS = RADIUS
@@ -57,8 +60,8 @@ class NumberList(click.ParamType):
 
 def _options(options: list[Callable]) -> Callable:
     def apply(fn: Callable) -> Callable:
-        for opt in reversed(options):
-            fn = opt(fn)
+        for decorate in reversed(options):
+            fn = decorate(fn)
         return fn
 
     return apply
@@ -66,17 +69,17 @@ def _options(options: list[Callable]) -> Callable:
 
 def _folder_options() -> list[Callable]:
     """``--resume`` and ``--overwrite`` of a run folder (:meth:`cure_lirpa.io.runs.Run.open`)."""
-    return [resume_option(), overwrite_option()]
+    return [opt.resume_option(), opt.overwrite_option()]
 
 
 def _run_options(what: str) -> list[Callable]:
     """Options every run command shares (the names of ``train`` and ``verify``)."""
     return [
-        seed_option(f"Seed of the {what}."),
-        device_option(),
-        threads_option(),
+        opt.seed_option(f"Seed of the {what}."),
+        opt.device_option(),
+        opt.threads_option(),
         *_folder_options(),
-        quiet_option(),
+        opt.quiet_option(),
     ]
 
 
@@ -89,7 +92,7 @@ SAMPLE_OPTIONS = [
         help="Base classifier: the run folder of 'smooth train' (or its checkpoint.pt, or any "
         "cure-lirpa checkpoint).",
     ),
-    out_option(
+    opt.out_option(
         "Run folder: config.json, samples.jsonl (as it goes), then samples.tsv, summary.json, "
         "summary.md."
     ),
@@ -106,7 +109,7 @@ SAMPLE_OPTIONS = [
         default=0.001,
         help="Failure probability of each answer.",
     ),
-    batch_size_option(1000, "Noisy copies per forward pass."),
+    opt.batch_size_option(1000, "Noisy copies per forward pass."),
     click.option(
         "--dataset",
         type=click.Choice(DATASETS),
@@ -193,14 +196,14 @@ def smooth() -> None:
 
 
 @smooth.command("train", context_settings=SETTINGS)
-@out_option(
+@opt.out_option(
     "Run folder: config.json, checkpoint.pt (rewritten atomically after every epoch), "
     "metrics.jsonl."
 )
 @click.option(
     "--method",
-    type=click.Choice(["gaussian", "uniform", "nu", "nu-rs", "consistency"]),
-    default="gaussian",
+    type=click.Choice(SMOOTHING_OBJECTIVES),
+    default=GAUSSIAN,
     help="gaussian/uniform: noise augmentation; nu: Normal-Uniform noise; nu-rs: NU noise + "
     "similarity regulariser (NU paper Eq. 3); consistency: Jeong & Shin 2020.",
 )
@@ -230,7 +233,7 @@ def smooth() -> None:
 )
 @click.option("--consistency-lambda", type=click.FloatRange(min=0), default=10.0)
 @click.option("--consistency-eta", type=click.FloatRange(min=0), default=0.5)
-@click.option("--dataset", type=click.Choice(DATASETS), default="sample")
+@click.option("--dataset", type=click.Choice(DATASETS), default=SAMPLE)
 @click.option("--data-root", type=click.Path(), default=None, help="Folder with the dataset.")
 @click.option(
     "--arch",
@@ -241,7 +244,7 @@ def smooth() -> None:
     "--width", type=click.IntRange(min=1), default=None, help="Width of a zoo architecture."
 )
 @click.option("--epochs", type=click.IntRange(min=1), default=4)
-@batch_size_option(256, "Training images per optimizer step.")
+@opt.batch_size_option(256, "Training images per optimizer step.")
 @click.option("--lr", type=POSITIVE, default=1e-3, help="Adam learning rate.")
 @click.option("--weight-decay", type=click.FloatRange(min=0), default=0.0)
 @click.option("--schedule", type=click.Choice(["constant", "cosine"]), default="constant")
@@ -305,13 +308,13 @@ SEQUENTIAL_OPTIONS = [
     click.option(
         "--radii",
         type=RADII,
-        default="0.25,0.5,0.75",
+        default=",".join(map(str, DECIDE_RADII)),
         help="decide: radii to decide, in --radius-norm units (e.g. 0.25,0.5,0.75 or 36/255).",
     ),
     click.option(
         "--radius-norm",
-        type=click.Choice(["l2", "l1"]),
-        default="l2",
+        type=click.Choice(SMOOTHING_NORMS),
+        default=L2,
         help="Norm of --radii, --precision and --max-radius.",
     ),
     click.option(
@@ -348,8 +351,8 @@ SEQUENTIAL_OPTIONS = [
 @smooth.command("certify", context_settings=SETTINGS)
 @click.option(
     "--noise",
-    type=click.Choice(["gaussian", "uniform", "hybrid"]),
-    default="gaussian",
+    type=click.Choice(SMOOTHING_MODES),
+    default=GAUSSIAN,
     help="Smoothing noise; hybrid = Gaussian and Uniform combined by Table 1.",
 )
 @click.option(
@@ -438,13 +441,13 @@ def _sigmas(o: dict[str, Any]) -> tuple[Optional[float], Optional[float]]:
     noise, sigma = o["noise"], o["sigma"]
     gaussian = o["sigma_gaussian"] if o["sigma_gaussian"] is not None else sigma
     uniform = o["sigma_uniform"] if o["sigma_uniform"] is not None else sigma
-    if noise in ("gaussian", "hybrid") and gaussian is None:
+    if noise in (GAUSSIAN, HYBRID) and gaussian is None:
         raise UserError(
             "pass --sigma (or --sigma-gaussian): the Gaussian noise std to certify with"
         )
-    if noise in ("uniform", "hybrid") and uniform is None:
+    if noise in (UNIFORM, HYBRID) and uniform is None:
         raise UserError("pass --sigma (or --sigma-uniform): the Uniform noise std to certify with")
-    return (gaussian if noise != "uniform" else None), (uniform if noise != "gaussian" else None)
+    return (gaussian if noise != UNIFORM else None), (uniform if noise != GAUSSIAN else None)
 
 
 def certify_line(folder: Path) -> str:
@@ -456,10 +459,10 @@ def certify_line(folder: Path) -> str:
 
     s = json.loads((folder / SUMMARY_JSON).read_text())
     line = (
-        f"{folder}: {s['samples']} samples, clean accuracy {s['clean_accuracy']:.3f}, "
-        f"ACR l2 {s['acr']['l2']:.3f}, ACR l1 {s['acr']['l1']:.3f}"
+        f"{folder}: {s['samples']} samples, clean accuracy {s[CLEAN_ACCURACY]:.3f}, "
+        f"ACR {L2} {s['acr'][L2]:.3f}, ACR {L1} {s['acr'][L1]:.3f}"
     )
-    norm = s.get("radius_norm", "l2")
+    norm = s.get("radius_norm", L2)
     cert = ", ".join(f"{r}: {v:.3f}" for r, v in s["certified_accuracy"][norm].items())
     line += f"; certified accuracy ({norm}) {cert}"
     if "mean_samples_per_image" in s:
@@ -468,7 +471,7 @@ def certify_line(folder: Path) -> str:
 
 
 @smooth.command("predict", context_settings=SETTINGS)
-@click.option("--noise", type=click.Choice(["gaussian", "uniform"]), default="gaussian")
+@click.option("--noise", type=click.Choice([GAUSSIAN, UNIFORM]), default=GAUSSIAN)
 @click.option(
     "--sigma", type=POSITIVE_RADIUS, required=True, help="Noise std (pixel units, e.g. 1/2)."
 )
@@ -508,11 +511,11 @@ def _parse_input(arg: str) -> tuple[Optional[str], str]:
 
 @smooth.command("analyze", context_settings=SETTINGS)
 @click.argument("inputs", nargs=-1, required=True)
-@out_option("Folder for summary.json, summary.md and certified_accuracy.png.")
+@opt.out_option("Folder for summary.json, summary.md and certified_accuracy.png.")
 @click.option(
     "--radii",
     type=RADII,
-    default="0.25,0.5,0.75,1.0",
+    default=",".join(map(str, SMOOTHING_RADII)),
     help="l2 radii for the certified-accuracy table.",
 )
 @click.option("--radii-l1", type=RADII, default=None, help="l1 radii [default: --radii].")

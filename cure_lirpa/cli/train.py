@@ -24,18 +24,10 @@ from ..training.certified import train as run_training
 from ..training.config import DEFAULT_METHOD, INITS, PRESETS, TrainConfig, requested_config
 from ..training.objectives import L2_VARIANTS, LINF_VARIANTS, METHODS, NORMS
 from ..training.trainer import CHECKPOINT
+from ..vocabulary import CERTIFIED, CLEAN_ACCURACY, L2, LINF
+from . import options as opt
 from .common import resolve_device, train_count_message
-from .options import (
-    RADIUS,
-    batch_size_option,
-    device_option,
-    out_option,
-    overwrite_option,
-    quiet_option,
-    resume_option,
-    seed_option,
-    threads_option,
-)
+from .options import RADIUS
 
 _D = TrainConfig()  # the library's defaults, shown in --help
 NONNEG = click.FloatRange(min=0.0)
@@ -181,7 +173,7 @@ Examples:
     show_default=True,
     help="Epochs over which eps ramps (smoothed) from 0 to the training eps.",
 )
-@batch_size_option(_D.batch_size, "Training images per optimizer step.", min=2)
+@opt.batch_size_option(_D.batch_size, "Training images per optimizer step.", min=2)
 @click.option("--lr", type=POSITIVE, default=_D.lr, show_default=True, help="Adam learning rate.")
 @click.option(
     "--lr-milestones",
@@ -311,11 +303,11 @@ Examples:
     help="Start from this checkpoint's weights (fine-tuning); its --arch/--width/--dataset are "
     "used unless given.",
 )
-@out_option("Run folder: checkpoint.pt, metrics.jsonl, config.json.")
-@resume_option("Continue the run in --out from its last epoch.")
-@overwrite_option("Replace the run in an existing --out.")
-@seed_option("Seed of the weights, the data order and the methods' random draws.", _D.seed)
-@device_option(
+@opt.out_option("Run folder: checkpoint.pt, metrics.jsonl, config.json.")
+@opt.resume_option("Continue the run in --out from its last epoch.")
+@opt.overwrite_option("Replace the run in an existing --out.")
+@opt.seed_option("Seed of the weights, the data order and the methods' random draws.", _D.seed)
+@opt.device_option(
     "auto, cpu, cuda or cuda:N. Under torchrun, cuda (or auto with GPUs) means "
     "cuda:LOCAL_RANK, one GPU per process."
 )
@@ -340,8 +332,8 @@ Examples:
     help="Report certified accuracy of the training batches for every norm (an extra no-grad IBP "
     "pass for norms the method's loss does not certify, e.g. SABR).",
 )
-@threads_option()
-@quiet_option("No progress bars and no per-epoch lines (warnings still show).")
+@opt.threads_option()
+@opt.quiet_option("No progress bars and no per-epoch lines (warnings still show).")
 @click.pass_context
 def train_command(ctx: click.Context, **opts: Any) -> None:
     """Certified training against l∞ and l2 perturbations (CURE and single-norm baselines).
@@ -437,17 +429,17 @@ def _summary(result, config: TrainConfig, quiet: bool) -> None:
     last = result.last
     click.echo(str(result.checkpoint))
     if last:
-        cert = ", ".join(f"{k} {100 * v:.1f}%" for k, v in last.get("certified", {}).items())
+        cert = ", ".join(f"{k} {100 * v:.1f}%" for k, v in last.get(CERTIFIED, {}).items())
         click.echo(
             f"epochs {result.epoch}/{config.epochs}, training time "
             f"{last.get('train_seconds', 0):.0f} s; last epoch on training batches (eps linf "
-            f"{format_eps(last['eps']['linf'])}, l2 {format_eps(last['eps']['l2'])}): clean "
-            f"{100 * last['clean_accuracy']:.1f}%" + (f", certified {cert}" if cert else "")
+            f"{format_eps(last['eps'][LINF])}, l2 {format_eps(last['eps'][L2])}): clean "
+            f"{100 * last[CLEAN_ACCURACY]:.1f}%" + (f", certified {cert}" if cert else "")
         )
     if not quiet:
         click.echo(
             f"next: cure-lirpa verify {result.checkpoint} "
-            f"--threat linf:{format_eps(config.eps_linf)} --threat l2:{format_eps(config.eps_l2)}",
+            f"--threat {LINF}:{format_eps(config.eps_linf)} --threat {L2}:{format_eps(config.eps_l2)}",
             err=True,
         )
 

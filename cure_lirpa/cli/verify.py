@@ -7,18 +7,22 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from ..vocabulary import CASCADE_BUDGET
-from .common import ThreatType, resolve_device, set_threads
-from .options import (
-    batch_size_option,
-    device_option,
-    out_option,
-    overwrite_option,
-    quiet_option,
-    resume_option,
-    seed_option,
-    threads_option,
+from ..vocabulary import (
+    AUTO,
+    BOUND_METHODS,
+    CASCADE_BUDGET,
+    CIFAR10,
+    CLEAN_ACCURACY,
+    DATASETS,
+    DEFAULT_BOUND_METHODS,
+    DEFAULT_THREATS,
+    MNIST,
+    SAMPLES_CSV,
+    SUMMARY_JSON,
+    SUMMARY_MD,
 )
+from . import options as opt
+from .common import ThreatType, resolve_device, set_threads
 
 if TYPE_CHECKING:
     from ..verification.runner import VerifyResult
@@ -33,14 +37,15 @@ if TYPE_CHECKING:
     type=ThreatType(),
     help="Threat model, repeatable: linf:EPS, l2:EPS, l1:EPS (pixel units, 8/255 allowed), "
     "patch:K, rotate:DEG, ... Default: the l∞ and l2 radii the checkpoint was trained for, "
-    "else the dataset's pair (MNIST linf:0.1 l2:0.5, CIFAR-10 linf:2/255 l2:0.25).",
+    f"else the dataset's pair (MNIST {' '.join(DEFAULT_THREATS[MNIST])}, "
+    f"CIFAR-10 {' '.join(DEFAULT_THREATS[CIFAR10])}).",
 )
 @click.option(
     "--method",
     "methods",
     multiple=True,
-    type=click.Choice(["ibp", "crown-ibp", "crown", "alpha-crown", "sdp-crown", "auto"]),
-    default=("ibp", "crown-ibp"),
+    type=click.Choice([*BOUND_METHODS, AUTO]),
+    default=DEFAULT_BOUND_METHODS,
     help="Bound method, repeatable, e.g. --method crown --method sdp-crown. 'auto' is the "
     "cheapest-first cascade (sdp-crown before alpha-crown under l2 and l1; stages that cannot "
     "bound the model are skipped and recorded; see --budget). sdp-crown is for l2 balls; "
@@ -50,7 +55,7 @@ if TYPE_CHECKING:
 @click.option(
     "--dataset",
     default=None,
-    type=click.Choice(["sample", "mnist", "cifar10", "tinyimagenet"]),
+    type=click.Choice(DATASETS),
     help="Dataset to certify on. Default: the checkpoint's.",
 )
 @click.option(
@@ -67,7 +72,7 @@ if TYPE_CHECKING:
     default=None,
     help="Number of samples (default: all from --start).",
 )
-@batch_size_option(64, "Images per bound computation (split further to fit --memory-mb).")
+@opt.batch_size_option(64, "Images per bound computation (split further to fit --memory-mb).")
 @click.option(
     "--memory-mb",
     type=click.FloatRange(min=64),
@@ -90,7 +95,7 @@ if TYPE_CHECKING:
     help="Seconds of bound computation per sample and threat for --method auto; a sample still "
     "open when they are spent is recorded as 'timeout' (not certified). 0: no limit.",
 )
-@out_option(
+@opt.out_option(
     "Output folder [default: <checkpoint folder>/verify-<hash of the options>].", required=False
 )
 @click.option(
@@ -100,12 +105,12 @@ if TYPE_CHECKING:
     help="Certify only shard K of N (0-based) into <out>/shard-K-of-N; merge the shards with "
     "'cure-lirpa merge <out>'. Under torchrun or a Slurm array it is set from the rank.",
 )
-@seed_option("Seed of the PGD cross-check.")
-@resume_option("Continue a killed run from its samples.jsonl.")
-@overwrite_option("Replace results already in --out.")
-@device_option()
-@threads_option()
-@quiet_option("No progress bar (warnings and the results still show).")
+@opt.seed_option("Seed of the PGD cross-check.")
+@opt.resume_option("Continue a killed run from its samples.jsonl.")
+@opt.overwrite_option("Replace results already in --out.")
+@opt.device_option()
+@opt.threads_option()
+@opt.quiet_option("No progress bar (warnings and the results still show).")
 def verify(checkpoint: Path, **o: Any) -> None:
     """Certify CHECKPOINT under every --threat with every --method.
 
@@ -143,7 +148,7 @@ def _report(result: VerifyResult) -> None:
             click.echo(f"merged {part.count} shards into {result.run_dir}")
         elif not result.by_rank:
             click.echo(f"when every shard is done: cure-lirpa merge {result.run_dir}")
-    clean = to_percent(summary)["clean_accuracy"]
+    clean = to_percent(summary)[CLEAN_ACCURACY]
     click.echo(
         f"\n{len(rows)} samples of {config['dataset']}/{config['split']}, clean accuracy "
         f"{clean:.1f}%\n"
@@ -152,7 +157,7 @@ def _report(result: VerifyResult) -> None:
     seconds = summary["seconds_total"]
     click.echo(f"time {seconds:.1f} s ({seconds / len(rows):.3f} s/image), peak memory "
                f"{summary['peak_memory_mb']:.0f} MB")  # fmt: skip
-    click.echo(f"results: {result.out}/samples.csv, summary.json, summary.md, {PLOT_NAME}")
+    click.echo(f"results: {result.out}/{SAMPLES_CSV}, {SUMMARY_JSON}, {SUMMARY_MD}, {PLOT_NAME}")
     bad = {t: v for t, v in summary["soundness_violations"].items() if v}
     if bad:
         indices = [r.index for r in rows if r.violations][:20]

@@ -34,6 +34,7 @@ import numpy as np
 import torch
 
 from ..errors import UserError
+from ..vocabulary import SAMPLES_JSONL
 from .checkpoint import atomic_write_json, versions, write_error
 
 try:
@@ -43,7 +44,7 @@ except ImportError:  # Windows: folders are not locked
 
 FORMAT = "cure-lirpa-run/1"
 CONFIG = "config.json"
-RECORDS = "samples.jsonl"
+RECORDS = SAMPLES_JSONL
 PathLike = Union[str, os.PathLike]
 
 

@@ -56,15 +56,18 @@ class Shard:
         """``"K/N"``, as the ``shard`` key of a shard's config records it."""
         return f"{self.index}/{self.count}"
 
-    def take(self, items: Sequence[T]) -> list[T]:
-        """This shard's contiguous block of ``items`` (:meth:`block`); refuses fewer items than
-        shards (some shard would be empty)."""
-        if len(items) < self.count:
+    def checked_block(self, n: int) -> tuple[int, int]:
+        """:meth:`block`, refusing fewer samples than shards (some shard would be empty)."""
+        if n < self.count:
             raise UserError(
-                f"--shard {self.label}: {len(items)} samples cannot fill {self.count} shards; "
-                f"use N <= {len(items)}"
+                f"shard {self.label} is empty: {n} samples cannot fill {self.count} shards; "
+                f"use N <= {n}"
             )
-        lo, length = self.block(len(items))
+        return self.block(n)
+
+    def take(self, items: Sequence[T]) -> list[T]:
+        """This shard's contiguous block of ``items`` (:meth:`checked_block`)."""
+        lo, length = self.checked_block(len(items))
         return list(items[lo : lo + length])
 
 

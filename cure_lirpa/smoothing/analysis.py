@@ -11,6 +11,7 @@ import numpy as np
 
 from ..errors import UserError
 from ..io.checkpoint import atomic_write_json, atomic_write_text
+from ..vocabulary import L1, L2, SUMMARY_JSON, SUMMARY_MD
 from .metrics import (
     DEFAULT_CLEAN_LEVELS,
     DEFAULT_RADII,
@@ -63,8 +64,8 @@ def load_run(path: PathLike, method: Optional[str] = None) -> Run:
         idx=np.array([int(r["idx"]) for r in rows]),
         correct=np.array([int(r["correct"]) for r in rows], dtype=bool),
         radius={
-            "l1": np.array([float(r["radius_l1"]) for r in rows]),
-            "l2": np.array([float(r["radius_l2"]) for r in rows]),
+            L1: np.array([float(r["radius_l1"]) for r in rows]),
+            L2: np.array([float(r["radius_l2"]) for r in rows]),
         },
     )
 
@@ -161,8 +162,8 @@ def analyze(
     folder = RunFolder.open(out_dir, KIND, config, resume=resume, overwrite=overwrite)
     result = {"runs": summaries, "fixed_clean_accuracy": comparison}
     try:
-        atomic_write_json(out_dir / "summary.json", result)
-        atomic_write_text(out_dir / "summary.md", markdown_report(summaries, comparison))
+        atomic_write_json(out_dir / SUMMARY_JSON, result)
+        atomic_write_text(out_dir / SUMMARY_MD, markdown_report(summaries, comparison))
         plot_certified_accuracy(runs, out_dir / "certified_accuracy.png", max_radius)
     except BaseException:
         folder.discard_if_empty()

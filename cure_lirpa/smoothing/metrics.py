@@ -18,8 +18,10 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
-NORMS = ("l2", "l1")
-DEFAULT_RADII = (0.25, 0.5, 0.75, 1.0)
+from ..vocabulary import CLEAN_ACCURACY, L1, L2, SMOOTHING_NORMS, SMOOTHING_RADII
+
+NORMS = SMOOTHING_NORMS
+DEFAULT_RADII = SMOOTHING_RADII
 DEFAULT_CLEAN_LEVELS = (0.45, 0.5, 0.55, 0.6, 0.65, 0.7, 0.75)
 
 
@@ -69,7 +71,7 @@ def summarize(
     run: Run, radii: Sequence[float] = DEFAULT_RADII, radii_l1: Optional[Sequence[float]] = None
 ) -> dict[str, Any]:
     """Clean accuracy, certified accuracy at ``radii`` (l2) / ``radii_l1`` (l1), ACR per norm."""
-    radii_by_norm = {"l2": list(radii), "l1": list(radii if radii_l1 is None else radii_l1)}
+    radii_by_norm = {L2: list(radii), L1: list(radii if radii_l1 is None else radii_l1)}
     cfg, info = run.header.get("run", {}), run.header.get("info", {})
     return {
         "name": run.name,
@@ -82,7 +84,7 @@ def summarize(
         "alpha": cfg.get("alpha"),
         "alpha_each": cfg.get("alpha_each"),
         "train": {k: v for k, v in info.items() if k.startswith("train_")},
-        "clean_accuracy": float(np.mean(run.correct)),
+        CLEAN_ACCURACY: float(np.mean(run.correct)),
         "abstain_or_wrong": float(1 - np.mean(run.correct)),
         "certified_accuracy": {
             norm: {
@@ -122,14 +124,14 @@ def compare_at_clean_accuracy(
     for method, runs in methods.items():
         entry: dict[str, Any] = {
             "runs": [
-                {"name": r["name"], "clean_accuracy": r["clean_accuracy"], "acr": r["acr"]}
+                {"name": r["name"], CLEAN_ACCURACY: r[CLEAN_ACCURACY], "acr": r["acr"]}
                 for r in runs
             ],
             "at_level": {},
         }
         for level in levels:
             entry["at_level"][f"{level:g}"] = {
-                norm: interpolate_at([(r["clean_accuracy"], r["acr"][norm]) for r in runs], level)
+                norm: interpolate_at([(r[CLEAN_ACCURACY], r["acr"][norm]) for r in runs], level)
                 for norm in NORMS
             }
         out["methods"][method] = entry
@@ -147,8 +149,8 @@ def markdown_report(
     if not summaries:
         return "No runs.\n"
     lines = ["## Certified accuracy and ACR", ""]
-    r2 = list(summaries[0]["certified_accuracy"]["l2"])
-    r1 = list(summaries[0]["certified_accuracy"]["l1"])
+    r2 = list(summaries[0]["certified_accuracy"][L2])
+    r1 = list(summaries[0]["certified_accuracy"][L1])
     head = (
         ["run", "method", "samples", "n", "clean"]
         + [f"l2 {r}" for r in r2]
@@ -158,9 +160,9 @@ def markdown_report(
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for s in summaries:
         ca = s["certified_accuracy"]
-        cells = [s["name"], s["method"], str(s["samples"]), str(s["n"]), _cell(s["clean_accuracy"])]
-        cells += [_cell(ca["l2"].get(r)) for r in r2] + [_cell(ca["l1"].get(r)) for r in r1]
-        cells += [_cell(s["acr"]["l2"]), _cell(s["acr"]["l1"])]
+        cells = [s["name"], s["method"], str(s["samples"]), str(s["n"]), _cell(s[CLEAN_ACCURACY])]
+        cells += [_cell(ca[L2].get(r)) for r in r2] + [_cell(ca[L1].get(r)) for r in r1]
+        cells += [_cell(s["acr"][L2]), _cell(s["acr"][L1])]
         lines.append("| " + " | ".join(cells) + " |")
     lines.append("")
     if comparison and comparison.get("methods"):
@@ -172,14 +174,14 @@ def markdown_report(
         head = ["method", "runs: clean range"] + [f"clean {lv}: ACR l2 / l1" for lv in levels]
         lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         for method, entry in comparison["methods"].items():
-            clean = sorted(r["clean_accuracy"] for r in entry["runs"])
+            clean = sorted(r[CLEAN_ACCURACY] for r in entry["runs"])
             span = f"{len(clean)}: {_cell(clean[0])}" + (
                 f" - {_cell(clean[-1])}" if len(clean) > 1 else " (one run: no interpolation)"
             )
             cells = [method, span]
             for lv in levels:
                 v = entry["at_level"][lv]
-                cells.append(f"{_cell(v['l2'])} / {_cell(v['l1'])}")
+                cells.append(f"{_cell(v[L2])} / {_cell(v[L1])}")
             lines.append("| " + " | ".join(cells) + " |")
         lines.append("")
     return "\n".join(lines)

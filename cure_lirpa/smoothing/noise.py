@@ -16,9 +16,9 @@ import torch
 from scipy.stats import norm
 
 from ..errors import UserError
+from ..vocabulary import GAUSSIAN, NOISE_ALIASES, NOISES, NORMAL_UNIFORM, UNIFORM
 
 SQRT3 = math.sqrt(3.0)
-NOISES = ("gaussian", "uniform", "normal-uniform")
 
 
 def _check_sigma(name: str, sigma: float) -> float:
@@ -73,7 +73,7 @@ class Noise(ABC):
         ``dim`` is the input dimension d (C*H*W). Only smoothing noises certify.
         """
         raise UserError(
-            f"{self.name} noise is a training noise; certify with 'gaussian' or 'uniform'"
+            f"{self.name} noise is a training noise; certify with '{GAUSSIAN}' or '{UNIFORM}'"
         )
 
     def __repr__(self) -> str:
@@ -90,7 +90,7 @@ class Noise(ABC):
 class GaussianNoise(Noise):
     """N(0, sigma^2 I) (Cohen et al. 2019)."""
 
-    name = "gaussian"
+    name = GAUSSIAN
 
     def __init__(self, sigma: float):
         self.sigma = _check_sigma("Gaussian sigma", sigma)
@@ -122,7 +122,7 @@ class GaussianNoise(Noise):
 class UniformNoise(Noise):
     """U[-lambda, lambda]^d with ``lambda = sqrt(3) * sigma`` (variance sigma^2; Yang et al. 2020)."""
 
-    name = "uniform"
+    name = UNIFORM
 
     def __init__(self, sigma: float):
         self.sigma = _check_sigma("Uniform sigma", sigma)
@@ -158,7 +158,7 @@ class NormalUniformNoise(Noise):
     The paper's pairs use ``sigma_u = (sqrt(3)/2) * sigma_n`` (kurtosis -0.22), the default here.
     """
 
-    name = "normal-uniform"
+    name = NORMAL_UNIFORM
 
     def __init__(self, sigma_n: float, sigma_u: Optional[float] = None):
         self.gaussian = GaussianNoise(_check_sigma("Normal-Uniform sigma_n", sigma_n))
@@ -195,11 +195,11 @@ def make_noise(name: str, sigma: float, sigma_u: Optional[float] = None) -> Nois
     """Build a noise by name: 'gaussian' or 'uniform' (``sigma``), 'normal-uniform' (``sigma`` is
     sigma_n, ``sigma_u`` defaults to sqrt(3)/2 sigma_n)."""
     key = str(name).lower().replace("_", "-")
-    if key in ("gaussian", "normal", "n"):
+    if key in (GAUSSIAN, *NOISE_ALIASES[GAUSSIAN]):
         return GaussianNoise(sigma)
-    if key in ("uniform", "u"):
+    if key in (UNIFORM, *NOISE_ALIASES[UNIFORM]):
         return UniformNoise(sigma)
-    if key in ("normal-uniform", "nu"):
+    if key in (NORMAL_UNIFORM, *NOISE_ALIASES[NORMAL_UNIFORM]):
         return NormalUniformNoise(sigma, sigma_u)
     raise UserError(f"unknown noise {name!r}; choose one of {', '.join(NOISES)}")
 

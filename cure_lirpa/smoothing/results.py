@@ -18,6 +18,16 @@ import numpy as np
 
 from ..errors import UserError
 from ..io.checkpoint import atomic_write_json, atomic_write_text
+from ..vocabulary import (
+    CLEAN_ACCURACY,
+    GAUSSIAN,
+    HYBRID,
+    L2,
+    SMOOTHING_RADII,
+    SUMMARY_JSON,
+    SUMMARY_MD,
+    UNIFORM,
+)
 from .metrics import (
     NORMS,
     average_certified_radius,
@@ -30,8 +40,7 @@ from .metrics import (
 PathLike = Union[str, Path]
 TSV_FORMAT = "cure-lirpa-smoothing-tsv/1"
 TSV = "samples.tsv"
-SUMMARY_JSON, SUMMARY_MD = "summary.json", "summary.md"
-DEFAULT_RADII = (0.25, 0.5, 0.75, 1.0)
+DEFAULT_RADII = SMOOTHING_RADII
 
 
 # ---------------------------------------------------------------------------------------------
@@ -50,8 +59,8 @@ def _noise_columns(name: str, sequential: str) -> list[str]:
 def certify_columns(mode: str, sequential: str = "off") -> list[str]:
     """TSV columns of a certification run (``mode`` gaussian, uniform or hybrid)."""
     cols = ["idx", "label", "predict", "radius_l1", "radius_l2", "correct"]
-    cols += ["rule"] if mode == "hybrid" else []
-    for name in ("gaussian", "uniform") if mode == "hybrid" else (mode,):
+    cols += ["rule"] if mode == HYBRID else []
+    for name in (GAUSSIAN, UNIFORM) if mode == HYBRID else (mode,):
         cols += _noise_columns(name, sequential)
     return cols + (["samples", "drawn"] if sequential != "off" else []) + ["time"]
 
@@ -173,8 +182,8 @@ def certify_summary(header: dict[str, Any], records: Sequence[dict[str, Any]]) -
         "n": run.get("n", run.get("max_n")),
         "alpha": run.get("alpha"),
         "alpha_each": run.get("alpha_each"),
-        "radius_norm": run.get("norm", "l2"),
-        "clean_accuracy": float(np.mean(correct)) if records else math.nan,
+        "radius_norm": run.get("norm", L2),
+        CLEAN_ACCURACY: float(np.mean(correct)) if records else math.nan,
         "abstained": float(np.mean([r["predict"] == -1 for r in records])) if records else 0.0,
         "certified_accuracy": {
             norm: {f"{r:g}": certified_accuracy(radius[norm], correct, r) for r in radii}

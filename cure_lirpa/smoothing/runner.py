@@ -44,6 +44,7 @@ from ..io.shards import (
     shard_of,
     write_merged,
 )
+from ..vocabulary import DECIDE_RADII, GAUSSIAN, HYBRID, L2, SMOOTHING_MODES, UNIFORM
 from .certifier import Smooth, SmoothingWarning, check_sampling, file_sha256, sample_seed
 from .hybrid import combine, split_alpha
 from .noise import GaussianNoise, Noise, UniformNoise
@@ -52,9 +53,9 @@ from .sequential import NORMS, certify_sequential, check_max_n, estimate_radius
 
 PathLike = Union[str, Path]
 KINDS = {"certify": "smooth-certify", "predict": "smooth-predict"}
-MODES = ("gaussian", "uniform", "hybrid")
+MODES = SMOOTHING_MODES
 SEQUENTIAL = ("off", "decide", "estimate")
-STREAMS = {"gaussian": 0, "uniform": 1, "predict": 2}
+STREAMS = {GAUSSIAN: 0, UNIFORM: 1, "predict": 2}
 """Noise stream of each certificate in :func:`sample_seed` (the same in every run)."""
 NOT_COMPARED = ("info", "shard")
 """Config keys that shards of one run may differ in."""
@@ -269,14 +270,14 @@ def _smooths(
     if mode not in MODES:
         raise UserError(f"unknown certification noise {mode!r}; choose one of {', '.join(MODES)}")
     smooths: dict[str, Smooth] = {}
-    if mode in ("gaussian", "hybrid"):
+    if mode in (GAUSSIAN, HYBRID):
         if sigma_gaussian is None:
             raise UserError("Gaussian certification needs a sigma (--sigma or --sigma-gaussian)")
-        smooths["gaussian"] = Smooth(model, num_classes, GaussianNoise(sigma_gaussian), device)
-    if mode in ("uniform", "hybrid"):
+        smooths[GAUSSIAN] = Smooth(model, num_classes, GaussianNoise(sigma_gaussian), device)
+    if mode in (UNIFORM, HYBRID):
         if sigma_uniform is None:
             raise UserError("Uniform certification needs a sigma (--sigma or --sigma-uniform)")
-        smooths["uniform"] = Smooth(model, num_classes, UniformNoise(sigma_uniform), device)
+        smooths[UNIFORM] = Smooth(model, num_classes, UniformNoise(sigma_uniform), device)
     return smooths
 
 
@@ -314,7 +315,7 @@ class CertifyPlan:
     @property
     def alpha_each(self) -> float:
         """The level of each noise's certificate (hybrid: ``alpha / 2`` when ``joint_alpha``)."""
-        return split_alpha(self.alpha, 2, self.joint_alpha) if self.mode == "hybrid" else self.alpha
+        return split_alpha(self.alpha, 2, self.joint_alpha) if self.mode == HYBRID else self.alpha
 
     def settings(self, noises: list[dict[str, Any]]) -> dict[str, Any]:
         """The config entries of the certification with these ``noises`` (their descriptions);
@@ -374,8 +375,8 @@ class CertifyPlan:
         rec: dict[str, Any] = {}
         for name, c in certs.items():
             rec.update(_per_noise(name, c, self.sequential))
-        if self.mode == "hybrid":
-            best = combine(certs["gaussian"], certs["uniform"])
+        if self.mode == HYBRID:
+            best = combine(certs[GAUSSIAN], certs[UNIFORM])
             rec["rule"] = best.rule
         else:
             best = certs[self.mode]
@@ -424,7 +425,7 @@ def certify_dataset(
     dataset: Any,
     out: PathLike,
     *,
-    mode: str = "gaussian",
+    mode: str = GAUSSIAN,
     sigma_gaussian: Optional[float] = None,
     sigma_uniform: Optional[float] = None,
     n0: int = 100,
@@ -433,8 +434,8 @@ def certify_dataset(
     batch_size: int = 1000,
     joint_alpha: bool = True,
     sequential: str = "off",
-    radii: Sequence[float] = (0.25, 0.5, 0.75),
-    norm_name: str = "l2",
+    radii: Sequence[float] = DECIDE_RADII,
+    norm_name: str = L2,
     precision: float = 0.05,
     max_radius: Optional[float] = None,
     max_n: int = 100_000,
@@ -648,7 +649,7 @@ def _certify_warnings(o: dict[str, Any], n_given: bool) -> list[str]:
     """What is doubtful about :func:`certify_dataset`'s options ``o`` (all of them)."""
     if o["sequential"] != "off":
         return ["--n is not used by --sequential; --max-n caps the draws"] if n_given else []
-    each = split_alpha(o["alpha"], 2, o["joint_alpha"]) if o["mode"] == "hybrid" else o["alpha"]
+    each = split_alpha(o["alpha"], 2, o["joint_alpha"]) if o["mode"] == HYBRID else o["alpha"]
     found = [_sampling_message(o["n"], each, 1, what="certify")]
     if o["n0"] > o["n"]:
         found.append(

@@ -49,10 +49,11 @@ from scipy.special import betainc, betaln
 from scipy.stats import norm
 
 from ..errors import UserError
+from ..vocabulary import L1, L2, SMOOTHING_NORMS
 from .certifier import ABSTAIN, Smooth, SmoothingWarning, _check_alpha, check_sampling
 from .noise import GaussianNoise, Noise, UniformNoise
 
-NORMS = ("l2", "l1")
+NORMS = SMOOTHING_NORMS
 PRIOR_B = 0.1
 """Shape of the mixing density ``(1 - p1)^(b - 1)``: small b favours top-class probabilities near 1."""
 
@@ -113,7 +114,7 @@ def target_probability(noise: Noise, radius: float, norm_name: str, dim: int) ->
     if isinstance(noise, GaussianNoise):
         return float(norm.cdf(radius / noise.sigma))
     if isinstance(noise, UniformNoise):
-        r1 = radius if norm_name == "l1" else radius * math.sqrt(dim)
+        r1 = radius if norm_name == L1 else radius * math.sqrt(dim)
         return 0.5 + r1 / (2.0 * noise.half_width)
     raise UserError(f"{noise!r} does not certify; use Gaussian or Uniform noise")
 
@@ -123,7 +124,7 @@ def radii_of(noise: Noise, radius: float, norm_name: str, dim: int) -> tuple[flo
     (the same implications as :meth:`Noise.radii`)."""
     if isinstance(noise, GaussianNoise):
         return radius, radius
-    if norm_name == "l1":
+    if norm_name == L1:
         return radius, radius / math.sqrt(dim)
     return radius * math.sqrt(dim), radius
 
@@ -412,7 +413,7 @@ def certify_sequential(
     alpha: float = 0.001,
     max_n: int = 100_000,
     batch_size: int = 1000,
-    norm_name: str = "l2",
+    norm_name: str = L2,
     min_batch: int = 50,
     futility_alpha: float = FUTILITY_ALPHA,
 ) -> SequentialCertificate:
@@ -455,7 +456,7 @@ def estimate_radius(
     alpha: float = 0.001,
     max_n: int = 100_000,
     batch_size: int = 1000,
-    norm_name: str = "l2",
+    norm_name: str = L2,
     min_batch: int = 50,
     futility_alpha: float = FUTILITY_ALPHA,
 ) -> SequentialCertificate:
@@ -510,7 +511,7 @@ def estimate_radius(
 def radii_for_probability(noise: Noise, p: float, norm_name: str, dim: int) -> float:
     """Inverse of :func:`target_probability`: the radius in ``norm_name`` certified at ``p``."""
     r1, r2 = noise.radii(p, dim)
-    return r2 if norm_name == "l2" else r1
+    return r2 if norm_name == L2 else r1
 
 
 def _replace(cert: SequentialCertificate, **changes: Any) -> SequentialCertificate:
@@ -568,7 +569,7 @@ def certify_sequential_hybrid(
     alpha: float = 0.001,
     max_n: int = 100_000,
     batch_size: int = 1000,
-    norm_name: str = "l1",
+    norm_name: str = L1,
     joint_alpha: bool = True,
     futility_alpha: float = FUTILITY_ALPHA,
 ):

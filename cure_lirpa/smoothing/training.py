@@ -44,9 +44,10 @@ from ..training.trainer import (
     StepAt,
     run_training,
 )
+from ..vocabulary import CONSISTENCY, GAUSSIAN, NU, NU_RS, SAMPLE, SMOOTHING_OBJECTIVES, UNIFORM
 from .noise import GaussianNoise, Noise, NormalUniformNoise, UniformNoise, make_generator
 
-METHODS = ("gaussian", "uniform", "nu", "nu-rs", "consistency")
+METHODS = SMOOTHING_OBJECTIVES
 SCHEDULES = ("constant", "cosine")
 RUNTIME_KEYS = ("data_root", "eval_count")
 """Config keys that may differ between a run and its resumption (they do not change the weights)."""
@@ -62,11 +63,11 @@ class TrainConfig:
     whose ``sigma_u`` defaults to ``sqrt(3)/2 * sigma_n`` (the NU paper's kurtosis -0.22 pairs).
     """
 
-    dataset: str = "sample"
+    dataset: str = SAMPLE
     data_root: Optional[str] = None
     arch: str = "cnn-small"
     arch_kwargs: dict[str, Any] = field(default_factory=dict)
-    method: str = "gaussian"
+    method: str = GAUSSIAN
     sigma: float = 0.25
     sigma_u: Optional[float] = None
     beta: float = 3.0
@@ -93,7 +94,7 @@ class TrainConfig:
             raise UserError(
                 f"unknown schedule {c.schedule!r}; choose one of {', '.join(SCHEDULES)}"
             )
-        if c.method in ("nu", "nu-rs"):
+        if c.method in (NU, NU_RS):
             noise = NormalUniformNoise(c.sigma, c.sigma_u)
             c.sigma, c.sigma_u = noise.sigma_n, noise.sigma_u
         else:
@@ -190,15 +191,15 @@ class ConsistencyRegularised:
 def make_method(config: TrainConfig):
     """The loss object of ``config.method``."""
     c = config
-    if c.method == "gaussian":
+    if c.method == GAUSSIAN:
         return NoiseAugmentation(GaussianNoise(c.sigma))
-    if c.method == "uniform":
+    if c.method == UNIFORM:
         return NoiseAugmentation(UniformNoise(c.sigma))
-    if c.method == "nu":
+    if c.method == NU:
         return NoiseAugmentation(NormalUniformNoise(c.sigma, c.sigma_u))
-    if c.method == "nu-rs":
+    if c.method == NU_RS:
         return SimilarityRegularised(NormalUniformNoise(c.sigma, c.sigma_u), c.beta)
-    if c.method == "consistency":
+    if c.method == CONSISTENCY:
         return ConsistencyRegularised(
             GaussianNoise(c.sigma), c.consistency_m, c.consistency_lambda, c.consistency_eta
         )
@@ -384,7 +385,7 @@ def checkpoint_summary(ckpt: dict[str, Any]) -> dict[str, Any]:
         "train_method": cfg.get("method"),
         "train_sigma": cfg.get("sigma"),
         "train_sigma_u": cfg.get("sigma_u"),
-        "train_beta": cfg.get("beta") if cfg.get("method") == "nu-rs" else None,
+        "train_beta": cfg.get("beta") if cfg.get("method") == NU_RS else None,
         "epochs": ckpt.get("epoch"),
     }
 

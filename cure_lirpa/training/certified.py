@@ -37,6 +37,7 @@ from ..errors import UserError
 from ..io.checkpoint import load_checkpoint, make_checkpoint
 from ..models import build_model, ibp_init
 from ..threats.base import format_eps
+from ..vocabulary import CERTIFIED, CLEAN_ACCURACY, IBP, L2, LINF, NATURAL
 from .config import RUNTIME_KEYS, TrainConfig
 from .losses import project_gradients
 from .meter import Meter, StepResult
@@ -66,7 +67,7 @@ def build_network(
     )
     if c.init_from and init:
         load_init_weights(model, c, info)
-    elif c.init == "ibp":
+    elif c.init == IBP:
         ibp_init(model)
     net = TrainingNetwork(model, info.in_shape, device, memory_mb=c.memory_mb)
     return model, net
@@ -107,8 +108,8 @@ def schedule_at(config: TrainConfig, step: int, steps_per_epoch: int, ramp: Ramp
     """eps per norm, kappa, CROWN-IBP beta and learning rate at global optimizer step ``step``."""
     c = config
     eps = {
-        "linf": eps_at(step, c.train_eps_linf, ramp),
-        "l2": eps_at(step, c.train_eps_l2, ramp),
+        LINF: eps_at(step, c.train_eps_linf, ramp),
+        L2: eps_at(step, c.train_eps_l2, ramp),
     }
     return StepSchedule(
         eps=eps,
@@ -261,7 +262,7 @@ class CertifiedTask:
         if gp_epoch(self.config, epoch.index, self.steps, self.ramp):
             record = self._projected_epoch(epoch)
         else:
-            record = self._record(epoch.index, self._pass(epoch, "certified"))
+            record = self._record(epoch.index, self._pass(epoch, CERTIFIED))
         record["seconds"] = round(time.perf_counter() - t0, 2)
         record["cpu_seconds"] = round(time.process_time() - cpu0, 2)  # this process only
         previous = epoch.previous["train_seconds"] if epoch.previous else 0.0
@@ -275,13 +276,13 @@ class CertifiedTask:
         net.sync_to_model()
         theta0 = _state(model)
         opt0 = copy.deepcopy(opt.state_dict())
-        record = self._record(epoch.index, self._pass(epoch, "certified"))
+        record = self._record(epoch.index, self._pass(epoch, CERTIFIED))
         net.sync_to_model()
         theta_c = _state(model)
         opt_c = copy.deepcopy(opt.state_dict())
         _load(model, net, theta0)
         opt.load_state_dict(copy.deepcopy(opt0))
-        natural = self._pass(epoch, "natural")
+        natural = self._pass(epoch, NATURAL)
         net.sync_to_model()
         theta_n = _state(model)
         _load(model, net, project_gradients(theta0, theta_c, theta_n, self.config.gp_beta))
@@ -306,8 +307,8 @@ class CertifiedTask:
             "epoch": epoch + 1,
             "loss": means.pop("loss", 0.0),
             "parts": means,
-            "clean_accuracy": meter.accuracy,
-            "certified": {k: v / max(meter.cert_n, 1) for k, v in meter.cert.items()},
+            CLEAN_ACCURACY: meter.accuracy,
+            CERTIFIED: {k: v / max(meter.cert_n, 1) for k, v in meter.cert.items()},
             "eps": dict(sched.eps),
             "kappa": sched.kappa,
             "crown_ibp_beta": sched.crown_ibp_beta,
@@ -342,18 +343,18 @@ class CertifiedTask:
 
 def _collapsed(record: dict[str, Any], num_classes: int, epochs_done: int, warmup: float) -> bool:
     """Clean training accuracy at chance level after the warm-up: a collapsed classifier."""
-    return epochs_done > warmup + 1 and record["clean_accuracy"] < 1.5 / num_classes
+    return epochs_done > warmup + 1 and record[CLEAN_ACCURACY] < 1.5 / num_classes
 
 
 def format_record(r: dict[str, Any], epochs: int) -> str:
     """One human line per epoch."""
-    cert = " ".join(f"{k} {v:.3f}" for k, v in r.get("certified", {}).items())
+    cert = " ".join(f"{k} {v:.3f}" for k, v in r.get(CERTIFIED, {}).items())
     parts = " ".join(f"{k} {v:.3f}" for k, v in r.get("parts", {}).items())
     eps = " ".join(f"{k} {v:.4g}" for k, v in r["eps"].items())
     gp = " [gp]" if r.get("gp") else ""
     return (
         f"epoch {r['epoch']}/{epochs}{gp}  eps {eps}  loss {r['loss']:.4f} ({parts})  "
-        f"clean {r['clean_accuracy']:.3f}  certified {cert or '-'}  lr {r['lr']:.2g}  "
+        f"clean {r[CLEAN_ACCURACY]:.3f}  certified {cert or '-'}  lr {r['lr']:.2g}  "
         f"{r['seconds']:.1f}s"
     )
 

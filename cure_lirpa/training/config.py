@@ -19,6 +19,28 @@ from typing import Any, Collection, Optional, Sequence
 from ..data import DATASETS, dataset_info, default_radii
 from ..errors import UserError
 from ..threats.base import check_radius
+from ..vocabulary import (
+    BALL,
+    CURE_FINETUNE,
+    CURE_JOINT,
+    CURE_MAX,
+    CURE_MTL,
+    CURE_SCRATCH,
+    DEFAULT_INIT,
+    DEFAULT_OBJECTIVE,
+    DEFENCE,
+    IBP,
+    INITS,
+    L2,
+    LINF,
+    MNIST,
+    MTL_IBP,
+    MULTI_NORM_OBJECTIVES,
+    NATURAL,
+    SABR,
+    SAMPLE,
+    TINYIMAGENET,
+)
 from .objectives import (
     L2_VARIANTS,
     LINF_VARIANTS,
@@ -31,11 +53,9 @@ from .objectives import (
 )
 from .schedules import SHAPES
 
-DEFAULT_METHOD = "cure-joint"
+DEFAULT_METHOD = DEFAULT_OBJECTIVE
 RUNTIME_KEYS = ("data_root", "memory_mb", "train_cert", "epochs")
 """Config keys that may differ between a run and its resumption (``epochs`` extends a run)."""
-INITS = ("default", "ibp")
-"""Weight initialisations: the layers' own (``default``) or Shi et al.'s IBP initialisation."""
 UNIT_FIELDS = (
     "kappa_start",
     "kappa_end",
@@ -69,13 +89,13 @@ class TrainConfig:
     ``l1_reg`` weighs ``sum |w|`` over the weight matrices and kernels.
     """
 
-    dataset: str = "sample"
+    dataset: str = SAMPLE
     data_root: Optional[str] = None
     arch: str = "cnn-small"
     arch_kwargs: dict[str, Any] = field(default_factory=dict)
     method: str = DEFAULT_METHOD
-    linf_variant: str = "ibp"
-    l2_variant: str = "ball"
+    linf_variant: str = IBP
+    l2_variant: str = BALL
     eps_linf: Optional[float] = None
     eps_l2: Optional[float] = None
     train_eps_linf: Optional[float] = None
@@ -102,7 +122,7 @@ class TrainConfig:
     mtl_alpha_linf: float = 0.5
     mtl_alpha_l2: float = 0.5
     mtl_attack_steps: int = 1
-    init: str = "default"
+    init: str = DEFAULT_INIT
     ibp_reg: float = 0.0
     l1_reg: float = 0.0
     init_from: Optional[str] = None
@@ -132,7 +152,7 @@ class TrainConfig:
             l2_lambda=self.l2_lambda,
             alpha=self.alpha,
             ba_eta=self.ba_eta,
-            ba_direction=self.ba_direction or "l2",
+            ba_direction=self.ba_direction or L2,
             mtl_alpha_linf=self.mtl_alpha_linf,
             mtl_alpha_l2=self.mtl_alpha_l2,
             mtl_attack_steps=int(self.mtl_attack_steps),
@@ -165,7 +185,7 @@ def _check_method(c: TrainConfig) -> None:
         raise UserError(f"unknown training method {c.method!r}; choose one of {', '.join(METHODS)}")
     if c.method in SINGLE_NORM_VARIANTS:
         norm, variant = SINGLE_NORM_VARIANTS[c.method]
-        if norm == "linf":
+        if norm == LINF:
             c.linf_variant = variant
         else:
             c.l2_variant = variant
@@ -192,7 +212,7 @@ def _check_radii(c: TrainConfig) -> None:
 def _check_optimisation(c: TrainConfig) -> None:
     """BA direction, epochs and schedule, batch size, optimizer settings, weights in [0, 1]."""
     if c.ba_direction is None:
-        c.ba_direction = "l2" if c.dataset in ("sample", "mnist") else "linf"
+        c.ba_direction = L2 if c.dataset in (SAMPLE, MNIST) else LINF
     if c.ba_direction not in NORMS:
         raise UserError(f"--ba-direction must be one of {', '.join(NORMS)}")
     if int(c.epochs) < 1 or int(c.epochs) != c.epochs:
@@ -232,18 +252,18 @@ def _check_terms(c: TrainConfig) -> None:
         raise UserError(f"--ibp-reg must be >= 0, got {c.ibp_reg}")
     if not (math.isfinite(c.l1_reg) and c.l1_reg >= 0):
         raise UserError(f"--l1-reg must be >= 0, got {c.l1_reg}")
-    if c.ibp_reg > 0 and "linf" not in make_method(c.method, c.method_options()).norms:
+    if c.ibp_reg > 0 and LINF not in make_method(c.method, c.method_options()).norms:
         raise UserError(
             f"--ibp-reg regularises the l∞ box bounds; {c.method!r} does not train l∞ "
             "(use it with an l∞ or cure-* method, or drop it)"
         )
     if c.ba_eta > 0 and not is_multi_norm(c.method):
         raise UserError(
-            f"bound alignment (--ba-eta) needs a multi-norm method (cure-joint, cure-max, "
-            f"cure-random), not {c.method!r}"
+            f"bound alignment (--ba-eta) needs a multi-norm method "
+            f"({', '.join(MULTI_NORM_OBJECTIVES)}), not {c.method!r}"
         )
-    if c.gp_beta > 0 and c.method == "natural":
-        raise UserError("gradient projection (--gp-beta) needs a certified method, not natural")
+    if c.gp_beta > 0 and c.method == NATURAL:
+        raise UserError(f"gradient projection (--gp-beta) needs a certified method, not {NATURAL}")
 
 
 def _check_run(c: TrainConfig) -> None:
@@ -256,7 +276,7 @@ def _check_run(c: TrainConfig) -> None:
         raise UserError(f"--memory-mb must be > 0, got {c.memory_mb}")
     if c.preset is not None and c.preset not in PRESETS:
         raise UserError(f"unknown preset {c.preset!r}; choose one of {', '.join(PRESETS)}")
-    if c.preset == "cure-finetune" and not c.init_from:
+    if c.preset == CURE_FINETUNE and not c.init_from:
         raise UserError(
             "the cure-finetune preset fine-tunes a pretrained model: pass --init-from "
             "CHECKPOINT (e.g. an ibp-linf or sabr-linf run's checkpoint.pt)"
@@ -265,7 +285,7 @@ def _check_run(c: TrainConfig) -> None:
 
 def resolved_radii(config: TrainConfig) -> tuple[float, float]:
     """``(eps_linf, eps_l2)`` of ``config``, each None replaced by the dataset's usual radius."""
-    linf, l2 = default_radii(config.dataset) if config.dataset in DATASETS else (0.1, 0.5)
+    linf, l2 = default_radii(config.dataset if config.dataset in DATASETS else MNIST)
     return (
         linf if config.eps_linf is None else float(config.eps_linf),
         l2 if config.eps_l2 is None else float(config.eps_l2),
@@ -276,10 +296,10 @@ def resolved_radii(config: TrainConfig) -> tuple[float, float]:
 # Presets: the CURE paper's settings and its public scripts, overridable option by option
 
 PRESETS: dict[str, str] = {
-    "cure-scratch": "CURE-Scratch: Max + bound alignment + gradient projection from scratch",
-    "cure-finetune": "CURE-Finetune: from a pretrained l∞ model (--init-from), 2 natural epochs, "
+    CURE_SCRATCH: "CURE-Scratch: Max + bound alignment + gradient projection from scratch",
+    CURE_FINETUNE: "CURE-Finetune: from a pretrained l∞ model (--init-from), 2 natural epochs, "
     "new eps ramp, Max + BA (eta 0.5) + GP (beta 0.5), Adam lr 5e-4",
-    "cure-mtl": "CURE-Joint with the blocks that certified the most union accuracy in this "
+    CURE_MTL: "CURE-Joint with the blocks that certified the most union accuracy in this "
     "package's measurements: IBP for l∞, MTL-IBP for l2 (alpha 0.3 MNIST, 0.1 otherwise)",
 }
 SCHEDULE_KEYS = ("warmup_epochs", "ramp_epochs", "lr_milestones")
@@ -287,12 +307,12 @@ SCHEDULE_KEYS = ("warmup_epochs", "ramp_epochs", "lr_milestones")
 
 def _sabr_lambda(dataset: str, eps_linf: float) -> float:
     """CURE's scripts: 0.4 for MNIST 0.1, 0.6 for MNIST 0.3, 0.1 for CIFAR 2/255, 0.7 for 8/255."""
-    if dataset in ("sample", "mnist"):
+    if dataset in (SAMPLE, MNIST):
         return 0.4 if eps_linf <= 0.2 else 0.6
     return 0.1 if eps_linf <= 5 / 255 else 0.7
 
 
-def preset_values(name: str, dataset: str = "sample", eps_linf: float = 0.1) -> dict[str, Any]:
+def preset_values(name: str, dataset: str = SAMPLE, eps_linf: float = 0.1) -> dict[str, Any]:
     """The options preset ``name`` sets for ``dataset`` and l∞ radius ``eps_linf``.
 
     Both presets use the public CURE recipe: SABR for l∞ (lambda by dataset and eps), the l2 defence
@@ -305,24 +325,24 @@ def preset_values(name: str, dataset: str = "sample", eps_linf: float = 0.1) -> 
     """
     if name not in PRESETS:
         raise UserError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
-    mnist = dataset in ("sample", "mnist")
-    if name == "cure-mtl":
+    mnist = dataset in (SAMPLE, MNIST)
+    if name == CURE_MTL:
         return _mtl_preset(mnist)
     v: dict[str, Any] = {
-        "method": "cure-max",
-        "linf_variant": "sabr",
-        "l2_variant": "defence",
+        "method": CURE_MAX,
+        "linf_variant": SABR,
+        "l2_variant": DEFENCE,
         "sabr_lambda": _sabr_lambda(dataset, eps_linf),
         "l2_lambda": 1e-5,
-        "ba_direction": "l2" if mnist else "linf",
+        "ba_direction": L2 if mnist else LINF,
         "lr": 5e-4,
         "lr_factor": 0.2,
         "batch_size": 256 if mnist else 128,
     }
-    if name == "cure-scratch":
+    if name == CURE_SCRATCH:
         v.update(
             ba_eta=0.5 if mnist and eps_linf > 0.2 else 2.0,
-            gp_beta=0.5 if dataset == "tinyimagenet" else 0.8,
+            gp_beta=0.5 if dataset == TINYIMAGENET else 0.8,
             epochs=70 if mnist else 160,
             warmup_epochs=2.0,
             ramp_epochs=20.0 if mnist else 80.0,
@@ -348,9 +368,9 @@ def _mtl_preset(mnist: bool) -> dict[str, Any]:
     above IBP l∞, but only 0.6 above the MTL-IBP l2 block trained alone (within noise).
     MNIST keeps that 12-epoch schedule; other datasets take the CURE paper's 160 epochs."""
     v: dict[str, Any] = {
-        "method": "cure-joint",
-        "linf_variant": "ibp",
-        "l2_variant": "mtl-ibp",
+        "method": CURE_JOINT,
+        "linf_variant": IBP,
+        "l2_variant": MTL_IBP,
         "mtl_alpha_l2": 0.3 if mnist else 0.1,
         "lr_factor": 0.2,
         "batch_size": 256 if mnist else 128,
@@ -359,7 +379,7 @@ def _mtl_preset(mnist: bool) -> dict[str, Any]:
         v.update(epochs=12, warmup_epochs=1.0, ramp_epochs=6.0, lr_milestones=(10.0,), lr=5e-4)
     else:
         v.update(epochs=160, warmup_epochs=2.0, ramp_epochs=80.0, lr_milestones=(120.0, 140.0))
-        v.update(lr=1e-3, init="ibp", ibp_reg=0.5, l1_reg=1e-6, kappa_start=0.0)
+        v.update(lr=1e-3, init=IBP, ibp_reg=0.5, l1_reg=1e-6, kappa_start=0.0)
     return v
 
 

@@ -11,6 +11,8 @@ from typing import Sequence
 
 import torch
 
+from ..vocabulary import UNION
+
 
 @dataclass
 class StepResult:
@@ -65,7 +67,7 @@ class Meter:
                     self.cert[norm] = self.cert.get(norm, 0) + int(res.masks[norm].sum())
                     union &= res.masks[norm]
             if self.norms and all(norm in res.masks for norm in self.norms):
-                self.cert["union"] = self.cert.get("union", 0) + int(union.sum())
+                self.cert[UNION] = self.cert.get(UNION, 0) + int(union.sum())
             self.cert_n += b
 
 

@@ -48,13 +48,34 @@ from ..bounds.classifier import BoundedClassifier, certified
 from ..errors import UserError
 from ..models import Classifier
 from ..threats.base import NormBall
+from ..vocabulary import (
+    BALL,
+    COMBINERS,
+    CROWN_IBP,
+    CURE_JOINT,
+    CURE_MAX,
+    CURE_RANDOM,
+    DEFENCE,
+    IBP,
+    JOINT,
+    L2,
+    L2_VARIANTS,
+    LINF,
+    LINF_VARIANTS,
+    MAX,
+    MTL_IBP,
+    MULTI_NORM_OBJECTIVES,
+    NATURAL,
+    RANDOM,
+    SABR,
+    SINGLE_NORM_OBJECTIVES,
+    TRAINING_NORMS,
+)
 from . import losses
 
-NORMS = ("linf", "l2")
+NORMS = TRAINING_NORMS
 """The norms of multi-norm training, in the order used everywhere (metrics, configs)."""
-P_OF = {"linf": math.inf, "l2": 2.0}
-LINF_VARIANTS = ("ibp", "sabr", "mtl-ibp")
-L2_VARIANTS = ("ball", "defence", "mtl-ibp")
+P_OF = {LINF: math.inf, L2: 2.0}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -105,7 +126,7 @@ class TrainingNetwork:
         smoothed ramp eps is ~1e-10 and float32 output widths round to 0."""
         x = torch.full((1, *in_shape), 0.5, device=self.device)
         y = torch.zeros(1, dtype=torch.long, device=self.device)
-        self.bounded.margin_lower_bounds(x, y, NormBall(2.0, 0.5), "ibp")
+        self.bounded.margin_lower_bounds(x, y, NormBall(2.0, 0.5), IBP)
 
     def train(self, mode: bool = True) -> TrainingNetwork:
         """Train (batch statistics, running-stat updates) or eval mode for the model and bounds.
@@ -144,13 +165,13 @@ class TrainingNetwork:
         return self.bounded.module(x)
 
     def ball_bounds(
-        self, x: torch.Tensor, y: torch.Tensor, norm: str, eps: float, method: str = "ibp"
+        self, x: torch.Tensor, y: torch.Tensor, norm: str, eps: float, method: str = IBP
     ) -> torch.Tensor:
         """Margin lower bounds (B, K-1) over the ``norm`` ball of radius ``eps`` (with gradients)."""
         return self.bounded.margin_lower_bounds(x, y, NormBall(P_OF[norm], eps), method)
 
     def box_bounds(
-        self, x_l: torch.Tensor, x_u: torch.Tensor, y: torch.Tensor, method: str = "ibp"
+        self, x_l: torch.Tensor, x_u: torch.Tensor, y: torch.Tensor, method: str = IBP
     ) -> torch.Tensor:
         """Margin lower bounds (B, K-1) over the boxes ``[x_l, x_u]`` (with gradients)."""
         return self.bounded.box_lower_bounds(x_l, x_u, y, method)
@@ -166,7 +187,7 @@ class TrainingNetwork:
         """
         if eps == 0:
             return certified(exact_margins(logits, y))
-        return certified(self.ball_bounds(x, y, norm, eps, "ibp"))
+        return certified(self.ball_bounds(x, y, norm, eps, IBP))
 
     @torch.no_grad()
     def sync_to_model(self) -> None:
@@ -302,10 +323,10 @@ class BallBound:
         if eps == 0:
             return _margins(batch, idx)
         x, y = _select(batch, idx)
-        lb = net.ball_bounds(x, y, self.norm, eps, "ibp")
+        lb = net.ball_bounds(x, y, self.norm, eps, IBP)
         beta = batch.crown_ibp_beta
         if beta > 0:
-            lb = beta * net.ball_bounds(x, y, self.norm, eps, "crown-ibp") + (1 - beta) * lb
+            lb = beta * net.ball_bounds(x, y, self.norm, eps, CROWN_IBP) + (1 - beta) * lb
         return lb
 
 
@@ -315,7 +336,7 @@ class SabrBound:
     Sound for the whole l∞ ball only when ``lambda = 1`` (then the box is the ball).
     """
 
-    norm = "linf"
+    norm = LINF
 
     def __init__(self, lam: float, steps: int = 8):
         if not 0.0 <= lam <= 1.0:
@@ -324,14 +345,14 @@ class SabrBound:
         self.sound = self.lam >= 1.0
 
     def __call__(self, net, batch, idx=None) -> torch.Tensor:
-        eps = batch.eps["linf"]
+        eps = batch.eps[LINF]
         if eps == 0:
             return _margins(batch, idx)
         x, y = _select(batch, idx)
         x_l, x_u = sabr_box(
             net.model, x, y, eps, self.lam * eps, steps=self.steps, generator=batch.generator
         )
-        return net.box_bounds(x_l, x_u, y, "ibp")
+        return net.box_bounds(x_l, x_u, y, IBP)
 
 
 class L2DefenceBound:
@@ -340,7 +361,7 @@ class L2DefenceBound:
     A training heuristic: the box neither lies in nor covers the l2 ball, so it is never sound.
     """
 
-    norm = "l2"
+    norm = L2
     sound = False
 
     def __init__(self, lam: float, steps: int = 8):
@@ -349,14 +370,14 @@ class L2DefenceBound:
         self.lam, self.steps = float(lam), int(steps)
 
     def __call__(self, net, batch, idx=None) -> torch.Tensor:
-        eps = batch.eps["l2"]
+        eps = batch.eps[L2]
         if eps == 0:
             return _margins(batch, idx)
         x, y = _select(batch, idx)
         x_l, x_u = l2_defence_box(
             net.model, x, y, eps, self.lam * eps, steps=self.steps, generator=batch.generator
         )
-        return net.box_bounds(x_l, x_u, y, "ibp")
+        return net.box_bounds(x_l, x_u, y, IBP)
 
 
 class ExpressiveBound:
@@ -417,12 +438,12 @@ def relu_input_bounds(net: TrainingNetwork) -> list[tuple[torch.Tensor, torch.Te
 def ibp_regulariser(net: TrainingNetwork, batch: Batch) -> Optional[torch.Tensor]:
     """Shi et al.'s regulariser (:func:`losses.ibp_regulariser`) on the l∞ box of the current eps,
     times ``batch.reg_weight``; None when off or at eps 0."""
-    eps = batch.eps.get("linf", 0.0)
+    eps = batch.eps.get(LINF, 0.0)
     if batch.reg_weight <= 0 or eps == 0:
         return None
     x_l = (batch.x - eps).clamp(0, 1)
     x_u = (batch.x + eps).clamp(0, 1)
-    net.box_bounds(x_l, x_u, batch.y, "ibp")
+    net.box_bounds(x_l, x_u, batch.y, IBP)
     scale = net.bounded._scale  # the trainable bounded module works in normalised space
     radius = (x_u - x_l) / 2 if scale is None else (x_u - x_l) / 2 / scale
     bounds = relu_input_bounds(net)
@@ -444,11 +465,11 @@ def linf_bound(
 ) -> Bound:
     """The l∞ block: ``'ibp'`` (whole ball), ``'sabr'`` (small box, radius ``sabr_lambda * eps``)
     or ``'mtl-ibp'`` (expressive loss with weight ``mtl_alpha`` on IBP, ``mtl_steps`` PGD steps)."""
-    if variant == "ibp":
-        return BallBound("linf")
-    if variant == "mtl-ibp":
-        return ExpressiveBound("linf", mtl_alpha, mtl_steps)
-    if variant == "sabr":
+    if variant == IBP:
+        return BallBound(LINF)
+    if variant == MTL_IBP:
+        return ExpressiveBound(LINF, mtl_alpha, mtl_steps)
+    if variant == SABR:
         return SabrBound(sabr_lambda)
     raise UserError(f"unknown l∞ variant {variant!r}; choose one of {', '.join(LINF_VARIANTS)}")
 
@@ -456,11 +477,11 @@ def linf_bound(
 def l2_bound(variant: str, l2_lambda: float, mtl_alpha: float = 0.5, mtl_steps: int = 1) -> Bound:
     """The l2 block: ``'ball'`` (exact l2-ball IBP), ``'defence'`` (CURE's l2 defence box) or
     ``'mtl-ibp'`` (expressive loss on the exact l2-ball IBP bounds and an l2 PGD point)."""
-    if variant == "ball":
-        return BallBound("l2")
-    if variant == "mtl-ibp":
-        return ExpressiveBound("l2", mtl_alpha, mtl_steps)
-    if variant == "defence":
+    if variant == BALL:
+        return BallBound(L2)
+    if variant == MTL_IBP:
+        return ExpressiveBound(L2, mtl_alpha, mtl_steps)
+    if variant == DEFENCE:
         return L2DefenceBound(l2_lambda)
     raise UserError(f"unknown l2 variant {variant!r}; choose one of {', '.join(L2_VARIANTS)}")
 
@@ -487,7 +508,7 @@ def _mix(batch: Batch, robust_fn: Callable[[], torch.Tensor], parts: dict[str, f
 class Natural:
     """Natural training: ``CE(f(x), y)`` on clean inputs."""
 
-    name = "natural"
+    name = NATURAL
     norms: tuple[str, ...] = ()
 
     def step(self, net: TrainingNetwork, batch: Batch) -> StepOutput:
@@ -520,15 +541,12 @@ class SingleNorm:
             return value
 
         loss = _mix(batch, robust, parts)
-        if norm == "linf":
+        if norm == LINF:
             loss = _add_regulariser(net, batch, loss, parts)
         out = StepOutput(loss, parts)
         if norm in lbs and (self.bound.sound or batch.eps[norm] == 0):
             out.certified[norm] = certified(lbs[norm].detach())
         return out
-
-
-COMBINERS = ("joint", "max", "random")
 
 
 class MultiNorm:
@@ -549,7 +567,7 @@ class MultiNorm:
         l2: Bound,
         alpha: float = 0.5,
         ba_eta: float = 0.0,
-        ba_direction: str = "l2",
+        ba_direction: str = L2,
     ):
         if combine not in COMBINERS:
             raise UserError(f"unknown combiner {combine!r}; choose one of {', '.join(COMBINERS)}")
@@ -562,7 +580,7 @@ class MultiNorm:
                 f"--ba-direction must be one of {', '.join(NORMS)}, got {ba_direction!r}"
             )
         self.name, self.combine = name, combine
-        self.blocks = {"linf": linf, "l2": l2}
+        self.blocks = {LINF: linf, L2: l2}
         self.alpha, self.ba_eta, self.ba_direction = float(alpha), float(ba_eta), ba_direction
         self.norms = NORMS
 
@@ -572,7 +590,7 @@ class MultiNorm:
         loss = _mix(batch, lambda: self._robust(net, batch, parts, lbs), parts)
         if self.ba_eta > 0 and lbs:
             q = self.ba_direction
-            r = "l2" if q == "linf" else "linf"
+            r = L2 if q == LINF else LINF
             gamma = certified(lbs[q].detach())
             ba = losses.bound_alignment(lbs[q], lbs[r], gamma)
             parts["ba"] = float(ba.detach())
@@ -589,17 +607,17 @@ class MultiNorm:
     def _robust(self, net, batch: Batch, parts: dict[str, float], lbs: dict) -> torch.Tensor:
         """L_Joint, L_Max or L_Random; fills ``parts`` and (for full-batch bounds) ``lbs``."""
         b = batch.y.shape[0]
-        if self.combine == "random" and self.ba_eta == 0:
+        if self.combine == RANDOM and self.ba_eta == 0:
             idx_a, idx_b = losses.random_halves(b, batch.generator)
             idx_a, idx_b = idx_a.to(batch.y.device), idx_b.to(batch.y.device)
             per = {}
-            for norm, idx in (("linf", idx_a), ("l2", idx_b)):
+            for norm, idx in ((LINF, idx_a), (L2, idx_b)):
                 _, l_half = block_loss(self.blocks[norm], net, batch, idx)
                 per[norm] = torch.zeros(b, dtype=l_half.dtype, device=l_half.device).index_put(
                     (idx,), l_half
                 )
                 parts[norm] = float(l_half.detach().mean()) if len(idx) else 0.0
-            robust = losses.random_loss(per["linf"], per["l2"], idx_a, idx_b)
+            robust = losses.random_loss(per[LINF], per[L2], idx_a, idx_b)
             parts["robust"] = float(robust.detach())
             return robust
         per = {}
@@ -607,13 +625,13 @@ class MultiNorm:
             lbs[norm], per[norm] = block_loss(self.blocks[norm], net, batch)
         for norm in NORMS:
             parts[norm] = float(per[norm].detach().mean())
-        if self.combine == "joint":
-            robust = losses.joint(per["linf"], per["l2"], self.alpha)
-        elif self.combine == "max":
-            robust = losses.max_loss(per["linf"], per["l2"])
+        if self.combine == JOINT:
+            robust = losses.joint(per[LINF], per[L2], self.alpha)
+        elif self.combine == MAX:
+            robust = losses.max_loss(per[LINF], per[L2])
         else:
             idx_a, idx_b = losses.random_halves(b, batch.generator)
-            robust = losses.random_loss(per["linf"], per["l2"], idx_a, idx_b)
+            robust = losses.random_loss(per[LINF], per[L2], idx_a, idx_b)
         parts["robust"] = float(robust.detach())
         return robust
 
@@ -626,20 +644,20 @@ class MultiNorm:
 class MethodOptions:
     """The options methods are built from (a subset of the trainer's configuration)."""
 
-    linf_variant: str = "ibp"
-    l2_variant: str = "ball"
+    linf_variant: str = IBP
+    l2_variant: str = BALL
     sabr_lambda: float = 0.4
     l2_lambda: float = 1e-5
     alpha: float = 0.5
     ba_eta: float = 0.0
-    ba_direction: str = "l2"
+    ba_direction: str = L2
     mtl_alpha_linf: float = 0.5
     mtl_alpha_l2: float = 0.5
     mtl_attack_steps: int = 1
 
     def block(self, norm: str, variant: str) -> Bound:
         """The ``norm`` block of ``variant`` with these options."""
-        if norm == "linf":
+        if norm == LINF:
             return linf_bound(variant, self.sabr_lambda, self.mtl_alpha_linf, self.mtl_attack_steps)
         return l2_bound(variant, self.l2_lambda, self.mtl_alpha_l2, self.mtl_attack_steps)
 
@@ -656,8 +674,8 @@ def _multi(name: str, combine: str) -> Callable[[MethodOptions], Method]:
         return MultiNorm(
             name,
             combine,
-            o.block("linf", o.linf_variant),
-            o.block("l2", o.l2_variant),
+            o.block(LINF, o.linf_variant),
+            o.block(L2, o.l2_variant),
             o.alpha,
             o.ba_eta,
             o.ba_direction,
@@ -666,31 +684,19 @@ def _multi(name: str, combine: str) -> Callable[[MethodOptions], Method]:
     return build
 
 
+SINGLE_NORM_VARIANTS: dict[str, tuple[str, str]] = SINGLE_NORM_OBJECTIVES
+"""Single-norm methods: the norm they train and the variant their name fixes."""
+
 METHODS: dict[str, Callable[[MethodOptions], Method]] = {
-    "natural": lambda o: Natural(),
-    "ibp-linf": _single("ibp-linf", "linf", "ibp"),
-    "sabr-linf": _single("sabr-linf", "linf", "sabr"),
-    "ibp-l2": _single("ibp-l2", "l2", "ball"),
-    "l2-defence": _single("l2-defence", "l2", "defence"),
-    "mtl-ibp-linf": _single("mtl-ibp-linf", "linf", "mtl-ibp"),
-    "mtl-ibp-l2": _single("mtl-ibp-l2", "l2", "mtl-ibp"),
-    "cure-joint": _multi("cure-joint", "joint"),
-    "cure-max": _multi("cure-max", "max"),
-    "cure-random": _multi("cure-random", "random"),
+    NATURAL: lambda o: Natural(),
+    **{name: _single(name, *norm_variant) for name, norm_variant in SINGLE_NORM_VARIANTS.items()},
+    CURE_JOINT: _multi(CURE_JOINT, JOINT),
+    CURE_MAX: _multi(CURE_MAX, MAX),
+    CURE_RANDOM: _multi(CURE_RANDOM, RANDOM),
 }
 """Every method name the trainer and the CLI accept."""
 
-SINGLE_NORM_VARIANTS: dict[str, tuple[str, str]] = {
-    "ibp-linf": ("linf", "ibp"),
-    "sabr-linf": ("linf", "sabr"),
-    "ibp-l2": ("l2", "ball"),
-    "l2-defence": ("l2", "defence"),
-    "mtl-ibp-linf": ("linf", "mtl-ibp"),
-    "mtl-ibp-l2": ("l2", "mtl-ibp"),
-}
-"""Single-norm methods: the norm they train and the variant their name fixes."""
-
-MULTI_NORM = ("cure-joint", "cure-max", "cure-random")
+MULTI_NORM = MULTI_NORM_OBJECTIVES
 
 
 def is_multi_norm(name: str) -> bool:

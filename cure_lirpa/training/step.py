@@ -21,10 +21,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..distributed import World
+from ..vocabulary import CERTIFIED, L1, NATURAL
 from .meter import StepResult
 from .objectives import NORMS, Batch, Method, StepOutput, TrainingNetwork
 
-PHASES = ("certified", "natural")
+PHASES = (CERTIFIED, NATURAL)
 """``certified``: the method's loss; ``natural``: cross-entropy only (gradient projection's
 natural sub-epoch)."""
 
@@ -64,17 +65,17 @@ class LossModule(nn.Module):
         self.l1_reg = float(l1_reg)
         self.output: Optional[StepOutput] = None
 
-    def forward(self, batch: Batch, phase: str = "certified") -> torch.Tensor:
+    def forward(self, batch: Batch, phase: str = CERTIFIED) -> torch.Tensor:
         if self.net.has_buffers:
             batch.ensure_logits()  # BatchNorm bounds need this batch's statistics first
-        if phase == "natural":
+        if phase == NATURAL:
             out = StepOutput(F.cross_entropy(batch.logits, batch.y))
         else:
             out = self.method.step(self.net, batch)
             if self.l1_reg > 0:  # an L1 penalty on the weights (as in CTRAIN's recipes)
                 l1 = self.l1_reg * l1_penalty(self.model)
                 out = StepOutput(
-                    out.loss + l1, {**out.parts, "l1": float(l1.detach())}, out.certified
+                    out.loss + l1, {**out.parts, L1: float(l1.detach())}, out.certified
                 )
         self.output = out
         return out.loss if batch.loss_scale == 1.0 else out.loss * batch.loss_scale
@@ -111,7 +112,7 @@ class TrainStep:
         y: torch.Tensor,
         values: StepSchedule,
         generator: Optional[torch.Generator] = None,
-        phase: str = "certified",
+        phase: str = CERTIFIED,
         global_size: Optional[int] = None,
     ) -> StepResult:
         """One step on the batch ``(x, y)`` (already on the training device); under a world, the
@@ -142,7 +143,7 @@ class TrainStep:
             with torch.no_grad():
                 logits = net.logits(x)
         masks = dict(out.certified)
-        if phase != "natural" and self.train_cert:
+        if phase != NATURAL and self.train_cert:
             for norm in NORMS:  # norms the method's own bounds did not certify
                 if norm not in masks:
                     masks[norm] = net.certify(x, y, logits, norm, values.eps[norm])
@@ -150,7 +151,7 @@ class TrainStep:
             torch.nn.utils.clip_grad_norm_(self.params, self.grad_clip)
         opt.step()
         net.sync_to_model()
-        parts = dict(out.parts) if phase != "natural" else {}
+        parts = dict(out.parts) if phase != NATURAL else {}
         return StepResult(float(out.loss.detach()), parts, logits, masks)
 
 

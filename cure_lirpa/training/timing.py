@@ -15,6 +15,7 @@ import torch
 
 from ..data import dataset_info
 from ..errors import UserError
+from ..vocabulary import L2, LINF
 from .certified import build_network
 from .config import TrainConfig
 from .objectives import make_method
@@ -60,7 +61,7 @@ def step_times(
         step = TrainStep(net, method, opt, c.grad_clip, c.train_cert, l1_reg=c.l1_reg)
         gen = torch.Generator(device=device).manual_seed(c.seed + 1)
         values = StepSchedule(
-            eps={"linf": c.train_eps_linf, "l2": c.train_eps_l2},
+            eps={LINF: c.train_eps_linf, L2: c.train_eps_l2},
             kappa=c.kappa_end,
             crown_ibp_beta=0.0,
             lr=c.lr,

@@ -24,13 +24,27 @@ import torch
 
 from ..errors import UserError
 from ..threats.base import Threat
-from ..vocabulary import ALPHA_CROWN, AUTO, TIMEOUT
+from ..vocabulary import (
+    ALPHA_CROWN,
+    AUTO,
+    BEST,
+    CERTIFIED,
+    CERTIFIED_BEST,
+    CLEAN_ACCURACY,
+    DECIDED_BY,
+    MARGIN,
+    PGD_ACCURACY,
+    PGD_ROBUST,
+    SAMPLES_CSV,
+    SAMPLES_JSONL,
+    SKIPPED,
+    SUMMARY_JSON,
+    SUMMARY_MD,
+    TIMEOUT,
+    UNION,
+)
 
 PathLike = Union[str, os.PathLike]
-SAMPLES_JSONL = "samples.jsonl"
-SAMPLES_CSV = "samples.csv"
-SUMMARY_JSON = "summary.json"
-SUMMARY_MD = "summary.md"
 ACCURACY_UNIT = "fraction"
 """``summary["accuracy_unit"]``: accuracies in summary.json are fractions of the samples (0..1).
 Summaries without the key (written before) hold percentages; :func:`read_summary` converts them."""
@@ -103,16 +117,16 @@ def summarize(
     out: dict[str, Any] = {
         "samples": n,
         "accuracy_unit": ACCURACY_UNIT,
-        "clean_accuracy": frac(sum(r.correct for r in rows)),
-        "certified": {
+        CLEAN_ACCURACY: frac(sum(r.correct for r in rows)),
+        CERTIFIED: {
             t: {m: frac(sum(r.certified[t][m] for r in rows)) for m in methods} for t in names
         },
-        "certified_best": {t: frac(sum(r.best(t) for r in rows)) for t in names},
-        "union": {
-            "best": frac(sum(all(r.best(t) for t in names) for r in rows)),
+        CERTIFIED_BEST: {t: frac(sum(r.best(t) for r in rows)) for t in names},
+        UNION: {
+            BEST: frac(sum(all(r.best(t) for t in names) for r in rows)),
             **{m: frac(sum(all(r.certified[t][m] for t in names) for r in rows)) for m in methods},
         },
-        "pgd_accuracy": {},
+        PGD_ACCURACY: {},
         "soundness_violations": {},
     }
     if any(m in (ALPHA_CROWN, AUTO) for m in methods):
@@ -125,7 +139,7 @@ def summarize(
     for t in names:
         attacked = [r for r in rows if r.robust.get(t) is not None]
         if attacked:
-            out["pgd_accuracy"][t] = frac(sum(r.robust[t] for r in attacked))
+            out[PGD_ACCURACY][t] = frac(sum(r.robust[t] for r in attacked))
             out["soundness_violations"][t] = sum(t in r.violations for r in attacked)
     if times:
         out["seconds_per_image"] = {f"{t}/{m}": v / n for (t, m), v in sorted(times.items())}
@@ -143,7 +157,7 @@ def _cascade_summary(rows: Sequence[SampleRow], threat: str) -> dict[str, Any]:
         for stage, reason in r.skipped.get(threat, {}).items():
             entry = skipped.setdefault(stage, {"samples": 0, "reason": reason})
             entry["samples"] += 1
-    return {"decided_by": dict(decided), "timeouts": decided.get(TIMEOUT, 0), "skipped": skipped}
+    return {DECIDED_BY: dict(decided), "timeouts": decided.get(TIMEOUT, 0), SKIPPED: skipped}
 
 
 def peak_memory_mb(device: Optional[torch.device] = None) -> float:
@@ -155,11 +169,11 @@ def peak_memory_mb(device: Optional[torch.device] = None) -> float:
 
 def _accuracy_slots(summary: dict[str, Any]) -> Iterator[tuple[dict[str, Any], str]]:
     """Every (dict, key) of ``summary`` that holds an accuracy."""
-    if "clean_accuracy" in summary:
-        yield summary, "clean_accuracy"
-    for per in summary.get("certified", {}).values():
+    if CLEAN_ACCURACY in summary:
+        yield summary, CLEAN_ACCURACY
+    for per in summary.get(CERTIFIED, {}).values():
         yield from ((per, m) for m in per)
-    for group in ("certified_best", "union", "pgd_accuracy"):
+    for group in (CERTIFIED_BEST, UNION, PGD_ACCURACY):
         part = summary.get(group, {})
         yield from ((part, k) for k in part)
 
@@ -210,11 +224,11 @@ def csv_text(rows: Sequence[SampleRow], threats: Sequence[Threat], methods: Sequ
     header = ["index", "label", "prediction", "correct"]
     for t in names:
         for m in methods:
-            header += [f"{t}/{m}/certified", f"{t}/{m}/margin"]
+            header += [f"{t}/{m}/{CERTIFIED}", f"{t}/{m}/{MARGIN}"]
         if AUTO in methods:
-            header += [f"{t}/{AUTO}/decided_by", f"{t}/{AUTO}/skipped"]
-        header += [f"{t}/certified", f"{t}/pgd_robust"]
-    header.append("union/certified")
+            header += [f"{t}/{AUTO}/{DECIDED_BY}", f"{t}/{AUTO}/{SKIPPED}"]
+        header += [f"{t}/{CERTIFIED}", f"{t}/{PGD_ROBUST}"]
+    header.append(f"{UNION}/{CERTIFIED}")
     lines = [",".join(header)]
     for r in rows:
         cells: list[Any] = [r.index, r.label, r.prediction, int(r.correct)]
@@ -238,7 +252,8 @@ def rows_from_csv(text: str) -> list[SampleRow]:
     header = next(reader, None)
     if not header or header[:3] != ["index", "label", "prediction"]:
         raise UserError("not a samples.csv of a verify run (its columns start index,label,...)")
-    threats = [c[: -len("/pgd_robust")] for c in header if c.endswith("/pgd_robust")]
+    suffix = f"/{PGD_ROBUST}"
+    threats = [c[: -len(suffix)] for c in header if c.endswith(suffix)]
     columns = [_column(c, threats) for c in header]
     rows = []
     for cells in reader:
@@ -263,15 +278,15 @@ def _column(name: str, threats: Sequence[str]) -> tuple[Optional[str], str, str]
 
 
 def _set_cell(r: SampleRow, t: str, method: str, what: str, value: str) -> None:
-    if what == "pgd_robust":
+    if what == PGD_ROBUST:
         r.robust[t] = None if value == "" else value == "1"
-    elif what == "certified" and method:
+    elif what == CERTIFIED and method:
         r.certified.setdefault(t, {})[method] = value == "1"
-    elif what == "margin":
+    elif what == MARGIN:
         r.margins.setdefault(t, {})[method] = float(value)
-    elif what == "decided_by":
+    elif what == DECIDED_BY:
         r.decided_by[t] = value
-    elif what == "skipped" and value:
+    elif what == SKIPPED and value:
         r.skipped[t] = dict.fromkeys(value.split(";"), "")
 
 
@@ -310,24 +325,24 @@ def markdown_table(summary: dict[str, Any], methods: Sequence[str]) -> str:
     """The summary as a Markdown table in percent: clean accuracy (the ceiling of every column),
     then a row per threat, a column per method, best and PGD, and the union row."""
     s = to_percent(summary)
-    head = ["threat", *methods, "best", "PGD"]
+    head = ["threat", *methods, BEST, "PGD"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    clean = f"{s['clean_accuracy']:.1f}"
+    clean = f"{s[CLEAN_ACCURACY]:.1f}"
     lines.append("| clean (no perturbation) | " + " | ".join([clean] * (len(head) - 1)) + " |")
-    for t, per in s["certified"].items():
-        pgd_acc = s["pgd_accuracy"].get(t)
+    for t, per in s[CERTIFIED].items():
+        pgd_acc = s[PGD_ACCURACY].get(t)
         cells = [
             t,
             *(f"{per[m]:.1f}" for m in methods),
-            f"{s['certified_best'][t]:.1f}",
+            f"{s[CERTIFIED_BEST][t]:.1f}",
             "-" if pgd_acc is None else f"{pgd_acc:.1f}",
         ]
         lines.append("| " + " | ".join(cells) + " |")
-    u = s["union"]
+    u = s[UNION]
     lines.append(
         "| **union** | "
         + " | ".join(f"{u[m]:.1f}" for m in methods)
-        + f" | **{u['best']:.1f}** | - |"
+        + f" | **{u[BEST]:.1f}** | - |"
     )
     return "\n".join(lines) + "\n"
 

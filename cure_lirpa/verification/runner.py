@@ -34,28 +34,28 @@ from ..io.shards import (
     gather_shards,
     merge_when_all_done,
     open_merged,
-    parse_shard,
-    shard_from_environment,
+    shard_of,
     started_by_torchrun,
     write_merged,
 )
 from ..threats.base import BoxFamily, NormBall, Threat
-from ..vocabulary import AUTO, CROWN_IBP, IBP
+from ..vocabulary import (
+    AUTO,
+    DEFAULT_BOUND_METHODS,
+    DEFAULT_THREATS,
+    L2,
+    LINF,
+    MNIST,
+    SUMMARY_JSON,
+)
 from .cascade import BUDGET, Stages, cascade_for, margins, run_cascade
 from .results import SampleRow, peak_memory_mb, read_summary, summarize, write_results
 
 PathLike = Union[str, os.PathLike]
 ALL_METHODS = (*METHODS, AUTO)
-DEFAULT_METHODS = (IBP, CROWN_IBP)
+DEFAULT_METHODS = DEFAULT_BOUND_METHODS
 PGD = "pgd"
 """The method key of the PGD cross-check's time in ``seconds_per_image``."""
-DEFAULT_THREATS = {
-    "mnist": ("linf:0.1", "l2:0.5"),
-    "sample": ("linf:0.1", "l2:0.5"),
-    "cifar10": ("linf:2/255", "l2:0.25"),
-    "tinyimagenet": ("linf:1/255", "l2:36/255"),
-}
-"""Threats of checkpoints that do not record their own (no ``eps_linf``/``eps_l2`` in the config)."""
 PROBE_IMAGES = 16
 """Images timed (after a warm-up call) for the up-front estimate of a verify run."""
 
@@ -67,8 +67,8 @@ def default_threats(ckpt: dict, dataset: str) -> tuple[str, ...]:
     eps_linf, eps_l2 = config.get("eps_linf"), config.get("eps_l2")
     if isinstance(eps_linf, (int, float)) and isinstance(eps_l2, (int, float)):
         if eps_linf > 0 and eps_l2 > 0:
-            return (f"linf:{eps_linf!r}", f"l2:{eps_l2!r}")
-    return DEFAULT_THREATS.get(dataset, DEFAULT_THREATS["mnist"])
+            return (f"{LINF}:{eps_linf!r}", f"{L2}:{eps_l2!r}")
+    return DEFAULT_THREATS.get(dataset, DEFAULT_THREATS[MNIST])
 
 
 def pgd_seed(seed: int, index: int) -> int:
@@ -300,7 +300,8 @@ def _checked(methods: Sequence[str], threats: Sequence[Threat]) -> list[str]:
         if m not in ALL_METHODS:
             raise UserError(f"unknown method {m!r}; choose from {', '.join(ALL_METHODS)}")
     if not threats:
-        raise UserError("give at least one threat, e.g. --threat linf:0.1 --threat l2:0.5")
+        example = " ".join(f"--threat {t}" for t in DEFAULT_THREATS[MNIST])
+        raise UserError(f"give at least one threat, e.g. {example}")
     return methods
 
 
@@ -417,7 +418,7 @@ def verify(
               "count": len(data), "attack": attack, "attack_steps": attack_steps,
               "attack_restarts": attack_restarts, "seed": seed, "budget": budget}  # fmt: skip
     run_dir = Path(out) if out is not None else checkpoint.parent / f"verify-{_digest(config)}"
-    part = _shard_of(shard)
+    part = shard_of(shard)
     data, out_dir = _take_shard(data, config, part, run_dir)
     certify = partial(certify_dataset, model_from_checkpoint(ckpt), data, threats, methods,
                       info.in_shape, device=device, batch_size=batch_size, memory_mb=memory_mb,
@@ -469,13 +470,6 @@ def _digest(config: dict[str, Any]) -> str:
     return hashlib.sha1(json.dumps(config, sort_keys=True).encode()).hexdigest()[:8]
 
 
-def _shard_of(shard: Union[str, Shard, None]) -> Optional[Shard]:
-    """``shard`` as a :class:`Shard`; None: the shard of this torchrun rank or Slurm array task."""
-    if isinstance(shard, Shard):
-        return shard
-    return parse_shard(shard) if shard else shard_from_environment()
-
-
 def _take_shard(
     data: Dataset, config: dict[str, Any], part: Optional[Shard], run_dir: Path
 ) -> tuple[Dataset, Path]:
@@ -485,13 +479,8 @@ def _take_shard(
 
     if part is None:
         return data, run_dir
-    offset, length = part.block(len(data))
-    if length == 0:
-        raise UserError(
-            f"shard {part.index}/{part.count} is empty: {len(data)} samples cannot fill "
-            f"{part.count} shards; use N <= {len(data)}"
-        )
-    config.update(shard=f"{part.index}/{part.count}", shard_start=config["start"] + offset,
+    offset, length = part.checked_block(len(data))
+    config.update(shard=part.label, shard_start=config["start"] + offset,
                   shard_count=length)  # fmt: skip
     return Subset(data, range(offset, offset + length)), run_dir / part.name
 
@@ -553,7 +542,7 @@ def merge_shards(
     seconds = 0.0
     peaks = []
     for d in g.dirs:
-        if (d / "summary.json").exists():
+        if (d / SUMMARY_JSON).exists():
             s = read_summary(d)
             seconds += s.get("seconds_total", 0.0)
             peaks.append(s.get("peak_memory_mb", 0.0))
