@@ -84,34 +84,32 @@ def mlp(
     return nn.Sequential(*layers)
 
 
+def _conv_relu_net(
+    in_shape: Sequence[int],
+    num_classes: int,
+    convs: Sequence[tuple[int, int, int, int]],
+    hidden: int,
+) -> nn.Sequential:
+    """Conv-ReLU layers ``(out channels, kernel, stride, padding)``, then fc ``hidden`` - fc K."""
+    layers: list[nn.Module] = []
+    c = in_shape[0]
+    for out, kernel, stride, padding in convs:
+        layers += [nn.Conv2d(c, out, kernel, stride=stride, padding=padding), nn.ReLU()]
+        c = out
+    body = nn.Sequential(*layers, nn.Flatten())
+    n = _flat_size(in_shape, body)
+    return nn.Sequential(*body, nn.Linear(n, hidden), nn.ReLU(), nn.Linear(hidden, num_classes))
+
+
 def cnn_small(in_shape: Sequence[int], num_classes: int, width: int = 16) -> nn.Sequential:
     """conv(w, 4x4, s2) - conv(2w, 4x4, s1) - fc100 - fc K (w = 16: this package's CPU network)."""
-    c = in_shape[0]
-    convs = nn.Sequential(
-        nn.Conv2d(c, width, 4, stride=2, padding=0),
-        nn.ReLU(),
-        nn.Conv2d(width, 2 * width, 4, stride=1, padding=0),
-        nn.ReLU(),
-        nn.Flatten(),
-    )
-    n = _flat_size(in_shape, convs)
-    return nn.Sequential(*convs, nn.Linear(n, 100), nn.ReLU(), nn.Linear(100, num_classes))
+    return _conv_relu_net(in_shape, num_classes, [(width, 4, 2, 0), (2 * width, 4, 1, 0)], 100)
 
 
 def cnn5(in_shape: Sequence[int], num_classes: int, width: int = 16) -> nn.Sequential:
     """Three convolutions (w, 2w, 4w; the last two stride 2) and two linear layers (256, K)."""
-    c = in_shape[0]
-    convs = nn.Sequential(
-        nn.Conv2d(c, width, 3, stride=1, padding=1),
-        nn.ReLU(),
-        nn.Conv2d(width, 2 * width, 4, stride=2, padding=1),
-        nn.ReLU(),
-        nn.Conv2d(2 * width, 4 * width, 4, stride=2, padding=1),
-        nn.ReLU(),
-        nn.Flatten(),
-    )
-    n = _flat_size(in_shape, convs)
-    return nn.Sequential(*convs, nn.Linear(n, 256), nn.ReLU(), nn.Linear(256, num_classes))
+    convs = [(width, 3, 1, 1), (2 * width, 4, 2, 1), (4 * width, 4, 2, 1)]
+    return _conv_relu_net(in_shape, num_classes, convs, 256)
 
 
 def cnn7(in_shape: Sequence[int], num_classes: int, width: int = 64) -> nn.Sequential:

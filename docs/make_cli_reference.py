@@ -12,7 +12,9 @@ from cure_lirpa.cli import main
 
 def _walk(cmd: click.Command, path: list[str], parent: Optional[click.Context] = None) -> list[str]:
     settings = {**cmd.context_settings, "terminal_width": 100, "max_content_width": 100}
-    # e.g. verify's show_default; the parent passes the group's -h/--help down, as at run time
+    # e.g. verify's show_default; -h/--help as the group gives every command at run time (click
+    # caches a command's help option when first asked, so it is set here, not left to inherit)
+    settings["help_option_names"] = main.context_settings["help_option_names"]
     ctx = click.Context(cmd, info_name=path[-1], parent=parent, **settings)
     out = [
         f"{'#' * min(len(path) + 1, 4)} `{' '.join(path)}`",

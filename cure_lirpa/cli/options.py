@@ -75,6 +75,11 @@ RADII = RadiusListType()
 DEVICE_HELP = "auto, cpu, cuda or cuda:N."
 
 
+def typed_option(name: str, type: Any, default: Any, help: Optional[str] = None) -> Decorator:
+    """``name`` of ``type`` with ``default`` (the shape most of the commands' options share)."""
+    return click.option(name, type=type, default=default, help=help)
+
+
 def quiet_option(
     help: str = "No progress bars and no progress lines (warnings still show).",
 ) -> Decorator:
@@ -162,4 +167,5 @@ __all__ = [
     "resume_option",
     "seed_option",
     "threads_option",
+    "typed_option",
 ]

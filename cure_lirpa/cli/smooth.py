@@ -103,38 +103,29 @@ SAMPLE_OPTIONS = [
         default=100_000,
         help="Noisy samples of the estimate.",
     ),
-    click.option(
+    opt.typed_option(
         "--alpha",
-        type=click.FloatRange(0, 1, min_open=True, max_open=True),
-        default=0.001,
-        help="Failure probability of each answer.",
+        click.FloatRange(0, 1, min_open=True, max_open=True),
+        0.001,
+        "Failure probability of each answer.",
     ),
     opt.batch_size_option(1000, "Noisy copies per forward pass."),
-    click.option(
-        "--dataset",
-        type=click.Choice(DATASETS),
-        default=None,
-        help="Dataset [default: the checkpoint's].",
+    opt.typed_option(
+        "--dataset", click.Choice(DATASETS), None, "Dataset [default: the checkpoint's]."
     ),
-    click.option(
-        "--data-root",
-        type=click.Path(),
-        default=None,
-        help="Folder with the dataset (not needed for 'sample').",
+    opt.typed_option(
+        "--data-root", click.Path(), None, "Folder with the dataset (not needed for 'sample')."
     ),
     click.option("--split", type=click.Choice(["test", "train"]), default="test"),
     click.option("--start", type=click.IntRange(min=0), default=0, help="First sample index."),
-    click.option(
-        "--count",
-        type=click.IntRange(min=1),
-        default=None,
-        help="Number of samples [default: all from --start].",
+    opt.typed_option(
+        "--count", click.IntRange(min=1), None, "Number of samples [default: all from --start]."
     ),
-    click.option(
+    opt.typed_option(
         "--skip",
-        type=click.IntRange(min=1),
-        default=1,
-        help="Take every SKIP-th sample (e.g. 20 on MNIST's 10,000 gives 500 evenly spaced).",
+        click.IntRange(min=1),
+        1,
+        "Take every SKIP-th sample (e.g. 20 on MNIST's 10,000 gives 500 evenly spaced).",
     ),
     click.option(
         "--shard",
@@ -200,72 +191,64 @@ def smooth() -> None:
     "Run folder: config.json, checkpoint.pt (rewritten atomically after every epoch), "
     "metrics.jsonl."
 )
-@click.option(
+@opt.typed_option(
     "--method",
-    type=click.Choice(SMOOTHING_OBJECTIVES),
-    default=GAUSSIAN,
-    help="gaussian/uniform: noise augmentation; nu: Normal-Uniform noise; nu-rs: NU noise + "
+    click.Choice(SMOOTHING_OBJECTIVES),
+    GAUSSIAN,
+    "gaussian/uniform: noise augmentation; nu: Normal-Uniform noise; nu-rs: NU noise + "
     "similarity regulariser (NU paper Eq. 3); consistency: Jeong & Shin 2020.",
 )
-@click.option(
+@opt.typed_option(
     "--sigma",
-    type=POSITIVE_RADIUS,
-    default="0.25",
-    help="Noise std (pixel units, e.g. 0.25, 1/4 or 64/255); sigma_n for nu/nu-rs.",
+    POSITIVE_RADIUS,
+    "0.25",
+    "Noise std (pixel units, e.g. 0.25, 1/4 or 64/255); sigma_n for nu/nu-rs.",
 )
-@click.option(
+@opt.typed_option(
     "--sigma-u",
-    type=POSITIVE_RADIUS,
-    default=None,
-    help="Uniform part's std for nu/nu-rs [default: sqrt(3)/2 * sigma, kurtosis -0.22].",
+    POSITIVE_RADIUS,
+    None,
+    "Uniform part's std for nu/nu-rs [default: sqrt(3)/2 * sigma, kurtosis -0.22].",
 )
-@click.option(
-    "--beta",
-    type=click.FloatRange(min=0),
-    default=3.0,
-    help="Weight of the similarity regulariser (nu-rs).",
+@opt.typed_option(
+    "--beta", click.FloatRange(min=0), 3.0, "Weight of the similarity regulariser (nu-rs)."
 )
-@click.option(
-    "--consistency-m",
-    type=click.IntRange(min=1),
-    default=2,
-    help="Noisy copies per input (consistency).",
+@opt.typed_option(
+    "--consistency-m", click.IntRange(min=1), 2, "Noisy copies per input (consistency)."
 )
 @click.option("--consistency-lambda", type=click.FloatRange(min=0), default=10.0)
 @click.option("--consistency-eta", type=click.FloatRange(min=0), default=0.5)
 @click.option("--dataset", type=click.Choice(DATASETS), default=SAMPLE)
-@click.option("--data-root", type=click.Path(), default=None, help="Folder with the dataset.")
+@opt.typed_option("--data-root", click.Path(), None, "Folder with the dataset.")
 @click.option(
     "--arch",
     default="cnn-small",
     help="Zoo architecture (mlp, cnn-small, cnn5, cnn7) or 'package.module:factory'.",
 )
-@click.option(
-    "--width", type=click.IntRange(min=1), default=None, help="Width of a zoo architecture."
-)
+@opt.typed_option("--width", click.IntRange(min=1), None, "Width of a zoo architecture.")
 @click.option("--epochs", type=click.IntRange(min=1), default=4)
 @opt.batch_size_option(256, "Training images per optimizer step.")
-@click.option("--lr", type=POSITIVE, default=1e-3, help="Adam learning rate.")
+@opt.typed_option("--lr", POSITIVE, 1e-3, "Adam learning rate.")
 @click.option("--weight-decay", type=click.FloatRange(min=0), default=0.0)
 @click.option("--schedule", type=click.Choice(["constant", "cosine"]), default="constant")
-@click.option(
+@opt.typed_option(
     "--train-count",
-    type=click.IntRange(min=1),
-    default=None,
-    help="Train on N training images only (quick runs): the first N, classes interleaved for "
+    click.IntRange(min=1),
+    None,
+    "Train on N training images only (quick runs): the first N, classes interleaved for "
     "class-sorted ImageFolder data.",
 )
-@click.option(
+@opt.typed_option(
     "--eval-count",
-    type=click.IntRange(min=0),
-    default=1000,
-    help="Test samples for the per-epoch accuracy report (0 = none).",
+    click.IntRange(min=0),
+    1000,
+    "Test samples for the per-epoch accuracy report (0 = none).",
 )
-@click.option(
+@opt.typed_option(
     "--stop-after",
-    type=click.IntRange(min=1),
-    default=None,
-    help="Stop after this many epochs in this call (continue later with --resume).",
+    click.IntRange(min=1),
+    None,
+    "Stop after this many epochs in this call (continue later with --resume).",
 )
 @_options(_run_options("weights, data order and noise"))
 def train_cmd(out: Path, width, seed, device, threads, quiet, stop_after, resume, overwrite, **o):
@@ -297,82 +280,78 @@ def train_cmd(out: Path, width, seed, device, threads, quiet, stop_after, resume
 
 
 SEQUENTIAL_OPTIONS = [
-    click.option(
+    opt.typed_option(
         "--sequential",
-        type=click.Choice(["off", "decide", "estimate"]),
-        default="off",
-        help="off: fixed-n CERTIFY. decide: draw noise until every --radii radius is decided "
+        click.Choice(["off", "decide", "estimate"]),
+        "off",
+        "off: fixed-n CERTIFY. decide: draw noise until every --radii radius is decided "
         "(certified or not) by an anytime-valid test at the same alpha. estimate: until the "
         "largest certified radius is known to --precision.",
     ),
-    click.option(
+    opt.typed_option(
         "--radii",
-        type=RADII,
-        default=",".join(map(str, DECIDE_RADII)),
-        help="decide: radii to decide, in --radius-norm units (e.g. 0.25,0.5,0.75 or 36/255).",
+        RADII,
+        ",".join(map(str, DECIDE_RADII)),
+        "decide: radii to decide, in --radius-norm units (e.g. 0.25,0.5,0.75 or 36/255).",
     ),
-    click.option(
+    opt.typed_option(
         "--radius-norm",
-        type=click.Choice(SMOOTHING_NORMS),
-        default=L2,
-        help="Norm of --radii, --precision and --max-radius.",
+        click.Choice(SMOOTHING_NORMS),
+        L2,
+        "Norm of --radii, --precision and --max-radius.",
     ),
-    click.option(
+    opt.typed_option(
         "--max-n",
-        type=click.IntRange(min=1),
-        default=100_000,
-        help="Sequential: cap on the estimation draws per sample and noise (undecided "
+        click.IntRange(min=1),
+        100_000,
+        "Sequential: cap on the estimation draws per sample and noise (undecided "
         "radii at the cap are reported as not certified).",
     ),
-    click.option(
+    opt.typed_option(
         "--futility-alpha",
-        type=click.FloatRange(0, 1, min_open=True, max_open=True),
-        default=0.05,
-        help="Sequential: level of the 'not certifiable at r' decisions. They only withhold "
+        click.FloatRange(0, 1, min_open=True, max_open=True),
+        0.05,
+        "Sequential: level of the 'not certifiable at r' decisions. They only withhold "
         "certificates (the certificate's failure probability stays --alpha); a larger value "
         "stops inputs below a radius' threshold sooner.",
     ),
-    click.option(
+    opt.typed_option(
         "--precision",
-        type=EPS,
-        default="0.05",
-        help="estimate: stop when the certified radius is known to within this radius.",
+        EPS,
+        "0.05",
+        "estimate: stop when the certified radius is known to within this radius.",
     ),
-    click.option(
+    opt.typed_option(
         "--max-radius",
-        type=EPS,
-        default=None,
-        help="estimate: largest radius of interest [default: the largest reachable within "
+        EPS,
+        None,
+        "estimate: largest radius of interest [default: the largest reachable within "
         "--max-n draws].",
     ),
 ]
 
 
 @smooth.command("certify", context_settings=SETTINGS)
-@click.option(
+@opt.typed_option(
     "--noise",
-    type=click.Choice(SMOOTHING_MODES),
-    default=GAUSSIAN,
-    help="Smoothing noise; hybrid = Gaussian and Uniform combined by Table 1.",
+    click.Choice(SMOOTHING_MODES),
+    GAUSSIAN,
+    "Smoothing noise; hybrid = Gaussian and Uniform combined by Table 1.",
 )
-@click.option(
+@opt.typed_option(
     "--sigma",
-    type=POSITIVE_RADIUS,
-    default=None,
-    help="Noise std for every noise used (pixel units, e.g. 0.5, 1/2 or 128/255).",
+    POSITIVE_RADIUS,
+    None,
+    "Noise std for every noise used (pixel units, e.g. 0.5, 1/2 or 128/255).",
 )
-@click.option(
-    "--sigma-gaussian", type=POSITIVE_RADIUS, default=None, help="Gaussian std [default: --sigma]."
-)
-@click.option(
+@opt.typed_option("--sigma-gaussian", POSITIVE_RADIUS, None, "Gaussian std [default: --sigma].")
+@opt.typed_option(
     "--sigma-uniform",
-    type=POSITIVE_RADIUS,
-    default=None,
-    help="Uniform std, half-width sqrt(3)*sigma [default: --sigma].",
+    POSITIVE_RADIUS,
+    None,
+    "Uniform std, half-width sqrt(3)*sigma [default: --sigma].",
 )
-@click.option(
-    "--n0", type=click.IntRange(min=1), default=100, help="Noisy samples that choose the top class."
-)
+@opt.typed_option("--n0", click.IntRange(min=1), 100, "Noisy samples that choose the top class.")
 @click.option(
     "--joint-alpha/--no-joint-alpha",
     default=True,
@@ -512,21 +491,21 @@ def _parse_input(arg: str) -> tuple[Optional[str], str]:
 @smooth.command("analyze", context_settings=SETTINGS)
 @click.argument("inputs", nargs=-1, required=True)
 @opt.out_option("Folder for summary.json, summary.md and certified_accuracy.png.")
-@click.option(
+@opt.typed_option(
     "--radii",
-    type=RADII,
-    default=",".join(map(str, SMOOTHING_RADII)),
-    help="l2 radii for the certified-accuracy table.",
+    RADII,
+    ",".join(map(str, SMOOTHING_RADII)),
+    "l2 radii for the certified-accuracy table.",
 )
-@click.option("--radii-l1", type=RADII, default=None, help="l1 radii [default: --radii].")
-@click.option(
+@opt.typed_option("--radii-l1", RADII, None, "l1 radii [default: --radii].")
+@opt.typed_option(
     "--clean-acc",
-    type=NumberList(),
-    default="45,50,55,60,65,70,75",
-    help="Clean-accuracy levels (percent, or fractions <= 1) for the comparison at fixed "
+    NumberList(),
+    "45,50,55,60,65,70,75",
+    "Clean-accuracy levels (percent, or fractions <= 1) for the comparison at fixed "
     "clean accuracy.",
 )
-@click.option("--max-radius", type=EPS, default=None, help="x-axis limit of the plot.")
+@opt.typed_option("--max-radius", EPS, None, "x-axis limit of the plot.")
 @_options(_folder_options())
 def analyze_cmd(inputs, out: Path, radii, radii_l1, clean_acc, max_radius, resume, overwrite):
     """Certified accuracy, ACR (l1, l2), a plot, and ACR at fixed clean accuracy.

@@ -11,7 +11,7 @@ import dataclasses
 import math
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import click
 from click.core import ParameterSource
@@ -21,7 +21,7 @@ from ..data import DATASETS
 from ..errors import UserError
 from ..threats.base import format_eps
 from ..training.certified import train as run_training
-from ..training.config import DEFAULT_METHOD, INITS, PRESETS, TrainConfig, requested_config
+from ..training.config import INITS, PRESETS, TrainConfig, requested_config
 from ..training.objectives import L2_VARIANTS, LINF_VARIANTS, METHODS, NORMS
 from ..training.trainer import CHECKPOINT
 from ..vocabulary import CERTIFIED, CLEAN_ACCURACY, L2, LINF
@@ -59,6 +59,12 @@ class FloatList(click.ParamType):
 _FIELD = {"width": "arch_kwargs"}
 
 
+def _shown(name: str, type: Any, help: Optional[str] = None) -> opt.Decorator:
+    """Option ``name`` whose default is the :class:`TrainConfig` field of that name, shown in --help."""
+    field = name[2:].replace("-", "_")
+    return click.option(name, type=type, default=getattr(_D, field), show_default=True, help=help)
+
+
 EPILOG = """
 \b
 Examples:
@@ -76,231 +82,161 @@ Examples:
 
 
 @click.command("train", epilog=EPILOG)
-@click.option(
+@_shown(
     "--dataset",
-    type=click.Choice(DATASETS),
-    default=_D.dataset,
-    show_default=True,
-    help="Training data; 'sample' is the built-in 4000/1000 real MNIST sample.",
+    click.Choice(DATASETS),
+    "Training data; 'sample' is the built-in 4000/1000 real MNIST sample.",
 )
-@click.option(
+@opt.typed_option(
     "--data-root",
-    type=click.Path(),
-    default=None,
-    help="Folder with the dataset (e.g. ../shared/data for MNIST/raw); not needed for 'sample'.",
+    click.Path(),
+    None,
+    "Folder with the dataset (e.g. ../shared/data for MNIST/raw); not needed for 'sample'.",
 )
-@click.option(
-    "--arch",
-    default=_D.arch,
-    show_default=True,
-    help="mlp, cnn-small, cnn5, cnn7, or a user model 'package.module:factory'.",
-)
-@click.option(
+@_shown("--arch", None, "mlp, cnn-small, cnn5, cnn7, or a user model 'package.module:factory'.")
+@opt.typed_option(
     "--width",
-    type=click.IntRange(min=1),
-    default=None,
-    help="Width of the zoo architecture [default: the architecture's own, e.g. 16 for cnn-small].",
+    click.IntRange(min=1),
+    None,
+    "Width of the zoo architecture [default: the architecture's own, e.g. 16 for cnn-small].",
 )
-@click.option(
+@_shown(
     "--method",
-    type=click.Choice(list(METHODS)),
-    default=DEFAULT_METHOD,
-    show_default=True,
-    help="Training method. Single-norm: natural, ibp-linf, ibp-l2, sabr-linf, l2-defence, "
+    click.Choice(list(METHODS)),
+    "Training method. Single-norm: natural, ibp-linf, ibp-l2, sabr-linf, l2-defence, "
     "mtl-ibp-linf, mtl-ibp-l2. Multi-norm (CURE): cure-joint, cure-max, cure-random.",
 )
-@click.option(
+@_shown(
     "--linf-variant",
-    type=click.Choice(LINF_VARIANTS),
-    default=_D.linf_variant,
-    show_default=True,
-    help="l∞ loss of the cure-* methods: 'ibp' (whole box), 'sabr' (small box around a PGD point) "
+    click.Choice(LINF_VARIANTS),
+    "l∞ loss of the cure-* methods: 'ibp' (whole box), 'sabr' (small box around a PGD point) "
     "or 'mtl-ibp' (MTL-IBP: (1-a) CE at a PGD point + a IBP loss, a = --mtl-alpha-linf).",
 )
-@click.option(
+@_shown(
     "--l2-variant",
-    type=click.Choice(L2_VARIANTS),
-    default=_D.l2_variant,
-    show_default=True,
-    help="l2 loss of the cure-* methods: 'ball' (exact l2-ball IBP), 'defence' (CURE's l2 "
+    click.Choice(L2_VARIANTS),
+    "l2 loss of the cure-* methods: 'ball' (exact l2-ball IBP), 'defence' (CURE's l2 "
     "defence: box around an l2 PGD point) or 'mtl-ibp' (MTL-IBP on the l2 ball, a = --mtl-alpha-l2).",
 )
-@click.option(
+@opt.typed_option(
     "--preset",
-    type=click.Choice(list(PRESETS)),
-    default=None,
-    help="The paper's settings: cure-scratch (Max+BA+GP) or cure-finetune (needs --init-from). "
+    click.Choice(list(PRESETS)),
+    None,
+    "The paper's settings: cure-scratch (Max+BA+GP) or cure-finetune (needs --init-from). "
     "Options given explicitly override the preset; with --epochs the preset's schedule is scaled.",
 )
-@click.option(
+@opt.typed_option(
     "--eps-linf",
-    type=EPS,
-    default=None,
-    help="Target l∞ radius in [0, 1] pixel units, e.g. 0.1 or 8/255 [default: the dataset's: "
+    EPS,
+    None,
+    "Target l∞ radius in [0, 1] pixel units, e.g. 0.1 or 8/255 [default: the dataset's: "
     "MNIST and sample 0.1, CIFAR-10 2/255, TinyImageNet 1/255].",
 )
-@click.option(
+@opt.typed_option(
     "--eps-l2",
-    type=EPS,
-    default=None,
-    help="Target l2 radius, e.g. 0.5 or 36/255 [default: the dataset's: MNIST and sample 0.5, "
+    EPS,
+    None,
+    "Target l2 radius, e.g. 0.5 or 36/255 [default: the dataset's: MNIST and sample 0.5, "
     "CIFAR-10 0.25, TinyImageNet 36/255].",
 )
-@click.option(
-    "--train-eps-linf",
-    type=EPS,
-    default=None,
-    help="l∞ radius used for training [default: --eps-linf].",
+@opt.typed_option(
+    "--train-eps-linf", EPS, None, "l∞ radius used for training [default: --eps-linf]."
 )
-@click.option(
+@opt.typed_option(
     "--train-eps-l2",
-    type=EPS,
-    default=None,
-    help="l2 radius used for training [default: --eps-l2]; e.g. 0.75 = 1.5x trains for l2 0.5.",
+    EPS,
+    None,
+    "l2 radius used for training [default: --eps-l2]; e.g. 0.75 = 1.5x trains for l2 0.5.",
 )
-@click.option("--epochs", type=click.IntRange(min=1), default=_D.epochs, show_default=True)
-@click.option(
+@_shown("--epochs", click.IntRange(min=1))
+@_shown(
     "--warmup-epochs",
-    type=NONNEG,
-    default=_D.warmup_epochs,
-    show_default=True,
-    help="Epochs of natural training at eps 0 before the ramp (may be fractional).",
+    NONNEG,
+    "Epochs of natural training at eps 0 before the ramp (may be fractional).",
 )
-@click.option(
-    "--ramp-epochs",
-    type=NONNEG,
-    default=_D.ramp_epochs,
-    show_default=True,
-    help="Epochs over which eps ramps (smoothed) from 0 to the training eps.",
+@_shown(
+    "--ramp-epochs", NONNEG, "Epochs over which eps ramps (smoothed) from 0 to the training eps."
 )
 @opt.batch_size_option(_D.batch_size, "Training images per optimizer step.", min=2)
-@click.option("--lr", type=POSITIVE, default=_D.lr, show_default=True, help="Adam learning rate.")
+@_shown("--lr", POSITIVE, "Adam learning rate.")
 @click.option(
     "--lr-milestones",
     type=FloatList(),
     default="",
     help="Epochs at which the learning rate is multiplied by --lr-factor, e.g. 50,60 [default: none].",
 )
-@click.option("--lr-factor", type=POSITIVE, default=_D.lr_factor, show_default=True)
-@click.option("--weight-decay", type=NONNEG, default=_D.weight_decay, show_default=True)
-@click.option(
-    "--grad-clip",
-    type=NONNEG,
-    default=_D.grad_clip,
-    show_default=True,
-    help="Clip the gradient norm to this value (0 = off).",
-)
-@click.option(
+@_shown("--lr-factor", POSITIVE)
+@_shown("--weight-decay", NONNEG)
+@_shown("--grad-clip", NONNEG, "Clip the gradient norm to this value (0 = off).")
+@_shown(
     "--kappa-start",
-    type=UNIT,
-    default=_D.kappa_start,
-    show_default=True,
-    help="Natural-loss share at the start of the ramp: loss = kappa*CE + (1-kappa)*certified.",
+    UNIT,
+    "Natural-loss share at the start of the ramp: loss = kappa*CE + (1-kappa)*certified.",
 )
-@click.option(
-    "--kappa-end",
-    type=UNIT,
-    default=_D.kappa_end,
-    show_default=True,
-    help="Natural-loss share from the end of the ramp on (linear in between).",
-)
+@_shown("--kappa-end", UNIT, "Natural-loss share from the end of the ramp on (linear in between).")
 @click.option(
     "--crown-ibp/--no-crown-ibp",
     default=_D.crown_ibp,
     show_default=True,
     help="Mix CROWN-IBP into the ball bounds, beta going 1 -> 0 over the ramp.",
 )
-@click.option(
+@_shown(
     "--sabr-lambda",
-    type=UNIT,
-    default=_D.sabr_lambda,
-    show_default=True,
-    help="SABR box radius as a fraction of eps (CURE: 0.4 MNIST 0.1, 0.6 MNIST 0.3, "
+    UNIT,
+    "SABR box radius as a fraction of eps (CURE: 0.4 MNIST 0.1, 0.6 MNIST 0.3, "
     "0.1 CIFAR 2/255, 0.7 CIFAR 8/255).",
 )
-@click.option(
-    "--l2-lambda",
-    type=UNIT,
-    default=_D.l2_lambda,
-    show_default=True,
-    help="l2-defence box radius as a fraction of eps (CURE's scripts: 1e-5).",
-)
-@click.option(
-    "--alpha",
-    type=UNIT,
-    default=_D.alpha,
-    show_default=True,
-    help="cure-joint weight of the l∞ loss: alpha*L_inf + (1-alpha)*L_2.",
-)
-@click.option(
+@_shown("--l2-lambda", UNIT, "l2-defence box radius as a fraction of eps (CURE's scripts: 1e-5).")
+@_shown("--alpha", UNIT, "cure-joint weight of the l∞ loss: alpha*L_inf + (1-alpha)*L_2.")
+@_shown(
     "--ba-eta",
-    type=NONNEG,
-    default=_D.ba_eta,
-    show_default=True,
-    help="Bound-alignment weight (0 = off; CURE: 2.0 from scratch, 0.5 fine-tuning). cure-* only.",
+    NONNEG,
+    "Bound-alignment weight (0 = off; CURE: 2.0 from scratch, 0.5 fine-tuning). cure-* only.",
 )
-@click.option(
+@opt.typed_option(
     "--ba-direction",
-    type=click.Choice(NORMS),
-    default=None,
-    help="Norm q whose certified samples are aligned: KL(P_q || P_r) "
+    click.Choice(NORMS),
+    None,
+    "Norm q whose certified samples are aligned: KL(P_q || P_r) "
     "[default: l2 on MNIST, linf on CIFAR-10/TinyImageNet].",
 )
-@click.option(
+@_shown(
     "--gp-beta",
-    type=UNIT,
-    default=_D.gp_beta,
-    show_default=True,
-    help="Gradient projection weight after the ramp (0 = off; CURE: 0.8, 0.5 fine-tuning).",
+    UNIT,
+    "Gradient projection weight after the ramp (0 = off; CURE: 0.8, 0.5 fine-tuning).",
 )
-@click.option(
+@_shown(
     "--mtl-alpha-linf",
-    type=UNIT,
-    default=_D.mtl_alpha_linf,
-    show_default=True,
-    help="MTL-IBP weight of the IBP loss for l∞ (0 = adversarial training, 1 = IBP), e.g. 0.3.",
+    UNIT,
+    "MTL-IBP weight of the IBP loss for l∞ (0 = adversarial training, 1 = IBP), e.g. 0.3.",
 )
-@click.option(
-    "--mtl-alpha-l2",
-    type=UNIT,
-    default=_D.mtl_alpha_l2,
-    show_default=True,
-    help="MTL-IBP weight of the IBP loss for l2.",
-)
-@click.option(
+@_shown("--mtl-alpha-l2", UNIT, "MTL-IBP weight of the IBP loss for l2.")
+@_shown(
     "--mtl-attack-steps",
-    type=click.IntRange(min=1),
-    default=_D.mtl_attack_steps,
-    show_default=True,
-    help="PGD steps of the MTL-IBP attack (1: a random start and one step to the ball's boundary).",
+    click.IntRange(min=1),
+    "PGD steps of the MTL-IBP attack (1: a random start and one step to the ball's boundary).",
 )
-@click.option(
+@_shown(
     "--init",
-    type=click.Choice(INITS),
-    default=_D.init,
-    show_default=True,
-    help="Weight initialisation: the layers' own, or 'ibp' (Shi et al.: N(0, 2 pi / fan_in^2)).",
+    click.Choice(INITS),
+    "Weight initialisation: the layers' own, or 'ibp' (Shi et al.: N(0, 2 pi / fan_in^2)).",
 )
-@click.option(
+@_shown(
     "--ibp-reg",
-    type=NONNEG,
-    default=_D.ibp_reg,
-    show_default=True,
-    help="Weight of Shi et al.'s IBP regulariser (bound tightness, ReLU balance) on the l∞ box "
+    NONNEG,
+    "Weight of Shi et al.'s IBP regulariser (bound tightness, ReLU balance) on the l∞ box "
     "during the ramp, e.g. 0.5 (0 = off).",
 )
-@click.option(
+@_shown(
     "--l1-reg",
-    type=NONNEG,
-    default=_D.l1_reg,
-    show_default=True,
-    help="Weight of the L1 penalty sum |w| on weight matrices and kernels, e.g. 1e-6 (0 = off).",
+    NONNEG,
+    "Weight of the L1 penalty sum |w| on weight matrices and kernels, e.g. 1e-6 (0 = off).",
 )
-@click.option(
+@opt.typed_option(
     "--init-from",
-    type=click.Path(dir_okay=False),
-    default=None,
-    help="Start from this checkpoint's weights (fine-tuning); its --arch/--width/--dataset are "
+    click.Path(dir_okay=False),
+    None,
+    "Start from this checkpoint's weights (fine-tuning); its --arch/--width/--dataset are "
     "used unless given.",
 )
 @opt.out_option("Run folder: checkpoint.pt, metrics.jsonl, config.json.")
@@ -311,19 +247,15 @@ Examples:
     "auto, cpu, cuda or cuda:N. Under torchrun, cuda (or auto with GPUs) means "
     "cuda:LOCAL_RANK, one GPU per process."
 )
-@click.option(
+@opt.typed_option(
     "--train-count",
-    type=click.IntRange(min=2),
-    default=None,
-    help="Train on N training images only (quick runs): the first N, classes interleaved for "
+    click.IntRange(min=2),
+    None,
+    "Train on N training images only (quick runs): the first N, classes interleaved for "
     "class-sorted ImageFolder data [default: all].",
 )
-@click.option(
-    "--memory-mb",
-    type=POSITIVE,
-    default=_D.memory_mb,
-    show_default=True,
-    help="Memory budget of one bound computation (larger batches are split).",
+@_shown(
+    "--memory-mb", POSITIVE, "Memory budget of one bound computation (larger batches are split)."
 )
 @click.option(
     "--train-cert/--no-train-cert",

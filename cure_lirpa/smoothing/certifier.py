@@ -123,8 +123,18 @@ def check_sampling(
 # The smoothed classifier
 
 
+class _Answer:
+    """What every certificate has: a ``label``, :data:`ABSTAIN` when the classifier abstains."""
+
+    label: int
+
+    @property
+    def abstained(self) -> bool:
+        return self.label == ABSTAIN
+
+
 @dataclass(frozen=True)
-class Certificate:
+class Certificate(_Answer):
     """Result of CERTIFY for one input.
 
     ``label`` is :data:`ABSTAIN` (-1) when the smoothed classifier abstains; radii are then 0.
@@ -137,10 +147,6 @@ class Certificate:
     radius_l2: float
     count: int
     n: int
-
-    @property
-    def abstained(self) -> bool:
-        return self.label == ABSTAIN
 
 
 class Smooth:

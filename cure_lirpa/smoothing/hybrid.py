@@ -31,12 +31,12 @@ import torch
 from torch import nn
 
 from ..errors import UserError
-from .certifier import ABSTAIN, Certificate, Smooth
+from .certifier import ABSTAIN, Certificate, Smooth, _Answer
 from .noise import GaussianNoise, UniformNoise
 
 
 @dataclass(frozen=True)
-class HybridCertificate:
+class HybridCertificate(_Answer):
     """Combined certificate; ``rule`` names the Table 1 row that produced it: ``agree``,
     ``uniform-abstained``, ``gaussian-abstained``, ``both-abstained`` or ``disagree``."""
 
@@ -44,10 +44,6 @@ class HybridCertificate:
     radius_l1: float
     radius_l2: float
     rule: str
-
-    @property
-    def abstained(self) -> bool:
-        return self.label == ABSTAIN
 
 
 def combine(gaussian: Certificate, uniform: Certificate) -> HybridCertificate:

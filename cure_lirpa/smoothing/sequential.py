@@ -50,7 +50,7 @@ from scipy.stats import norm
 
 from ..errors import UserError
 from ..vocabulary import L1, L2, SMOOTHING_NORMS
-from .certifier import ABSTAIN, Smooth, SmoothingWarning, _check_alpha, check_sampling
+from .certifier import ABSTAIN, Certificate, Smooth, SmoothingWarning, _check_alpha, check_sampling
 from .noise import GaussianNoise, Noise, UniformNoise
 
 NORMS = SMOOTHING_NORMS
@@ -302,7 +302,7 @@ class SequentialTest:
 
 
 @dataclass(frozen=True)
-class SequentialCertificate:
+class SequentialCertificate(Certificate):
     """Result of a sequential certification of one input with one noise.
 
     ``label`` is :data:`ABSTAIN` unless ``pA > 1/2`` was shown. ``radius_l1``/``radius_l2`` are the
@@ -315,22 +315,12 @@ class SequentialCertificate:
     radius shown to be above the true radius, or ``inf``.
     """
 
-    label: int
-    p_lower: float
-    radius_l1: float
-    radius_l2: float
-    count: int
-    n: int
     n0: int
     n_drawn: int
     stop: str
     decisions: dict[float, str] = field(default_factory=dict)
     radius: float = 0.0
     radius_upper: float = math.inf
-
-    @property
-    def abstained(self) -> bool:
-        return self.label == ABSTAIN
 
     @property
     def samples(self) -> int:

@@ -330,54 +330,53 @@ class BallBound:
         return lb
 
 
-class SabrBound:
+class _AttackBoxBound:
+    """IBP over the l∞ box of radius ``lambda * eps`` that ``box`` (an attack of
+    :mod:`cure_lirpa.attacks`) places around a PGD point in the ``norm`` ball."""
+
+    norm: str
+    option: str  # the CLI option of lambda, for the error message
+    box: Callable[..., tuple[torch.Tensor, torch.Tensor]]  # a staticmethod in each subclass
+    sound = False
+
+    def __init__(self, lam: float, steps: int = 8):
+        if not 0.0 <= lam <= 1.0:
+            raise UserError(f"{self.option} must be in [0, 1], got {lam}")
+        self.lam, self.steps = float(lam), int(steps)
+
+    def __call__(self, net, batch, idx=None) -> torch.Tensor:
+        eps = batch.eps[self.norm]
+        if eps == 0:
+            return _margins(batch, idx)
+        x, y = _select(batch, idx)
+        x_l, x_u = self.box(
+            net.model, x, y, eps, self.lam * eps, steps=self.steps, generator=batch.generator
+        )
+        return net.box_bounds(x_l, x_u, y, IBP)
+
+
+class SabrBound(_AttackBoxBound):
     """SABR (Müller et al. 2023): IBP over the box of radius ``lambda * eps`` around a PGD point.
 
     Sound for the whole l∞ ball only when ``lambda = 1`` (then the box is the ball).
     """
 
-    norm = LINF
+    norm, option = LINF, "--sabr-lambda"
+    box = staticmethod(sabr_box)
 
     def __init__(self, lam: float, steps: int = 8):
-        if not 0.0 <= lam <= 1.0:
-            raise UserError(f"--sabr-lambda must be in [0, 1], got {lam}")
-        self.lam, self.steps = float(lam), int(steps)
+        super().__init__(lam, steps)
         self.sound = self.lam >= 1.0
 
-    def __call__(self, net, batch, idx=None) -> torch.Tensor:
-        eps = batch.eps[LINF]
-        if eps == 0:
-            return _margins(batch, idx)
-        x, y = _select(batch, idx)
-        x_l, x_u = sabr_box(
-            net.model, x, y, eps, self.lam * eps, steps=self.steps, generator=batch.generator
-        )
-        return net.box_bounds(x_l, x_u, y, IBP)
 
-
-class L2DefenceBound:
+class L2DefenceBound(_AttackBoxBound):
     """CURE's l2 defence: IBP over the l∞ box of radius ``lambda2 * eps`` around an l2 PGD point.
 
     A training heuristic: the box neither lies in nor covers the l2 ball, so it is never sound.
     """
 
-    norm = L2
-    sound = False
-
-    def __init__(self, lam: float, steps: int = 8):
-        if not 0.0 <= lam <= 1.0:
-            raise UserError(f"--l2-lambda must be in [0, 1], got {lam}")
-        self.lam, self.steps = float(lam), int(steps)
-
-    def __call__(self, net, batch, idx=None) -> torch.Tensor:
-        eps = batch.eps[L2]
-        if eps == 0:
-            return _margins(batch, idx)
-        x, y = _select(batch, idx)
-        x_l, x_u = l2_defence_box(
-            net.model, x, y, eps, self.lam * eps, steps=self.steps, generator=batch.generator
-        )
-        return net.box_bounds(x_l, x_u, y, IBP)
+    norm, option = L2, "--l2-lambda"
+    box = staticmethod(l2_defence_box)
 
 
 class ExpressiveBound:
@@ -465,25 +464,35 @@ def linf_bound(
 ) -> Bound:
     """The l∞ block: ``'ibp'`` (whole ball), ``'sabr'`` (small box, radius ``sabr_lambda * eps``)
     or ``'mtl-ibp'`` (expressive loss with weight ``mtl_alpha`` on IBP, ``mtl_steps`` PGD steps)."""
-    if variant == IBP:
-        return BallBound(LINF)
-    if variant == MTL_IBP:
-        return ExpressiveBound(LINF, mtl_alpha, mtl_steps)
-    if variant == SABR:
-        return SabrBound(sabr_lambda)
-    raise UserError(f"unknown l∞ variant {variant!r}; choose one of {', '.join(LINF_VARIANTS)}")
+    box = {SABR: lambda: SabrBound(sabr_lambda)}
+    return _norm_bound(LINF, variant, IBP, box, mtl_alpha, mtl_steps)
 
 
 def l2_bound(variant: str, l2_lambda: float, mtl_alpha: float = 0.5, mtl_steps: int = 1) -> Bound:
     """The l2 block: ``'ball'`` (exact l2-ball IBP), ``'defence'`` (CURE's l2 defence box) or
     ``'mtl-ibp'`` (expressive loss on the exact l2-ball IBP bounds and an l2 PGD point)."""
-    if variant == BALL:
-        return BallBound(L2)
+    box = {DEFENCE: lambda: L2DefenceBound(l2_lambda)}
+    return _norm_bound(L2, variant, BALL, box, mtl_alpha, mtl_steps)
+
+
+def _norm_bound(
+    norm: str,
+    variant: str,
+    whole: str,
+    box: dict[str, Callable[[], Bound]],
+    mtl_alpha: float,
+    mtl_steps: int,
+) -> Bound:
+    """The ``norm`` block of ``variant``: ``whole`` the ball bound, ``'mtl-ibp'`` the expressive
+    loss, a key of ``box`` its attack-box bound."""
+    label, variants = ("l∞", LINF_VARIANTS) if norm == LINF else (norm, L2_VARIANTS)
+    if variant == whole:
+        return BallBound(norm)
     if variant == MTL_IBP:
-        return ExpressiveBound(L2, mtl_alpha, mtl_steps)
-    if variant == DEFENCE:
-        return L2DefenceBound(l2_lambda)
-    raise UserError(f"unknown l2 variant {variant!r}; choose one of {', '.join(L2_VARIANTS)}")
+        return ExpressiveBound(norm, mtl_alpha, mtl_steps)
+    if variant in box:
+        return box[variant]()
+    raise UserError(f"unknown {label} variant {variant!r}; choose one of {', '.join(variants)}")
 
 
 # ---------------------------------------------------------------------------------------------

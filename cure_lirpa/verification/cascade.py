@@ -166,8 +166,14 @@ def ball_cascade(
 
 @dataclass
 class _Boxes:
-    """The box-family cascade's state for B samples of N boxes each."""
+    """The box-family cascade on B samples ``x`` (labels ``y``) of N boxes each: its inputs and
+    state."""
 
+    bc: BoundedClassifier
+    x: torch.Tensor
+    y: torch.Tensor
+    threat: BoxFamily
+    times: Times
     best: torch.Tensor  # (B, N) best lower bound found per box
     open: torch.Tensor  # bool (B, N) boxes no stage has certified yet
     by: list[str]  # last stage run per sample
@@ -206,17 +212,22 @@ def box_cascade(
         raise ValueError(f"the box-family cascade starts with {IBP}, not {stages[0]}")
     n, b = threat.num_boxes(bc.in_shape), len(x)
     state = _Boxes(
+        bc,
+        x,
+        y,
+        threat,
+        times,
         best=torch.full((b, n), -math.inf),
         open=correct.view(-1, 1).expand(b, n).clone(),
         by=[IBP if c else NONE for c in correct.tolist()],
         skipped=[{} for _ in range(b)],
         clock=Budget(b, budget),
     )
-    _box_first_stage(bc, model, x, y, threat, times, correct, advance, state)
+    _box_first_stage(state, model, correct, advance)
     later = tuple(stages[1:])
     reasons = {m: bc.supports(m, threat) for m in later}
     for i in range(b):
-        _box_later_stages(bc, x, y, threat, times, i, later, reasons, state)
+        _box_later_stages(state, i, later, reasons)
         advance(0.5)
     margin = state.best.min(1).values
     margin[~correct] = -math.inf
@@ -224,17 +235,10 @@ def box_cascade(
 
 
 def _box_first_stage(
-    bc: BoundedClassifier,
-    model: nn.Module,
-    x: torch.Tensor,
-    y: torch.Tensor,
-    threat: BoxFamily,
-    times: Times,
-    correct: torch.Tensor,
-    advance: Callable[[float], None],
-    state: _Boxes,
+    state: _Boxes, model: nn.Module, correct: torch.Tensor, advance: Callable[[float], None]
 ) -> None:
     """IBP on every open box, then the refuting attack on the boxes it leaves open (patches)."""
+    bc, x, y, threat, times = state.bc, state.x, state.y, state.threat, state.times
     name, b = threat.name, len(x)
     total = max(1, int(state.open.sum()))
     t0 = time.perf_counter()
@@ -258,18 +262,11 @@ def _box_first_stage(
 
 
 def _box_later_stages(
-    bc: BoundedClassifier,
-    x: torch.Tensor,
-    y: torch.Tensor,
-    threat: BoxFamily,
-    times: Times,
-    i: int,
-    stages: Sequence[str],
-    reasons: dict[str, Optional[str]],
-    state: _Boxes,
+    state: _Boxes, i: int, stages: Sequence[str], reasons: dict[str, Optional[str]]
 ) -> None:
     """The stages after IBP on sample ``i``'s open boxes, until they are all certified, a box of
     the last stage fails, or the sample's time runs out."""
+    bc, x, y, threat, times = state.bc, state.x, state.y, state.threat, state.times
     me = torch.tensor([i])
     n = state.open.shape[1]
     for stage, method in enumerate(stages):
