@@ -27,6 +27,11 @@ Rows can run as separate invocations sharing one results folder (cure-finetune n
     python -m benchmarks.cure_training --speed --rows none         # step times only
     python -m benchmarks.cure_training --report-only
     python -m benchmarks.cure_training --dataset cifar10 --rows natural,ibp-linf,ibp-l2,cure-joint
+    python -m benchmarks.cure_training --rows table --train-count 30000 --no-speed  # paper's table
+
+``--rows table`` runs :data:`MNIST_TABLE`, the rows of the CURE paper's MNIST table on today's blocks
+(batch 64; IBP / SABR / MTL-IBP l∞, IBP / MTL-IBP l2, CURE-Joint / Max / Random with an MTL-IBP l2
+block, each with and without bound alignment, CURE-Scratch, CURE-Finetune from the best l∞ row).
 
 Full mode: the whole MNIST training set from ``--data-root`` (default ../shared/data), cnn-small,
 a CPU-sized schedule: 6 epochs (1 warm-up epoch, eps ramp over 3 epochs, lr 5e-4 decayed x0.2
@@ -228,6 +233,11 @@ ROWS.update(
             "CURE-Joint, IBP l∞ + MTL-IBP l2 (alpha 0.3), batch 64, bound alignment (eta 2, q = l2)",
             {**JOINT_MTL2, **B64, "ba_eta": 2.0},
         ),
+        "cure-finetune-b64": (
+            "CURE-Finetune from mtl-ibp-linf-b64 (the best l∞ row at batch 64): Max + BA 0.5 + "
+            "GP 0.5, batch 64",
+            {"batch_size": 64},
+        ),
         "cure-scratch-b64": (
             "CURE-Scratch with today's blocks: Max + BA (eta 2) + GP (beta 0.8), batch 64",
             {"method": "cure-max", **TABLE_CURE, "ba_eta": 2.0, "gp_beta": 0.8},
@@ -248,6 +258,7 @@ MNIST_TABLE = (
     "cure-random-mtl2-b64",
     "cure-random-mtl2-b64+ba",
     "cure-scratch-b64",
+    "cure-finetune-b64",
 )
 """The rows of the paper's MNIST table on today's blocks (``--rows table``): natural, every
 single-norm block, CURE-Joint / Max / Random with and without bound alignment, CURE-Scratch."""
@@ -295,7 +306,8 @@ CIFAR_ROWS: dict[str, tuple[str, dict[str, Any]]] = {
 single-norm rows with the same blocks for a fair comparison). ``l2_scale`` trains l2 at that
 fraction of the dataset's l2 radius."""
 ROWS.update(CIFAR_ROWS)
-FINETUNE_FROM = "ibp-linf"
+FINETUNE_FROM = {"cure-finetune": "ibp-linf", "cure-finetune-b64": "mtl-ibp-linf-b64"}
+"""Fine-tuning rows -> the row whose model they start from (the best l∞ row of their table)."""
 OPTIONAL_ROWS = (
     "l2-defence",
     "cure-joint-sabr",
@@ -376,11 +388,12 @@ def row_config(
         seed=seed,
         memory_mb=2048.0,
     )
-    if row == "cure-finetune":
+    if row in FINETUNE_FROM:
         c = dataclasses.replace(
             base,
+            **ROWS[row][1],
             epochs=s["finetune_epochs"],
-            init_from=str(results / FINETUNE_FROM / CHECKPOINT),
+            init_from=str(results / FINETUNE_FROM[row] / CHECKPOINT),
             linf_variant=IBP,
             l2_variant="ball",
         )
@@ -413,7 +426,7 @@ def run_row(
     ckpt_path = folder / CHECKPOINT
     if cfg.init_from and not Path(cfg.init_from).is_file():
         raise click.ClickException(
-            f"row {row} fine-tunes {cfg.init_from}; run the {FINETUNE_FROM} row first"
+            f"row {row} fine-tunes {cfg.init_from}; run the {FINETUNE_FROM[row]} row first"
         )
     resume = ckpt_path.is_file()
     done = load_checkpoint(ckpt_path).get("epoch", 0) if resume else 0
@@ -628,7 +641,7 @@ def measure_speed(
     load_before = os.getloadavg()
     configs = {"natural (reference)": row_config("natural", s, results, data_root, l2_factor, seed)}
     for row in rows:
-        if row != "cure-finetune":  # the same step as cure-max+ba with other weights
+        if row not in FINETUNE_FROM:  # the same step as cure-max+ba with other weights
             configs[row] = row_config(row, s, results, data_root, l2_factor, seed)
     log(f"[speed] timing {len(configs)} methods on one batch of 256, {reps} interleaved rounds")
     times = step_times(configs, x, y, rounds=reps, clock="cpu")
@@ -1206,9 +1219,10 @@ def main(
     unknown = [r for r in picked if r not in ROWS]
     if unknown:
         raise click.BadParameter(f"unknown rows {unknown}; choose from {', '.join(ROWS)}")
-    if FINETUNE_FROM in picked and "cure-finetune" in picked:  # the base model first
-        picked.remove("cure-finetune")
-        picked.insert(picked.index(FINETUNE_FROM) + 1, "cure-finetune")
+    for tuned, base_row in FINETUNE_FROM.items():  # the base model first
+        if base_row in picked and tuned in picked:
+            picked.remove(tuned)
+            picked.insert(picked.index(base_row) + 1, tuned)
     root = None if s["dataset"] == "sample" else data_root
     if speed is None:
         speed = not rows_opt
