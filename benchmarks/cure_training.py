@@ -214,7 +214,7 @@ ROWS.update(
         "natural-b64": ("natural training, batch 64", {"method": "natural", **B64}),
         "ibp-l2-b64": (
             "IBP on the exact l2 ball, IBP init, batch 64",
-            {"method": "ibp-l2", **SHI, **B64},
+            {"method": "ibp-l2", **SHI, "ibp_reg": 0.0, **B64},
         ),
         "mtl-ibp-l2-a0.3-b64": (
             "MTL-IBP l2 alone (alpha 0.3), IBP init, batch 64: the l2 block of the CURE rows",

@@ -88,3 +88,16 @@ def test_suites_run_as_modules_without_sys_path_edits():
     for suite in SUITES.values():
         module = suite.target.split(":")[0].removeprefix("benchmarks.")
         assert 'if __name__ == "__main__":' in sources[module], module
+
+
+def test_every_cure_training_row_has_a_valid_config(tmp_path):
+    """Each row of the CURE suites (the paper's tables included) builds a TrainConfig the library
+    accepts, on both datasets' full settings, so a long run never stops at a later row's options."""
+    from benchmarks import cure_training as suite
+
+    for dataset in ("mnist", "cifar10"):
+        s = suite.settings(False, dataset)
+        for row in suite.ROWS:
+            cfg = suite.row_config(row, s, tmp_path, None, 1.0, 0)
+            assert cfg.method, row
+    assert set(suite.MNIST_TABLE) <= set(suite.ROWS)
