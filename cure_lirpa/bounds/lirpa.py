@@ -508,9 +508,14 @@ def perturbation(
 
 
 def relu_input_bounds(module: Any) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """``(lower, upper)`` pre-activation bounds of every ReLU node of ``module`` in graph order, as
-    the last bound computation left them (detached)."""
-    return [(n.inputs[0].lower.detach(), n.inputs[0].upper.detach()) for n in module.relus]
+    """``(lower, upper)`` pre-activation bounds of the ReLU nodes of ``module`` in graph order, as the
+    last bound computation left them (with their gradients; ReLUs it did not reach are left out)."""
+    out = []
+    for node in module.relus:
+        pre = node.inputs[0]
+        if getattr(pre, "lower", None) is not None and getattr(pre, "upper", None) is not None:
+            out.append((pre.lower, pre.upper))
+    return out
 
 
 # ---------------------------------------------------------------------------------------------

@@ -44,6 +44,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..attacks import expressive_attack_point, l2_defence_box, sabr_box
+from ..bounds import lirpa
 from ..bounds.classifier import BoundedClassifier, certified
 from ..errors import UserError
 from ..models import Classifier
@@ -423,17 +424,6 @@ def block_loss(
     return lb, losses.certified_ce(lb)
 
 
-def relu_input_bounds(net: TrainingNetwork) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """IBP bounds ``(lower, upper)`` of the input of every ReLU of the last IBP call (bound space)."""
-    out = []
-    for node in net.bounded.module.modules():
-        if type(node).__name__ == "BoundRelu":
-            pre = node.inputs[0]
-            if getattr(pre, "lower", None) is not None and getattr(pre, "upper", None) is not None:
-                out.append((pre.lower, pre.upper))
-    return out
-
-
 def ibp_regulariser(net: TrainingNetwork, batch: Batch) -> Optional[torch.Tensor]:
     """Shi et al.'s regulariser (:func:`losses.ibp_regulariser`) on the l∞ box of the current eps,
     times ``batch.reg_weight``; None when off or at eps 0."""
@@ -445,7 +435,7 @@ def ibp_regulariser(net: TrainingNetwork, batch: Batch) -> Optional[torch.Tensor
     net.box_bounds(x_l, x_u, batch.y, IBP)
     scale = net.bounded._scale  # the trainable bounded module works in normalised space
     radius = (x_u - x_l) / 2 if scale is None else (x_u - x_l) / 2 / scale
-    bounds = relu_input_bounds(net)
+    bounds = lirpa.relu_input_bounds(net.bounded.module)  # of that IBP call, in bound space
     if not bounds:
         return None
     return batch.reg_weight * losses.ibp_regulariser(radius.mean(), bounds)
