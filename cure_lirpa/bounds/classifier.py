@@ -548,13 +548,10 @@ class BoundedClassifier:
                 for node in self.module.modules()
                 if hasattr(node, "current_mean") and hasattr(node, "current_var")
             ]
-            mine = dict(self.traced.named_buffers())
             saved = []
-            for node in self.module.modules():
-                name = getattr(node, "ori_name", None)
-                if type(node).__name__ == "BoundBuffers" and name in mine:
-                    saved.append((mine[name], mine[name].clone()))
-                    mine[name].copy_(node.buffer)
+            for bound, own in lirpa.buffer_pairs(self.module, self.traced):
+                saved.append((own, own.clone()))
+                own.copy_(bound)
             self.module.eval()
             self.traced.eval()
             try:

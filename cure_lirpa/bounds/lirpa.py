@@ -507,6 +507,17 @@ def perturbation(
     return PerturbationLpNorm(norm=np.inf if p == float("inf") else p, eps=eps, x_L=x_L, x_U=x_U)
 
 
+def buffer_pairs(module: Any, target: torch.nn.Module) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """``(buffer of the bounded module, buffer of target it was copied from)`` for every buffer
+    (e.g. BatchNorm running statistics) that ``module``, traced from ``target``, holds its own copy of."""
+    mine = dict(target.named_buffers())
+    return [
+        (node.buffer, mine[node.ori_name])
+        for node in module.modules()
+        if type(node).__name__ == "BoundBuffers" and getattr(node, "ori_name", None) in mine
+    ]
+
+
 def relu_input_bounds(module: Any) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """``(lower, upper)`` pre-activation bounds of the ReLU nodes of ``module`` in graph order, as the
     last bound computation left them (with their gradients; ReLUs it did not reach are left out)."""

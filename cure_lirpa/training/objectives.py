@@ -110,13 +110,8 @@ class TrainingNetwork:
             model, in_shape, self.device, memory_mb=memory_mb, trainable=True
         )
         self.num_classes = self.bounded.num_classes
-        # Buffers of the bounded module (BoundBuffers nodes) and the model's buffers they copy.
-        target = self.bounded.traced
-        mine = dict(target.named_buffers())
-        self._buffer_pairs: list[tuple[torch.Tensor, torch.Tensor]] = []
-        for node in self.bounded.module.modules():
-            if type(node).__name__ == "BoundBuffers" and getattr(node, "ori_name", None) in mine:
-                self._buffer_pairs.append((node.buffer, mine[node.ori_name]))
+        # Buffers of the bounded module and the model's buffers they copy.
+        self._buffer_pairs = lirpa.buffer_pairs(self.bounded.module, self.bounded.traced)
         self._probe_lp_ball(in_shape)
         self.train(True)
 
