@@ -29,8 +29,8 @@ Rows can run as separate invocations sharing one results folder (cure-finetune n
     python -m benchmarks.cure_training --dataset cifar10 --rows natural,ibp-linf,ibp-l2,cure-joint
     python -m benchmarks.cure_training --rows table --train-count 30000 --no-speed  # paper's table
 
-``--rows table`` runs :data:`MNIST_TABLE`, the rows of the CURE paper's MNIST table on today's blocks
-(batch 64; IBP / SABR / MTL-IBP l∞, IBP / MTL-IBP l2, CURE-Joint / Max / Random with an MTL-IBP l2
+``--rows table`` runs the dataset's table of :data:`TABLES`; :data:`MNIST_TABLE` holds the rows of the
+CURE paper's MNIST table on today's blocks (batch 64; IBP / SABR / MTL-IBP l∞, IBP / MTL-IBP l2, CURE-Joint / Max / Random with an MTL-IBP l2
 block, each with and without bound alignment, CURE-Scratch, CURE-Finetune from the best l∞ row).
 
 Full mode: the whole MNIST training set from ``--data-root`` (default ../shared/data), cnn-small,
@@ -56,6 +56,17 @@ CURE row beats the best single-norm row on union(l∞, l2) by at least 5 points;
     python -m benchmarks.cure_training --dataset cifar10 --no-speed \
         --rows cure-joint-l2mtl0.1,ibp-linf+shi,mtl-ibp-l2-a0.1
 
+Radius pairs (``--pair``): MNIST 0.1 (l2 0.5, l1 1; the default) and 0.3 (l2 1, l1 2), CIFAR-10
+2/255 (l2 0.25, l1 0.5; the default) and 8/255 (l2 0.5, l1 1), the CURE paper's pairs. A row trained
+and certified at a pair other than the first lives in ``<row>@<pair>/`` (``/`` spelled ``-``), so one
+results folder and one ``summary.md`` hold both tables; each pair gets its table, its plot and the
+union gain of its best CURE row over its best single-norm row on the same images (95% interval and
+sign test)::
+
+    python -m benchmarks.cure_training --dataset cifar10 --pair 8/255 --rows table --no-speed
+    python -m benchmarks.cure_training --pair 0.3 --train-count 30000 --no-speed \
+        --rows mtl-ibp-linf-b64,mtl-ibp-l2-a0.3-b64,cure-joint-mtl2-b64
+
 Rows certified by older versions of this script without the SDP-CROWN stage show no "SDP +x".
 """
 
@@ -73,7 +84,7 @@ import click
 import torch
 
 from benchmarks.harness import RESULTS, data_root_option, log, save_summary, split_commas
-from cure_lirpa.data import default_radii, load_dataset, stack, take
+from cure_lirpa.data import load_dataset, stack, take
 from cure_lirpa.errors import UserError
 from cure_lirpa.io.checkpoint import (
     atomic_write_text,
@@ -88,13 +99,17 @@ from cure_lirpa.training.timing import step_times
 from cure_lirpa.training.trainer import CHECKPOINT
 from cure_lirpa.vocabulary import AUTO, CIFAR10, CROWN, CROWN_IBP, IBP, MNIST, SDP_CROWN
 
-THREATS = {
-    "mnist": ("linf:0.1", "l2:0.5", "l1:1"),
-    "cifar10": ("linf:2/255", "l2:0.25", "l1:0.5"),
+PAIRS: dict[str, dict[str, tuple[str, str, str]]] = {
+    MNIST: {"0.1": ("linf:0.1", "l2:0.5", "l1:1"), "0.3": ("linf:0.3", "l2:1", "l1:2")},
+    CIFAR10: {
+        "2/255": ("linf:2/255", "l2:0.25", "l1:0.5"),
+        "8/255": ("linf:8/255", "l2:0.5", "l1:1"),
+    },
 }
-"""The three threats each dataset's rows are certified under; the first two are the training pair."""
-EPS = {name: default_radii(name) for name in (MNIST, CIFAR10)}
-"""(l∞, l2) training and certification radii per dataset."""
+"""The CURE paper's radius pairs per dataset, named by their l∞ radius: the three threats a row is
+certified under; the first two are the training pair. The first pair is the default."""
+THREATS = {name: next(iter(pairs.values())) for name, pairs in PAIRS.items()}
+"""The default pair's threats per dataset."""
 TITLE = {"mnist": "MNIST", "cifar10": "CIFAR-10"}
 STAGES = ((CROWN, None), (SDP_CROWN, 2.0))
 """The bound methods run after IBP, in order, each on the images still open: (method, the lp-ball
@@ -306,7 +321,44 @@ CIFAR_ROWS: dict[str, tuple[str, dict[str, Any]]] = {
 single-norm rows with the same blocks for a fair comparison). ``l2_scale`` trains l2 at that
 fraction of the dataset's l2 radius."""
 ROWS.update(CIFAR_ROWS)
-FINETUNE_FROM = {"cure-finetune": "ibp-linf", "cure-finetune-b64": "mtl-ibp-linf-b64"}
+CIFAR_MTL2 = {"l2_variant": "mtl-ibp", "mtl_alpha_l2": 0.1, **SHI, **B64}
+"""The CURE blocks of the CIFAR-10 table: IBP l∞ and MTL-IBP l2 (alpha 0.1), Shi's recipe, batch 64
+(those of cure-joint-l2mtl0.1-b64, the best CURE row at 2/255)."""
+ROWS.update(
+    {
+        "cure-max-l2mtl0.1-b64+ba": (
+            "CURE-Max + BA (eta 2, q = l2), IBP l∞ + MTL-IBP l2 (alpha 0.1), batch 64",
+            {"method": "cure-max", **CIFAR_MTL2, "ba_eta": 2.0},
+        ),
+        "cure-scratch-l2mtl0.1-b64": (
+            "CURE-Scratch (Max + BA eta 2 + GP beta 0.8), IBP l∞ + MTL-IBP l2 (alpha 0.1), batch 64",
+            {"method": "cure-max", **CIFAR_MTL2, "ba_eta": 2.0, "gp_beta": 0.8},
+        ),
+        "cure-finetune-l2mtl0.1-b64": (
+            "CURE-Finetune from ibp-linf+shi-b64: Max + BA 0.5 + GP 0.5 with an MTL-IBP l2 block "
+            "(alpha 0.1), batch 64",
+            {"l2_variant": "mtl-ibp", "mtl_alpha_l2": 0.1, **B64},
+        ),
+    }
+)
+CIFAR_TABLE = (
+    "natural-b64",
+    "ibp-linf+shi-b64",
+    "mtl-ibp-l2-a0.1-b64",
+    "cure-joint-l2mtl0.1-b64",
+    "cure-max-l2mtl0.1-b64+ba",
+    "cure-finetune-l2mtl0.1-b64",
+    "mtl-ibp-linf-b64",
+)
+"""The rows of the paper's CIFAR-10 table on today's blocks (``--dataset cifar10 --rows table``):
+natural, single-norm l∞ (IBP; MTL-IBP last) and l2 (MTL-IBP), CURE-Joint, CURE-Max + BA and
+CURE-Finetune."""
+TABLES = {MNIST: MNIST_TABLE, CIFAR10: CIFAR_TABLE}
+FINETUNE_FROM = {
+    "cure-finetune": "ibp-linf",
+    "cure-finetune-b64": "mtl-ibp-linf-b64",
+    "cure-finetune-l2mtl0.1-b64": "ibp-linf+shi-b64",
+}
 """Fine-tuning rows -> the row whose model they start from (the best l∞ row of their table)."""
 OPTIONAL_ROWS = (
     "l2-defence",
@@ -314,6 +366,8 @@ OPTIONAL_ROWS = (
     *(r for r in ROWS if "+shi" in r or "mtl" in r or "epochs" in ROWS[r][1]),
     *CIFAR_ROWS,
     *MNIST_TABLE,
+    *CIFAR_TABLE,
+    "cure-scratch-l2mtl0.1-b64",
 )
 DEFAULT_ROWS = tuple(r for r in ROWS if r not in OPTIONAL_ROWS)
 """Rows of a plain run; l2-defence and cure-joint-sabr (8 PGD steps per batch) only on request."""
@@ -321,10 +375,19 @@ SABR_LAMBDA = {"mnist": 0.4, "cifar10": 0.1}
 """SABR's lambda in the public CURE scripts (MNIST 0.1, CIFAR-10 2/255)."""
 
 
-def settings(quick: bool, dataset: str = "mnist") -> dict[str, Any]:
-    """Run sizes of full and quick mode for ``dataset`` ('mnist' or 'cifar10'); quick MNIST runs
-    on the built-in sample."""
-    common = dict(family=dataset, threats=THREATS[dataset], eps=EPS[dataset])
+def settings(quick: bool, dataset: str = "mnist", pair: Optional[str] = None) -> dict[str, Any]:
+    """Run sizes of full and quick mode for ``dataset`` ('mnist' or 'cifar10') at radius ``pair``
+    (a key of :data:`PAIRS`; default the dataset's first); quick MNIST runs on the built-in
+    sample."""
+    pair = pair or next(iter(PAIRS[dataset]))
+    if pair not in PAIRS[dataset]:
+        raise click.BadParameter(
+            f"{pair!r} is not a radius pair of {dataset}; choose from {', '.join(PAIRS[dataset])}",
+            param_hint="--pair",
+        )
+    threats = PAIRS[dataset][pair]
+    eps = tuple(parse_threat(t).eps for t in threats[:2])
+    common = dict(family=dataset, pair=pair, pair_threats=threats, threats=threats, eps=eps)
     if quick:
         return dict(
             common,
@@ -358,6 +421,14 @@ def settings(quick: bool, dataset: str = "mnist") -> dict[str, Any]:
     )
 
 
+def row_folder(row: str, s: dict[str, Any]) -> str:
+    """The folder of ``row`` inside the results folder: the row's name at the dataset's first pair,
+    ``<row>@<l∞ radius>`` at another (``ibp-linf+shi-b64@8-255``)."""
+    if s["pair"] == next(iter(PAIRS[s["family"]])):
+        return row
+    return f"{row}@{s['pair'].replace('/', '-')}"
+
+
 def row_config(
     row: str,
     s: dict[str, Any],
@@ -389,17 +460,17 @@ def row_config(
         memory_mb=2048.0,
     )
     if row in FINETUNE_FROM:
+        overrides = {"linf_variant": IBP, "l2_variant": "ball", **ROWS[row][1]}
         c = dataclasses.replace(
             base,
-            **ROWS[row][1],
+            **overrides,
             epochs=s["finetune_epochs"],
-            init_from=str(results / FINETUNE_FROM[row] / CHECKPOINT),
-            linf_variant=IBP,
-            l2_variant="ball",
+            init_from=str(results / row_folder(FINETUNE_FROM[row], s) / CHECKPOINT),
         )
-        # The preset's method, BA, GP and lr; keep the certifiable variants and this schedule's
-        # proportions (the preset's 20-epoch schedule scaled to finetune_epochs).
-        explicit = {"epochs", "linf_variant", "l2_variant", "batch_size", "sabr_lambda"}
+        # The preset's method, BA, GP and lr; keep the row's blocks (by default the certifiable
+        # variants) and this schedule's proportions (the preset's 20-epoch schedule scaled to
+        # finetune_epochs).
+        explicit = {"epochs", "sabr_lambda", *overrides}
         return apply_preset(c, "cure-finetune", explicit).validated()
     overrides = dict(ROWS[row][1])
     if "l2_scale" in overrides:
@@ -422,7 +493,7 @@ def run_row(
     ends training at that epoch of the schedule (for a time budget)."""
     from cure_lirpa.verification.results import read_summary, to_percent, write_results
 
-    folder = results / row
+    folder = results / row_folder(row, s)
     ckpt_path = folder / CHECKPOINT
     if cfg.init_from and not Path(cfg.init_from).is_file():
         raise click.ClickException(
@@ -460,6 +531,8 @@ def run_row(
     }
     base = {
         "row": row,
+        "pair": s["pair"],
+        "folder": folder.name,
         "description": ROWS[row][0],
         "method": cfg.method,
         "config": cfg.to_dict(),
@@ -507,7 +580,7 @@ def run_row(
         "union": summary["union"]["best"],
         "union_by_method": {m: summary["union"].get(m) for m in BOUND_METHODS},
         "union_linf_l2": _union_of(
-            verify_dir / "samples.csv", [parse_threat(t).name for t in THREATS[s["family"]][:2]]
+            verify_dir / "samples.csv", [parse_threat(t).name for t in s["pair_threats"][:2]]
         ),
         "pgd_accuracy": summary.get("pgd_accuracy", {}),
         "soundness_violations": summary.get("soundness_violations", {}),
@@ -726,10 +799,10 @@ def measure_bound_cost(
     from cure_lirpa.bounds.classifier import BoundedClassifier
     from cure_lirpa.io.checkpoint import dataset_info_of
 
-    ckpt = load_checkpoint(results / row / CHECKPOINT)
+    ckpt = load_checkpoint(results / row_folder(row, s) / CHECKPOINT)
     model = model_from_checkpoint(ckpt).eval()
     bounded = BoundedClassifier(model, dataset_info_of(ckpt).in_shape, memory_mb=4096.0)
-    threat = parse_threat(THREATS[s["family"]][1])
+    threat = parse_threat(s["pair_threats"][1])
     x, y = stack(take(load_dataset(s["dataset"], "train", data_root), 0, batch))
     natural = {"natural": row_config("natural", s, results, data_root, l2_factor, seed)}
     reps = max(2, min(5, s["speed_repeats"]))
@@ -852,38 +925,37 @@ def _label(threat: str) -> str:
     return threat.replace("linf:", "l∞ ").replace("l2:", "l2 ").replace("l1:", "l1 ")
 
 
-def report(results: Path, log, dataset: str = "mnist") -> None:
-    """Refresh summary.md / summary.json / union_accuracy.png from every row.json present."""
+def found_rows(results: Path, dataset: str) -> list[dict[str, Any]]:
+    """Every finished row's ``row.json`` in ``results``, pair by pair, the dataset's table rows
+    first (rows written before pairs existed are at the dataset's first pair)."""
     import json
 
     found = []
-    for row in ROWS:
-        p = results / row / "row.json"
-        if p.is_file():
-            found.append(json.loads(p.read_text()))
-    if not any(not r.get("error") for r in found):
-        log("no certified rows yet")
-        return
-    threats = THREATS[dataset]
-    pair = f"{_label(threats[0])} and {_label(threats[1])}"
-    first = next(r for r in found if not r.get("error"))
-    which = "the first " if dataset == "mnist" else ""
+    order = [*TABLES[dataset], *(r for r in ROWS if r not in TABLES[dataset])]
+    for pair in PAIRS[dataset]:
+        for row in order:
+            path = results / row_folder(row, {"family": dataset, "pair": pair}) / "row.json"
+            if path.is_file():
+                r = json.loads(path.read_text())
+                r.setdefault("pair", pair)
+                r.setdefault("folder", path.parent.name)
+                found.append(r)
+    return found
+
+
+def pair_table(rows: list[dict[str, Any]], threats: Sequence[str], ratios: dict[str, float]):
+    """The Markdown table of one radius pair's rows (certified accuracy in %)."""
     lines = [
-        f"# CURE on {TITLE[dataset]}: certified accuracy (%) on {which}{first['test_images']} "
-        "test images, best of the bound methods run (IBP, CROWN; SDP-CROWN under l2 where "
-        "marked)",
-        "",
         "| row | method | clean | "
         + " | ".join(_label(t) for t in threats)
-        + " | union | union l∞+l2 | PGD l∞ / l2 | training time | epochs x images |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        + " | union | union l∞+l2 | PGD l∞ / l2 | training time | verify time | epochs x images |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    step_ratios = _step_ratios(results)
-    for r in found:
+    for r in rows:
         if r.get("error"):
             lines.append(
                 f"| {r['row']} | {r['description']} | certification failed: "
-                f"{r['error'][:80]}... | | | | | | | {r['train_seconds']:.0f} s | {_size(r)} |"
+                f"{r['error'][:80]}... | | | | | | | {r['train_seconds']:.0f} s | | {_size(r)} |"
             )
             continue
         c = r["certified"]
@@ -893,37 +965,73 @@ def report(results: Path, log, dataset: str = "mnist") -> None:
         pgd_cell = " / ".join(
             "-" if _lookup(pgd, t) is None else f"{_lookup(pgd, t):.1f}" for t in threats[:2]
         )
+        verify = r.get("verify_seconds_total")
         lines.append(
             f"| {r['row']} | {r['description']} | {r['clean']:.1f} | "
             + " | ".join(_certified_cell(r, t) for t in threats)
             + f" | {union} | {'-' if u2 is None else f'{u2:.1f}'} | {pgd_cell} | "
-            f"{_time(r, step_ratios)} | {_size(r)} |"
+            f"{_time(r, ratios)} | {'-' if verify is None else f'{verify:.0f} s'} | {_size(r)} |"
         )
-    lines += [
-        "",
-        f"union = certified under all three threats at once; union l∞+l2 = under {pair} ('-': "
-        "the row was not certified for every threat involved, to save CROWN time).",
-        "Certified = by IBP or CROWN (and, where a cell says SDP +x, by SDP-CROWN, which then "
-        "certified x% of all images beyond IBP and CROWN); each method runs, per threat, only on "
-        "the images the earlier ones leave open (correct and not certified under that threat), "
-        "which gives the same best-of and union numbers. PGD = empirical robust accuracy (20 "
-        "steps), an upper bound on certified accuracy; a certified image that PGD breaks would be "
-        "a soundness violation (summary.json, per row).",
-        "Training time = wall-clock seconds on the shared machine, then the training process's "
-        "CPU seconds where recorded (one thread; other jobs' time slices are not counted, though "
-        "contention still slows each step); in "
-        "brackets, where the step "
-        "time was measured (speed table), the cost in natural steps of the same batch: optimizer "
-        "steps x the step-time ratio at the end of the ramp (warm-up steps cost less, the IBP "
-        "regulariser adds one IBP pass per step during the ramp); multiply by an idle machine's "
-        "natural step time for an idle-machine estimate.",
-        "Per-method numbers, PGD accuracy and soundness checks: summary.json and "
-        "<row>/verify/summary.md.",
+    return lines
+
+
+NOTES = (
+    "union = certified under all three threats at once; union l∞+l2 = under the pair's first "
+    "two threats ('-': the row was not certified for every threat involved).",
+    "Certified = by IBP or CROWN (and, where a cell says SDP +x, by SDP-CROWN, which then "
+    "certified x% of all images beyond IBP and CROWN); each method runs, per threat, only on "
+    "the images the earlier ones leave open (correct and not certified under that threat), "
+    "which gives the same best-of and union numbers. PGD = empirical robust accuracy (20 "
+    "steps), an upper bound on certified accuracy; a certified image that PGD breaks would be "
+    "a soundness violation (summary.json, per row).",
+    "Training time = wall-clock seconds on the shared machine, then the training process's "
+    "CPU seconds where recorded (one thread; other jobs' time slices are not counted, though "
+    "contention still slows each step); in brackets, where the step time was measured (speed "
+    "table), the cost in natural steps of the same batch: optimizer steps x the step-time "
+    "ratio at the end of the ramp; multiply by an idle machine's natural step time for an "
+    "idle-machine estimate. Verify = seconds of the whole certification (IBP, PGD, CROWN and "
+    "SDP-CROWN on the open images; one thread).",
+    "Per-method numbers, PGD accuracy and soundness checks: summary.json and "
+    "<row>/verify/summary.md.",
+)
+
+
+def report(results: Path, log, dataset: str = "mnist") -> None:
+    """Refresh summary.md / summary.json and one union_accuracy plot per radius pair from every
+    row.json present."""
+    found = found_rows(results, dataset)
+    if not any(not r.get("error") for r in found):
+        log("no certified rows yet")
+        return
+    ratios = _step_ratios(results)
+    lines = [
+        f"# CURE on {TITLE[dataset]}: certified accuracy (%), best of the bound methods run "
+        "(IBP, CROWN; SDP-CROWN under l2 where marked)"
     ]
-    cost = stage_cost_line([r for r in found if not r.get("error")])
+    for pair, threats in PAIRS[dataset].items():
+        rows = [r for r in found if r["pair"] == pair]
+        if not rows:
+            continue
+        done = [r for r in rows if not r.get("error")]
+        which = "the first " if dataset == "mnist" else ""
+        n = max(r["test_images"] for r in done) if done else 0
+        lines += [
+            "",
+            f"## {', '.join(_label(t) for t in threats)} ({which}{n} test images)",
+            "",
+            *pair_table(rows, threats, ratios),
+            "",
+            comparison_line(done, results, threats),
+        ]
+        if done:
+            plot(done, results / plot_name(pair, dataset), dataset, threats)
+            lines += ["", f"![union accuracy]({plot_name(pair, dataset)})"]
+    lines += ["", *NOTES]
+    done = [r for r in found if not r.get("error")]
+    cost = stage_cost_line(done)
     if cost:
         lines.append(cost)
-    bad = {r["row"]: _violations(results / r["row"], r) for r in found if not r.get("error")}
+    bad = {r["folder"]: _violations(results / r["folder"], r) for r in done}
     lines.append(
         "Soundness cross-check (certified images PGD broke, any threat, any bound method): "
         + (
@@ -932,7 +1040,8 @@ def report(results: Path, log, dataset: str = "mnist") -> None:
             else ", ".join(f"{k} {v}" for k, v in bad.items() if v) + " (must be 0)."
         )
     )
-    lines += ["", goal_line([r for r in found if not r.get("error")], dataset, results)]
+    first = next(iter(PAIRS[dataset]))
+    lines += ["", goal_line([r for r in done if r["pair"] == first], dataset, results)]
     speed = results / "speed.md"
     if speed.is_file():
         lines += ["", "## Training step time", "", speed.read_text().strip()]
@@ -940,9 +1049,73 @@ def report(results: Path, log, dataset: str = "mnist") -> None:
     if cost.is_file():
         lines += ["", "## Cost of an l2 bound in training", "", cost.read_text().strip()]
     atomic_write_text(results / "summary.md", "\n".join(lines) + "\n")
-    save_summary(results / "summary.json", {"rows": found})
-    plot([r for r in found if not r.get("error")], results / "union_accuracy.png", dataset)
+    save_summary(results / "summary.json", {"pairs": PAIRS[dataset], "rows": found})
     log(f"wrote {results / 'summary.md'}")
+
+
+def plot_name(pair: str, dataset: str) -> str:
+    """``union_accuracy.png`` for the dataset's first pair, ``union_accuracy@0.3.png`` else."""
+    first = pair == next(iter(PAIRS[dataset]))
+    return "union_accuracy.png" if first else f"union_accuracy@{pair.replace('/', '-')}.png"
+
+
+def is_single_norm(row: dict[str, Any]) -> bool:
+    """A row trained against one threat (not natural, not CURE)."""
+    return not row["method"].startswith("cure-") and row["method"] != "natural"
+
+
+def paired_gain(results: Path, a: dict[str, Any], b: dict[str, Any], threats: Sequence[str]):
+    """Union accuracy of row ``a`` minus row ``b`` (points) on the same test images, under every
+    threat of ``threats``: ``(gain, low, high, p, a_only, b_only, n)`` with a 95% Wald interval
+    of the paired difference and the two-sided sign test on the discordant images; None if the
+    rows' images differ."""
+    fa = _union_flags(results / a["folder"] / "verify" / "samples.csv", threats)
+    fb = _union_flags(results / b["folder"] / "verify" / "samples.csv", threats)
+    if not fa or fa.keys() != fb.keys():
+        return None
+    n = len(fa)
+    a_only = sum(fa[i] and not fb[i] for i in fa)
+    b_only = sum(fb[i] and not fa[i] for i in fa)
+    d = (a_only - b_only) / n
+    se = math.sqrt(max((a_only + b_only) / n - d * d, 0.0) / n)
+    return (100 * d, 100 * (d - 1.96 * se), 100 * (d + 1.96 * se), sign_test(a_only, b_only),
+            a_only, b_only, n)  # fmt: skip
+
+
+def comparison_line(rows: list[dict[str, Any]], results: Path, threats: Sequence[str]) -> str:
+    """One sentence per union: the best CURE row against the best single-norm row on the same
+    images, with the 95% interval of the gain and the sign test."""
+    cure = [r for r in rows if r["method"].startswith("cure-")]
+    single = [r for r in rows if is_single_norm(r)]
+    if not cure or not single:
+        return "Union gain of CURE: needs at least one CURE and one single-norm row."
+    parts = []
+    for label, key, picked in (
+        ("l∞+l2", "union_linf_l2", threats[:2]),
+        ("all three", "union", threats),
+    ):
+
+        def have(r: dict[str, Any], key: str = key, picked: Sequence[str] = picked) -> bool:
+            return r.get(key) is not None and all(t in r["certified"] for t in picked)
+
+        cs, ss = [r for r in cure if have(r)], [r for r in single if have(r)]
+        if not cs or not ss:
+            continue
+        bc, bs = max(cs, key=lambda r: r[key]), max(ss, key=lambda r: r[key])
+        names = [parse_threat(t).name for t in picked]
+        g = paired_gain(results, bc, bs, names)
+        stats = (
+            ""
+            if g is None
+            else f" = {g[0]:+.1f} points (95% interval {g[1]:+.1f} to {g[2]:+.1f}; {g[4]} images "
+            f"certified by the CURE row only, {g[5]} by the single-norm row only, sign test "
+            f"p = {g[3]:.2g})"
+        )
+        parts.append(
+            f"union {label}: best CURE row {bc['row']} {bc[key]:.1f} - best single-norm row "
+            f"{bs['row']} {bs[key]:.1f}{stats}"
+        )
+    return "Union gain of CURE on the same images: " + "; ".join(parts) + "."
 
 
 GOALS = {
@@ -1005,42 +1178,28 @@ def sign_test(a: int, b: int) -> float:
 
 
 def goal_line(rows: list[dict[str, Any]], dataset: str, results: Optional[Path] = None) -> str:
-    """One sentence: is the dataset's goal met by the rows in the table, and by which row. With
-    ``results`` (the folder of the rows), the CIFAR-10 sentence also counts the test images only
-    one of the two compared rows certifies (a paired view of the gap)."""
+    """One sentence: is the dataset's goal met by the rows of its first pair, and by which row
+    (the paired statistics of the CIFAR-10 gap are in :func:`comparison_line`)."""
     done = [r for r in rows if r.get("union_linf_l2") is not None]
     if not done:
         return f"Goal ({GOALS[dataset]}): no rows yet."
     if dataset == "mnist":
         return _mnist_goal(done)
     cure = [r for r in done if r["method"].startswith("cure-")]
-    single = [r for r in done if not r["method"].startswith("cure-") and r["method"] != "natural"]
+    single = [r for r in done if is_single_norm(r)]
     if not cure or not single:
         return f"Goal ({GOALS[dataset]}): needs at least one CURE and one single-norm row."
     bc = max(cure, key=lambda r: r["union_linf_l2"])
     bs = max(single, key=lambda r: r["union_linf_l2"])
     gap = bc["union_linf_l2"] - bs["union_linf_l2"]
-    paired = ""
-    if results is not None:
-        pair = list(THREATS[dataset][:2])
-        a = _union_flags(results / bc["row"] / "verify" / "samples.csv", pair)
-        b = _union_flags(results / bs["row"] / "verify" / "samples.csv", pair)
-        if a and b and a.keys() == b.keys():
-            a_only = sum(a[i] and not b[i] for i in a)
-            b_only = sum(b[i] and not a[i] for i in a)
-            paired = (
-                f" On the same {len(a)} images, {a_only} are certified under both threats by "
-                f"{bc['row']} only and {b_only} by {bs['row']} only (two-sided sign test on "
-                f"those images: p = {sign_test(a_only, b_only):.2g})."
-            )
     return (
         f"Goal ({GOALS[dataset]}): {'met' if gap >= 5.0 else 'MISSED'}; best CURE row "
         f"{bc['row']} {bc['union_linf_l2']:.1f} against best single-norm row {bs['row']} "
-        f"{bs['union_linf_l2']:.1f} ({gap:+.1f} points).{paired}"
+        f"{bs['union_linf_l2']:.1f} ({gap:+.1f} points)."
     )
 
 
-def plot(rows: list[dict[str, Any]], path: Path, dataset: str = "mnist") -> None:
+def plot(rows: list[dict[str, Any]], path: Path, dataset: str, threats: Sequence[str]) -> None:
     """Grouped bars: certified accuracy per threat and union accuracy, one group per row."""
     import matplotlib
 
@@ -1048,9 +1207,7 @@ def plot(rows: list[dict[str, Any]], path: Path, dataset: str = "mnist") -> None
     import matplotlib.pyplot as plt
 
     names = [r["row"] for r in rows]
-    series = [
-        (_label(t), [r["certified"].get(t) or 0.0 for r in rows]) for t in THREATS[dataset]
-    ] + [
+    series = [(_label(t), [r["certified"].get(t) or 0.0 for r in rows]) for t in threats] + [
         ("union l∞+l2", [r.get("union_linf_l2") or 0.0 for r in rows]),
         ("union (all)", [r["union"] for r in rows]),
     ]
@@ -1064,7 +1221,10 @@ def plot(rows: list[dict[str, Any]], path: Path, dataset: str = "mnist") -> None
     ax.set_xticklabels(names, rotation=30, ha="right")
     ax.set_ylabel("certified accuracy (%)")
     ax.set_ylim(0, 100)
-    ax.set_title(f"{TITLE[dataset]}: certified and union accuracy (best of IBP, CROWN)")
+    ax.set_title(
+        f"{TITLE[dataset]} at {', '.join(_label(t) for t in threats)}: certified and union "
+        "accuracy (best of IBP, CROWN, SDP-CROWN)"
+    )
     ax.legend(ncol=5, fontsize=8)
     fig.tight_layout()
     tmp = path.with_name(f".{path.name}.tmp.png")
@@ -1089,8 +1249,16 @@ def plot(rows: list[dict[str, Any]], path: Path, dataset: str = "mnist") -> None
     "rows_opt",
     multiple=True,
     help="Rows to run (repeatable or comma-separated; 'none' for no row; 'table' for the rows of "
-    "the paper's MNIST table on today's blocks) [default: all but the optional rows]: "
+    "the paper's table of the dataset on today's blocks) [default: all but the optional rows]: "
     + ", ".join(ROWS),
+)
+@click.option(
+    "--pair",
+    type=click.Choice([p for pairs in PAIRS.values() for p in pairs]),
+    default=None,
+    help="The radius pair, by its l∞ radius: MNIST 0.1 (l2 0.5, l1 1) or 0.3 (l2 1, l1 2); "
+    "CIFAR-10 2/255 (l2 0.25, l1 0.5) or 8/255 (l2 0.5, l1 1). Rows at a pair other than the "
+    "first go to <row>@<pair>/ (e.g. ibp-linf+shi-b64@8-255) [default: the dataset's first].",
 )
 @click.option("--quick", is_flag=True, help="A smoke run on the built-in sample (minutes).")
 @data_root_option(
@@ -1169,6 +1337,7 @@ def plot(rows: list[dict[str, Any]], path: Path, dataset: str = "mnist") -> None
 def main(
     dataset: str,
     rows_opt: Sequence[str],
+    pair: Optional[str],
     quick: bool,
     data_root: str,
     results: Optional[str],
@@ -1188,19 +1357,19 @@ def main(
     """Train and certify the CURE rows on MNIST or CIFAR-10; write the table, the plot and step
     times."""
     torch.set_num_threads(threads)
-    s = settings(quick, dataset)
+    s = settings(quick, dataset, pair)
     if train_count is not None:
         s["train_count"] = train_count
     if test_count is not None:
         s["test_count"] = test_count
     if threats_opt:
         picked_threats = tuple(split_commas(threats_opt))
-        bad = [t for t in picked_threats if t not in THREATS[dataset]]
+        bad = [t for t in picked_threats if t not in s["pair_threats"]]
         if bad or not picked_threats:
             raise click.BadParameter(
-                f"--threats {threats_opt!r}: choose among {', '.join(THREATS[dataset])}"
+                f"--threats {threats_opt!r}: choose among {', '.join(s['pair_threats'])}"
             )
-        s["threats"] = tuple(t for t in THREATS[dataset] if t in picked_threats)
+        s["threats"] = tuple(t for t in s["pair_threats"] if t in picked_threats)
     if epochs is not None:
         scale = epochs / s["epochs"]
         s["epochs"] = epochs
@@ -1213,9 +1382,9 @@ def main(
         report(folder, log, dataset)
         return
     picked = [r for r in (split_commas(*rows_opt) if rows_opt else DEFAULT_ROWS) if r != "none"]
-    if "table" in picked:  # the paper's MNIST table on today's blocks
+    if "table" in picked:  # the paper's table on today's blocks
         at = picked.index("table")
-        picked[at : at + 1] = [r for r in MNIST_TABLE if r not in picked]
+        picked[at : at + 1] = [r for r in TABLES[dataset] if r not in picked]
     unknown = [r for r in picked if r not in ROWS]
     if unknown:
         raise click.BadParameter(f"unknown rows {unknown}; choose from {', '.join(ROWS)}")

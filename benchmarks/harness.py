@@ -683,10 +683,25 @@ def filled_text(path: Path, quiet: bool = False) -> str:
             if not frag.is_file():
                 say(f"{marker}: {frag} not generated yet; section left unchanged")
                 continue
-            body = frag.read_text().rstrip("\n") + "\n"
+            body = relinked(frag.read_text().rstrip("\n") + "\n", frag.parent, path.parent)
             text = pattern.sub(lambda m, b=body: m.group(1) + b + m.group(2), text)
             say(f"{marker}: copied {frag.relative_to(REPO)}")
     return text
+
+
+LINK = re.compile(r"(!?\[[^\]]*\]\()([^)\s:#]+)((?:#[^)\s]*)?\))")
+"""A Markdown link or image with a relative target (no scheme, not an anchor)."""
+
+
+def relinked(text: str, source: Path, page: Path) -> str:
+    """``text`` written in folder ``source`` with its relative link and image targets rewritten
+    to point to the same files from folder ``page`` (a fragment's plot seen from docs/)."""
+
+    def move(m: re.Match) -> str:
+        target = os.path.relpath(source / m.group(2), page).replace(os.sep, "/")
+        return m.group(1) + target + m.group(3)
+
+    return LINK.sub(move, text)
 
 
 def fill_docs(paths: Sequence[Path] = DOCS) -> None:

@@ -95,9 +95,12 @@ def test_every_cure_training_row_has_a_valid_config(tmp_path):
     accepts, on both datasets' full settings, so a long run never stops at a later row's options."""
     from benchmarks import cure_training as suite
 
-    for dataset in ("mnist", "cifar10"):
-        s = suite.settings(False, dataset)
-        for row in suite.ROWS:
-            cfg = suite.row_config(row, s, tmp_path, None, 1.0, 0)
-            assert cfg.method, row
-    assert set(suite.MNIST_TABLE) <= set(suite.ROWS)
+    for dataset, pairs in suite.PAIRS.items():
+        for pair in pairs:
+            s = suite.settings(False, dataset, pair)
+            for row in suite.ROWS:
+                cfg = suite.row_config(row, s, tmp_path, None, 1.0, 0)
+                assert cfg.method, row
+                assert (cfg.eps_linf, cfg.eps_l2) == s["eps"], row
+    for table in suite.TABLES.values():
+        assert set(table) <= set(suite.ROWS)

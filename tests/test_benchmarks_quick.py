@@ -9,8 +9,10 @@ the "newly certified" counts match the per-sample flags, and a rerun resumes (re
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
+import click
 import pytest
 import torch
 from click.testing import CliRunner
@@ -79,7 +81,7 @@ def test_cure_training_report_uses_each_datasets_threats(tmp_path: Path):
     assert "CURE on CIFAR-10" in text and "| l∞ 2/255 | l2 0.25 | l1 0.5 |" in text
     assert (
         "| cure-joint | cure-joint | 50.0 | 21.0 | 19.5 | 19.0 | 19.0 | 19.5 | - / - | 1 s "
-        "| 6 x 20000 |" in text
+        "| - | 6 x 20000 |" in text
     )
     assert "needs at least one CURE and one single-norm row" in text
     assert (tmp_path / "union_accuracy.png").is_file()
@@ -193,7 +195,7 @@ def test_cure_training_staged_certification_equals_every_method_everywhere(tiny_
 def test_cure_training_reads_per_sample_flags_under_either_threat_spelling(tmp_path: Path):
     """Union flags and the soundness cross-check from samples.csv, for a file written with the
     decimal name of 2/255 (older results) and one with the fraction."""
-    from benchmarks.cure_training import _union_flags, _violations, goal_line
+    from benchmarks.cure_training import _union_flags, _violations, comparison_line, goal_line
 
     def write(row, name, flags):  # as verify writes it: methods ibp and crown, best-of, PGD
         cols = ["index", "label", "prediction", "correct"] + [
@@ -233,10 +235,16 @@ def test_cure_training_reads_per_sample_flags_under_either_threat_spelling(tmp_p
         {"row": "old", "method": "ibp-linf", "clean": 50.0, "union_linf_l2": 100 / 3},
         {"row": "new", "method": "cure-joint", "clean": 50.0, "union_linf_l2": 200 / 3},
     ]
-    line = goal_line(rows, "cifar10", tmp_path)
-    assert "met; best CURE row new" in line
-    assert "3 images, 1 are certified under both threats by new only and 0 by old only" in line
-    assert "(two-sided sign test on those images: p = 1)" in line  # one discordant image
+    assert "met; best CURE row new" in goal_line(rows, "cifar10", tmp_path)
+    for r in rows:
+        r.update(folder=r["row"], certified=dict.fromkeys(pair, 50.0))
+    line = comparison_line(rows, tmp_path, pair)
+    assert "union l∞+l2: best CURE row new 66.7 - best single-norm row old 33.3" in line
+    # 3 images, 1 discordant: gain 1/3, Wald interval 1/3 -/+ 1.96 sqrt((1/3 - 1/9) / 3)
+    half = 196 * math.sqrt((1 / 3 - 1 / 9) / 3)
+    assert f"= +33.3 points (95% interval {100 / 3 - half:+.1f} to {100 / 3 + half:+.1f}" in line
+    assert "1 images certified by the CURE row only, 0 by the single-norm row only" in line
+    assert "sign test p = 1)" in line  # one discordant image
 
 
 def test_sign_test_is_the_exact_binomial_one():
@@ -458,3 +466,65 @@ def test_bound_cost_times_every_l2_bound_against_a_natural_step(tmp_path: Path, 
     report(tmp_path, lambda msg: None, "mnist")
     text = (tmp_path / "summary.md").read_text()
     assert "## Cost of an l2 bound in training" in text and "| sdp-crown |" in text
+
+
+def test_cure_training_radius_pairs_have_their_own_folders_tables_and_plots(tmp_path: Path):
+    """A row at the second radius pair lives in <row>@<pair>/, fine-tunes the base row of the same
+    pair, and the report gives each pair its own table, paired comparison and plot."""
+    from benchmarks.cure_training import PAIRS, report, row_config, row_folder, settings
+
+    s1, s3 = settings(False, "mnist"), settings(False, "mnist", "0.3")
+    assert s3["eps"] == (0.3, 1.0) and s3["threats"] == ("linf:0.3", "l2:1", "l1:2")
+    assert row_folder("ibp-l2-b64", s1) == "ibp-l2-b64"
+    assert row_folder("ibp-l2-b64", s3) == "ibp-l2-b64@0.3"
+    assert row_folder("natural-b64", settings(False, "cifar10", "8/255")) == "natural-b64@8-255"
+    tuned = row_config("cure-finetune-b64", s3, tmp_path, None, 1.0, 0)
+    assert tuned.init_from == str(tmp_path / "mtl-ibp-linf-b64@0.3" / "checkpoint.pt")
+    with pytest.raises(click.BadParameter, match="not a radius pair of mnist"):
+        settings(False, "mnist", "8/255")
+    for s, row, method, values in (
+        (s1, "ibp-linf+shi-b64", "ibp-linf", (90.0, 5.0, 0.0)),
+        (s1, "cure-joint-mtl2-b64", "cure-joint", (85.0, 70.0, 1.0)),
+        (s3, "ibp-linf+shi-b64", "ibp-linf", (60.0, 2.0, 0.0)),
+    ):
+        folder = tmp_path / row_folder(row, s)
+        folder.mkdir()
+        out = {"row": row, "pair": s["pair"], "description": row, "test_images": 10}
+        out.update(clean=95.0, certified=dict(zip(s["threats"], values)), union=min(values))
+        out.update(union_linf_l2=min(values[:2]), train_seconds=1.0, method=method, epochs=6)
+        (folder / "row.json").write_text(json.dumps({**out, "config": {"train_count": 30000}}))
+    report(tmp_path, lambda msg: None, "mnist")
+    text = (tmp_path / "summary.md").read_text()
+    first, second = text.split("## l∞ 0.3, l2 1, l1 2")
+    assert "## l∞ 0.1, l2 0.5, l1 1 (the first 10 test images)" in first
+    assert "| ibp-linf+shi-b64 | ibp-linf+shi-b64 | 95.0 | 90.0 | 5.0 | 0.0 |" in first
+    assert (
+        "best CURE row cure-joint-mtl2-b64 70.0 - best single-norm row ibp-linf+shi-b64 5.0"
+        in first
+    )
+    assert "| ibp-linf+shi-b64 | ibp-linf+shi-b64 | 95.0 | 60.0 | 2.0 | 0.0 |" in second
+    assert "needs at least one CURE and one single-norm row" in second.split("![")[0]
+    assert (tmp_path / "union_accuracy.png").is_file()
+    assert (tmp_path / "union_accuracy@0.3.png").is_file()
+    saved = json.loads((tmp_path / "summary.json").read_text())
+    assert saved["pairs"] == json.loads(json.dumps(PAIRS["mnist"]))
+    assert [(r["folder"], r["pair"]) for r in saved["rows"]] == [
+        ("ibp-linf+shi-b64", "0.1"),
+        ("cure-joint-mtl2-b64", "0.1"),
+        ("ibp-linf+shi-b64@0.3", "0.3"),
+    ]
+
+
+def test_fragments_links_are_rewritten_for_the_docs_page():
+    """A suite's plot, linked next to its summary.md, still shows when the fragment is copied into
+    docs/results.md; web links and anchors stay as they are."""
+    from benchmarks.harness import RESULTS, relinked
+
+    text = (
+        "![u](union_accuracy.png) [t](../../../docs/training.md#sabr) [w](https://x.org/a) [a](#b)"
+    )
+    got = relinked(text, RESULTS / "cure_mnist", REPO / "docs")
+    assert got == (
+        "![u](../benchmarks/results/cure_mnist/union_accuracy.png) [t](training.md#sabr) "
+        "[w](https://x.org/a) [a](#b)"
+    )
