@@ -239,6 +239,21 @@ def _table(rows: list[dict[str, str]]) -> dict[str, np.ndarray]:
     return out
 
 
+def radius_level(correct: np.ndarray, radius: np.ndarray) -> np.ndarray:
+    """Per image, how many of the radii 0, 0.25, 0.5, 0.75 its certificate reaches (0: abstained
+    or wrong): fixed-n radii and sequential decisions on one scale."""
+    return sum((correct & (radius >= r)).astype(int) for r in (0.0, *RADII))
+
+
+def ratio_interval(fixed_samples: int, samples: np.ndarray, draws: int = 10_000) -> list[float]:
+    """95% percentile-bootstrap interval (over images, seed 0) of fixed samples per image over
+    the sequential run's mean samples per image."""
+    rng = np.random.default_rng(0)
+    means = samples[rng.integers(0, samples.size, (draws, samples.size))].mean(axis=1)
+    lo, hi = np.percentile(fixed_samples / means, [2.5, 97.5])
+    return [float(lo), float(hi)]
+
+
 def compare(name: str, fixed_tsv: Path, seq_tsv: Path, cfg: dict[str, Any]) -> dict[str, Any]:
     """Certified accuracy compared on the images both runs have finished (paired); samples and
     time of the sequential run over all its images."""
@@ -263,6 +278,20 @@ def compare(name: str, fixed_tsv: Path, seq_tsv: Path, cfg: dict[str, Any]) -> d
             "only_sequential": int((b & ~a).sum()),
         }
     samples = q_all["samples"]
+    level_f, level_q = (
+        radius_level(f["correct"], f["radius"]),
+        radius_level(q["correct"], q["radius"]),
+    )
+    order_f, order_q = np.argsort(f["idx"]), np.argsort(q["idx"])  # pair the images by index
+    differ = level_f[order_f] != level_q[order_q]
+    disagreements = [
+        {"index": int(i), "fixed_radius": float(rf), "sequential_radius": float(rq)}
+        for i, rf, rq in zip(
+            f["idx"][order_f][differ],
+            np.where(f["correct"], f["radius"], -1.0)[order_f][differ],
+            np.where(q["correct"], q["radius"], -1.0)[order_q][differ],
+        )
+    ]
     sigma = MODELS[name]["sigma"]
     # fewest samples any test at this alpha needs for an image with pA = 1 at the largest radius
     # (the fixed-n bound alpha ** (1/n) reaching Phi(r / sigma)), plus n0
@@ -281,10 +310,15 @@ def compare(name: str, fixed_tsv: Path, seq_tsv: Path, cfg: dict[str, Any]) -> d
         "best_case_ratio": float((fh["run"]["n0"] + fh["run"]["n"]) / floor),
         "train": {k: v for k, v in fh.get("info", {}).items() if k.startswith("train_")},
         "certified_accuracy": acc,
+        "radius_agreement": float(1.0 - differ.mean()) if differ.size else None,
+        "disagreements": disagreements,
         "fixed_samples_per_image": fixed_samples,
         "sequential_samples": {
             "mean": float(samples.mean()),
             "median": float(np.median(samples)),
+            "p10": float(np.percentile(samples, 10)),
+            "p25": float(np.percentile(samples, 25)),
+            "p75": float(np.percentile(samples, 75)),
             "p90": float(np.percentile(samples, 90)),
             "max": int(samples.max()),
             "mean_drawn": float(q_all["drawn"].mean()),
@@ -292,6 +326,7 @@ def compare(name: str, fixed_tsv: Path, seq_tsv: Path, cfg: dict[str, Any]) -> d
             "per_image": samples.tolist(),
         },
         "samples_ratio": fixed_samples / float(samples.mean()),
+        "samples_ratio_interval": ratio_interval(fixed_samples, samples),
         "seconds_per_image": {
             "fixed": float(f["time"].mean()),
             "sequential": float(q_all["time"].mean()),
@@ -331,6 +366,28 @@ def plot_samples(rows: list[dict[str, Any]], path: Path) -> None:
     tmp.replace(path)
 
 
+QUANTILES = ("p10", "p25", "median", "p75", "p90")
+
+
+def _agreement(r: dict[str, Any]) -> str:
+    a = r.get("radius_agreement")
+    return "-" if a is None else f"{100 * a:.0f}%"
+
+
+def _interval(r: dict[str, Any]) -> str:
+    lo, hi = r.get("samples_ratio_interval") or (float("nan"), float("nan"))
+    return f"[{lo:.1f}, {hi:.1f}]"
+
+
+def _disagreements(r: dict[str, Any]) -> str:
+    d = r.get("disagreements") or []
+    if not d:
+        return "none"
+    return ", ".join(
+        f"{x['index']}: {x['fixed_radius']:.3f} / {x['sequential_radius']:.2f}" for x in d
+    )
+
+
 def markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
     """The results table (copied into docs/results.md)."""
     lines = [
@@ -346,9 +403,10 @@ def markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
         "",
         "| model | images: paired / sequential | certified accuracy % at l2 0 / 0.25 / 0.5 / 0.75 "
         "(paired): fixed n | sequential | difference (points) | sequential, all its images | "
-        "samples per image: fixed | sequential mean (median, p90) | fewer samples | best case "
-        "(pA = 1) | s per image: fixed | sequential |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "radii agree | samples per image: fixed | sequential mean (p10 / p25 / median / p75 / "
+        "p90) | fewer samples [95% interval] | best case (pA = 1) | s per image: fixed | "
+        "sequential |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     keys = ["0", *(f"{r:g}" for r in RADII)]
     for r in rows:
@@ -364,8 +422,9 @@ def markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
             + " / ".join(f"{a[k]['difference_points']:+.1f}" for k in keys)
             + " | "
             + " / ".join(f"{r['sequential_certified_accuracy'][k]:.1f}" for k in keys)
-            + f" | {r['fixed_samples_per_image']:,} | {s['mean']:,.0f} ({s['median']:,.0f}, "
-            f"{s['p90']:,.0f}) | {r['samples_ratio']:.1f}x | {r['best_case_samples']:,.0f} = "
+            + f" | {_agreement(r)} | {r['fixed_samples_per_image']:,} | {s['mean']:,.0f} ("
+            + " / ".join(f"{s.get(k, float('nan')):,.0f}" for k in QUANTILES)
+            + f") | {r['samples_ratio']:.1f}x {_interval(r)} | {r['best_case_samples']:,.0f} = "
             f"{r['best_case_ratio']:.1f}x | {t['fixed']:.1f} | {t['sequential']:.2f} |"
         )
     lines += [
@@ -385,7 +444,13 @@ def markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
             )
             for r in rows
         )
-        + " (fixed-only + sequential-only, at radius 0 / 0.25 / 0.5 / 0.75). Wall time is per "
+        + " (fixed-only + sequential-only, at radius 0 / 0.25 / 0.5 / 0.75). Radii agree: share "
+        "of the paired images whose certificates reach the same of the radii 0 / 0.25 / 0.5 / "
+        "0.75 (abstentions and wrong predictions count as radius -1); the images where they "
+        "differ (test index: fixed radius / sequential radius): "
+        + "; ".join(f"{r['model']} {_disagreements(r)}" for r in rows)
+        + ". Fewer samples: fixed samples per image over the sequential mean, with a 95% "
+        "percentile-bootstrap interval over images. Wall time is per "
         "image on the shared, heavily loaded CPU (1 thread; the two runs ran at different times, "
         "so their ratio is noisy). Load-free cost of the sequential bookkeeping: CPU time of the "
         "sequential run over CERTIFY at the same number of samples, interleaved on the first "

@@ -355,7 +355,18 @@ def test_benchmark_report_compares_paired_runs(tmp_path, monkeypatch):
         assert v["difference_points"] == pytest.approx(v["sequential"] - v["fixed"])
     assert row["samples_ratio"] == pytest.approx(5020 / row["sequential_samples"]["mean"])
     assert row["sequential_samples"]["mean"] < 5020
+    lo, hi = row["samples_ratio_interval"]
+    assert lo <= row["samples_ratio"] <= hi
+    # agreement of the radii: the listed disagreements are exactly the images whose certificates
+    # reach different radii, and none at a radius where both runs certify the same images
+    d = row["disagreements"]
+    assert row["radius_agreement"] == pytest.approx(1 - len(d) / 6)
+    level = lambda r: sum(r >= x for x in (0.0, *bench.RADII))  # noqa: E731
+    assert all(level(x["fixed_radius"]) != level(x["sequential_radius"]) for x in d)
+    if all(v["only_fixed"] == v["only_sequential"] == 0 for v in acc.values()):
+        assert d == []
     text = bench.markdown([row], {"command": "test", "generated": "now"})
+    assert f"{100 * row['radius_agreement']:.0f}%" in text
     assert "| mnist-0.25 (sigma 0.25) | 6 / 6 |" in text
     bench.plot_samples([row], tmp_path / "p.png")
     assert (tmp_path / "p.png").stat().st_size > 0
