@@ -504,6 +504,8 @@ def test_cure_training_radius_pairs_have_their_own_folders_tables_and_plots(tmp_
     )
     assert "| ibp-linf+shi-b64 | ibp-linf+shi-b64 | 95.0 | 60.0 | 2.0 | 0.0 |" in second
     assert "needs at least one CURE and one single-norm row" in second.split("![")[0]
+    assert "anchors at this pair SABR 98.1, IBP 97.1; here the best single-norm l∞ row" in first
+    assert "SABR 93.4" in second and "ibp-linf+shi-b64, certifies 60.0" in second
     assert (tmp_path / "union_accuracy.png").is_file()
     assert (tmp_path / "union_accuracy@0.3.png").is_file()
     saved = json.loads((tmp_path / "summary.json").read_text())
