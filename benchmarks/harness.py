@@ -145,7 +145,7 @@ SUITES: dict[str, Suite] = {
             "generalisation",
             "benchmarks.generalisation:main",
             "certified models against unseen threats: patches, rotation, translation",
-            fragments=(("generalisation", "generalisation/generalisation.md"),),
+            fragments=(("generalisation", "generalisation/summary.md"),),
         ),
         Suite(
             "patches",

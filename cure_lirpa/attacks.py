@@ -5,6 +5,8 @@
 * :func:`sabr_box` -- SABR's small l∞ box around a PGD point (Müller et al., ICLR 2023).
 * :func:`l2_defence_box` -- CURE's l2 defence point and box (the CURE paper's l2 loss).
 * :func:`box_pgd` -- signed-gradient search inside boxes (patch locations), refuting samples.
+* :func:`family_attack` -- an attack inside a box family (patches, geometric transformations), used
+  to cross-check their certificates.
 
 Every attack runs the model in eval mode (BatchNorm statistics are never updated), takes gradients with
 respect to the input only (parameters' ``.grad`` are left untouched) and restores each module's
@@ -22,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import UserError
-from .threats.base import NormBall, Threat
+from .threats.base import BoxFamily, NormBall, Threat
 
 LOSSES = ("margin", "ce")
 Generators = Union[torch.Generator, Sequence[torch.Generator], None]
@@ -546,3 +548,51 @@ def box_pgd(
                     (grad,) = torch.autograd.grad(m.sum(), z)
                     z = torch.minimum(torch.maximum(z - step_size * width * grad.sign(), x_L), x_U)
     return best, points
+
+
+def family_attack(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    threat: BoxFamily,
+    in_shape: Sequence[int],
+    steps: int = 20,
+    keep: int = 16,
+    per_box: int = 2,
+    generators: Sequence[Optional[torch.Generator]] = (),
+) -> Optional[torch.Tensor]:
+    """Whether each sample of ``x`` (B, C, H, W) keeps its label ``y`` (B,) under an attack inside
+    the box family ``threat``: bool (B,), or None when the family has no attack.
+
+    Exact boxes (patches): both corners of every box (the patch all 0, all 1), then :func:`box_pgd`
+    with ``steps`` steps in the ``keep`` boxes whose corners came closest to a misclassification.
+    Otherwise (geometric transformations) the model on :meth:`BoxFamily.points`: the centre and
+    ``per_box`` random parameter vectors of every sub-interval. ``generators``: one per sample
+    (its random points do not depend on its batch), or empty.
+    """
+    gens = list(generators) or [None] * len(y)
+    robust = torch.ones(len(y), dtype=torch.bool)
+    with eval_mode(model), torch.no_grad():
+        for i in range(len(y)):
+            xi, yi = x[i : i + 1], y[i : i + 1]
+            if threat.exact_boxes:
+                index = torch.arange(threat.num_boxes(tuple(in_shape)))
+                lo, hi = (b[0] for b in threat.boxes_at(xi, index))
+                corners = torch.minimum(_margins(model, lo, yi), _margins(model, hi, yi))
+                worst = corners.argsort()[:keep]
+                seed = int(torch.randint(2**31, (1,), generator=gens[i]))
+                with torch.enable_grad():
+                    found, _ = box_pgd(model, lo[worst], hi[worst], yi.expand(len(worst)),
+                                       steps=steps, seed=seed)  # fmt: skip
+                robust[i] = bool((corners > 0).all() and (found > 0).all())
+            else:
+                points = threat.points(xi[0], per_box, gens[i])
+                if points is None:
+                    return None
+                robust[i] = bool((_margins(model, points, yi) > 0).all())
+    return robust
+
+
+def _margins(model: nn.Module, points: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """``f_y - max_{j != y} f_j`` (M,) of the images ``points`` (M, C, H, W), all of label y (1,)."""
+    return -margin_loss(model(points), y.expand(len(points)))

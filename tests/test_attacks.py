@@ -206,3 +206,32 @@ def test_l2_defence_increases_loss():
     with torch.no_grad():
         assert ce(model(point), y) > ce(model(x), y)
     assert torch.equal(l2_defence_point(model, x, y, 0.5, 0.5), x)
+
+
+class _Pixel(nn.Module):
+    """Two classes decided by one pixel: class 1 iff x[row, col] > 0.5 (margin 4 |x - 0.5|)."""
+
+    def __init__(self, row: int, col: int):
+        super().__init__()
+        self.row, self.col = row, col
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        v = x[:, 0, self.row, self.col] - 0.5
+        return torch.stack([-2 * v, 2 * v], 1)
+
+
+def test_family_attack_finds_the_patch_and_the_rotation_that_flip_a_pixel():
+    """A patch over the deciding pixel and a rotation that moves a bright dot off it break the
+    sample; a threat that leaves the pixel alone does not (no false alarms)."""
+    from cure_lirpa.attacks import family_attack
+    from cure_lirpa.threats.base import parse_threat
+
+    x = torch.zeros(1, 1, 28, 28)
+    x[0, 0, 4:7, 13:16] = 1.0  # a bright dot near the top, centred on column 14
+    y = torch.tensor([1])
+    model = _Pixel(5, 14)
+    assert model(x).argmax(1).item() == 1
+    shape = (1, 28, 28)
+    for text, broken in (("patch:2", True), ("rotate:30", True), ("rotate:1", False)):
+        robust = family_attack(model, x, y, parse_threat(text), shape)
+        assert robust is not None and bool(robust[0]) is not broken, text

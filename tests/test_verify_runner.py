@@ -6,8 +6,10 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import asdict
+from pathlib import Path
 
 import pytest
+import torch
 from click.testing import CliRunner
 
 from cure_lirpa.cli import main
@@ -105,8 +107,9 @@ def test_the_command_and_the_python_runner_give_the_same_results(mlp_checkpoint,
         attack_steps=5, seed=3, out=api,
     )  # fmt: skip
     assert result.out == api and result.shard is None
-    for name in ("samples.csv", "samples.jsonl", "summary.md"):
+    for name in ("samples.csv", "summary.md"):
         assert (cli / name).read_text() == (api / name).read_text(), name
+    assert _untimed(cli) == _untimed(api)  # the records, but for each sample's seconds
     a, b = read_summary(cli), read_summary(api)
     for key in COSTS:
         a.pop(key), b.pop(key)
@@ -137,3 +140,72 @@ def test_the_python_runner_shards_and_merges_like_the_command(mlp_checkpoint, tm
     merged = merge_shards(tmp_path / "s")
     assert merged["certified"] == plain.summary["certified"]
     assert [r.index for r in read_samples(tmp_path / "s")] == list(range(7))
+
+
+def _untimed(folder: Path) -> list[dict]:
+    """The run's samples.jsonl records without their ``seconds`` (wall-clock shares)."""
+    records = [json.loads(line) for line in (folder / "samples.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in r.items() if k != "seconds"} for r in records]
+
+
+def test_a_resumed_run_counts_the_time_of_every_session(mlp_checkpoint, tmp_path):
+    """Each sample keeps its share of its batch's seconds, so the summary of a run killed and
+    resumed (and of a finished run opened again with resume) times every sample, not only the
+    last session's."""
+    import cure_lirpa
+
+    kw = dict(count=6, batch_size=2, attack_steps=2, out=tmp_path / "run")
+    full = cure_lirpa.verify(mlp_checkpoint, ["linf:0.02"], ["ibp", "crown"], **kw).summary
+    records = _untimed(tmp_path / "run")
+    per_sample = [json.loads(x)["seconds"] for x in (tmp_path / "run" / "samples.jsonl").open()]
+    assert all(s["total"] > 0 and s["linf:0.02/crown"] > 0 for s in per_sample)
+    assert full["seconds_total"] == pytest.approx(sum(s["total"] for s in per_sample))
+    assert full["seconds_per_image"]["linf:0.02/crown"] == pytest.approx(
+        sum(s["linf:0.02/crown"] for s in per_sample) / 6
+    )
+    # a kill after two batches: the resumed run's summary still counts the first four samples
+    lines = (tmp_path / "run" / "samples.jsonl").read_text().splitlines()
+    (tmp_path / "run" / "samples.jsonl").write_text("\n".join(lines[:4]) + "\n")
+    (tmp_path / "run" / "summary.json").unlink()
+    again = cure_lirpa.verify(mlp_checkpoint, ["linf:0.02"], ["ibp", "crown"], resume=True, **kw)
+    assert _untimed(tmp_path / "run") == records
+    kept = sum(s["total"] for s in per_sample[:4])
+    assert again.summary["seconds_total"] > kept
+    # opening the finished run again changes none of its times
+    twice = cure_lirpa.verify(mlp_checkpoint, ["linf:0.02"], ["ibp", "crown"], resume=True, **kw)
+    for key in ("seconds_total", "seconds_per_image"):
+        assert twice.summary[key] == pytest.approx(again.summary[key])
+
+
+@pytest.mark.parametrize("text", ["patch:5", "rotate:30", "translate:2"])
+def test_patch_and_geometric_certificates_are_attacked_too(
+    mlp_checkpoint, monkeypatch, tmp_path, text
+):
+    """Under patches and geometric threats every sample is attacked like under balls: the real
+    cascade's certificates all survive; a deliberately wrong cascade that certifies every correct
+    sample is caught (violations counted, certificates withdrawn)."""
+    import cure_lirpa
+    from cure_lirpa.verification import runner
+    from cure_lirpa.verification.cascade import Decision
+
+    kw = dict(count=24, batch_size=12, attack_steps=2)
+    honest = cure_lirpa.verify(mlp_checkpoint, [text], ["auto"], out=tmp_path / "honest", **kw)
+    name = parse_threat(text).name
+    attacked = [r for r in honest.rows if r.correct]
+    assert attacked and all(r.robust[name] is not None for r in attacked)
+    assert honest.summary["soundness_violations"][name] == 0
+    assert all(r.robust[name] for r in honest.rows if r.best(name))
+
+    def wrong(bc, model, x, y, threat, times, correct, step, budget, stages):
+        step(len(y))
+        margin = torch.where(correct, torch.ones(len(y)), torch.full((len(y),), -math.inf))
+        return Decision(
+            margin, ["ibp"] * len(y), torch.zeros(len(y), dtype=torch.bool), [{}] * len(y)
+        )
+
+    monkeypatch.setattr(runner, "run_cascade", wrong)
+    result = cure_lirpa.verify(mlp_checkpoint, [text], ["auto"], out=tmp_path / "wrong", **kw)
+    broken = [r for r in result.rows if r.correct and r.robust[name] is False]
+    assert broken, f"the natural MLP should be broken under {text}"
+    assert result.summary["soundness_violations"][name] == len(broken)
+    assert not any(r.best(name) for r in broken)

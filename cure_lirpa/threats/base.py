@@ -127,6 +127,13 @@ class BoxFamily(Threat):
 
     exact_boxes: ClassVar[bool] = False
 
+    def points(
+        self, x: torch.Tensor, per_box: int, generator: Optional[torch.Generator] = None
+    ) -> Optional[torch.Tensor]:
+        """Images (M, C, H, W) of the threat set around one image ``x`` (C, H, W) for a sampling
+        attack, or None: families with exact boxes are attacked by PGD inside their boxes."""
+        return None
+
     def num_boxes(self, in_shape: tuple[int, ...]) -> int:
         raise NotImplementedError
 

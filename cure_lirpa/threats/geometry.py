@@ -490,6 +490,20 @@ class GeometricThreat(BoxFamily):
         """Hulls (B, m, C, H, W) of the boxes ``index`` (m,), in :meth:`param_boxes` order."""
         return self.hull(x, index)
 
+    def points(
+        self, x: torch.Tensor, per_box: int, generator: Optional[torch.Generator] = None
+    ) -> torch.Tensor:
+        """``x`` (C, H, W) transformed at the centre and ``per_box`` uniform random parameter
+        vectors of every box (M = N * (1 + per_box) images): a grid search over the parameters."""
+        boxes = self.param_boxes()  # (N, 7, 2)
+        u = torch.rand(len(boxes), per_box, len(PARAMS), generator=generator, dtype=torch.float64)
+        u = torch.cat([torch.full((len(boxes), 1, len(PARAMS)), 0.5, dtype=torch.float64), u], 1)
+        vals = (boxes[:, None, :, 0] + u * (boxes[:, None, :, 1] - boxes[:, None, :, 0])).flatten(
+            0, 1
+        )
+        params = {p: vals[:, i].to(x.dtype) for i, p in enumerate(PARAMS)}
+        return transform(x.unsqueeze(0).expand(len(vals), *x.shape), **params)
+
     def sample_params(
         self, n: int, box: Optional[int] = None, generator: Optional[torch.Generator] = None
     ) -> dict[str, torch.Tensor]:

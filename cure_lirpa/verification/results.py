@@ -57,7 +57,8 @@ class SampleRow:
     """One sample's results. ``margins[threat][method]`` is min_j lb_j (> 0 iff certified).
 
     For ``auto`` the margin is that of the method that decided and ``decided_by[threat]`` names it.
-    ``robust[threat]`` is True when PGD found no adversarial example (None: not attacked).
+    ``robust[threat]`` is True when the cross-check's attack (PGD for balls, the family attack for
+    patches and geometric threats) found no adversarial example (None: not attacked).
     ``violations`` lists the threats under which a bound certified the sample and PGD broke it (a
     bug: those certificates are withdrawn, the sample counts as not certified there).
     ``alpha_fallback`` lists the threats under which this sample's alpha-CROWN bound (method
@@ -65,7 +66,9 @@ class SampleRow:
     alpha-CROWN failed on its batch (sound, but not optimised; see :mod:`cure_lirpa.bounds.lirpa`).
     ``skipped[threat]`` maps the cascade stages skipped for this sample to the reason (the bound
     method does not support the model or the threat). ``decided_by[threat] == "timeout"``: the
-    sample's time budget ran out before a stage certified it (not certified).
+    sample's time budget ran out before a stage certified it (not certified). ``seconds`` is the
+    sample's share of its batch's time, per ``"<threat>/<method>"`` key of ``seconds_per_image``
+    and under ``"total"`` (kept with the sample, so a resumed run's times count every session).
     """
 
     index: int
@@ -78,6 +81,7 @@ class SampleRow:
     violations: list[str] = field(default_factory=list)
     alpha_fallback: list[str] = field(default_factory=list)
     skipped: dict[str, dict[str, str]] = field(default_factory=dict)
+    seconds: dict[str, float] = field(default_factory=dict)
 
     @property
     def correct(self) -> bool:

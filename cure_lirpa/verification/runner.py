@@ -4,8 +4,10 @@
 benchmarks call it): checkpoint, threats and data in; the run folder (:meth:`cure_lirpa.io.runs.Run.open`),
 shards, resume, the merge once every shard is done, and the results files
 (:mod:`cure_lirpa.verification.results`) out. :func:`certify_dataset` certifies every sample of a
-dataset under every (threat, bound method) pair and, as a soundness cross-check, runs PGD per
-lp-ball threat: a sample reported certified and broken by the attack under the same threat is
+dataset under every (threat, bound method) pair and, as a soundness cross-check, attacks every
+sample under every threat (PGD in lp-balls; corners and PGD in every patch location; a grid of
+transformations for geometric threats): a sample reported certified and broken by the attack
+under the same threat is
 counted in ``summary["soundness_violations"]`` (it must stay 0; the tests assert it) and its
 certificates are withdrawn. Accuracies are fractions (0..1), times seconds, memory MB.
 """
@@ -26,7 +28,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from ..attacks import pgd
+from ..attacks import family_attack, pgd
 from ..bounds.classifier import METHODS, BoundedClassifier
 from ..errors import UserError
 from ..io.shards import (
@@ -56,6 +58,8 @@ ALL_METHODS = (*METHODS, AUTO)
 DEFAULT_METHODS = DEFAULT_BOUND_METHODS
 PGD = "pgd"
 """The method key of the PGD cross-check's time in ``seconds_per_image``."""
+TOTAL = "total"
+"""The key of a sample's share of its batch's whole time in :attr:`SampleRow.seconds`."""
 PROBE_IMAGES = 16
 """Images timed (after a warm-up call) for the up-front estimate of a verify run."""
 
@@ -142,6 +146,8 @@ def certify_batch(
         if attack and isinstance(threat, NormBall):
             attacked = (attack_steps, attack_restarts, seed, first_index)
             _cross_check(bc, model, x, y, threat, rows, times, *attacked)
+        elif attack and isinstance(threat, BoxFamily):
+            _family_cross_check(bc, model, x, y, threat, rows, times, seed)
         else:
             for r in rows:
                 r.robust[threat.name] = None
@@ -218,11 +224,48 @@ def _cross_check(
     with torch.no_grad():
         robust = model(x_adv).argmax(1).cpu() == y.cpu()
     times[(name, PGD)] += time.perf_counter() - t0
-    for r, rb in zip(rows, robust.tolist()):
+    _record_attack(rows, name, robust.tolist())
+
+
+def _record_attack(rows: list[SampleRow], name: str, robust: Sequence[bool]) -> None:
+    """Record the cross-check's ``robust`` flags under threat ``name`` and withdraw every
+    certificate the attack broke (a violation: never reported as certified)."""
+    for r, rb in zip(rows, robust):
         r.robust[name] = bool(rb)
         if r.best(name) and not rb:
             r.violations.append(name)
             r.certified[name] = dict.fromkeys(r.certified[name], False)
+
+
+def _family_cross_check(
+    bc: BoundedClassifier,
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    threat: BoxFamily,
+    rows: list[SampleRow],
+    times: dict,
+    seed: int,
+) -> None:
+    """:func:`family_attack` on the correctly classified samples (each seeded by its index):
+    records ``robust`` (misclassified samples are not robust) and withdraws every certificate the
+    attack breaks, as :func:`_cross_check` does for balls; nothing when the family has no attack."""
+    name = threat.name
+    t0 = time.perf_counter()
+    correct = [i for i, r in enumerate(rows) if r.correct]
+    robust = torch.zeros(len(rows), dtype=torch.bool)
+    if correct:
+        gens = [torch.Generator().manual_seed(pgd_seed(seed, rows[i].index)) for i in correct]
+        idx = torch.tensor(correct)
+        found = family_attack(model, x[idx].to(bc.device), y[idx].to(bc.device), threat,
+                              bc.in_shape, generators=gens)  # fmt: skip
+        if found is None:
+            for r in rows:
+                r.robust[name] = None
+            return
+        robust[idx] = found
+    times[(name, PGD)] += time.perf_counter() - t0
+    _record_attack(rows, name, robust.tolist())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -268,7 +311,6 @@ def certify_dataset(
     certify = partial(certify_batch, bc, model, threats=threats, methods=methods, attack=attack,
                       attack_steps=attack_steps, attack_restarts=attack_restarts, seed=seed,
                       budget=budget, stages=stages)  # fmt: skip
-    t_start = time.perf_counter()
     for offset, x, y in _batches(dataset, batch_size, skip):
         if tuple(x.shape[1:]) != tuple(in_shape):
             raise UserError(
@@ -279,7 +321,12 @@ def certify_dataset(
         if bar is not None and len(rows) == skip and len(dataset) - skip > 1:
             bar.write(_estimate(certify, x, y, first, len(dataset) - skip))
         advance = bar.update if bar is not None else None
+        before, t0 = dict(times), time.perf_counter()
         batch_rows = certify(x=x, y=y, times=times, first_index=first, advance=advance)
+        spent = {f"{t}/{m}": v - before.get((t, m), 0.0) for (t, m), v in times.items()}
+        spent[TOTAL] = time.perf_counter() - t0
+        for r in batch_rows:
+            r.seconds = {k: v / len(batch_rows) for k, v in spent.items()}
         rows.extend(batch_rows)
         if on_batch is not None:
             on_batch(batch_rows)
@@ -288,9 +335,24 @@ def certify_dataset(
             bar.refresh()
     if bar is not None:
         bar.close()
-    summary = summarize(rows, threats, methods, times, time.perf_counter() - t_start)
+    summary = summarize(rows, threats, methods, *_seconds_of(rows))
     summary["peak_memory_mb"] = peak_memory_mb(device)
     return rows, summary
+
+
+def _seconds_of(rows: Sequence[SampleRow]) -> tuple[dict[tuple[str, str], float], float]:
+    """The seconds per ``(threat, method)`` and in all, summed over the rows (every session of a
+    resumed run)."""
+    times: dict[tuple[str, str], float] = defaultdict(float)
+    total = 0.0
+    for r in rows:
+        for key, v in r.seconds.items():
+            if key == TOTAL:
+                total += v
+            else:
+                t, m = key.rsplit("/", 1)
+                times[(t, m)] += v
+    return times, total
 
 
 def _checked(methods: Sequence[str], threats: Sequence[Threat]) -> list[str]:
