@@ -421,6 +421,10 @@ def settings(quick: bool, dataset: str = "mnist", pair: Optional[str] = None) ->
     )
 
 
+BA_ETA = {(MNIST, "0.3"): 0.5}
+"""Bound alignment's weight from scratch where the CURE paper sets it apart from the rows' 2.0."""
+
+
 def row_folder(row: str, s: dict[str, Any]) -> str:
     """The folder of ``row`` inside the results folder: the row's name at the dataset's first pair,
     ``<row>@<l∞ radius>`` at another (``ibp-linf+shi-b64@8-255``)."""
@@ -473,6 +477,8 @@ def row_config(
         explicit = {"epochs", "sabr_lambda", *overrides}
         return apply_preset(c, "cure-finetune", explicit).validated()
     overrides = dict(ROWS[row][1])
+    if overrides.get("ba_eta"):
+        overrides["ba_eta"] = BA_ETA.get((s["family"], s["pair"]), overrides["ba_eta"])
     if "l2_scale" in overrides:
         overrides["train_eps_l2"] = s["eps"][1] * overrides.pop("l2_scale")
     return dataclasses.replace(base, **overrides).validated()

@@ -480,6 +480,9 @@ def test_cure_training_radius_pairs_have_their_own_folders_tables_and_plots(tmp_
     assert row_folder("natural-b64", settings(False, "cifar10", "8/255")) == "natural-b64@8-255"
     tuned = row_config("cure-finetune-b64", s3, tmp_path, None, 1.0, 0)
     assert tuned.init_from == str(tmp_path / "mtl-ibp-linf-b64@0.3" / "checkpoint.pt")
+    # bound alignment from scratch weighs 0.5 at MNIST 0.3 in the CURE paper, 2 elsewhere
+    assert row_config("cure-max-mtl2-b64+ba", s1, tmp_path, None, 1.0, 0).ba_eta == 2.0
+    assert row_config("cure-max-mtl2-b64+ba", s3, tmp_path, None, 1.0, 0).ba_eta == 0.5
     with pytest.raises(click.BadParameter, match="not a radius pair of mnist"):
         settings(False, "mnist", "8/255")
     for s, row, method, values in (
