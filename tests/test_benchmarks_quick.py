@@ -80,8 +80,8 @@ def test_cure_training_report_uses_each_datasets_threats(tmp_path: Path):
     text = (tmp_path / "summary.md").read_text()
     assert "CURE on CIFAR-10" in text and "| l∞ 2/255 | l2 0.25 | l1 0.5 |" in text
     assert (
-        "| cure-joint | cure-joint | 50.0 | 21.0 | 19.5 | 19.0 | 19.0 | 19.5 | - / - | 1 s "
-        "| - | 6 x 20000 |" in text
+        "| cure-joint | cure-joint | 50.0 | 21.0 | 19.5 | 19.0 | 19.0 | 19.5 | - / - | not yet | "
+        "1 s | - | 6 x 20000 |" in text
     )
     assert "needs at least one CURE and one single-norm row" in text
     assert (tmp_path / "union_accuracy.png").is_file()
@@ -239,11 +239,12 @@ def test_cure_training_reads_per_sample_flags_under_either_threat_spelling(tmp_p
     for r in rows:
         r.update(folder=r["row"], certified=dict.fromkeys(pair, 50.0))
     line = comparison_line(rows, tmp_path, pair)
-    assert "union l∞+l2: best CURE row new 66.7 - best single-norm row old 33.3" in line
+    assert "union l∞+l2, best CURE row new 66.7 - best single-norm row old 33.3" in line
+    assert "union l∞+l2, best CURE row new 66.7 - best l∞-trained row old 33.3" in line
     # 3 images, 1 discordant: gain 1/3, Wald interval 1/3 -/+ 1.96 sqrt((1/3 - 1/9) / 3)
     half = 196 * math.sqrt((1 / 3 - 1 / 9) / 3)
     assert f"= +33.3 points (95% interval {100 / 3 - half:+.1f} to {100 / 3 + half:+.1f}" in line
-    assert "1 images certified by the CURE row only, 0 by the single-norm row only" in line
+    assert "1 images certified by the CURE row only, 0 by the other only" in line
     assert "sign test p = 1)" in line  # one discordant image
 
 
@@ -496,9 +497,19 @@ def test_cure_training_radius_pairs_have_their_own_folders_tables_and_plots(tmp_
         out.update(clean=95.0, certified=dict(zip(s["threats"], values)), union=min(values))
         out.update(union_linf_l2=min(values[:2]), train_seconds=1.0, method=method, epochs=6)
         (folder / "row.json").write_text(json.dumps({**out, "config": {"train_count": 30000}}))
+    (tmp_path / "ibp-linf+shi-b64" / "verify").mkdir()
+    reattacked = {
+        "linf:0.1": {"certified": 9, "broken": 0},
+        "l2:0.5": {"certified": 1, "broken": 0},
+    }
+    (tmp_path / "ibp-linf+shi-b64" / "verify" / "reattack.json").write_text(
+        json.dumps({"threats": reattacked})
+    )
     report(tmp_path, lambda msg: None, "mnist")
     text = (tmp_path / "summary.md").read_text()
     first, second = text.split("## l∞ 0.3, l2 1, l1 2")
+    assert "| 90.0 | 5.0 | 0.0 | 0.0 | 5.0 | - / - | 0 / 10 |" in first
+    assert "| 60.0 | 2.0 | 0.0 | 0.0 | 2.0 | - / - | not yet |" in second
     assert "## l∞ 0.1, l2 0.5, l1 1 (the first 10 test images)" in first
     assert "| ibp-linf+shi-b64 | ibp-linf+shi-b64 | 95.0 | 90.0 | 5.0 | 0.0 |" in first
     assert (
