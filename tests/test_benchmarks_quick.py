@@ -109,6 +109,8 @@ def test_cure_training_report_shows_the_sdp_crown_share_and_cost(tmp_path: Path)
         "union_linf_l2": 79.5,
         "train_seconds": 1000.0,
         "train_cpu_seconds": 600.0,
+        "verify_seconds_total": 50.0,
+        "verify_cpu_seconds": 40.0,
         "soundness_violations": {"linf:0.1": 0, "l2:0.5": 0},
         "method": "cure-joint",
         "epochs": 12,
@@ -118,7 +120,7 @@ def test_cure_training_report_shows_the_sdp_crown_share_and_cost(tmp_path: Path)
     report(tmp_path, lambda msg: None, "mnist")
     text = (tmp_path / "summary.md").read_text()
     assert "| 93.5 | 84.0 | 80.0 (SDP +3.5) | - |" in text
-    assert "1000 s, CPU 600 s" in text
+    assert "1000 s, CPU 600 s" in text and "| 50 s, CPU 40 s |" in text
     assert "cure-joint CROWN 0.20 s x 400, SDP-CROWN 0.50 s x 200" in text
     assert "met; best row cure-joint: union l∞+l2 79.5 at clean 93.5" in text
 
