@@ -92,6 +92,7 @@ def test_table_counts_equal_the_per_sample_flags(run: Path):
     assert timeouts > 0  # the tiny budget ran out on some images
     md = (run / "summary.md").read_text()
     assert "| timeouts |" in md and "union geometric" in md and "union patch" in md
+    assert "Certificates broken, all runs: 0 (must be 0)." in md
     assert "![certified accuracy per model and threat](generalisation.png)" in md
     assert (run / "generalisation.png").stat().st_size > 0
 
