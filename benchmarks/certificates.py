@@ -36,7 +36,6 @@ and ``cost.png``. Usage::
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import math
 import platform
 import statistics
@@ -54,6 +53,7 @@ from benchmarks.harness import (
     code_fingerprint,
     data_root_option,
     describe,
+    file_sha1,
     generated_by,
     header_fields,
     log,
@@ -214,14 +214,6 @@ def train_standins(configs: dict[str, Any], folder: Path) -> dict[str, Path]:
             )
         out[name] = ckpt
     return out
-
-
-def file_sha1(path: Path) -> str:
-    h = hashlib.sha1()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def pick_indices(n_total: int, count: int) -> list[int]:

@@ -38,7 +38,6 @@ cheap threats, into ``benchmarks/results/generalisation-quick``. Usage::
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import sys
@@ -54,6 +53,7 @@ from benchmarks.harness import (
     RESULTS,
     command_line,
     data_root_option,
+    file_sha1,
     log,
     named_checkpoints,
     portable,
@@ -298,14 +298,6 @@ def scaling_threats(dataset: str) -> tuple[str, ...]:
     return tuple(parse_threat(t).name for t in SCALING[dataset])
 
 
-def sha1_of(path: Path) -> str:
-    h = hashlib.sha1()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 # ---------------------------------------------------------------------------------------------
 # Runs
 
@@ -371,7 +363,7 @@ def conflicts(
     ):
         diff.append(f"count: run {old.get('count')!r}, now {count!r}")
     meta = _read_json(run_dir.parent / MODEL_JSON) or {}
-    if meta.get("checkpoint_sha1") not in (None, sha1_of(model.checkpoint)):
+    if meta.get("checkpoint_sha1") not in (None, file_sha1(model.checkpoint)):
         diff.append(f"the checkpoint {model.checkpoint} changed since the run started")
     if not diff:
         return []
@@ -432,7 +424,7 @@ def certify_model(model: Model, folder: Path, p: Plan, scaling_n: Optional[int] 
         method=model.method,
         description=model.description,
         checkpoint=str(model.checkpoint),
-        checkpoint_sha1=sha1_of(model.checkpoint),
+        checkpoint_sha1=file_sha1(model.checkpoint),
         dataset=p.dataset,
         in_shape=list(dataset_info_of(load_checkpoint(model.checkpoint)).in_shape),
     )

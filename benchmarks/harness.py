@@ -610,6 +610,15 @@ def warm_up(methods: Sequence[str], threat: Any) -> None:
 
 
 @functools.cache
+def file_sha1(path: Path) -> str:
+    """Hex SHA-1 of a file (names the checkpoint a benchmark result was made with)."""
+    h = hashlib.sha1()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
 def code_fingerprint() -> str:
     """A hash of the library code a certificate depends on (part of every cell's key, so that
     cells are recomputed after a change of the bound code, the models or auto_LiRPA)."""
