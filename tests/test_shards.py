@@ -79,6 +79,15 @@ def test_merged_shards_equal_the_unsharded_run(mlp_checkpoint, unsharded, tmp_pa
     res = _run("merge", out)
     assert res.exit_code == 0, res.output
     _same_results(unsharded, out)
+    merged = json.loads((out / "summary.json").read_text())
+    shards = [json.loads((d / "summary.json").read_text()) for d in sorted(out.glob("shard-*"))]
+    rows = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+    total = sum(r["seconds"]["total"] for r in rows)  # the samples' own shares, every session
+    assert total > 0 and merged["seconds_total"] == pytest.approx(total)
+    assert merged["seconds_total"] == pytest.approx(sum(s["seconds_total"] for s in shards))
+    for key, per_image in merged["seconds_per_image"].items():
+        own = sum(r["seconds"].get(key, 0.0) for r in rows) / len(rows)
+        assert per_image == pytest.approx(own), key
 
 
 def test_slurm_array_tasks_shard_and_print_the_merge_command(

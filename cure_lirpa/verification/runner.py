@@ -587,8 +587,8 @@ def merge_shards(
     """Merge the verify shards in ``out`` (or the given shard folders) into ``out``: the
     summary.json, summary.md, samples.csv and samples.jsonl of the unsharded run; returns the
     summary (see :func:`cure_lirpa.io.shards.gather_shards` and
-    :func:`~cure_lirpa.io.shards.open_merged` for what is refused). Times add up over the shards;
-    peak memory is the largest shard's."""
+    :func:`~cure_lirpa.io.shards.open_merged` for what is refused). Times are the samples' own
+    seconds added up (every session of every shard); peak memory is the largest shard's."""
     from ..threats.base import parse_threat
 
     out = Path(out)
@@ -600,17 +600,17 @@ def merge_shards(
     ordered = [SampleRow(**r) for r in g.records]
     threats = [parse_threat(t) for t in g.config["threats"]]
     methods = g.config["methods"]
-    times: dict = {}
-    seconds = 0.0
-    peaks = []
-    for d in g.dirs:
-        if (d / SUMMARY_JSON).exists():
-            s = read_summary(d)
+    summaries = [read_summary(d) for d in g.dirs if (d / SUMMARY_JSON).exists()]
+    if all(r.seconds for r in ordered):
+        times, seconds = _seconds_of(ordered)
+    else:  # shards written before samples kept their seconds: add up their summaries
+        times, seconds = defaultdict(float), 0.0
+        for s in summaries:
             seconds += s.get("seconds_total", 0.0)
-            peaks.append(s.get("peak_memory_mb", 0.0))
             for key, per_image in s.get("seconds_per_image", {}).items():
                 t, m = key.rsplit("/", 1)
-                times[(t, m)] = times.get((t, m), 0.0) + per_image * s["samples"]
+                times[(t, m)] += per_image * s["samples"]
+    peaks = [s.get("peak_memory_mb", 0.0) for s in summaries]
     summary = summarize(ordered, threats, methods, times, seconds)
     summary["peak_memory_mb"] = max(peaks, default=0.0)
     summary["config"] = g.config
