@@ -83,7 +83,14 @@ from typing import Any, Optional, Sequence
 import click
 import torch
 
-from benchmarks.harness import RESULTS, data_root_option, log, save_summary, split_commas
+from benchmarks.harness import (
+    RESULTS,
+    data_root_option,
+    log,
+    reattack_cell,
+    save_summary,
+    split_commas,
+)
 from cure_lirpa.data import load_dataset, stack, take
 from cure_lirpa.errors import UserError
 from cure_lirpa.io.checkpoint import (
@@ -950,18 +957,6 @@ def found_rows(results: Path, dataset: str) -> list[dict[str, Any]]:
                 r.setdefault("folder", path.parent.name)
                 found.append(r)
     return found
-
-
-def reattack_cell(folder: Path) -> str:
-    """``0 / 2301``: certificates broken by ``benchmarks.reattack`` out of those it attacked, from
-    ``verify/reattack.json`` ('not yet' if the row was not reattacked)."""
-    import json
-
-    path = folder / "verify" / "reattack.json"
-    if not path.is_file():
-        return "not yet"
-    threats = json.loads(path.read_text())["threats"].values()
-    return f"{sum(t['broken'] for t in threats)} / {sum(t['certified'] for t in threats)}"
 
 
 def pair_table(

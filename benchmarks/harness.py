@@ -619,6 +619,16 @@ def file_sha1(path: Path) -> str:
     return h.hexdigest()
 
 
+def reattack_cell(folder: Path) -> str:
+    """``0 / 2301``: certificates broken by ``benchmarks.reattack`` out of those it attacked, from
+    ``<folder>/verify/reattack.json`` ('not yet' if the run was not reattacked)."""
+    path = folder / "verify" / "reattack.json"
+    if not path.is_file():
+        return "not yet"
+    threats = json.loads(path.read_text())["threats"].values()
+    return f"{sum(t['broken'] for t in threats)} / {sum(t['certified'] for t in threats)}"
+
+
 def code_fingerprint() -> str:
     """A hash of the library code a certificate depends on (part of every cell's key, so that
     cells are recomputed after a change of the bound code, the models or auto_LiRPA)."""
