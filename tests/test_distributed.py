@@ -14,7 +14,7 @@ import torch.multiprocessing as mp
 from helpers import tiny_config
 
 from benchmarks.harness import cli_command
-from cure_lirpa.distributed import World
+from cure_lirpa.distributed import World, shutdown
 from cure_lirpa.errors import UserError
 from cure_lirpa.io.checkpoint import load_checkpoint
 from cure_lirpa.training.certified import train
@@ -45,6 +45,7 @@ CONFIGS = {
 def _worker(rank: int, size: int, init_file: str, root: str, jobs: dict, stop: dict) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=size)
+    finished = False
     try:
         world = World(rank, size, torch.device("cpu"))
         for name, config in jobs.items():
@@ -54,8 +55,9 @@ def _worker(rank: int, size: int, init_file: str, root: str, jobs: dict, stop: d
                 train(config, out, world=world, log=None, progress=False, resume=True)
             else:
                 train(config, out, world=world, log=None, progress=False)
+        finished = True
     finally:
-        dist.destroy_process_group()
+        shutdown(finished)  # the CLI's teardown: barrier, then leave (a bare leave can abort)
 
 
 def run_ranks(root: Path, jobs: dict, size: int = 2, stop: dict | None = None) -> None:
