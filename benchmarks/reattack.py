@@ -64,7 +64,7 @@ from cure_lirpa.io.checkpoint import load_checkpoint, model_from_checkpoint
 from cure_lirpa.threats.base import NormBall, Threat, parse_threat
 from cure_lirpa.threats.geometry import PARAMS, GeometricThreat, transform
 from cure_lirpa.threats.patches import PatchThreat
-from cure_lirpa.verification.results import read_samples
+from cure_lirpa.verification.results import SampleRow, read_samples
 
 REATTACK_JSON = "reattack.json"
 BOUND_TOL = 1e-4
@@ -99,17 +99,16 @@ class Found:
     points: int
 
 
-def certified_images(samples: Path) -> dict[str, list[tuple[int, int]]]:
-    """Per threat of ``samples`` (``samples.csv`` or ``samples.jsonl``; e.g. ``linf:0.1``): the
-    (index, label) of every image certified under it by any bound method (the best-of flag)."""
-    rows = read_samples(samples)
+def certified_images(rows: list[SampleRow]) -> dict[str, list[tuple[int, int]]]:
+    """Per threat of a run's ``rows`` (:func:`read_samples` of ``samples.csv`` or
+    ``samples.jsonl``; e.g. ``linf:0.1``): the (index, label) of every image certified under it by
+    any bound method (the best-of flag)."""
     return {t: [(r.index, r.label) for r in rows if r.best(t)] for t in rows[0].certified}
 
 
-def claimed_margins(samples: Path) -> dict[str, dict[int, float]]:
-    """Per threat of ``samples``, per certified image with recorded margins: the largest lower bound
-    on its margin ``min_j (f_y - f_j)`` among the methods that certified it."""
-    rows = read_samples(samples)
+def claimed_margins(rows: list[SampleRow]) -> dict[str, dict[int, float]]:
+    """Per threat of a run's ``rows``, per certified image with recorded margins: the largest lower
+    bound on its margin ``min_j (f_y - f_j)`` among the methods that certified it."""
     return {
         t: {
             r.index: max(r.margins[t][m] for m, ok in r.certified[t].items() if ok)
@@ -444,43 +443,44 @@ def attack_row(
     lp = {"steps": steps, "restarts": restarts, "batch": batch, "seed": seed}
     return {
         t: attack_threat(model, test, images, parse_threat(t), lp, FamilyAttack(), row)
-        for t, images in certified_images(row / "verify" / "samples.csv").items()
+        for t, images in certified_images(read_samples(row / "verify" / "samples.csv")).items()
     }
 
 
-def run_checkpoint(run: Path) -> tuple[Path, str]:
-    """The checkpoint and dataset of the generalisation run ``run`` (``model.json``), refusing a
-    checkpoint whose hash changed since the run."""
+def run_checkpoint(run: Path) -> tuple[Path, str, str]:
+    """The checkpoint, its SHA-1 and the dataset of the generalisation run ``run``
+    (``model.json``), refusing a checkpoint whose hash changed since the run."""
     meta = json.loads((run / "model.json").read_text())
     path = Path(meta["checkpoint"])
     path = path if path.is_absolute() else REPO / path
     if not path.is_file():
         raise click.ClickException(f"{run}: the checkpoint {path} of model.json does not exist")
-    if meta.get("checkpoint_sha1") not in (None, file_sha1(path)):
+    sha1 = file_sha1(path)
+    if meta.get("checkpoint_sha1") not in (None, sha1):
         raise click.ClickException(f"{run}: {path} changed since the run (its hash differs)")
     config = json.loads((run / "verify" / "config.json").read_text())["config"]
     if config.get("split", "test") != "test" or config.get("dataset") != meta["dataset"]:
         raise click.ClickException(
             f"{run}: verify/config.json is not a test-split run of model.json"
         )
-    return path, meta["dataset"]
+    return path, sha1, meta["dataset"]
 
 
 def attack_run(
     run: Path, data_root: str, lp: dict[str, int], s: FamilyAttack
 ) -> tuple[dict[str, Any], dict[str, dict]]:
     """Attack the certified images of the generalisation run ``run``: (header, per threat)."""
-    path, dataset = run_checkpoint(run)
+    path, sha1, dataset = run_checkpoint(run)
     model = model_from_checkpoint(load_checkpoint(path)).eval()
     test = take(load_dataset(dataset, "test", root=data_root))
-    samples = run / "verify" / "samples.jsonl"
-    claimed = claimed_margins(samples)
+    rows = read_samples(run / "verify" / "samples.jsonl")
+    claimed = claimed_margins(rows)
     out = {
         t: attack_threat(model, test, images, parse_threat(t), lp, s, run, claimed[t])
-        for t, images in certified_images(samples).items()
+        for t, images in certified_images(rows).items()
     }
-    header = {"checkpoint": str(path), "checkpoint_sha1": file_sha1(path), "dataset": dataset,
-              "samples": len(read_samples(samples))}  # fmt: skip
+    header = {"checkpoint": str(path), "checkpoint_sha1": sha1, "dataset": dataset,
+              "samples": len(rows)}  # fmt: skip
     return header, out
 
 
